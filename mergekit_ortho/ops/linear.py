@@ -1,0 +1,106 @@
+"""Weighted averaging and task arithmetic.
+
+Spec: ../shared/specs/magmax_opcm_baselines.md Part C1 (weighted / simple averaging) and C2
+(task arithmetic). Recipe semantics follow mergekit's ``linear`` and ``task_arithmetic`` so that
+mergekit recipes for these methods give the same tensors (fp32 compute):
+
+* ``linear``: theta = sum_i w_i theta_i / sum_i w_i (``normalize: true``, the default) or
+  sum_i w_i theta_i (``normalize: false``). Reads weights; needs no base model.
+* ``task_arithmetic``: theta = theta_0 + lambda * sum_i w_i tau_i, with ``normalize`` (default
+  false, as mergekit) dividing the sum by sum_i w_i.
+
+Both are linear, so each has an exact streaming fold: one model tensor in memory at a time.
+"""
+from __future__ import annotations
+
+from .registry import Operator, Param, StreamFold, TensorTask, register
+
+_WEIGHT = Param("weight", float, 1.0, "per-model weight")
+
+
+def _divisor(weights: list[float]) -> float:
+    total = float(sum(weights))
+    # mergekit leaves near-zero weight sums undivided instead of blowing up
+    return 1.0 if abs(total) < 1e-8 else total
+
+
+def _weights(task: TensorTask) -> list[float]:
+    return [mp["weight"] for mp in task.model_params]
+
+
+# -- streaming folds: the running weighted sum, scaled at the end -------------------------------
+
+
+def _sum_start(task: TensorTask):
+    return None
+
+
+def _sum_step(acc, x, i, task: TensorTask):
+    w = task.model_params[i]["weight"]
+    if acc is None:
+        return x * w if w != 1.0 else x.clone()
+    return acc.add_(x, alpha=w)
+
+
+def _linear_finish(acc, task: TensorTask):
+    if task.params["normalize"]:
+        acc = acc.div_(_divisor(_weights(task)))
+    return acc
+
+
+def _ta_finish(acc, task: TensorTask):
+    acc = _linear_finish(acc, task)
+    lam = task.params["lambda"]
+    return acc.mul_(lam) if lam != 1.0 else acc
+
+
+def _fold_all(task: TensorTask, finish):
+    acc = _sum_start(task)
+    for i, x in enumerate(task.inputs):
+        acc = _sum_step(acc, x, i, task)
+    return finish(acc, task)
+
+
+def linear(task: TensorTask):
+    """Weighted average of the models' weights (C1)."""
+    return _fold_all(task, _linear_finish)
+
+
+def task_arithmetic(task: TensorTask):
+    """Merged delta lambda * sum_i w_i tau_i (C2), optionally normalised by sum_i w_i."""
+    return _fold_all(task, _ta_finish)
+
+
+register(
+    Operator(
+        name="linear",
+        aliases=("average",),
+        summary="Weighted average of the models' weights",
+        spec="magmax_opcm_baselines.md C1",
+        fn=linear,
+        reads="weights",
+        needs_base=False,
+        params=(Param("normalize", bool, True, "divide by the sum of the weights"),),
+        model_params=(_WEIGHT,),
+        stream=StreamFold(_sum_start, _sum_step, _linear_finish),
+        details="theta = sum w_i theta_i / sum w_i. Equal weights give the plain mean. "
+        "mergekit-compatible; no base model needed (one listed in models is averaged like any other).",
+    )
+)
+
+register(
+    Operator(
+        name="task_arithmetic",
+        summary="Base plus lambda times the weighted sum of task vectors",
+        spec="magmax_opcm_baselines.md C2",
+        fn=task_arithmetic,
+        params=(
+            Param("lambda", float, 1.0, "scale applied to the summed task vector"),
+            Param("normalize", bool, False, "divide the sum by the sum of the weights"),
+        ),
+        model_params=(_WEIGHT,),
+        stream=StreamFold(_sum_start, _sum_step, _ta_finish),
+        details="theta = theta_0 + lambda * sum w_i (theta_i - theta_0). lambda = 1/T with unit "
+        "weights equals simple averaging. mergekit-compatible.",
+    )
+)

@@ -1,0 +1,229 @@
+"""Operator registry: method name -> Operator (what it reads, its parameters, its function).
+
+Every operator family lives in its own module under ``mergekit_ortho.ops`` and registers itself
+with :func:`register`. The registry imports those modules lazily (on the first lookup) so that
+``merge --help`` does not pay for torch.
+
+The contract, checked before any tensor is touched (sd-mecha's habit):
+
+* ``input_kind`` - ``"dense"`` operators receive one tensor per model (LoRA inputs are
+  materialised to ``scale·B·A`` first); ``"lora"`` operators receive canonical low-rank factors.
+* ``reads`` - ``"deltas"``: the engine hands task vectors tau_i = theta_i - theta_0 and adds the
+  base back to the returned merged delta; ``"weights"``: raw weights in, merged weight out.
+* ``params`` / ``model_params`` - the method-level and per-model parameter schemas; recipes are
+  validated against them (unknown names, wrong types, choices) before anything is loaded.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
+    import torch
+
+REQUIRED = object()
+
+# Operator families, one module each. Order is the order of `merge methods`.
+_MODULES = ("linear", "ties_dare")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe parameter of an operator."""
+
+    name: str
+    type: type  # float, int, bool or str
+    default: Any = REQUIRED
+    help: str = ""
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any) -> Any:
+        """Validate and convert one value; raises ValueError with a user-facing message."""
+        t = self.type
+        if t is bool:
+            if isinstance(value, bool):
+                out = value
+            else:
+                raise ValueError(f"parameter '{self.name}' must be true or false, got {value!r}")
+        elif t is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"parameter '{self.name}' must be a number, got {value!r}")
+            out = float(value)
+        elif t is int:
+            if isinstance(value, bool) or not (
+                isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+            ):
+                raise ValueError(f"parameter '{self.name}' must be an integer, got {value!r}")
+            out = int(value)
+        elif t is str:
+            if not isinstance(value, str):
+                raise ValueError(f"parameter '{self.name}' must be a string, got {value!r}")
+            out = value
+        else:  # pragma: no cover - schema error, not user error
+            raise TypeError(f"unsupported parameter type {t}")
+        if self.choices and out not in self.choices:
+            raise ValueError(
+                f"parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+            )
+        if self.minimum is not None and out < self.minimum:
+            raise ValueError(f"parameter '{self.name}' must be >= {self.minimum}, got {value!r}")
+        if self.maximum is not None and out > self.maximum:
+            raise ValueError(f"parameter '{self.name}' must be <= {self.maximum}, got {value!r}")
+        return out
+
+
+@dataclass
+class TensorTask:
+    """Everything a dense operator sees for one tensor. Tensors are float32 (or the compute dtype)."""
+
+    name: str
+    base: "torch.Tensor | None"
+    inputs: "list[torch.Tensor]"  # task vectors if reads == "deltas", else weights
+    params: dict[str, Any]
+    model_params: list[dict[str, Any]]
+    model_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraTask:
+    """Everything a LoRA operator sees for one adapted module.
+
+    ``factors[i] = (A_i, B_i)`` with A_i (r_i x in) and B_i (out x r_i), float32, the LoRA scale
+    already folded in exactly once (so delta_i = B_i @ A_i). Only the models that adapt this module
+    appear; ``model_index[i]`` says which recipe model each pair came from.
+    """
+
+    name: str  # the base weight key the module adapts, e.g. "model.layers.0.self_attn.q_proj.weight"
+    factors: "list[tuple[torch.Tensor, torch.Tensor]]"
+    params: dict[str, Any]
+    model_params: list[dict[str, Any]]
+    model_index: list[int] = field(default_factory=list)
+    model_names: list[str] = field(default_factory=list)
+    base: "torch.Tensor | None" = None  # the base weight, when a base model is given
+
+
+@dataclass
+class LoraResult:
+    """A LoRA operator's answer for one module: low-rank factors (preferred) or a dense delta."""
+
+    A: "torch.Tensor | None" = None  # (r x in)
+    B: "torch.Tensor | None" = None  # (out x r); delta = B @ A
+    delta: "torch.Tensor | None" = None  # (out x in) when the result is not low rank
+    report: dict[str, Any] = field(default_factory=dict)  # per-module facts for the merge report
+
+
+@dataclass(frozen=True)
+class StreamFold:
+    """Optional streaming form of a dense operator: one model tensor in memory at a time.
+
+    ``start(task)`` -> state, where ``task.inputs`` is empty; ``step(state, x, i, task)`` folds
+    model i's tensor x (a delta or a weight, per ``reads``) and returns the new state;
+    ``finish(state, task)`` -> the merged delta / weight. Must equal ``Operator.fn`` exactly.
+    """
+
+    start: Callable[..., Any]
+    step: Callable[..., Any]
+    finish: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    summary: str
+    spec: str  # the spec section it implements
+    fn: Callable[..., Any]
+    input_kind: Literal["dense", "lora"] = "dense"
+    reads: Literal["deltas", "weights"] = "deltas"
+    sequential: bool = False
+    needs_base: bool = True
+    params: tuple[Param, ...] = ()
+    model_params: tuple[Param, ...] = ()
+    aliases: tuple[str, ...] = ()
+    stream: StreamFold | None = None  # when set, the engine folds inputs one at a time
+    details: str = ""  # longer help shown by `merge methods NAME` (tensor rules, defaults, paper)
+
+    def resolve_params(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        return _resolve(self.params, given or {}, f"method '{self.name}'")
+
+    def resolve_model_params(self, given: dict[str, Any] | None, model: str) -> dict[str, Any]:
+        return _resolve(self.model_params, given or {}, f"model '{model}' of method '{self.name}'")
+
+
+def _resolve(schema: tuple[Param, ...], given: dict[str, Any], where: str) -> dict[str, Any]:
+    by_name = {p.name: p for p in schema}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key not in by_name:
+            hint = difflib.get_close_matches(key, list(by_name), n=1)
+            known = ", ".join(by_name) or "none"
+            msg = f"unknown parameter '{key}' for {where}"
+            msg += f" (did you mean '{hint[0]}'?)" if hint else f" (known: {known})"
+            raise ValueError(msg)
+        out[key] = by_name[key].coerce(value)
+    for p in schema:
+        if p.name not in out:
+            if p.required:
+                raise ValueError(f"missing required parameter '{p.name}' for {where}")
+            out[p.name] = p.default
+    return out
+
+
+_OPERATORS: dict[str, Operator] = {}
+_ALIASES: dict[str, str] = {}
+_loaded = False
+
+
+def register(op: Operator) -> Operator:
+    _OPERATORS[op.name] = op
+    for alias in op.aliases:
+        _ALIASES[alias] = op.name
+    return op
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for mod in _MODULES:
+            importlib.import_module(f"mergekit_ortho.ops.{mod}")
+
+
+def all_operators() -> list[Operator]:
+    _load()
+    return list(_OPERATORS.values())
+
+
+def get(name: str) -> Operator:
+    """Look an operator up by name or alias; unknown names get the nearest suggestion."""
+    _load()
+    key = _ALIASES.get(name, name)
+    if key in _OPERATORS:
+        return _OPERATORS[key]
+    names = sorted(set(_OPERATORS) | set(_ALIASES))
+    hint = difflib.get_close_matches(name, names, n=1)
+    msg = f"unknown merge_method '{name}'"
+    msg += f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise ValueError(msg + "; run `merge methods` for the list")
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from (seed, tensor name): randomness independent of processing order."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(seed: int, name: str, device: "torch.device | str" = "cpu") -> "torch.Generator":
+    import torch
+
+    g = torch.Generator(device=device)
+    g.manual_seed(tensor_seed(seed, name))
+    return g
