@@ -49,6 +49,8 @@ class Param:
     def coerce(self, value: Any) -> Any:
         """Validate and convert one value; raises ValueError with a user-facing message."""
         t = self.type
+        if value is None and self.default is None:
+            return None  # an optional parameter whose default is decided by the operator
         if t is bool:
             if isinstance(value, bool):
                 out = value
