@@ -1,0 +1,244 @@
+"""The `merge` command line: parse, call the library, render. No merge logic lives here.
+
+Exit codes: 0 success, 2 bad input (one line, no traceback), 1 unexpected internal error,
+130 interrupted. ``--verbose`` shows tracebacks. Heavy modules (torch, the engine) are imported
+inside the commands so that ``merge --help`` and argument errors stay fast.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="merge",
+    help="Merge model checkpoints and LoRA adapters with exact, streaming operators.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"verbose": False, "quiet": False}
+
+
+def _err_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def handle_errors(fn):
+    """Map exceptions to exit codes and one-line messages."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            _err_console().print("[red]error:[/red] interrupted; no output was written")
+            raise typer.Exit(130)
+        except (UserError, OSError) as e:
+            if _state["verbose"]:
+                import traceback
+
+                traceback.print_exc()
+            msg = str(e) if isinstance(e, UserError) else _os_message(e)
+            _err_console().print(f"[red]error:[/red] {msg}", markup=True)
+            raise typer.Exit(2)
+        except Exception as e:  # internal error
+            if _state["verbose"]:
+                import traceback
+
+                traceback.print_exc()
+            _err_console().print(
+                f"[red]internal error:[/red] {type(e).__name__}: {e} (run with --verbose for the traceback)"
+            )
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _os_message(e: OSError) -> str:
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return f"{e.strerror or e}{where}"
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    _state["verbose"] = verbose
+    _state["quiet"] = quiet
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_plan(plan) -> None:
+    from rich.table import Table
+
+    c = _console()
+    s = plan.summary()
+    c.print(f"[bold]method[/bold] {s['method']}  parameters {s['parameters']}")
+    if s["base_model"]:
+        c.print(f"[bold]base[/bold]   {s['base_model']}")
+    for m in plan.models:
+        c.print(f"[bold]model[/bold]  {m.label}: {m.ref}  {m.params}")
+    c.print(
+        f"tensors: {s['tensors_merged']} merged, {s['tensors_copied']} copied from the base | "
+        f"read {_fmt_bytes(s['bytes_read'])} | write {_fmt_bytes(s['bytes_written'])} in {s['shards']} shard(s) | "
+        f"estimated peak memory {_fmt_bytes(s['peak_memory_estimate'])}"
+    )
+    largest = sorted(plan.items.values(), key=lambda i: -i.numel)[:8]
+    t = Table("tensor", "action", "shape", "dtype in→out", title="largest tensors", title_justify="left")
+    for i in largest:
+        t.add_row(i.name, i.action if i.action == "merge" else f"copy ({i.reason})", "×".join(map(str, i.shape)) or "scalar",
+                  f"{i.in_dtype}→{i.out_dtype}")
+    c.print(t)
+
+
+def _progress(total_bytes: int):
+    """A rich progress bar over bytes read; a no-op when quiet or not a terminal."""
+    from contextlib import nullcontext
+
+    if _state["quiet"] or not sys.stderr.isatty():
+        return nullcontext(None)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]merging"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[tensor]}"), console=_err_console(), transient=True)
+    return progress
+
+
+@app.command()
+@handle_errors
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (overrides output.path)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (compute device)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; read no tensor data, write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+):
+    """Merge the models of a recipe into a new model directory."""
+    from . import engine
+    from . import recipe as recipe_mod
+    from .errors import UserError
+
+    r = recipe_mod.load(recipe)
+    target = out or (Path(r.output.path) if r.output.path else None)
+    if target is None:
+        raise UserError(f"{recipe}: no output path; set output.path in the recipe or pass --out")
+    if r.output.path and out is None and r._source_path is not None and not Path(r.output.path).is_absolute():
+        target = r._source_path.parent / r.output.path
+    if target.exists() and not overwrite and not dry_run:
+        raise UserError(f"output {target} already exists; pass --overwrite to replace it")
+    plan = engine.build_plan(r, device=device)
+    try:
+        if dry_run:
+            _print_plan(plan)
+            return
+        bar = _progress(plan.read_bytes)
+        with bar as p:
+            if p is not None:
+                task = p.add_task("merge", total=plan.read_bytes, tensor="")
+                cb = lambda name, n: p.update(task, advance=n, tensor=name)  # noqa: E731
+            else:
+                cb = None
+            result = engine.run(plan, target, overwrite=overwrite, on_tensor=cb)
+        _console().print(
+            f"wrote {result} ({plan.merge_count} tensors merged, {plan.copy_count} copied, "
+            f"{_fmt_bytes(plan.write_bytes)})"
+        )
+    finally:
+        engine.close(plan)
+
+
+@app.command()
+@handle_errors
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
+    """Check a recipe: schema, method parameters, sources, tensor names and shapes (no tensor data read)."""
+    from . import engine
+    from . import recipe as recipe_mod
+
+    r = recipe_mod.load(recipe)
+    plan = engine.build_plan(r)
+    try:
+        s = plan.summary()
+        _console().print(
+            f"[green]ok[/green] {recipe}: {s['method']} over {len(plan.models)} model(s); "
+            f"{s['tensors_merged']} tensors to merge, {s['tensors_copied']} to copy; "
+            f"estimated peak memory {_fmt_bytes(s['peak_memory_estimate'])}"
+        )
+    finally:
+        engine.close(plan)
+
+
+@app.command()
+@handle_errors
+def methods(name: Optional[str] = typer.Argument(None, help="Show one method's parameters in detail.")):
+    """List the merge methods, what they read and their parameters."""
+    from rich.table import Table
+
+    from .ops import registry
+
+    ops = [registry.get(name)] if name else registry.all_operators()
+
+    def fmt(p):
+        d = "required" if p.required else repr(p.default)
+        return f"{p.name}={d}"
+
+    t = Table("method", "inputs", "parameters", "per-model", "summary", show_lines=bool(name))
+    for op in ops:
+        kind = op.input_kind + (", sequential" if op.sequential else "")
+        alias = f" ({', '.join(op.aliases)})" if op.aliases else ""
+        t.add_row(op.name + alias, kind, ", ".join(fmt(p) for p in op.params) or "-",
+                  ", ".join(fmt(p) for p in op.model_params) or "-", op.summary)
+    c = _console()
+    c.print(t)
+    if name:
+        op = ops[0]
+        c.print(f"spec: {op.spec}")
+        if op.details:
+            c.print(op.details)
+        for p in op.params + op.model_params:
+            extra = f" (one of {', '.join(map(str, p.choices))})" if p.choices else ""
+            c.print(f"  [bold]{p.name}[/bold] ({p.type.__name__}, default {'required' if p.required else repr(p.default)}){extra}: {p.help}")
+
+
+@app.command()
+@handle_errors
+def inspect(path: str = typer.Argument(..., help="Checkpoint directory, file, or hub id.")):
+    """Describe a checkpoint: format, tensor count, dtypes, bytes, largest tensors."""
+    from . import describe as inspect_mod
+
+    info = inspect_mod.describe(path)
+    c = _console()
+    for line in inspect_mod.render(info):
+        c.print(line)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Recipe schema and loading: YAML (safe_load) -> validated ``Recipe``.
+
+The shape follows mergekit's so that existing mergekit recipes for the shared methods run
+unchanged. Validation happens here, before any source is opened: unknown keys (with the nearest
+known one suggested), wrong types, unknown methods and per-method parameters all fail with one
+line that names the recipe file.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .errors import UserError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as Hugging Face); '512MiB' binary; ints are bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"size must be like 5GB or 500MB, got {value!r}")
+    if isinstance(value, (int, float)):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"size must be like 5GB or 500MB, got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return n
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelEntry(_Strict):
+    model: str
+    name: str | None = None
+    parameters: dict[str, Any] = {}
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+
+class OutputSpec(_Strict):
+    path: str | None = None
+    format: Literal["auto", "full", "peft", "kohya", "bundle"] = "auto"
+    shard_size: int = 5 * 10**9
+    copy_files: bool = True  # config, tokenizer and generation files from the donor model
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v)
+
+
+class Recipe(_Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = []
+    parameters: dict[str, Any] = {}
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    include: list[str] = []
+    exclude: list[str] = []
+    output: OutputSpec = OutputSpec()
+    tokenizer_source: str | None = None  # mergekit key: which model donates tokenizer files
+
+    @field_validator("parameters", "output", mode="before")
+    @classmethod
+    def _none_is_default(cls, v, info):
+        if v is None:
+            return {} if info.field_name == "parameters" else OutputSpec()
+        return v
+
+    @field_validator("models", "include", "exclude", mode="before")
+    @classmethod
+    def _none_is_empty_list(cls, v):
+        return [] if v is None else v
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, v):
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+        return v
+
+    # filled by load(): where relative paths are resolved from, and the raw text for metadata
+    _source_path: Path | None = None
+    _raw: dict | None = None
+
+    def model_labels(self) -> list[str]:
+        """Unique, readable names for the models (the recipe's `name`, else from the path)."""
+        labels: list[str] = []
+        for entry in self.models:
+            label = entry.name or _label_from(entry.model)
+            base, k = label, 2
+            while label in labels:
+                label, k = f"{base}_{k}", k + 1
+            labels.append(label)
+        return labels
+
+
+def _label_from(ref: str) -> str:
+    p = ref.rstrip("/").split("@")[0]
+    name = Path(p).name
+    for suffix in (".safetensors", ".bin", ".pt"):
+        name = name.removesuffix(suffix)
+    return name or ref
+
+
+_TOP_KEYS = list(Recipe.model_fields)
+_SECTION_KEYS = {"models": list(ModelEntry.model_fields), "output": list(OutputSpec.model_fields)}
+
+
+def _unknown_key_message(where: str, key: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(key, known, n=1)
+    msg = f"unknown recipe key '{key}'{where}"
+    return msg + (f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})")
+
+
+def _check_keys(data: dict) -> None:
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ValueError(_unknown_key_message("", str(key), _TOP_KEYS))
+    for i, entry in enumerate(data.get("models") or []):
+        if isinstance(entry, dict):
+            for key in entry:
+                if key not in _SECTION_KEYS["models"]:
+                    raise ValueError(_unknown_key_message(f" in models[{i}]", str(key), _SECTION_KEYS["models"]))
+    out = data.get("output")
+    if isinstance(out, dict):
+        for key in out:
+            if key not in _SECTION_KEYS["output"]:
+                raise ValueError(_unknown_key_message(" in output", str(key), _SECTION_KEYS["output"]))
+
+
+def _pydantic_message(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"recipe key '{loc}': {msg}"
+
+
+def from_dict(data: Any, origin: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{origin}: a recipe must be a YAML mapping with at least 'merge_method'")
+    try:
+        _check_keys(data)
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{origin}: {_pydantic_message(e)}") from None
+    except ValueError as e:
+        raise UserError(f"{origin}: {e}") from None
+    recipe._raw = data
+    _check_method(recipe, origin)
+    return recipe
+
+
+def _check_method(recipe: Recipe, origin: str) -> None:
+    """Resolve the method and its parameters now, so errors surface before any I/O."""
+    from .dtypes import canonical
+    from .ops import registry
+
+    try:
+        op = registry.get(recipe.merge_method)
+        op.resolve_params(recipe.parameters)
+        labels = recipe.model_labels()
+        for entry, label in zip(recipe.models, labels):
+            op.resolve_model_params(entry.parameters, label)
+        canonical(recipe.dtype, "dtype")
+        if recipe.out_dtype is not None:
+            canonical(recipe.out_dtype, "out_dtype")
+    except ValueError as e:
+        raise UserError(f"{origin}: {e}") from None
+    if not recipe.models:
+        raise UserError(f"{origin}: 'models' lists no model to merge")
+    if op.needs_base and not recipe.base_model:
+        raise UserError(f"{origin}: method '{op.name}' needs 'base_model' (task vectors are relative to it)")
+
+
+def load(path: str | Path) -> Recipe:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a UTF-8 text file") from None
+    recipe = from_dict(data, str(p))
+    recipe._source_path = p.resolve()
+    return recipe
+
+
+def resolve_ref(recipe: Recipe, ref: str) -> str:
+    """Paths in a recipe are relative to the recipe file; hub ids pass through unchanged."""
+    if recipe._source_path is None:
+        return ref
+    candidate = Path(ref).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    local = recipe._source_path.parent / candidate
+    if local.exists() or ref.startswith((".", "/", "~")):
+        return str(local)
+    cwd = Path.cwd() / candidate
+    return str(cwd) if cwd.exists() else ref

@@ -1,0 +1,215 @@
+"""Full checkpoints as lazy tensor sources: one tensor read at a time, headers only up front.
+
+Accepted (spec: formats.md §1-§3):
+* a Hugging Face model directory: ``model.safetensors.index.json`` + shards, ``model.safetensors``,
+  a directory holding exactly one other ``*.safetensors``, or legacy ``pytorch_model*.bin``
+  (with or without ``pytorch_model.bin.index.json``);
+* a single ``.safetensors`` file, or a single ``.bin`` / ``.pt`` / ``.ckpt`` pickle;
+* a hub id ``org/name[@revision]`` (resolved through ``sources.hub``).
+
+Pickles are only ever read with ``torch.load(weights_only=True, mmap=True)``: no code from a
+model file runs. Corrupt or truncated files fail with one line naming the file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..dtypes import ST_DTYPES
+from ..errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str  # torch attribute name, e.g. "bfloat16"
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        from ..dtypes import itemsize
+
+        return self.numel * itemsize(self.dtype)
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError is not importable as a stable name across versions
+        raise UserError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable shard index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{path}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+class CheckpointSource:
+    """A full model checkpoint. ``infos`` comes from headers; ``get`` reads one tensor."""
+
+    kind = "checkpoint"
+
+    def __init__(self, ref: str, label: str | None = None):
+        self.ref = ref
+        self.label = label or ref
+        self.path, self.directory = _locate(ref)
+        self.format = ""
+        self._files: list[Path] = []
+        self._handles: dict[Path, object] = {}
+        self._pickle_cache: tuple[Path, dict] | None = None
+        self.infos: dict[str, TensorInfo] = {}
+        self._scan()
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        p = self.path
+        if p.is_file():
+            files, self.format = [p], ("safetensors" if p.suffix == ".safetensors" else "pickle")
+            weight_map = None
+        else:
+            files, weight_map, self.format = _weight_files(p)
+        self._files = files
+        if self.format == "pickle":
+            for f in files:
+                state = self._load_pickle(f)
+                for key, t in state.items():
+                    self.infos[key] = TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."), f)
+        else:
+            for f in files:
+                h = self._handle(f)
+                for key in h.keys():
+                    sl = h.get_slice(key)
+                    st = sl.get_dtype()
+                    if st not in ST_DTYPES:
+                        raise UserError(f"{f}: tensor '{key}' has unsupported dtype {st}")
+                    self.infos[key] = TensorInfo(tuple(sl.get_shape()), ST_DTYPES[st][0], f)
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.infos))
+            if missing:
+                raise UserError(
+                    f"{self.path}: the shard index lists {len(missing)} tensor(s) no shard holds, e.g. '{missing[0]}'"
+                )
+        if not self.infos:
+            raise UserError(f"{self.ref}: holds no tensors")
+
+    def _handle(self, f: Path):
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = _open_safetensors(f)
+        return h
+
+    def _load_pickle(self, f: Path) -> dict:
+        if self._pickle_cache and self._pickle_cache[0] == f:
+            return self._pickle_cache[1]
+        import pickle
+
+        import torch
+
+        try:
+            state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(
+                f"{f}: refused to unpickle (only plain tensors are loaded, weights_only=True): {str(e).splitlines()[0]}"
+            ) from None
+        except Exception as e:
+            raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
+        if isinstance(state, dict) and set(state) == {"state_dict"} or (
+            isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict)
+            and not any(hasattr(v, "shape") for v in state.values())
+        ):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"{f}: expected a state dict of tensors")
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self._pickle_cache = (f, state)  # one shard mapped at a time
+        return state
+
+    # -- access ------------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def get(self, key: str):
+        info = self.infos[key]
+        if self.format == "pickle":
+            return self._load_pickle(info.file)[key]
+        try:
+            return self._handle(info.file).get_tensor(key)
+        except Exception as e:
+            raise UserError(f"{info.file}: cannot read tensor '{key}' ({e})") from None
+
+    def metadata(self) -> dict[str, str]:
+        if self.format != "safetensors" or not self._files:
+            return {}
+        return self._handle(self._files[0]).metadata() or {}
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickle_cache = None
+
+
+def _locate(ref: str) -> tuple[Path, Path | None]:
+    """Return (weights path, directory holding config/tokenizer files or None)."""
+    from . import hub
+
+    p = Path(ref).expanduser()
+    if p.exists():
+        if p.is_dir():
+            return p, p
+        if p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES:
+            return p, None
+        raise UserError(f"{p}: not a checkpoint (expected a directory, .safetensors or .bin file)")
+    if hub.looks_like_hub_id(ref):
+        folder = hub.resolve(ref)
+        return folder, folder
+    raise UserError(f"path not found: {ref}")
+
+
+def _weight_files(d: Path) -> tuple[list[Path], dict | None, str]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        wm = _read_index(index)
+        files = sorted({d / v for v in wm.values()})
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{index}: shard '{f.name}' is missing from {d}")
+        return files, wm, "safetensors"
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"], None, "safetensors"
+    singles = [f for f in sorted(d.glob("*.safetensors")) if not f.name.startswith("adapter_model")]
+    if len(singles) == 1:
+        return singles, None, "safetensors"
+    if len(singles) > 1:
+        raise UserError(f"{d}: several .safetensors files and no model.safetensors.index.json; pass one file")
+    bindex = d / "pytorch_model.bin.index.json"
+    if bindex.is_file():
+        wm = _read_index(bindex)
+        files = sorted({d / v for v in wm.values()})
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{bindex}: shard '{f.name}' is missing from {d}")
+        return files, wm, "pickle"
+    if (d / "pytorch_model.bin").is_file():
+        return [d / "pytorch_model.bin"], None, "pickle"
+    raise UserError(
+        f"{d}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)"
+    )

@@ -1,0 +1,304 @@
+"""Output side: streaming sharded safetensors, index, model files, model card, atomic placement.
+
+Knows no merge math. Two pieces:
+
+* ``ShardedWriter`` writes safetensors shards *tensor by tensor*. The engine knows every output
+  tensor's name, dtype and shape before it computes any of them (the plan), so each shard's
+  header is written first and the tensor bytes are appended as they arrive: no shard is ever held
+  in memory. ``safetensors.torch.save_file`` needs a whole file's tensors at once, which is why
+  this writer lays out the (simple, documented) format itself; tests read every output back with
+  ``safe_open``. Tensors inside a shard are ordered by descending element size, then name, like
+  the reference writer, so every tensor is aligned to its element size.
+* ``AtomicDirectory`` builds the output in a hidden temporary directory beside the target and
+  renames it into place only when everything is written and fsynced. A failure, Ctrl-C or kill
+  leaves no partial output at the target; an existing target is replaced only with overwrite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .dtypes import TORCH_TO_ST, itemsize
+from .errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fix_modes(root: Path) -> None:
+    """safetensors 0.8 and mkdtemp create owner-only files; give group/other what the umask allows."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for f in filenames:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- streaming safetensors ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch attribute name
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def plan_shards(tensors: list[OutTensor], shard_size: int) -> list[list[OutTensor]]:
+    """Greedy fill in the given order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[OutTensor]] = []
+    current: list[OutTensor] = []
+    used = 0
+    for t in tensors:
+        if current and used + t.nbytes > shard_size:
+            shards.append(current)
+            current, used = [], 0
+        current.append(t)
+        used += t.nbytes
+    if current:
+        shards.append(current)
+    return [sorted(s, key=lambda t: (-itemsize(t.dtype), t.name)) for s in shards]
+
+
+def shard_names(n: int, prefix: str = "model") -> list[str]:
+    if n == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * ((8 - (8 + len(raw)) % 8) % 8)  # data starts 8-byte aligned, as the reference writer
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Writes planned shards into ``directory``; tensors must arrive in ``order()``."""
+
+    def __init__(self, directory: Path, shards: list[list[OutTensor]], metadata: dict[str, str] | None = None,
+                 prefix: str = "model"):
+        self.directory = Path(directory)
+        self.shards = shards
+        self.metadata = metadata or {}
+        self.names = shard_names(len(shards), prefix)
+        self.prefix = prefix
+        self._queue = [(si, t) for si, shard in enumerate(shards) for t in shard]
+        self._pos = 0
+        self._fh = None
+        self._shard = -1
+
+    def order(self) -> list[OutTensor]:
+        return [t for _, t in self._queue]
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        si, spec = self._queue[self._pos]
+        if name != spec.name:
+            raise RuntimeError(f"writer expected tensor '{spec.name}', got '{name}'")
+        if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+            raise RuntimeError(f"tensor '{name}': planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}")
+        if si != self._shard:
+            self._open(si)
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._pos += 1
+        if self._pos == len(self._queue) or self._queue[self._pos][0] != si:
+            self._close_current()
+
+    def _open(self, si: int) -> None:
+        self._close_current()
+        self._shard = si
+        self._fh = open(self.directory / self.names[si], "wb")
+        self._fh.write(_header(self.shards[si], self.metadata))
+
+    def _close_current(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def finish(self) -> None:
+        if self._pos != len(self._queue):
+            raise RuntimeError(f"writer finished after {self._pos} of {len(self._queue)} tensors")
+        self._close_current()
+        if len(self.shards) > 1:
+            total = sum(t.nbytes for shard in self.shards for t in shard)
+            params = sum(t.nbytes // itemsize(t.dtype) for shard in self.shards for t in shard)
+            index = {
+                "metadata": {"total_size": total, "total_parameters": params},
+                "weight_map": {t.name: self.names[si] for si, shard in enumerate(self.shards) for t in shard},
+            }
+            index["weight_map"] = dict(sorted(index["weight_map"].items()))
+            (self.directory / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+# --- atomic directory ----------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicDirectory:
+    """``with AtomicDirectory(target, overwrite) as tmp: ...write into tmp...; commit()``."""
+
+    def __init__(self, target: Path, overwrite: bool = False):
+        self.target = Path(target).absolute()
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+        self._committed = False
+
+    def check(self) -> None:
+        if self.target.exists() and not self.overwrite:
+            raise UserError(f"output {self.target} already exists; pass --overwrite to replace it")
+        if self.target.exists() and not self.target.is_dir():
+            raise UserError(f"output {self.target} exists and is not a directory")
+
+    def __enter__(self) -> Path:
+        self.check()
+        parent = self.target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create output directory {parent}: {e.strerror}") from None
+        self._sweep_stale(parent)
+        self.tmp = parent / f".{self.target.name}.partial-{os.getpid()}-{os.urandom(3).hex()}"
+        self.tmp.mkdir()
+        return self.tmp
+
+    def _sweep_stale(self, parent: Path) -> None:
+        """Remove partial directories left by killed runs (their process is gone)."""
+        for p in parent.glob(f".{self.target.name}.partial-*"):
+            try:
+                pid = int(p.name.rsplit("-", 2)[-2])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def commit(self) -> None:
+        assert self.tmp is not None
+        fix_modes(self.tmp)
+        fsync_tree(self.tmp)
+        old = None
+        if self.target.exists():
+            if not self.overwrite:  # appeared while we worked
+                raise UserError(f"output {self.target} appeared during the run; pass --overwrite to replace it")
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{os.urandom(3).hex()}"
+            os.rename(self.target, old)
+        os.rename(self.tmp, self.target)
+        fd = os.open(self.target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed and self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- model files and card ----------------------------------------------------------------------
+
+_MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+    "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+)
+
+
+def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None) -> list[str]:
+    """Copy config/tokenizer/generation files from the donor; update the dtype in config.json."""
+    copied: list[str] = []
+    if donor is None or not donor.is_dir():
+        return copied
+    for name in _MODEL_FILES:
+        src = donor / name
+        if not src.is_file():
+            continue
+        if name == "config.json" and out_dtype:
+            try:
+                cfg = json.loads(src.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise UserError(f"{src}: not valid JSON ({e})") from None
+            keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+            for k in keys:
+                cfg[k] = out_dtype
+            (out / name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(src, out / name)
+        copied.append(name)
+    return copied
+
+
+def write_model_card(out: Path, method: str, base: str | None, models: list[tuple[str, str]], recipe_yaml: str,
+                     extra: str = "") -> None:
+    from . import __version__
+
+    lines = ["---", "library_name: transformers", "tags:", "- merge", "- mergekit-ortho", f"- {method}"]
+    if base and not Path(base).exists():
+        lines += [f"base_model: {base}"]
+    lines += ["---", "", f"# Merged model ({method})", "",
+              f"Produced by mergekit-ortho {__version__} with the `{method}` method.", ""]
+    if base:
+        lines += [f"**Base model:** `{base}`", ""]
+    lines += ["**Merged models:**", ""] + [f"- `{name}`: `{ref}`" for name, ref in models] + [""]
+    if extra:
+        lines += [extra, ""]
+    lines += ["## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
