@@ -1,0 +1,220 @@
+"""MagMax and random-mix operator: golden numbers of magmax_opcm_baselines.md D1 and invariants."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mergekit_ortho.ops.magmax as magmax_mod  # noqa: F401  (registers the operator)
+from mergekit_ortho.ops import registry
+from mergekit_ortho.ops.registry import TensorTask
+
+F64 = torch.float64
+
+
+def _op():
+    return registry.get("magmax")
+
+
+def _task(inputs, name="model.layers.0.mlp.up_proj.weight", **params):
+    op = _op()
+    p = op.resolve_params(params)
+    base = torch.zeros_like(inputs[0])
+    return TensorTask(name=name, base=base, inputs=list(inputs), params=p, model_params=[{} for _ in inputs])
+
+
+def _run(inputs, **params):
+    return _op().fn(_task(inputs, **params))
+
+
+def _stream(inputs, **params):
+    op = _op()
+    task = _task(inputs, **params)
+    stask = TensorTask(name=task.name, base=task.base, inputs=[], params=task.params, model_params=task.model_params)
+    state = op.stream.start(stask)
+    for i, x in enumerate(inputs):
+        state = op.stream.step(state, x, i, stask)
+    return op.stream.finish(state, stask)
+
+
+def _t(values):
+    return torch.tensor(values, dtype=F64)
+
+
+# -- golden examples (D1) ---------------------------------------------------------------------------
+
+
+def test_two_vectors_golden_with_tie_later_wins():
+    t1, t2 = _t([1, -2, 3, 0.5]), _t([-4, 0.5, -3, 0.5])
+    sel = _run([t1, t2], **{"lambda": 1.0})
+    assert torch.equal(sel, _t([-4, -2, -3, 0.5]))  # index 2: |3| == |-3|, the later -3 wins
+    merged = _run([t1, t2])  # default lambda 0.5
+    assert torch.equal(merged, _t([-2, -1, -1.5, 0.25]))
+    assert torch.equal(_stream([t1, t2]), merged)
+
+
+def test_tie_is_order_dependent_naive_argmax_would_differ():
+    a, b = _t([3.0]), _t([-3.0])
+    assert torch.equal(_run([a, b], **{"lambda": 1.0}), _t([-3.0]))
+    assert torch.equal(_run([b, a], **{"lambda": 1.0}), _t([3.0]))
+
+
+def test_three_vectors_golden():
+    ts = [_t([1, -2, 3, 0]), _t([-4, 0.5, 2, 0]), _t([0, -2.5, -3, 0])]
+    assert torch.equal(_run(ts, **{"lambda": 1.0}), _t([-4, -2.5, -3, 0]))
+    assert torch.equal(_run(ts), _t([-2, -1.25, -1.5, 0]))
+    assert torch.equal(_stream(ts), _t([-2, -1.25, -1.5, 0]))
+
+
+def test_lambda_default_depends_on_selection():
+    op = _op()
+    assert op.resolve_params({})["lambda"] is None
+    assert magmax_mod.resolved_lambda(op.resolve_params({})) == 0.5
+    assert magmax_mod.resolved_lambda(op.resolve_params({"selection": "random"})) == 1.0
+    assert magmax_mod.resolved_lambda(op.resolve_params({"selection": "random", "lambda": 0.25})) == 0.25
+    x = _t([2.0, -6.0])
+    assert torch.equal(_run([x]), _t([1.0, -3.0]))
+    assert torch.equal(_run([x], selection="random"), x)
+
+
+def test_param_validation():
+    op = _op()
+    with pytest.raises(ValueError, match="selection"):
+        op.resolve_params({"selection": "median"})
+    with pytest.raises(ValueError, match="lambda"):
+        op.resolve_params({"lambda": "big"})
+    with pytest.raises(ValueError, match="did you mean 'lambda'"):
+        op.resolve_params({"lambd": 0.5})
+
+
+# -- invariants (magnitude) ----------------------------------------------------------------------
+
+
+def _random_inputs(n=5, shape=(7, 11), seed=0, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    if integer:  # many exact ties
+        return [torch.randint(-3, 4, shape, generator=g).to(torch.float32) for _ in range(n)]
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def test_magnitude_equals_max_abs_and_sign_comes_from_a_model():
+    xs = _random_inputs()
+    sel = _run(xs, **{"lambda": 1.0})
+    stack = torch.stack(xs)
+    assert torch.equal(sel.abs(), stack.abs().amax(0))
+    assert bool((stack == sel.unsqueeze(0)).any(0).all())
+    assert sel.dtype == torch.float32 and sel.shape == (7, 11)
+
+
+def test_matches_last_argmax_reference_with_many_ties():
+    xs = _random_inputs(n=6, shape=(40, 30), integer=True)
+    stack = torch.stack(xs)
+    t = stack.shape[0]
+    last = t - 1 - stack.abs().flip(0).argmax(0)  # the LAST index of the max |.|
+    expected = stack.gather(0, last.unsqueeze(0)).squeeze(0)
+    got = _run(xs, **{"lambda": 1.0})
+    assert torch.equal(got, expected)
+    first = stack.gather(0, stack.abs().argmax(0).unsqueeze(0)).squeeze(0)
+    assert int((first != expected).sum()) > 0  # ties with opposite signs do occur here
+    assert torch.equal(_stream(xs, **{"lambda": 1.0}), expected)
+
+
+def test_stream_equals_batch_bitwise():
+    xs = _random_inputs(n=7)
+    for lam in (0.5, 1.0, 0.37):
+        assert torch.equal(_stream(xs, **{"lambda": lam}), _run(xs, **{"lambda": lam}))
+
+
+def test_lambda_applied_once_after_selection():
+    xs = _random_inputs()
+    sel = _run(xs, **{"lambda": 1.0})
+    assert torch.equal(_run(xs, **{"lambda": 0.3}), sel * 0.3)
+    zero = _run(xs, **{"lambda": 0.0})
+    assert torch.equal(zero.abs(), torch.zeros(7, 11))
+
+
+def test_single_model_is_lambda_times_tau():
+    (x,) = _random_inputs(n=1)
+    assert torch.equal(_run([x]), x * 0.5)
+    assert torch.equal(_run([x], **{"lambda": 1.0}), x)
+
+
+def test_order_only_matters_at_ties():
+    xs = _random_inputs(n=5)  # continuous values: no ties
+    perm = [3, 0, 4, 1, 2]
+    assert torch.equal(_run([xs[i] for i in perm]), _run(xs))
+
+
+def test_inputs_are_not_mutated():
+    xs = _random_inputs(n=3)
+    copies = [x.clone() for x in xs]
+    _run(xs)
+    _run(xs, selection="random")
+    _stream(xs)
+    assert all(torch.equal(a, b) for a, b in zip(xs, copies))
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        _run([torch.zeros(3), torch.zeros(4)])
+
+
+def test_operator_contract():
+    op = _op()
+    assert op.reads == "deltas" and op.input_kind == "dense" and op.stream is not None
+    assert {p.name for p in op.params} == {"lambda", "selection", "seed"}
+
+
+# -- random mix (C4) ------------------------------------------------------------------------------
+
+
+def _distinct_inputs(n, shape=(60, 50)):
+    # model i's entries are i + 0.5 + small noise: which model an entry came from is unambiguous
+    g = torch.Generator().manual_seed(7)
+    return [torch.rand(shape, generator=g) * 0.1 + i + 0.5 for i in range(n)]
+
+
+def test_random_every_entry_comes_from_some_model_uniformly():
+    xs = _distinct_inputs(3)
+    out = _run(xs, selection="random", seed=5)
+    stack = torch.stack(xs)
+    hit = stack == out.unsqueeze(0)
+    assert torch.equal(hit.sum(0), torch.ones(60, 50, dtype=torch.long))  # exactly one source each
+    frac = hit.flatten(1).float().mean(1)  # 3000 entries: std of a fraction ~ 0.0086
+    assert torch.allclose(frac, torch.full((3,), 1 / 3), atol=0.04)
+
+
+def test_random_all_equal_gives_tau_times_lambda():
+    x = _random_inputs(n=1)[0]
+    assert torch.equal(_run([x, x.clone(), x.clone()], selection="random"), x)
+    assert torch.equal(_run([x, x.clone()], selection="random", **{"lambda": 0.5}), x * 0.5)
+
+
+def test_random_stream_equals_fn_and_is_reproducible():
+    xs = _distinct_inputs(4)
+    a = _run(xs, selection="random", seed=11)
+    assert torch.equal(_stream(xs, selection="random", seed=11), a)
+    assert torch.equal(_run(xs, selection="random", seed=11), a)
+
+
+def test_random_depends_on_seed_and_tensor_name_not_on_processing_order():
+    xs = _distinct_inputs(4)
+    a = _run(xs, selection="random", seed=1)
+    b = _run(xs, selection="random", seed=2)
+    frac_diff = float((a != b).float().mean())
+    assert 0.6 < frac_diff < 0.9  # two independent uniform choices over 4 differ w.p. 3/4
+    other = _op().fn(_task(xs, name="model.layers.1.mlp.up_proj.weight", selection="random", seed=1))
+    assert 0.6 < float((a != other).float().mean()) < 0.9
+    # another tensor processed in between does not change this tensor's draws
+    assert torch.equal(_run(xs, selection="random", seed=1), a)
+
+
+def test_random_mean_over_seeds_approaches_average():
+    xs = [torch.tensor([0.0, 10.0]), torch.tensor([6.0, -2.0]), torch.tensor([3.0, 1.0])]
+    outs = torch.stack([_run(xs, selection="random", seed=s) for s in range(2000)])
+    mean = outs.mean(0)
+    assert torch.allclose(mean, torch.stack(xs).mean(0), atol=0.4)  # std of the mean ~ 0.055 / 0.11
+
+
+def test_random_single_model():
+    x = _random_inputs(n=1)[0]
+    assert torch.equal(_run([x], selection="random"), x)
