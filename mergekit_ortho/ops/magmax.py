@@ -14,8 +14,8 @@ C4 (random mix) and D1 (golden numbers); defaults from "Design decisions for thi
   uniformly chosen model. Computed as reservoir sampling of size 1 -- at step t (t >= 2) each
   element is replaced by tau_t with probability exactly 1/t, drawn as ``randint(0, t) == 0`` --
   which gives the uniform distribution of C4 (not the reference's RNG stream, a documented design
-  decision). The draws come from ``registry.generator(seed, tensor name)`` so a tensor's result does
-  not depend on the order tensors are processed in; on a CUDA tensor the generator lives on that
+  decision). The draws come from ``registry.generator(seed, tensor name + step)`` so a tensor's result
+  does not depend on the order tensors are processed in, nor on a restart between steps; on a CUDA tensor the generator lives on that
   device, whose stream differs from the CPU one.
 * ``lambda`` defaults to ``None`` = "operator decides": 0.5 for ``magnitude`` (A4), 1.0 for
   ``random`` (A4 / C6).
@@ -41,45 +41,34 @@ def resolved_lambda(params: dict) -> float:
     return float(lam)
 
 
-class _State:
-    __slots__ = ("sel", "count", "gen")
-
-    def __init__(self) -> None:
-        self.sel: torch.Tensor | None = None
-        self.count = 0
-        self.gen: torch.Generator | None = None
+def _start(task: TensorTask) -> None:
+    return None
 
 
-def _start(task: TensorTask) -> _State:
-    return _State()
-
-
-def _step(state: _State, x: torch.Tensor, i: int, task: TensorTask) -> _State:
-    state.count += 1
-    if state.sel is None:
-        state.sel = x.clone()  # never alias the caller's tensor
-        return state
-    if state.sel.shape != x.shape:
+def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -> torch.Tensor:
+    """Fold model i (0-based) into the running selection. The state is the selection tensor
+    alone, so a continual-merging state can persist it between processes."""
+    if sel is None:
+        return x.clone()  # never alias the caller's tensor
+    if sel.shape != x.shape:
         raise ValueError(
-            f"magmax: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, "
-            f"expected {tuple(state.sel.shape)}"
+            f"magmax: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, expected {tuple(sel.shape)}"
         )
     if task.params.get("selection", "magnitude") == "random":
-        if state.gen is None:
-            state.gen = generator(task.params.get("seed", 0), task.name, device=x.device)
-        t = state.count
-        take = torch.randint(0, t, x.shape, generator=state.gen, dtype=torch.int32, device=x.device) == 0
+        # step t = i + 1 replaces with probability 1/t; one generator per (seed, tensor, step) so
+        # neither tensor order nor a process restart between steps changes the draws
+        gen = generator(task.params.get("seed", 0), f"{task.name}\x00{i}", device=x.device)
+        take = torch.randint(0, i + 1, x.shape, generator=gen, dtype=torch.int32, device=x.device) == 0
     else:
-        take = x.abs() >= state.sel.abs()  # '>=': the later model wins ties (A9.2)
-    state.sel = torch.where(take, x.to(state.sel.dtype), state.sel)
-    return state
+        take = x.abs() >= sel.abs()  # '>=': the later model wins ties (A9.2)
+    return torch.where(take, x.to(sel.dtype), sel)
 
 
-def _finish(state: _State, task: TensorTask) -> torch.Tensor:
-    if state.sel is None:
+def _finish(sel: torch.Tensor | None, task: TensorTask) -> torch.Tensor:
+    if sel is None:
         raise ValueError(f"magmax: no input models for tensor '{task.name}'")
     lam = resolved_lambda(task.params)
-    out = state.sel
+    out = sel
     if lam != 1.0:
         out = out.mul_(lam)
     return out
@@ -120,7 +109,7 @@ register(
         details="theta = theta_0 + lambda * tau_sel. magnitude: tau_sel[j] = tau_{i*}[j] with "
         "i* = the LAST argmax_i |tau_i[j]| (sign kept; fold m = where(|tau_i| >= |m|, tau_i, m)). "
         "random: tau_sel[j] = tau_i[j] for i uniform per element, drawn by reservoir sampling "
-        "(replace with probability 1/t at step t) from a generator seeded by (seed, tensor name). "
+        "(replace with probability 1/t at step t) from a generator seeded by (seed, tensor name, step). "
         "lambda defaults to 0.5 (magnitude, MagMax paper/code) or 1.0 (random mix, reference "
         "scripts). Elementwise on every float tensor of any shape; streams one model at a time "
         "with results identical to the batch form.",
