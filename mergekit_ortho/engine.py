@@ -148,8 +148,28 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         raise UserError("the recipe lists no model other than the base model")
 
     reference = base or models[0]
-    include = [re.compile(p) for p in recipe.include]
-    exclude = [re.compile(p) for p in recipe.exclude]
+    items = plan_items(reference, models, recipe.include, recipe.exclude, out_dtype)
+    if not any(i.action == "merge" for i in items.values()):
+        raise UserError("no tensor is left to merge (check include/exclude)")
+    specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
+    shards = plan_shards(specs, recipe.output.shard_size)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but no CUDA device is available")
+    return Plan(recipe, op, params, base, models, items, shards, compute, device)
+
+
+def plan_items(reference: ModelInput, models: list[ModelInput], include: list[str], exclude: list[str],
+               out_dtype: str | None) -> dict[str, PlanItem]:
+    """Per tensor of the reference (the base, else the first model): merge or copy, and why.
+
+    Every merged tensor must exist with the same shape in every model; extra tensors in a model
+    are an error too (they would be silently dropped otherwise).
+    """
+    include_re = [re.compile(p) for p in include]
+    exclude_re = [re.compile(p) for p in exclude]
     items: dict[str, PlanItem] = {}
     for name, info in reference.source.infos.items():
         if info.dtype in FP8:
@@ -160,9 +180,9 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         reason = ""
         if info.dtype not in MERGEABLE:
             reason = "not a float tensor"
-        elif include and not any(p.search(name) for p in include):
+        elif include_re and not any(p.search(name) for p in include_re):
             reason = "not matched by include"
-        elif any(p.search(name) for p in exclude):
+        elif any(p.search(name) for p in exclude_re):
             reason = "matched by exclude"
         action = "copy" if reason else "merge"
         read = info.nbytes
@@ -192,16 +212,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                 + "; use checkpoints of the same architecture"
             )
-    if not any(i.action == "merge" for i in items.values()):
-        raise UserError("no tensor is left to merge (check include/exclude)")
-    specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
-    shards = plan_shards(specs, recipe.output.shard_size)
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was requested but no CUDA device is available")
-    return Plan(recipe, op, params, base, models, items, shards, compute, device)
+    return items
 
 
 # --- execution -----------------------------------------------------------------------------------
@@ -253,8 +264,13 @@ def merge_tensor(plan: Plan, name: str):
 
 
 def execute(plan: Plan, out_dir: Path, metadata: dict[str, str],
-            on_tensor: Callable[[str, int], None] | None = None) -> None:
-    """Write the merged model's shards into ``out_dir`` (a fresh, empty directory)."""
+            on_tensor: Callable[[str, int], None] | None = None,
+            produce: Callable[[str], Any] | None = None) -> None:
+    """Write the merged model's shards into ``out_dir`` (a fresh, empty directory).
+
+    ``produce(name)`` returns a merged tensor; the default merges the plan's inputs. Continual
+    export passes its own (from the persisted state) and reuses everything else.
+    """
     import torch
 
     from .writer import ShardedWriter
@@ -271,7 +287,7 @@ def execute(plan: Plan, out_dir: Path, metadata: dict[str, str],
                 if t.dtype != getattr(torch, item.out_dtype):
                     t = t.to(getattr(torch, item.out_dtype))
             else:
-                t = merge_tensor(plan, spec.name)
+                t = produce(spec.name) if produce else merge_tensor(plan, spec.name)
             writer.write(spec.name, t)
             del t
             if delay:
@@ -297,7 +313,8 @@ def recipe_yaml(recipe: recipe_mod.Recipe) -> str:
 
 
 def run(plan: Plan, out: Path, overwrite: bool = False,
-        on_tensor: Callable[[str, int], None] | None = None) -> Path:
+        on_tensor: Callable[[str, int], None] | None = None,
+        produce: Callable[[str], Any] | None = None, card_extra: str = "") -> Path:
     """Execute a plan into ``out`` atomically: config/tokenizer files, shards, index, card."""
     import json
 
@@ -314,12 +331,12 @@ def run(plan: Plan, out: Path, overwrite: bool = False,
     }
     atomic = AtomicDirectory(out, overwrite)
     with atomic as tmp:
-        execute(plan, tmp, metadata, on_tensor)
+        execute(plan, tmp, metadata, on_tensor, produce)
         donor = _donor_dir(plan)
         dtypes = {i.out_dtype for i in plan.items.values() if i.action == "merge"}
         copy_model_files(donor, tmp, dtypes.pop() if len(dtypes) == 1 else None)
         write_model_card(tmp, plan.op.name, plan.base.ref if plan.base else None,
-                         [(m.label, m.ref) for m in plan.models], text)
+                         [(m.label, m.ref) for m in plan.models], text, card_extra)
         atomic.commit()
     return atomic.target
 
