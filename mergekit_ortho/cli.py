@@ -137,8 +137,12 @@ def run(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (compute device)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; read no tensor data, write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Merge the models of a recipe into a new model directory."""
+    _state["quiet"] = _state["quiet"] or quiet
+    _state["verbose"] = _state["verbose"] or verbose
     from . import engine
     from . import recipe as recipe_mod
     from .errors import UserError
@@ -234,6 +238,95 @@ def inspect(path: str = typer.Argument(..., help="Checkpoint directory, file, or
     c = _console()
     for line in inspect_mod.render(info):
         c.print(line)
+
+
+continual_app = typer.Typer(help="Sequential merging into a persistent, crash-safe state.", no_args_is_help=True)
+app.add_typer(continual_app, name="continual")
+
+
+@continual_app.command("init")
+@handle_errors
+def continual_init(
+    state: Path = typer.Argument(..., help="State directory to create."),
+    recipe: Path = typer.Option(..., "--recipe", help="Recipe: method (opcm|magmax|linear|task_arithmetic), base, parameters, optional initial models."),
+):
+    """Create a continual-merging state; merge the recipe's models (if any) in order."""
+    from . import continual
+
+    st = continual.init(state, recipe, on_model=lambda e: _console().print(f"merged {e['name']} as model {e['t']}"))
+    _console().print(f"created {state} ({st.method}, {st.t} model(s) merged)")
+
+
+@continual_app.command("add")
+@handle_errors
+def continual_add(
+    state: Path = typer.Argument(..., help="State directory."),
+    model: str = typer.Argument(..., help="Checkpoint directory, file or hub id."),
+    name: Optional[str] = typer.Option(None, "--name", help="Label recorded in the history."),
+    weight: Optional[float] = typer.Option(None, "--weight", help="Per-model weight (linear, task_arithmetic)."),
+    force: bool = typer.Option(False, "--force", help="Merge even if the same tensors were merged before."),
+):
+    """Fold one model into the state (one streaming pass; atomic switch to the new version)."""
+    from . import continual
+
+    params = {"weight": weight} if weight is not None else {}
+    entry = continual.add(state, model, name=name, force=force, params=params)
+    _console().print(f"merged {entry['name']} as model {entry['t']} (sha256 {entry['sha256'][:12]})")
+
+
+@continual_app.command("status")
+@handle_errors
+def continual_status(state: Path = typer.Argument(..., help="State directory."),
+                     as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Method, models merged (name, source, sha256, time), scalars, disk use."""
+    import json
+
+    from . import continual
+
+    s = continual.status(state)
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+        return
+    c = _console()
+    c.print(f"[bold]{s['state']}[/bold]: {s['method']} {s['parameters']}, base {s['base_model']}")
+    c.print(f"models merged: {s['models_merged']}   scalars: {s['scalars']}   disk: {_fmt_bytes(s['disk_bytes'])}")
+    for h in s["history"]:
+        c.print(f"  {h['t']:>3}  {h['name']}  {h['source']}  sha256 {h['sha256'][:12]}  {h['time']}")
+
+
+@continual_app.command("export")
+@handle_errors
+def continual_export(state: Path = typer.Argument(..., help="State directory."),
+                     out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+                     overwrite: bool = typer.Option(False, "--overwrite")):
+    """Write the current merged model as a normal model directory."""
+    from . import continual
+
+    result = continual.export(state, out, overwrite)
+    _console().print(f"wrote {result}")
+
+
+@continual_app.command("watch")
+@handle_errors
+def continual_watch(state: Path = typer.Argument(..., help="State directory."),
+                    inbox: Path = typer.Option(..., "--inbox", help="Directory where new checkpoints appear."),
+                    interval: float = typer.Option(2.0, "--interval", help="Seconds between polls.")):
+    """Merge each complete checkpoint that appears in the inbox, in arrival order, until SIGTERM/Ctrl-C."""
+    import signal
+
+    from . import continual
+
+    stop = {"flag": False}
+
+    def _stop(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    c = _console()
+    c.print(f"watching {inbox} for checkpoints (every {interval:g}s); Ctrl-C or SIGTERM to stop")
+    n = continual.watch(state, inbox, interval, log=lambda m: c.print(m), should_stop=lambda: stop["flag"])
+    c.print(f"stopped; {n} model(s) merged")
 
 
 def main() -> None:

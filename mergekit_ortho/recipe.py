@@ -154,7 +154,7 @@ def _pydantic_message(err: ValidationError) -> str:
     return f"recipe key '{loc}': {msg}"
 
 
-def from_dict(data: Any, origin: str = "<recipe>") -> Recipe:
+def from_dict(data: Any, origin: str = "<recipe>", require_models: bool = True) -> Recipe:
     if not isinstance(data, dict):
         raise UserError(f"{origin}: a recipe must be a YAML mapping with at least 'merge_method'")
     try:
@@ -165,11 +165,11 @@ def from_dict(data: Any, origin: str = "<recipe>") -> Recipe:
     except ValueError as e:
         raise UserError(f"{origin}: {e}") from None
     recipe._raw = data
-    _check_method(recipe, origin)
+    _check_method(recipe, origin, require_models)
     return recipe
 
 
-def _check_method(recipe: Recipe, origin: str) -> None:
+def _check_method(recipe: Recipe, origin: str, require_models: bool = True) -> None:
     """Resolve the method and its parameters now, so errors surface before any I/O."""
     from .dtypes import canonical
     from .ops import registry
@@ -185,13 +185,13 @@ def _check_method(recipe: Recipe, origin: str) -> None:
             canonical(recipe.out_dtype, "out_dtype")
     except ValueError as e:
         raise UserError(f"{origin}: {e}") from None
-    if not recipe.models:
+    if require_models and not recipe.models:
         raise UserError(f"{origin}: 'models' lists no model to merge")
     if op.needs_base and not recipe.base_model:
         raise UserError(f"{origin}: method '{op.name}' needs 'base_model' (task vectors are relative to it)")
 
 
-def load(path: str | Path) -> Recipe:
+def load(path: str | Path, require_models: bool = True) -> Recipe:
     import yaml
 
     p = Path(path)
@@ -206,7 +206,7 @@ def load(path: str | Path) -> Recipe:
         raise UserError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     except UnicodeDecodeError:
         raise UserError(f"{p}: not a UTF-8 text file") from None
-    recipe = from_dict(data, str(p))
+    recipe = from_dict(data, str(p), require_models)
     recipe._source_path = p.resolve()
     return recipe
 

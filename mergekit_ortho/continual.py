@@ -1,0 +1,474 @@
+"""Persistent, crash-safe state for sequential (continual) merging.
+
+Models arrive one at a time; each ``add`` folds one model into the state in a single streaming
+pass (one tensor of the state, the base and the new model in memory at a time), so memory does
+not grow with the number of models and earlier models are never re-read.
+
+On disk (DESIGN.md "Continual state", with versioned tensor directories):
+
+    STATE/
+      state.json      format version, method, parameters, base reference, t, scalars, history
+                      (name, source, sha256 of its tensors, time, per-model parameters), and
+                      ``current``: the tensor directory in force
+      v000003/        the running state tensors (float32 safetensors, sharded)
+      lock            held (filelock) while a process updates the state
+
+An ``add`` writes ``v000004/`` beside ``v000003/`` (fsynced), then atomically replaces
+``state.json`` (write temp, fsync, rename). That rename is the commit point: a crash before it
+leaves the old state (the orphan directory is swept by the next add), a crash after it leaves the
+new one. Versioned directories instead of one ``merged/`` directory make the switch a single
+rename of a small file.
+
+What is persisted per method (all exact, see each operator's spec):
+* streaming-fold operators (``linear`` running weighted sum, ``task_arithmetic`` running sum,
+  ``magmax`` running selection): the fold's state tensor; export applies the fold's ``finish``
+  with the recorded per-model parameters;
+* ``opcm``: the un-normalised sum S_t = sum_i P_i(tau_i) per tensor plus the global scalars from
+  ``ops.opcm`` (spec B6); export is theta_0 + S_t * scale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+METHODS = ("opcm", "magmax", "linear", "task_arithmetic")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_file(path.parent)
+
+
+@dataclass
+class State:
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def t(self) -> int:
+        return int(self.data["t"])
+
+    @property
+    def method(self) -> str:
+        return self.data["method"]
+
+    @property
+    def tensor_dir(self) -> Path | None:
+        cur = self.data.get("current")
+        return self.root / cur if cur else None
+
+    @classmethod
+    def load(cls, root: Path) -> "State":
+        root = Path(root)
+        f = root / STATE_FILE
+        if not f.is_file():
+            raise UserError(f"{root} is not a continual state (no {STATE_FILE}); create one with `merge continual init`")
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"{f}: corrupt state file ({e})") from None
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(f"{f}: state format version {version!r} is newer than this mergekit-ortho "
+                            f"understands ({FORMAT_VERSION}); upgrade mergekit-ortho")
+        st = cls(root, data)
+        if st.tensor_dir is not None and not st.tensor_dir.is_dir():
+            raise UserError(f"{f}: its tensor directory {st.tensor_dir.name} is missing; the state is damaged")
+        return st
+
+    def recipe(self):
+        from . import recipe as recipe_mod
+
+        return recipe_mod.from_dict(self.data["recipe"], str(self.root / STATE_FILE), require_models=False)
+
+
+def _lock(root: Path):
+    from filelock import FileLock
+
+    return FileLock(str(root / "lock"))
+
+
+def _sweep(root: Path, keep: str | None) -> None:
+    """Remove tensor directories that are not the current one (left by crashes or replaced)."""
+    for p in root.iterdir():
+        if p.is_dir() and (p.name.startswith("v") or p.name.startswith(".v")) and p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --- init ------------------------------------------------------------------------------------------
+
+
+def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | None = None) -> State:
+    """Create a state from a recipe (method, base, parameters); fold in the recipe's models."""
+    from . import recipe as recipe_mod
+    from .ops import registry
+    from .writer import AtomicDirectory
+
+    r = recipe_mod.load(recipe_path, require_models=False)
+    op = registry.get(r.merge_method)
+    if op.name not in METHODS:
+        raise UserError(f"continual merging supports {', '.join(METHODS)}; '{op.name}' is not one of them")
+    if not r.base_model:
+        raise UserError("continual merging needs 'base_model' in the recipe")
+    base_ref = recipe_mod.resolve_ref(r, r.base_model)
+    from .engine import ModelInput, open_source, plan_items
+
+    base = ModelInput("base", base_ref, open_source(base_ref, "base"), {})
+    out_dtype = None
+    if r.out_dtype:
+        from .dtypes import canonical
+
+        out_dtype = canonical(r.out_dtype)
+    items = plan_items(base, [], r.include, r.exclude, out_dtype)
+    base.source.close()
+    raw = dict(r._raw or {})
+    raw["base_model"] = str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref
+    initial = [(recipe_mod.resolve_ref(r, e.model), label, e.parameters)
+               for e, label in zip(r.models, r.model_labels())]
+    raw["models"] = []
+    data = {
+        "format_version": FORMAT_VERSION,
+        "method": op.name,
+        "params": op.resolve_params(r.parameters),
+        "recipe": raw,
+        "base_model": raw["base_model"],
+        "t": 0,
+        "scalars": {},
+        "history": [],
+        "current": None,
+        "tensors": {n: {"shape": list(i.shape), "dtype": i.in_dtype, "out_dtype": i.out_dtype, "action": i.action}
+                    for n, i in items.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic = AtomicDirectory(Path(state_dir), overwrite=False)
+    with atomic as tmp:
+        _write_json_atomic(tmp / STATE_FILE, data)
+        (tmp / "lock").touch()
+        atomic.commit()
+    for ref, label, params in initial:
+        entry = add(Path(state_dir), ref, name=label, params=params)
+        if on_model:
+            on_model(entry)
+    return State.load(Path(state_dir))
+
+
+# --- add -------------------------------------------------------------------------------------------
+
+
+def add(state_dir: Path, model_ref: str, name: str | None = None, force: bool = False,
+        params: dict | None = None, lock_timeout: float = -1) -> dict:
+    """Fold one model into the state; returns its history entry. Serialised by the state's lock."""
+    from filelock import Timeout
+
+    root = Path(state_dir)
+    State.load(root)  # clear error before taking the lock
+    try:
+        with _lock(root).acquire(timeout=lock_timeout):
+            return _add_locked(root, model_ref, name, force, params or {})
+    except Timeout:
+        raise UserError(f"{root} is locked by another process; try again later") from None
+
+
+def _tensor_hash_update(h, name: str, t) -> None:
+    import torch
+
+    h.update(name.encode())
+    h.update(str(t.dtype).encode())
+    h.update(str(list(t.shape)).encode())
+    t = t.contiguous()
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, params: dict) -> dict:
+    import torch
+
+    from . import engine
+    from .ops import registry
+    from .writer import ShardedWriter, plan_shards, OutTensor
+
+    st = State.load(root)
+    _sweep(root, st.data.get("current"))
+    op = registry.get(st.method)
+    mparams = op.resolve_model_params(params, name or model_ref)
+    ref = str(Path(model_ref).resolve()) if Path(model_ref).exists() else model_ref
+    label = name or Path(model_ref.rstrip("/")).name or model_ref
+    base = engine.ModelInput("base", st.data["base_model"], engine.open_source(st.data["base_model"], "base"), {})
+    model = engine.ModelInput(label, ref, engine.open_source(ref, label), mparams)
+    try:
+        tensors = st.data["tensors"]
+        _check_compatible(tensors, model)
+        merged_names = [n for n, i in tensors.items() if i["action"] == "merge"]
+        shards = plan_shards([OutTensor(n, tuple(tensors[n]["shape"]), "float32") for n in merged_names],
+                             2 * 10**9)
+        t_new = st.t + 1
+        version = f"v{t_new:06d}"
+        tmp = root / f".{version}.partial-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        writer = ShardedWriter(tmp, shards, {"format": "pt", "mergekit_ortho_state": st.method, "t": str(t_new)})
+        prev = _StateReader(st.tensor_dir) if st.tensor_dir else None
+        history_params = [h["params"] for h in st.data["history"]] + [mparams]
+        seq = _sequential(op)
+        stats_acc: dict[str, float] = {}
+        h = hashlib.sha256()
+        delay = float(os.environ.get("MERGEKIT_ORTHO_TEST_DELAY", "0") or 0)
+        try:
+            for spec in writer.order():
+                n = spec.name
+                raw = model.source.get(n)
+                _tensor_hash_update(h, n, raw)
+                x = raw.to(torch.float32)
+                b = base.source.get(n).to(torch.float32)
+                old = prev.get(n) if prev else None
+                if seq is not None:
+                    tau = x - b if x.data_ptr() == raw.data_ptr() else x.sub_(b)
+                    new, stats = seq.fold(n, old, tau, t_new, st.data["params"])
+                    for k, v in stats.items():
+                        stats_acc[k] = stats_acc.get(k, 0.0) + float(v)
+                else:
+                    if op.reads == "deltas":
+                        x = x - b if x.data_ptr() == raw.data_ptr() else x.sub_(b)
+                    task = registry.TensorTask(n, b, [], st.data["params"], history_params)
+                    new = op.stream.step(old, x, st.t, task)
+                writer.write(n, new.to(torch.float32).contiguous())
+                del raw, x, b, old, new
+                if delay:
+                    time.sleep(delay)
+            writer.finish()
+            for n, info in tensors.items():  # hash the tensors that are not merged too
+                if info["action"] != "merge" and n in model.source.infos:
+                    _tensor_hash_update(h, n, model.source.get(n))
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        digest = h.hexdigest()
+        dup = next((e for e in st.data["history"] if e["sha256"] == digest), None)
+        if dup is not None and not force:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{model_ref} has the same tensors (sha256 {digest[:12]}…) as '{dup['name']}' "
+                            "already merged; pass --force to merge it again")
+        scalars = seq.reduce(stats_acc, st.data["scalars"], t_new, st.data["params"]) if seq else st.data["scalars"]
+        os.rename(tmp, root / version)
+        _fsync_file(root)
+        entry = {"name": label, "source": ref, "sha256": digest, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "params": mparams, "t": t_new}
+        data = dict(st.data)
+        data.update(t=t_new, scalars=scalars, current=version, history=st.data["history"] + [entry])
+        _write_json_atomic(root / STATE_FILE, data)  # the commit point
+        _sweep(root, version)
+        return entry
+    finally:
+        base.source.close()
+        model.source.close()
+
+
+def _check_compatible(tensors: dict, model) -> None:
+    for n, info in tensors.items():
+        if info["action"] != "merge":
+            continue
+        other = model.source.infos.get(n)
+        if other is None:
+            raise UserError(f"tensor '{n}' of the state's base is missing from {model.ref}")
+        if list(other.shape) != info["shape"]:
+            raise UserError(f"tensor '{n}' has shape {list(other.shape)} in {model.ref}, the state has {info['shape']}")
+    extra = sorted(set(model.source.infos) - set(tensors))
+    if extra:
+        raise UserError(f"tensor '{extra[0]}' is in {model.ref} but not in the state's base model")
+
+
+class _StateReader:
+    def __init__(self, d: Path):
+        from .sources.checkpoint import CheckpointSource
+
+        self.src = CheckpointSource(str(d), "state")
+
+    def get(self, name: str):
+        return self.src.get(name)
+
+
+def _sequential(op):
+    """The operator's sequential protocol (opcm), or None for streaming-fold operators."""
+    if not op.sequential:
+        if op.stream is None:
+            raise UserError(f"method '{op.name}' has no streaming form for continual merging")
+        return None
+    import importlib
+
+    return importlib.import_module(f"mergekit_ortho.ops.{op.name}").SEQUENTIAL
+
+
+# --- export, status --------------------------------------------------------------------------------
+
+
+def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None) -> Path:
+    """Write the current merged model as a normal model directory (like `merge run`)."""
+    import torch
+
+    from . import engine
+    from .dtypes import canonical
+    from .ops import registry
+    from .writer import OutTensor, plan_shards
+
+    root = Path(state_dir)
+    with _lock(root):
+        st = State.load(root)
+        if st.t == 0:
+            raise UserError(f"{root} has no model merged yet; `merge continual add` one first")
+        r = st.recipe()
+        op = registry.get(st.method)
+        base = engine.ModelInput("base", st.data["base_model"], engine.open_source(st.data["base_model"], "base"), {})
+        reader = _StateReader(st.tensor_dir)
+        try:
+            out_dtype = canonical(r.out_dtype) if r.out_dtype else None
+            items = engine.plan_items(base, [], r.include, r.exclude, out_dtype)
+            specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
+            plan = engine.Plan(r, op, st.data["params"], base, [], items, plan_shards(specs, r.output.shard_size),
+                               "float32", "cpu")
+            seq = _sequential(op)
+            history_params = [h["params"] for h in st.data["history"]]
+
+            def produce(name: str):
+                s = reader.get(name).to(torch.float32)
+                b = base.source.get(name).to(torch.float32)
+                if seq is not None:
+                    merged = b + seq.export(s, st.data["scalars"], st.data["params"])
+                else:
+                    task = registry.TensorTask(name, b, [], st.data["params"], history_params)
+                    out_t = op.stream.finish(s, task)
+                    merged = b + out_t if op.reads == "deltas" else out_t
+                if not torch.isfinite(merged).all():
+                    raise UserError(f"merged tensor '{name}' contains NaN or Inf")
+                return merged.to(getattr(torch, items[name].out_dtype))
+
+            plan.models = [engine.ModelInput(h["name"], h["source"], None, h["params"]) for h in st.data["history"]]
+            extra = f"Continual merge of {st.t} model(s); state scalars: {json.dumps(st.data['scalars'])}"
+            return engine.run(plan, Path(out), overwrite, on_tensor, produce=produce, card_extra=extra)
+        finally:
+            base.source.close()
+
+
+def status(state_dir: Path) -> dict:
+    root = Path(state_dir)
+    st = State.load(root)
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return {
+        "state": str(root),
+        "method": st.method,
+        "parameters": st.data["params"],
+        "base_model": st.data["base_model"],
+        "models_merged": st.t,
+        "scalars": st.data["scalars"],
+        "history": st.data["history"],
+        "disk_bytes": size,
+        "format_version": st.data["format_version"],
+    }
+
+
+# --- watch -----------------------------------------------------------------------------------------
+
+
+def _entry_signature(p: Path) -> tuple | None:
+    """(total size, newest mtime) of a candidate checkpoint, or None if it is not one (yet)."""
+    if p.name.startswith("."):
+        return None
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            return None
+        st = p.stat()
+        return (st.st_size, st.st_mtime_ns)
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+        weights = [f for f in files if f.suffix == ".safetensors" or f.name.endswith(".index.json")]
+        if not weights:
+            return None
+        return (sum(f.stat().st_size for f in files), max(f.stat().st_mtime_ns for f in files))
+    return None
+
+
+def _complete(p: Path) -> bool:
+    """Readable headers and, for a sharded directory, every shard the index names present."""
+    from .sources.checkpoint import CheckpointSource
+
+    try:
+        CheckpointSource(str(p), p.name).close()
+        return True
+    except UserError:
+        return False
+
+
+def watch(state_dir: Path, inbox: Path, interval: float = 2.0, log: Callable[[str], None] = print,
+          should_stop: Callable[[], bool] = lambda: False, max_polls: int | None = None) -> int:
+    """Merge each complete checkpoint that appears in ``inbox``, in arrival order.
+
+    A checkpoint (a ``.safetensors`` file or a model directory) is taken once its total size and
+    newest modification time are unchanged across two polls ``interval`` seconds apart and its
+    headers (and every shard of its index) are readable. Names already in the history (by
+    source path) are skipped, so a restarted watcher never merges a model twice; a model whose
+    tensors were already merged under another name is refused by the hash check and logged.
+    Returns the number of models merged.
+    """
+    root, inbox = Path(state_dir), Path(inbox)
+    if not inbox.is_dir():
+        raise UserError(f"inbox {inbox} is not a directory")
+    seen: dict[Path, tuple] = {}
+    done = {h["source"] for h in State.load(root).data["history"]}
+    failed: set[Path] = set()
+    merged = polls = 0
+    while not should_stop():
+        candidates = []
+        for p in inbox.iterdir():
+            rp = p.resolve()
+            if str(rp) in done or rp in failed:
+                continue
+            sig = _entry_signature(p)
+            if sig is None:
+                continue
+            if seen.get(rp) == sig and _complete(p):
+                candidates.append((sig[1], p))
+            seen[rp] = sig
+        for _, p in sorted(candidates, key=lambda c: (c[0], c[1].name)):
+            if should_stop():
+                break
+            rp = p.resolve()
+            try:
+                entry = add(root, str(p), name=p.name.removesuffix(".safetensors"))
+                merged += 1
+                log(f"merged {p.name} as model {entry['t']} (sha256 {entry['sha256'][:12]})")
+            except UserError as e:
+                failed.add(rp)
+                log(f"skipped {p.name}: {e}")
+            done.add(str(rp))
+        polls += 1
+        if max_polls is not None and polls >= max_polls:
+            break
+        end = time.time() + interval
+        while time.time() < end and not should_stop():
+            time.sleep(min(0.1, interval))
+    return merged
