@@ -1,0 +1,182 @@
+"""Continual merging: resume equivalence, crash safety, disk full, concurrency, watch."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_recipe
+from test_run import load_dir, recipe_text
+
+from mergekit_ortho import continual
+from mergekit_ortho.errors import UserError
+
+CLI = [sys.executable, "-m", "mergekit_ortho.cli"]
+
+
+def init_state(tmp_path, tiny_models, method, params="", models=()):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    r = write_recipe(tmp_path / f"init_{method}.yaml",
+                     recipe_text([tiny_models[m] for m in models], method, tiny_models["base"], params)
+                     if models else f"merge_method: {method}\nbase_model: {tiny_models['base']}\n"
+                     + (f"parameters: {params}\n" if params else ""))
+    state = tmp_path / f"state_{method}"
+    continual.init(state, r)
+    return state
+
+
+def state_tensors(state: Path) -> dict[str, torch.Tensor]:
+    st = continual.State.load(state)
+    return load_dir(st.tensor_dir) if st.tensor_dir else {}
+
+
+@pytest.mark.parametrize("method,params", [("magmax", ""), ("task_arithmetic", "{lambda: 0.3}"), ("linear", "")])
+def test_resume_equivalence_bit_for_bit(tiny_models, tmp_path, cli, method, params):
+    state = init_state(tmp_path, tiny_models, method, params)
+    for m in "abc":  # separate adds, as separate server events
+        continual.add(state, str(tiny_models[m]), name=m)
+    continual.export(state, tmp_path / "exported")
+    r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models[m] for m in "abc"], method,
+                                                      tiny_models["base"], params))
+    assert cli("run", r, "--out", tmp_path / "batch")[0] == 0
+    a, b = load_dir(tmp_path / "exported"), load_dir(tmp_path / "batch")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_with_models_status_and_duplicates(tiny_models, tmp_path, cli):
+    state = init_state(tmp_path, tiny_models, "magmax", models="ab")
+    s = continual.status(state)
+    assert s["models_merged"] == 2 and [h["name"] for h in s["history"]] == ["a", "b"]
+    assert all(len(h["sha256"]) == 64 for h in s["history"]) and s["disk_bytes"] > 0
+    code, _, err = cli("continual", "add", state, tiny_models["a"], "--name", "again")
+    assert code == 2 and "same tensors" in err and "--force" in err
+    assert continual.status(state)["models_merged"] == 2
+    code, out, err = cli("continual", "add", state, tiny_models["a"], "--name", "again", "--force")
+    assert code == 0, err
+    code, out, _ = cli("continual", "status", state, "--json")
+    assert code == 0 and json.loads(out)["models_merged"] == 3
+
+
+def test_bad_states(tmp_path, tiny_models, cli):
+    code, _, err = cli("continual", "add", tmp_path / "nostate", tiny_models["a"])
+    assert code == 2 and "not a continual state" in err
+    state = init_state(tmp_path, tiny_models, "magmax")
+    data = json.loads((state / "state.json").read_text())
+    data["format_version"] = 99
+    (state / "state.json").write_text(json.dumps(data))
+    code, _, err = cli("continual", "status", state)
+    assert code == 2 and "newer" in err
+    r = write_recipe(tmp_path / "ties.yaml", f"merge_method: ties\nbase_model: {tiny_models['base']}\n")
+    code, _, err = cli("continual", "init", tmp_path / "s2", "--recipe", r)
+    assert code == 2 and "continual merging supports" in err
+    code, _, err = cli("continual", "export", init_state(tmp_path / "x", tiny_models, "linear"), "--out", tmp_path / "o")
+    assert code == 2 and "no model merged yet" in err
+
+
+def _spawn_add(state, model, delay="0.05", preexec=None):
+    env = dict(os.environ, MERGEKIT_ORTHO_TEST_DELAY=delay)
+    return subprocess.Popen(CLI + ["continual", "add", str(state), str(model)], env=env, preexec_fn=preexec,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("kill_after", [0.0, 0.3, 0.9])
+def test_kill9_during_add_leaves_old_or_new_state(tiny_models, tmp_path, kill_after):
+    state = init_state(tmp_path, tiny_models, "task_arithmetic", "{lambda: 0.5}", models="a")
+    before = state_tensors(state)
+    proc = _spawn_add(state, tiny_models["b"])
+    end = time.time() + 60
+    while not list(state.glob(".v000002.partial-*/*.safetensors")) and proc.poll() is None and time.time() < end:
+        time.sleep(0.01)
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    st = continual.State.load(state)  # loads: never a mix
+    assert st.t in (1, 2)
+    now = state_tensors(state)
+    if st.t == 1:
+        assert all(torch.equal(now[k], before[k]) for k in before)
+    # the next add works and the result equals an uninterrupted sequence
+    if st.t == 1:
+        continual.add(state, str(tiny_models["b"]), name="b")
+    continual.add(state, str(tiny_models["c"]), name="c")
+    ref = init_state(tmp_path / "ref", tiny_models,
+                     "task_arithmetic", "{lambda: 0.5}", models="abc")
+    a, b = state_tensors(state), state_tensors(ref)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert not list(state.glob(".v*"))  # the killed run's leftovers were swept
+
+
+def test_disk_full_during_add_is_clean_error(tiny_models, tmp_path):
+    state = init_state(tmp_path, tiny_models, "magmax", models="a")
+    before = state_tensors(state)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = _spawn_add(state, tiny_models["b"], delay="0", preexec=limit)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and "too large" in err.lower()
+    st = continual.State.load(state)
+    assert st.t == 1 and all(torch.equal(state_tensors(state)[k], before[k]) for k in before)
+    continual.add(state, str(tiny_models["b"]), name="b")
+    assert continual.State.load(state).t == 2
+
+
+def test_two_concurrent_adds_both_merged(tiny_models, tmp_path):
+    state = init_state(tmp_path, tiny_models, "task_arithmetic", "{lambda: 0.5}", models="a")
+    p1 = _spawn_add(state, tiny_models["b"], delay="0.02")
+    p2 = _spawn_add(state, tiny_models["c"], delay="0.02")
+    for p in (p1, p2):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    hist = continual.status(state)["history"]
+    assert [h["t"] for h in hist] == [1, 2, 3] and {h["name"] for h in hist} == {"a", "b", "c"}
+    order = [h["name"] for h in hist]
+    ref = init_state(tmp_path / "ref", tiny_models,
+                     "task_arithmetic", "{lambda: 0.5}", models="".join(order))
+    a, b = state_tensors(state), state_tensors(ref)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_watch_merges_complete_arrivals_once(tiny_models, tmp_path):
+    import shutil
+
+    state = init_state(tmp_path, tiny_models, "magmax")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copytree(tiny_models["a"], inbox / "a")
+    (inbox / "notes.txt").write_text("not a model")
+    (inbox / "partial").mkdir()  # a directory with no weights yet is ignored
+    logs: list[str] = []
+    n = continual.watch(state, inbox, interval=0.05, log=logs.append, max_polls=3)
+    assert n == 1 and continual.State.load(state).t == 1 and "merged a" in logs[0]
+    shutil.copytree(tiny_models["b"], inbox / "b")
+    shutil.copytree(tiny_models["a"], inbox / "a_copy")  # same tensors: refused and logged
+    n = continual.watch(state, inbox, interval=0.05, log=logs.append, max_polls=3)  # a restarted watcher
+    assert n == 1 and continual.State.load(state).t == 2
+    assert [h["name"] for h in continual.status(state)["history"]] == ["a", "b"]
+    assert any("skipped a_copy" in m for m in logs)
+
+
+def test_watch_exits_cleanly_on_sigterm(tiny_models, tmp_path):
+    state = init_state(tmp_path, tiny_models, "magmax")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    proc = subprocess.Popen(CLI + ["continual", "watch", str(state), "--inbox", str(inbox), "--interval", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "stopped; 0 model(s) merged" in out
