@@ -1,0 +1,263 @@
+"""Serialise canonical LoRA factors as PEFT or kohya-ss tensors plus config / metadata (in memory).
+
+Spec: ../shared/specs/formats.md §4a (PEFT), §4b (kohya, incl. §4b.4 metadata and hashes);
+lora_lego_rmm.md "Design decisions" (outputs have scale 1).
+
+Input everywhere: ``modules = {base_weight_key: (A, B)}`` with the canonical factors of
+``sources.lora``: A (r x cols), B (rows x r), scale already folded in, in the **base tensor's
+layout** flattened to 2-D, so ``(B @ A).reshape(base_shape)`` is the delta to add to the base
+tensor. Outputs therefore always have scale 1 (alpha = r). Nothing is written to disk here: the
+caller places ``tensors`` in a ``.safetensors`` file (and ``adapter_config.json`` beside it for PEFT,
+``metadata`` as the safetensors ``__metadata__`` for kohya). Modules of rank 0 are left out (they
+add nothing).
+
+Public API
+----------
+``to_peft(modules, base_model_name_or_path=None, *, shapes=None, layouts=None, dtype=torch.float32,
+task_type=None, prefix="base_model.model.", extra_config=None) -> (tensors, adapter_config)``
+    Keys ``<prefix><module>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
+    ``.lora_embedding_A`` / ``.lora_embedding_B``), module = base key minus ``.weight``;
+    ``lora_alpha = r`` with ``rank_pattern`` / ``alpha_pattern`` for modules whose rank differs
+    from the most common one; ``target_modules`` = the module paths; ``fan_in_fan_out`` set when a
+    ``"transposed"`` layout is present. ``layouts`` (base key -> ``"linear" | "conv" |
+    "transposed" | "embedding"``, see ``layouts_of``) default from ``shapes``: 4-D -> conv.
+``to_kohya(modules, template=None, *, shapes, dtype=torch.float32, sources=(), metadata=None,
+merged_from=None, hashes=True) -> (tensors, metadata)``
+    ``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (alpha = r, 0-d), names from
+    ``template`` (a ``{base_key: kohya module name}`` dict, or LoraSource(s) already matched with
+    ``match_to_base`` - so the output keeps the input's key layout), else ``kohya_default_name``;
+    conv modules restored to ``[r, in, kh, kw]`` / ``[out, r, 1, 1]`` from ``shapes``. Metadata
+    values are all ``str``.
+``layouts_of(sources) -> {base_key: layout}``; ``kohya_hashes(tensors, metadata) -> dict``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .sources.lora import LoraSource, kohya_default_name
+
+_PEFT_DEFAULTS: dict[str, Any] = {
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "revision": None,
+    "r": 8,
+    "lora_alpha": 8,
+    "target_modules": [],
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "use_rslora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+    "use_dora": False,
+    "lora_dropout": 0.0,
+    "modules_to_save": None,
+    "init_lora_weights": True,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "inference_mode": True,
+}
+
+
+def _module_path(base_key: str) -> str:
+    m = base_key[: -len(".weight")] if base_key.endswith(".weight") else base_key
+    return m.replace(".base_layer", "")
+
+
+def _rank(A: torch.Tensor, B: torch.Tensor, key: str) -> int:
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(f"LoRA factors for '{key}' must be A (r x in) and B (out x r); got "
+                         f"{list(A.shape)} and {list(B.shape)}")
+    return int(A.shape[0])
+
+
+def _default_layout(key: str, shapes: Mapping[str, Sequence[int]] | None) -> str:
+    if shapes is not None and key in shapes and len(shapes[key]) == 4:
+        return "conv"
+    return "linear"
+
+
+def _conv_shapes(key: str, A: torch.Tensor, B: torch.Tensor, shapes) -> tuple[tuple, tuple]:
+    if shapes is None or key not in shapes:
+        raise ValueError(f"conv LoRA '{key}' needs the base tensor's 4-D shape (shapes=...)")
+    shp = tuple(shapes[key])
+    r = A.shape[0]
+    if len(shp) != 4 or B.shape[0] != shp[0] or A.shape[1] != shp[1] * shp[2] * shp[3]:
+        raise ValueError(f"LoRA factors for '{key}' ({list(B.shape)} @ {list(A.shape)}) do not fit "
+                         f"the base conv weight {list(shp)}")
+    return (r, *shp[1:]), (shp[0], r, 1, 1)
+
+
+def _out(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype=dtype).contiguous().clone()
+
+
+def layouts_of(sources: LoraSource | Iterable[LoraSource]) -> dict[str, str]:
+    """{base_key: layout} from matched LoraSources (first source wins), for ``to_peft``."""
+    srcs = [sources] if isinstance(sources, LoraSource) else list(sources)
+    out: dict[str, str] = {}
+    for s in srcs:
+        for key, mod in s.by_base.items():
+            out.setdefault(key, s.layout(mod))
+    return out
+
+
+def to_peft(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+            base_model_name_or_path: str | None = None, *,
+            shapes: Mapping[str, Sequence[int]] | None = None,
+            layouts: Mapping[str, str] | None = None,
+            dtype: torch.dtype = torch.float32,
+            task_type: str | None = None,
+            prefix: str = "base_model.model.",
+            extra_config: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT ``adapter_model.safetensors`` tensors and ``adapter_config.json`` dict, scale 1."""
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    any_transposed = False
+    for key in sorted(modules):
+        A, B = modules[key]
+        r = _rank(A, B, key)
+        if r == 0:
+            continue
+        path = _module_path(key)
+        lay = (layouts or {}).get(key) or _default_layout(key, shapes)
+        if lay in ("transposed", "embedding"):
+            # canonical B@A is in the base layout; PEFT computes (B_p @ A_p)^T
+            a_p, b_p = B.t(), A.t()
+            if lay == "transposed":
+                any_transposed = True
+        elif lay == "conv":
+            sa, sb = _conv_shapes(key, A, B, shapes)
+            a_p, b_p = A.reshape(sa), B.reshape(sb)
+        elif lay == "linear":
+            a_p, b_p = A, B
+        else:
+            raise ValueError(f"unknown LoRA layout {lay!r} for '{key}'")
+        if lay == "embedding":
+            tensors[f"{prefix}{path}.lora_embedding_A"] = _out(a_p, dtype)
+            tensors[f"{prefix}{path}.lora_embedding_B"] = _out(b_p, dtype)
+        else:
+            tensors[f"{prefix}{path}.lora_A.weight"] = _out(a_p, dtype)
+            tensors[f"{prefix}{path}.lora_B.weight"] = _out(b_p, dtype)
+        ranks[path] = r
+    counts = Counter(ranks.values())
+    r0 = max(counts, key=lambda r: (counts[r], r)) if counts else 8
+    pattern = {p: r for p, r in sorted(ranks.items()) if r != r0}
+    cfg = dict(_PEFT_DEFAULTS)
+    cfg.update({
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": r0,
+        "target_modules": sorted(ranks),
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "fan_in_fan_out": any_transposed,
+    })
+    if extra_config:
+        cfg.update(extra_config)
+    return tensors, cfg
+
+
+def _names_from(template) -> dict[str, str]:
+    if template is None:
+        return {}
+    if isinstance(template, Mapping):
+        return dict(template)
+    srcs = [template] if isinstance(template, LoraSource) else list(template)
+    names: dict[str, str] = {}
+    for s in srcs:
+        if s.format != "kohya":
+            continue
+        for key, mod in s.by_base.items():
+            names.setdefault(key, mod)
+    return names
+
+
+def _agreed(sources: Sequence[LoraSource], key: str) -> str | None:
+    vals = {s.metadata[key] for s in sources if key in s.metadata}
+    return vals.pop() if len(vals) == 1 else None
+
+
+def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """sd-scripts' ``sshs_model_hash`` (SHA-256 of the data section) and ``sshs_legacy_hash``
+    (first 8 hex of SHA-256 of 64 KiB at offset 1 MiB), computed as sd-scripts does: on the bytes
+    of ``safetensors.torch.save(tensors, <ss_* metadata only>)``. They describe the file only if
+    the writer lays the tensors out in safetensors' own order (``safetensors.torch.save_file``)."""
+    from safetensors.torch import save
+
+    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    b = save(dict(tensors), metadata=ss)
+    n = int.from_bytes(b[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(b[8 + n:]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(b[0x100000:0x110000]).hexdigest()[:8],
+    }
+
+
+def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+             template: Mapping[str, str] | LoraSource | Iterable[LoraSource] | None = None, *,
+             shapes: Mapping[str, Sequence[int]] | None = None,
+             dtype: torch.dtype = torch.float32,
+             sources: Sequence[LoraSource] = (),
+             metadata: Mapping[str, Any] | None = None,
+             merged_from: Sequence[str] | None = None,
+             hashes: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """kohya-ss LoRA tensors (alpha = r, scale 1) and ``__metadata__`` (all values str).
+
+    ``sources``: the input LoRAs whose ``ss_base_model_version`` / ``ss_v2`` /
+    ``modelspec.architecture`` are copied when they agree (template LoraSources are used when
+    ``sources`` is empty). ``metadata``: extra entries, applied last."""
+    names = _names_from(template)
+    if not sources and template is not None and not isinstance(template, Mapping):
+        sources = [template] if isinstance(template, LoraSource) else list(template)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: list[int] = []
+    used: dict[str, str] = {}
+    for key in sorted(modules):
+        A, B = modules[key]
+        r = _rank(A, B, key)
+        if r == 0:
+            continue
+        name = names.get(key) or kohya_default_name(key)
+        if name in used:
+            raise ValueError(f"base tensors '{used[name]}' and '{key}' would both be written as kohya module '{name}'")
+        used[name] = key
+        if shapes is not None and key in shapes and len(shapes[key]) == 4:
+            sa, sb = _conv_shapes(key, A, B, shapes)
+            down, up = A.reshape(sa), B.reshape(sb)
+        else:
+            if shapes is not None and key in shapes:
+                shp = tuple(shapes[key])
+                if len(shp) != 2 or shp != (B.shape[0], A.shape[1]):
+                    raise ValueError(f"LoRA factors for '{key}' ({list(B.shape)} @ {list(A.shape)}) do not fit "
+                                     f"the base tensor {list(shp)}")
+            down, up = A, B
+        tensors[f"{name}.lora_down.weight"] = _out(down, dtype)
+        tensors[f"{name}.lora_up.weight"] = _out(up, dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=dtype)
+        ranks.append(r)
+    dims = set(ranks)
+    meta: dict[str, str] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dims.pop()) if len(set(ranks)) == 1 else "Dynamic",
+        "ss_network_alpha": str(float(ranks[0])) if len(set(ranks)) == 1 else "Dynamic",
+    }
+    srcs = list(sources)
+    for k in ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.sai_model_spec"):
+        v = _agreed(srcs, k)
+        if v is not None:
+            meta[k] = v
+    if merged_from:
+        meta["modelspec.merged_from"] = ", ".join(str(x) for x in merged_from)
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    if hashes and tensors:
+        meta.update(kohya_hashes(tensors, meta))
+    return tensors, meta
