@@ -102,7 +102,23 @@ def _print_plan(plan) -> None:
     if s["base_model"]:
         c.print(f"[bold]base[/bold]   {s['base_model']}")
     for m in plan.models:
-        c.print(f"[bold]model[/bold]  {m.label}: {m.ref}  {m.params}")
+        kind = f" (LoRA, {m.source.format})" if m.is_lora else ""
+        c.print(f"[bold]model[/bold]  {m.label}: {m.ref}{kind}  {m.params}")
+    for note in plan.notes:
+        c.print(f"[yellow]note[/yellow]: {note}")
+    if plan.module_mode:
+        c.print(
+            f"output: {plan.out_format} | modules: {len(plan.module_keys)} | read {_fmt_bytes(s['bytes_read'])} | "
+            f"estimated peak memory {_fmt_bytes(s['peak_memory_estimate'])}"
+        )
+        t = Table("module (base key)", "delta shape", "inputs", title="modules", title_justify="left")
+        for k in plan.module_keys[:12]:
+            n = sum(1 for m in plan.models if not m.is_lora or k in m.source.by_base)
+            t.add_row(k, "×".join(map(str, plan.module_shapes[k])), str(n))
+        c.print(t)
+        if len(plan.module_keys) > 12:
+            c.print(f"... and {len(plan.module_keys) - 12} more")
+        return
     c.print(
         f"tensors: {s['tensors_merged']} merged, {s['tensors_copied']} copied from the base | "
         f"read {_fmt_bytes(s['bytes_read'])} | write {_fmt_bytes(s['bytes_written'])} in {s['shards']} shard(s) | "
@@ -168,10 +184,13 @@ def run(
             else:
                 cb = None
             result = engine.run(plan, target, overwrite=overwrite, on_tensor=cb)
-        _console().print(
-            f"wrote {result} ({plan.merge_count} tensors merged, {plan.copy_count} copied, "
-            f"{_fmt_bytes(plan.write_bytes)})"
-        )
+        if plan.module_mode:
+            _console().print(f"wrote {result} ({plan.out_format}, {plan.merge_count} modules)")
+        else:
+            _console().print(
+                f"wrote {result} ({plan.merge_count} tensors merged, {plan.copy_count} copied, "
+                f"{_fmt_bytes(plan.write_bytes)})"
+            )
     finally:
         engine.close(plan)
 
@@ -230,14 +249,38 @@ def methods(name: Optional[str] = typer.Argument(None, help="Show one method's p
 
 @app.command()
 @handle_errors
-def inspect(path: str = typer.Argument(..., help="Checkpoint directory, file, or hub id.")):
-    """Describe a checkpoint: format, tensor count, dtypes, bytes, largest tensors."""
+def inspect(path: str = typer.Argument(..., help="Checkpoint, LoRA, RMM bundle, or hub id.")):
+    """Describe a checkpoint, LoRA adapter or RMM bundle (headers only)."""
     from . import describe as inspect_mod
 
     info = inspect_mod.describe(path)
     c = _console()
     for line in inspect_mod.render(info):
         c.print(line)
+
+
+@app.command()
+@handle_errors
+def revert(
+    bundle: Path = typer.Argument(..., help="RMM bundle directory (written by `merge run` with rmm)."),
+    model: str = typer.Option(..., "--model", "-m", help="Task name to rebuild (see `merge inspect BUNDLE`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (or .safetensors file for kohya)."),
+    format: str = typer.Option("peft", "--format", help="peft | kohya | full"),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model for --format full (default: the bundle's)."),
+    out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="Output dtype (default float32 for adapters, "
+                                            "the base's for full)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
+):
+    """Rebuild one task's adapter (or full model) from an RMM bundle alone."""
+    _state["verbose"] = _state["verbose"] or verbose
+    from . import lora_engine
+    from .errors import UserError
+
+    if format not in ("peft", "kohya", "full"):
+        raise UserError(f"--format must be peft, kohya or full, not '{format}'")
+    result = lora_engine.revert(bundle, model, out, format, base, overwrite, out_dtype)
+    _console().print(f"wrote {result} (task {model}, {format})")
 
 
 continual_app = typer.Typer(help="Sequential merging into a persistent, crash-safe state.", no_args_is_help=True)

@@ -6,8 +6,16 @@ from typing import Any
 
 
 def describe(path: str) -> dict[str, Any]:
-    from .sources.checkpoint import CheckpointSource
+    from pathlib import Path
 
+    from .sources.checkpoint import CheckpointSource
+    from .sources.lora import describe_lora, detect_lora
+
+    p = Path(path)
+    if p.is_dir() and (p / "rmm_manifest.json").is_file():
+        return describe_bundle(p)
+    if p.exists() and detect_lora(p):
+        return describe_lora(p)
     src = CheckpointSource(path, path)
     try:
         dtypes = Counter()
@@ -31,8 +39,47 @@ def describe(path: str) -> dict[str, Any]:
         src.close()
 
 
+def describe_bundle(path) -> dict[str, Any]:
+    from .bundle import read_bundle
+
+    b = read_bundle(path)
+    m = b.manifest
+    errors = []
+    for key, e in m["modules"].items():
+        errors.append((key, e.get("p"), e.get("rank"), e.get("max_rel_error_delta")))
+    return {"kind": "bundle", "path": str(path), "format_version": b.format_version, "tasks": b.tasks,
+            "p": m["p"], "center": m["center"], "modules": len(m["modules"]),
+            "storage_ratio": m.get("storage_ratio"), "base_model": m.get("base_model"), "errors": errors}
+
+
 def render(info: dict[str, Any]) -> list[str]:
     lines = []
+    if info["kind"] == "bundle":
+        ratio = info["storage_ratio"]
+        lines.append(f"[bold]{info['path']}[/bold]: RMM bundle (format v{info['format_version']})")
+        lines.append(f"tasks: {', '.join(info['tasks'])}")
+        lines.append(f"p = {info['p']}  centred: {info['center']}  modules: {info['modules']}  storage ratio: "
+                     + (f"{ratio:.4f}" if ratio is not None else "n/a") + " of keeping every adapter")
+        if info["base_model"]:
+            lines.append(f"base model: {info['base_model']}")
+        lines.append("module  p  rank  worst relative squared delta error")
+        for key, p, r, err in info["errors"]:
+            lines.append(f"  {key}  {p}  {r}  " + (f"{err:.3e}" if err is not None else "-"))
+        return lines
+    if info["kind"] == "lora":
+        lines.append(f"[bold]{info['path']}[/bold]: LoRA ({info['format']}), base architecture guess: "
+                     f"{info['architecture']}")
+        lines.append(f"modules: {info['modules']}   parameters: {info['parameters']:,}")
+        lines.append(f"ranks: {info['ranks']}   alphas: {info['alphas']}")
+        lines.append(f"scale rule: {info['scale_rule']}   scales: {info['scales']}")
+        lines.append(f"targets: {info['targets']}")
+        if info.get("base_model_name_or_path"):
+            lines.append(f"base_model_name_or_path: {info['base_model_name_or_path']}")
+        for k, v in (info.get("metadata") or {}).items():
+            lines.append(f"  {k}: {v}")
+        for w in info.get("warnings") or []:
+            lines.append(f"[yellow]warning[/yellow]: {w}")
+        return lines
     if info["kind"] == "checkpoint":
         lines.append(f"[bold]{info['path']}[/bold]: full checkpoint ({info['format']}, {info['files']} file(s))")
         lines.append(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {info['bytes']:,}")

@@ -33,8 +33,12 @@ _RUNTIME_BYTES = 350 * 2**20
 class ModelInput:
     label: str
     ref: str
-    source: Any  # CheckpointSource (LoRA sources arrive with the LoRA layer)
+    source: Any  # CheckpointSource or LoraSource
     params: dict[str, Any]
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.source, "factors_for")
 
 
 @dataclass
@@ -67,27 +71,64 @@ class Plan:
     compute_dtype: str
     device: str
     notes: list[str] = field(default_factory=list)
+    # what is written: "full" (a model directory), "peft" / "kohya" (a LoRA), "bundle" (RMM)
+    out_format: str = "full"
+    # LoRA / bundle outputs: the base keys merged module by module, with their 2-D delta shapes
+    module_keys: list[str] = field(default_factory=list)
+    module_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)  # per-module operator reports, when any
+
+    @property
+    def lora_models(self) -> list[ModelInput]:
+        return [m for m in self.models if m.is_lora]
+
+    @property
+    def module_mode(self) -> bool:
+        """True when the output is a LoRA or a bundle, produced module by module."""
+        return self.out_format != "full"
 
     @property
     def merge_count(self) -> int:
+        if self.module_mode:
+            return len(self.module_keys)
         return sum(1 for i in self.items.values() if i.action == "merge")
 
     @property
     def copy_count(self) -> int:
-        return sum(1 for i in self.items.values() if i.action == "copy")
+        return 0 if self.module_mode else sum(1 for i in self.items.values() if i.action == "copy")
 
     @property
     def read_bytes(self) -> int:
+        if self.module_mode:
+            return sum(self.module_read_bytes(k) for k in self.module_keys)
         return sum(i.read_bytes for i in self.items.values())
+
+    def module_read_bytes(self, key: str) -> int:
+        n = 0
+        for m in self.models:
+            if m.is_lora:
+                mod = m.source.by_base.get(key)
+                if mod is not None:
+                    n += sum(_prod(s) * 4 for s in m.source.stored_shapes(mod))
+            else:
+                n += m.source.infos[key].nbytes
+        return n
 
     @property
     def write_bytes(self) -> int:
+        if self.module_mode:  # an estimate: the output rank is known only after the merge
+            return sum(self.module_read_bytes(k) for k in self.module_keys) // max(1, len(self.models))
         return sum(t.nbytes for s in self.shards for t in s)
 
     @property
     def peak_bytes(self) -> int:
         """Interpreter + the largest merge step: inputs held at once, work buffers and the cast."""
         c = itemsize(self.compute_dtype)
+        if self.module_mode:
+            dense = self.op.input_kind == "dense" and self.op.lora_fn is None
+            worst = max((_prod(s) for s in self.module_shapes.values()), default=0)
+            factors = max((self.module_read_bytes(k) for k in self.module_keys), default=0)
+            return _RUNTIME_BYTES + worst * c * ((len(self.models) + 3) if dense else 2) + 4 * factors
         held = 2 if self.op.stream is not None else len(self.models)
         worst = 0
         for i in self.items.values():
@@ -104,6 +145,7 @@ class Plan:
             "parameters": self.params,
             "base_model": self.base.ref if self.base else None,
             "models": [m.ref for m in self.models],
+            "output_format": self.out_format,
             "tensors_merged": self.merge_count,
             "tensors_copied": self.copy_count,
             "bytes_read": self.read_bytes,
@@ -115,9 +157,26 @@ class Plan:
         }
 
 
-def open_source(ref: str, label: str):
-    from .sources.checkpoint import CheckpointSource
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
+
+def open_source(ref: str, label: str):
+    """A LoraSource when ``ref`` is a LoRA adapter (detected from its files), else a CheckpointSource."""
+    from .sources.checkpoint import CheckpointSource
+    from .sources.lora import LoraSource, detect_lora
+
+    path = Path(ref)
+    if not path.exists():
+        from .sources import hub
+
+        if hub.looks_like_hub_id(ref):
+            path = hub.resolve(ref)
+    if path.exists() and detect_lora(path):
+        return LoraSource(path, label)
     return CheckpointSource(ref, label)
 
 
@@ -138,6 +197,9 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if recipe.base_model:
         ref = recipe_mod.resolve_ref(recipe, recipe.base_model)
         base = ModelInput("base", ref, open_source(ref, "base"), {})
+        if base.is_lora:
+            raise UserError(f"base_model {ref} is a LoRA adapter; the base must be the full model the "
+                            "LoRAs were trained on (list the LoRA under models)")
     models: list[ModelInput] = []
     for entry, label in zip(recipe.models, recipe.model_labels()):
         ref = recipe_mod.resolve_ref(recipe, entry.model)
@@ -147,8 +209,44 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if not models:
         raise UserError("the recipe lists no model other than the base model")
 
+    loras = [m for m in models if m.is_lora]
+    dense = [m for m in models if not m.is_lora]
+    out_format = _output_format(recipe, op, params, base, models)
+    if loras:
+        from .sources.lora import check_compatible, match_to_base
+
+        check_compatible([m.source for m in loras])
+        if base is not None:
+            keys = list(base.source.infos)
+            shapes = {k: i.shape for k, i in base.source.infos.items()}
+            for m in loras:
+                match_to_base(m.source, keys, shapes)
+        else:
+            _align_without_base(loras)
+
     reference = base or models[0]
-    items = plan_items(reference, models, recipe.include, recipe.exclude, out_dtype)
+    if out_format in ("peft", "kohya", "bundle"):
+        keys, shapes = _module_keys(op, base, models, recipe.include, recipe.exclude)
+        if not keys:
+            raise UserError("no LoRA module is left to merge (check include/exclude)")
+        plan = Plan(recipe, op, params, base, models, {}, [], compute, device, out_format=out_format,
+                    module_keys=keys, module_shapes=shapes)
+        _lora_notes(plan)
+        return plan
+
+    items = plan_items(reference, dense, recipe.include, recipe.exclude, out_dtype)
+    if loras:
+        adapted = set().union(*(m.source.by_base for m in loras))
+        dropped = sorted(k for k in adapted if items[k].action == "copy")
+        for name, it in items.items():
+            if it.action != "merge":
+                continue
+            if not dense and name not in adapted:
+                # every input is a LoRA and none touches this tensor: all task vectors are zero
+                it.action, it.reason = "copy", "no LoRA adapts it"
+            else:
+                it.read_bytes += sum(sum(_prod(s) * 4 for s in m.source.stored_shapes(m.source.by_base[name]))
+                                     for m in loras if name in m.source.by_base)
     if not any(i.action == "merge" for i in items.values()):
         raise UserError("no tensor is left to merge (check include/exclude)")
     specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
@@ -158,7 +256,118 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda was requested but no CUDA device is available")
-    return Plan(recipe, op, params, base, models, items, shards, compute, device)
+    plan = Plan(recipe, op, params, base, models, items, shards, compute, device, out_format="full")
+    if loras and dropped:
+        plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
+                          f"e.g. '{dropped[0]}'")
+    return plan
+
+
+def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput | None,
+                   models: list[ModelInput]) -> str:
+    """Resolve output.format against the method and the inputs (DESIGN: auto = LoRA out when every
+    input is a LoRA and the method yields low rank, else full)."""
+    fmt = recipe.output.format
+    loras = [m for m in models if m.is_lora]
+    dense = [m for m in models if not m.is_lora]
+    if op.input_kind == "lora" and dense:
+        if "rank" in params and params.get("rank") is not None and not loras:
+            if base is None:
+                raise UserError(f"method '{op.name}' on full checkpoints needs base_model (task vectors)")
+        else:
+            hint = "; set the method parameter rank to extract each task vector by truncated SVD" if any(
+                p.name == "rank" for p in op.params) else ""
+            raise UserError(f"method '{op.name}' merges LoRA adapters, but {dense[0].ref} is a full checkpoint"
+                            + hint)
+    if op.name == "rmm":
+        if fmt not in ("auto", "bundle"):
+            raise UserError(f"rmm writes a bundle (output.format bundle), not {fmt}; "
+                            "`merge revert BUNDLE --model NAME` rebuilds one task as peft, kohya or full")
+        return "bundle"
+    if fmt == "bundle":
+        raise UserError(f"output.format bundle is written by rmm only, not by '{op.name}'")
+    if loras and base is None and op.input_kind == "dense":
+        raise UserError(f"method '{op.name}' applies the LoRA deltas to the base weights; set base_model to "
+                        "the model the LoRAs were trained on")
+    low_rank = op.input_kind == "lora" or op.lora_fn is not None
+    if fmt == "auto":
+        if dense or not low_rank:
+            return "full"
+        fmt = "kohya" if all(m.source.format == "kohya" for m in loras) else "peft"
+    if fmt in ("peft", "kohya"):
+        if dense:
+            raise UserError(f"output.format {fmt} needs every input to be a LoRA; {dense[0].ref} is a full "
+                            "checkpoint (use format full)")
+        if not low_rank and recipe.output.rank is None:
+            raise UserError(f"method '{op.name}' gives full-rank deltas; set output.rank to extract a LoRA "
+                            "by truncated SVD, or use output.format full")
+        return fmt
+    if base is None and loras:
+        raise UserError("output.format full applies the merged LoRA to the base weights; set base_model")
+    return "full"
+
+
+def _align_without_base(loras: list[ModelInput]) -> None:
+    """No base model: LoRAs are aligned by their own module names, so they must share one format.
+
+    The key of a module is its name as the base key it adapts would read (PEFT prefix and
+    ``.base_layer`` stripped, ``.weight`` added), which is also what a PEFT output needs."""
+    from .sources.lora import PEFT_PREFIX
+
+    fmts = {m.source.format for m in loras}
+    if len(fmts) > 1:
+        raise UserError(f"LoRAs in different formats ({', '.join(sorted(fmts))}) can only be aligned through "
+                        "their base model; set base_model")
+    for m in loras:
+        src = m.source
+        base_map = {}
+        for mod in src.modules:
+            key = mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
+            base_map[mod] = key.replace(".base_layer", "") + ".weight"
+        src.base_map = dict(sorted(base_map.items()))
+        src.by_base = {v: k for k, v in src.base_map.items()}
+    first = loras[0]
+    for m in loras[1:]:
+        for key, mod in m.source.by_base.items():
+            if key in first.source.by_base:
+                a = first.source.factor_shapes(first.source.by_base[key])
+                b = m.source.factor_shapes(mod)
+                if (a[0][1], a[1][0]) != (b[0][1], b[1][0]):
+                    raise UserError(f"LoRA module '{mod}' is {b[1][0]}x{b[0][1]} in {m.ref} but "
+                                    f"{a[1][0]}x{a[0][1]} in {first.ref}; are they for the same base model?")
+
+
+def _module_keys(op: registry.Operator, base: ModelInput | None, models: list[ModelInput],
+                 include: list[str], exclude: list[str]) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """The base keys merged module by module (LoRA / bundle outputs) and each one's 2-D delta shape."""
+    include_re = [re.compile(p) for p in include]
+    exclude_re = [re.compile(p) for p in exclude]
+    shapes: dict[str, tuple[int, ...]] = {}
+    loras = [m for m in models if m.is_lora]
+    if loras:
+        for m in loras:
+            for key, mod in m.source.by_base.items():
+                (r, cols), (rows, _) = m.source.factor_shapes(mod)
+                shapes.setdefault(key, (rows, cols))
+    else:  # full fine-tunes through a LoRA method (rmm with rank): every 2-D float weight
+        for name, info in base.source.infos.items():
+            if len(info.shape) == 2 and info.dtype in MERGEABLE:
+                for m in models:
+                    other = m.source.infos.get(name)
+                    if other is None or other.shape != info.shape:
+                        raise UserError(f"tensor '{name}' is missing from {m.ref} or has another shape there")
+                shapes[name] = tuple(info.shape)
+    keys = [k for k in sorted(shapes)
+            if (not include_re or any(p.search(k) for p in include_re)) and not any(p.search(k) for p in exclude_re)]
+    return keys, {k: shapes[k] for k in keys}
+
+
+def _lora_notes(plan: Plan) -> None:
+    if plan.base is not None and not plan.lora_models:
+        skipped = sum(1 for n, i in plan.base.source.infos.items() if n not in plan.module_shapes)
+        if skipped:
+            plan.notes.append(f"{skipped} tensor(s) that are not 2-D weights are not stored in the bundle; "
+                              "a reverted full model takes them from the base")
 
 
 def plan_items(reference: ModelInput, models: list[ModelInput], include: list[str], exclude: list[str],
@@ -230,6 +439,10 @@ def merge_tensor(plan: Plan, name: str):
     dev = plan.device
     cdt = getattr(torch, plan.compute_dtype)
     op = plan.op
+    if op.input_kind == "lora":  # a LoRA method written as a full model: base + merged B @ A
+        from . import lora_engine
+
+        return lora_engine.full_tensor(plan, name)
     base = plan.base.source.get(name).to(dev, cdt) if plan.base is not None else None
     task = registry.TensorTask(
         name=name, base=base, inputs=[], params=plan.params,
@@ -237,6 +450,11 @@ def merge_tensor(plan: Plan, name: str):
     )
 
     def load(m: ModelInput):
+        if m.is_lora:  # scale * B @ A in the base layout; zero where the LoRA does not adapt
+            mod = m.source.by_base.get(name)
+            x = (m.source.delta_for(name, item.shape).to(dev, cdt) if mod is not None
+                 else torch.zeros(item.shape, device=dev, dtype=cdt))
+            return x.add_(base) if op.reads == "weights" else x
         raw = m.source.get(name)
         x = raw.to(dev, cdt)
         if op.reads == "deltas":
@@ -244,23 +462,32 @@ def merge_tensor(plan: Plan, name: str):
             x = x - base if x.data_ptr() == raw.data_ptr() else x.sub_(base)
         return x
 
-    if op.stream is not None:
-        state = op.stream.start(task)
-        for i, m in enumerate(plan.models):
-            state = op.stream.step(state, load(m), i, task)
-        out = op.stream.finish(state, task)
-    else:
-        task.inputs = [load(m) for m in plan.models]
-        out = op.fn(task)
-        task.inputs = []
+    out = apply_dense(op, task, (load(m) for m in plan.models))
     if op.reads == "deltas":
         out = out.add_(base) if out.dtype == base.dtype else base + out
-    if not torch.isfinite(out).all():
+    # one reduction first: a NaN/Inf anywhere makes the sum non-finite; only then look closer
+    # (a finite tensor whose sum overflows passes the full check)
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
         raise NonFinite(
             f"merged tensor '{name}' contains NaN or Inf; check the inputs "
             f"({', '.join(m.ref for m in plan.models)}) and the method parameters"
         )
     return out.to("cpu", getattr(torch, item.out_dtype))
+
+
+def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs) -> Any:
+    """Run a dense operator on one tensor; ``inputs`` yields the models' tensors in order (folded
+    one at a time when the operator streams, so only one is alive then)."""
+    if op.stream is not None:
+        state = op.stream.start(task)
+        for i, x in enumerate(inputs):
+            state = op.stream.step(state, x, i, task)
+        return op.stream.finish(state, task)
+    task.inputs = list(inputs)
+    try:
+        return op.fn(task)
+    finally:
+        task.inputs = []
 
 
 def execute(plan: Plan, out_dir: Path, metadata: dict[str, str],
@@ -321,6 +548,11 @@ def run(plan: Plan, out: Path, overwrite: bool = False,
     from . import __version__
     from .writer import AtomicDirectory, copy_model_files, write_model_card
 
+    if plan.out_format in ("peft", "kohya", "bundle"):
+        from . import lora_engine
+
+        runner = lora_engine.run_bundle if plan.out_format == "bundle" else lora_engine.run_lora
+        return runner(plan, out, overwrite, on_tensor)
     recipe = plan.recipe
     text = recipe_yaml(recipe)
     metadata = {
@@ -337,6 +569,9 @@ def run(plan: Plan, out: Path, overwrite: bool = False,
         copy_model_files(donor, tmp, dtypes.pop() if len(dtypes) == 1 else None)
         write_model_card(tmp, plan.op.name, plan.base.ref if plan.base else None,
                          [(m.label, m.ref) for m in plan.models], text, card_extra)
+        if plan.reports:
+            (tmp / "merge_report.json").write_text(json.dumps(
+                {"method": plan.op.name, "modules": plan.reports}, indent=2) + "\n", encoding="utf-8")
         atomic.commit()
     return atomic.target
 

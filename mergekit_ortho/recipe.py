@@ -56,6 +56,14 @@ class OutputSpec(_Strict):
     format: Literal["auto", "full", "peft", "kohya", "bundle"] = "auto"
     shard_size: int = 5 * 10**9
     copy_files: bool = True  # config, tokenizer and generation files from the donor model
+    rank: int | None = None  # LoRA outputs: re-factor every module to at most this rank (truncated SVD)
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("output.rank must be >= 1")
+        return v
 
     @field_validator("shard_size", mode="before")
     @classmethod

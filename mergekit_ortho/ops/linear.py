@@ -13,7 +13,7 @@ Both are linear, so each has an exact streaming fold: one model tensor in memory
 """
 from __future__ import annotations
 
-from .registry import Operator, Param, StreamFold, TensorTask, register
+from .registry import LoraResult, LoraTask, Operator, Param, StreamFold, TensorTask, register
 
 _WEIGHT = Param("weight", float, 1.0, "per-model weight")
 
@@ -71,6 +71,40 @@ def task_arithmetic(task: TensorTask):
     return _fold_all(task, _ta_finish)
 
 
+# -- exact low-rank forms on LoRA inputs: concatenate the ranks -----------------------------------
+
+
+def _lora_concat(task: LoraTask, coefficients: list[float]) -> LoraResult:
+    """sum_i c_i B_i A_i = [c_1 B_1 | ... | c_n B_n] @ [A_1; ...; A_n]: exact, rank = sum of ranks."""
+    import torch
+
+    keep = [(A, B * c) for (A, B), c in zip(task.factors, coefficients) if c != 0.0 and A.shape[0] > 0]
+    if not keep:
+        A0, B0 = task.factors[0]
+        return LoraResult(A=A0[:0], B=B0[:, :0], report={"rank": 0})
+    A = torch.cat([a for a, _ in keep], dim=0)
+    B = torch.cat([b for _, b in keep], dim=1)
+    return LoraResult(A=A, B=B, report={"rank": int(A.shape[0])})
+
+
+def linear_lora(task: LoraTask) -> LoraResult:
+    from ..errors import UserError
+
+    weights = [mp["weight"] for mp in task.model_params]
+    if not task.params["normalize"]:
+        raise UserError("linear with normalize: false scales the base weights by the sum of the weights; "
+                        "it has no LoRA form - use output format full or task_arithmetic")
+    d = _divisor(weights)
+    return _lora_concat(task, [w / d for w in weights])
+
+
+def task_arithmetic_lora(task: LoraTask) -> LoraResult:
+    weights = [mp["weight"] for mp in task.model_params]
+    d = _divisor(weights) if task.params["normalize"] else 1.0
+    lam = task.params["lambda"]
+    return _lora_concat(task, [lam * w / d for w in weights])
+
+
 register(
     Operator(
         name="linear",
@@ -83,6 +117,7 @@ register(
         params=(Param("normalize", bool, True, "divide by the sum of the weights"),),
         model_params=(_WEIGHT,),
         stream=StreamFold(_sum_start, _sum_step, _linear_finish),
+        lora_fn=linear_lora,
         details="theta = sum w_i theta_i / sum w_i. Equal weights give the plain mean. "
         "mergekit-compatible; no base model needed (one listed in models is averaged like any other).",
     )
@@ -100,6 +135,7 @@ register(
         ),
         model_params=(_WEIGHT,),
         stream=StreamFold(_sum_start, _sum_step, _ta_finish),
+        lora_fn=task_arithmetic_lora,
         details="theta = theta_0 + lambda * sum w_i (theta_i - theta_0). lambda = 1/T with unit "
         "weights equals simple averaging. mergekit-compatible.",
     )

@@ -152,6 +152,9 @@ class Operator:
     aliases: tuple[str, ...] = ()
     stream: StreamFold | None = None  # when set, the engine folds inputs one at a time
     details: str = ""  # longer help shown by `merge methods NAME` (tensor rules, defaults, paper)
+    # exact low-rank form of a dense operator on LoRA inputs (linear, task_arithmetic): called with a
+    # LoraTask listing EVERY recipe model (rank-0 factors for models that do not adapt the module)
+    lora_fn: Callable[..., Any] | None = None
 
     def resolve_params(self, given: dict[str, Any] | None) -> dict[str, Any]:
         return _resolve(self.params, given or {}, f"method '{self.name}'")
