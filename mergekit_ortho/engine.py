@@ -211,6 +211,8 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
 
     loras = [m for m in models if m.is_lora]
     dense = [m for m in models if not m.is_lora]
+    if op.needs_base and base is None and dense:
+        raise UserError(f"method '{op.name}' needs 'base_model' (task vectors are relative to it)")
     out_format = _output_format(recipe, op, params, base, models)
     if loras:
         from .sources.lora import check_compatible, match_to_base
@@ -286,7 +288,7 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
         return "bundle"
     if fmt == "bundle":
         raise UserError(f"output.format bundle is written by rmm only, not by '{op.name}'")
-    if loras and base is None and op.input_kind == "dense":
+    if loras and base is None and op.input_kind == "dense" and (op.lora_fn is None or fmt == "full"):
         raise UserError(f"method '{op.name}' applies the LoRA deltas to the base weights; set base_model to "
                         "the model the LoRAs were trained on")
     low_rank = op.input_kind == "lora" or op.lora_fn is not None

@@ -195,7 +195,8 @@ def _check_method(recipe: Recipe, origin: str, require_models: bool = True) -> N
         raise UserError(f"{origin}: {e}") from None
     if require_models and not recipe.models:
         raise UserError(f"{origin}: 'models' lists no model to merge")
-    if op.needs_base and not recipe.base_model:
+    # methods with an exact LoRA form merge LoRA-only recipes without a base (checked in the plan)
+    if op.needs_base and not recipe.base_model and op.lora_fn is None:
         raise UserError(f"{origin}: method '{op.name}' needs 'base_model' (task vectors are relative to it)")
 
 
