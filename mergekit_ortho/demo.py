@@ -84,13 +84,40 @@ def _weight_map(d: Path) -> dict[str, str]:
         return {k: "model.safetensors" for k in f.keys()}
 
 
+def write_peft_adapter(out: Path, shapes: dict[str, tuple[int, ...]], targets: tuple[str, ...], rank: int,
+                       alpha: float, seed: int, base_name: str | None = None) -> None:
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) with random non-zero
+    factors for every 2-D weight whose name ends with one of ``targets``; written directly."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        mod = name[: -len(".weight")]
+        if len(shape) != 2 or not mod.endswith(targets):
+            continue
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.randn(rank, shape[1], generator=gen) / shape[1] ** 0.5
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = 0.02 * torch.randn(shape[0], rank, generator=gen)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "r": rank,
+           "lora_alpha": alpha, "target_modules": list(targets), "use_rslora": False, "fan_in_fan_out": False,
+           "bias": "none", "lora_dropout": 0.0}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+
+
 def build_demo(root: Path, hidden: int = 64, layers: int = 2, vocab: int = 256) -> None:
+    """demo/base, demo/task_a..c (full fine-tunes) and demo/lora_a..c (PEFT LoRAs on the base)."""
     shapes = llama_shapes(hidden, layers, vocab, hidden * 2)
     cfg = {"hidden_size": hidden, "num_hidden_layers": layers, "vocab_size": vocab,
            "intermediate_size": hidden * 2, "num_attention_heads": 4}
     write_checkpoint(root / "base", shapes, seed=0, config=cfg)
     for i, name in enumerate(("task_a", "task_b", "task_c")):
         write_checkpoint(root / name, shapes, seed=i + 1, base=root / "base", noise=0.02, config=cfg)
+    for i, name in enumerate(("lora_a", "lora_b", "lora_c")):
+        write_peft_adapter(root / name, shapes, ("q_proj", "v_proj", "down_proj"), rank=4, alpha=8.0,
+                           seed=10 + i, base_name="../base")
 
 
 def main(argv: list[str] | None = None) -> int:

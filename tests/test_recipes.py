@@ -33,6 +33,18 @@ def test_bundled_recipe_runs(demo_tree, name, cli):
     assert (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
 
 
+LORA = {"lora_task_arithmetic": "adapter_model.safetensors", "rmm": "rmm_manifest.json"}
+
+
+@pytest.mark.parametrize("name", sorted(LORA))
+def test_bundled_lora_recipe_runs(demo_tree, name, cli):
+    recipe = demo_tree / "recipes" / f"{name}.yaml"
+    out = demo_tree / "out" / name
+    code, _, err = cli("run", recipe, "--out", out)
+    assert code == 0, err
+    assert (out / LORA[name]).is_file()
+
+
 def test_magmax_end_to_end(tiny_models, tmp_path, cli):
     r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models[k] for k in "abc"], "magmax",
                                                       tiny_models["base"]))
