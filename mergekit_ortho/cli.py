@@ -173,6 +173,15 @@ def run(
         raise UserError(f"output {target} already exists; pass --overwrite to replace it")
     plan = engine.build_plan(r, device=device)
     try:
+        if plan.op.sequential and not dry_run:
+            from . import continual
+
+            engine.close(plan)
+            result = continual.run_sequential(recipe, target, overwrite,
+                                              on_model=lambda e: _console().print(f"merged {e['name']} as model {e['t']}")
+                                              if not _state["quiet"] else None)
+            _console().print(f"wrote {result} ({plan.op.name}, {len(plan.models)} models folded in order)")
+            return
         if dry_run:
             _print_plan(plan)
             return

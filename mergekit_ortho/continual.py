@@ -122,8 +122,10 @@ def _sweep(root: Path, keep: str | None) -> None:
 # --- init ------------------------------------------------------------------------------------------
 
 
-def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | None = None) -> State:
-    """Create a state from a recipe (method, base, parameters); fold in the recipe's models."""
+def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | None = None,
+         force: bool = False) -> State:
+    """Create a state from a recipe (method, base, parameters); fold in the recipe's models
+    (``force``: also models whose tensors equal one already merged)."""
     from . import recipe as recipe_mod
     from .ops import registry
     from .writer import AtomicDirectory
@@ -170,7 +172,7 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
         (tmp / "lock").touch()
         atomic.commit()
     for ref, label, params in initial:
-        entry = add(Path(state_dir), ref, name=label, params=params)
+        entry = add(Path(state_dir), ref, name=label, params=params, force=force)
         if on_model:
             on_model(entry)
     return State.load(Path(state_dir))
@@ -191,6 +193,24 @@ def add(state_dir: Path, model_ref: str, name: str | None = None, force: bool = 
             return _add_locked(root, model_ref, name, force, params or {})
     except Timeout:
         raise UserError(f"{root} is locked by another process; try again later") from None
+
+
+def run_sequential(recipe_path: Path, out: Path, overwrite: bool = False,
+                   on_model: Callable[[dict], None] | None = None) -> Path:
+    """`merge run` for a sequential method (opcm): the recipe's models are folded in order into a
+    temporary state beside ``out`` and exported, so the result is exactly what
+    `continual init` + `add`s + `export` give. The temporary state is removed in any case."""
+    from .writer import AtomicDirectory
+
+    AtomicDirectory(Path(out), overwrite).check()
+    target = Path(out).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_state = target.parent / f".{target.name}.state-{os.getpid()}-{os.urandom(3).hex()}"
+    try:
+        init(tmp_state, recipe_path, on_model=on_model, force=True)
+        return export(tmp_state, target, overwrite)
+    finally:
+        shutil.rmtree(tmp_state, ignore_errors=True)
 
 
 def _tensor_hash_update(h, name: str, t) -> None:
