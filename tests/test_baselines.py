@@ -155,3 +155,213 @@ def test_parameter_validation_messages():
         op.resolve_params({"lambda": "big"})
     with pytest.raises(ValueError, match="must be <= 1"):
         op.resolve_model_params({"density": 1.5}, "m")
+
+
+# --- exact top-k trimming: the deterministic tie rule, the radix fast path, in-place operators ---
+
+import numpy as np  # noqa: E402
+
+from mergekit_ortho.ops import ties_dare  # noqa: E402
+from mergekit_ortho.ops.registry import generator  # noqa: E402
+from mergekit_ortho.ops.ties_dare import random_drop  # noqa: E402
+
+
+def brute_trim(x: torch.Tensor, density: float) -> torch.Tensor:
+    """The spec rule by brute force: order by (-|x|, flat index), keep the first max(int(d*n), 1)."""
+    n = x.numel()
+    if density >= 1.0 or n == 0:
+        return x.clone()
+    k = max(int(density * n), 1)
+    flat = x.reshape(-1)
+    mags = flat.abs().double().numpy()
+    order = np.lexsort((np.arange(n), -mags))  # last key is primary
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.from_numpy(order[:k].copy())] = True
+    return torch.where(keep, flat, torch.zeros((), dtype=x.dtype)).reshape(x.shape)
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal including the sign of zeros (torch.equal treats -0.0 == 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[a.dtype]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def _trim_inputs():
+    g = torch.Generator().manual_seed(10)
+    yield "randn", torch.randn(1000, generator=g)
+    yield "tiny1", torch.tensor([-2.0])
+    yield "tiny2", torch.tensor([0.5, -0.5])
+    yield "ties_small_int", torch.randint(-3, 4, (37, 29), generator=g).float()  # zeros and ties
+    yield "signed_zeros", torch.tensor([0.0, -0.0, 1.0, -0.0, 0.0, -1.0, 0.0, -0.0])
+    yield "all_zero", torch.zeros(64)
+    yield "all_neg_zero", torch.full((50,), -0.0)
+    yield "all_equal_mag", torch.tensor([1.5, -1.5] * 40)
+    yield "subnormal_and_huge", torch.tensor([1e-45, -1e-45, 3e38, -3e38, 1e-40, 0.0, -1e-40, 7.0])
+    yield "inf", torch.tensor([float("inf"), 1.0, -float("inf"), 2.0, 0.0, -3.0])
+    yield "quantised", (torch.randn(5000, generator=g) * 8).round() / 8  # bf16-delta-like ties
+    yield "float64_ties", torch.randint(-2, 3, (301,), generator=g).double()
+    yield "float64_randn", torch.randn(17, 13, generator=g, dtype=torch.float64)
+    yield "bf16", (torch.randn(999, generator=g) * 4).round().to(torch.bfloat16)
+    yield "fp16", torch.randn(700, generator=g).to(torch.float16)
+
+
+DENSITIES = (0.0, 1e-6, 0.01, 0.1, 0.25, 0.5, 0.7, 0.99, 0.999999, 1.0)
+
+
+@pytest.mark.parametrize("radix", [False, True], ids=["sort_path", "radix_path"])
+@pytest.mark.parametrize("name,x", list(_trim_inputs()), ids=[n for n, _ in _trim_inputs()])
+def test_topk_trim_equals_brute_force_tie_rule(monkeypatch, radix, name, x):
+    if radix:  # every size through the radix select
+        monkeypatch.setattr(ties_dare, "_RADIX_MIN_NUMEL", 1)
+    before = x.clone()
+    for d in DENSITIES:
+        got = magnitude_trim(x, d, "topk")
+        assert bits_equal(got, brute_trim(x, d)), (name, d)
+        if d < 1.0:
+            assert int((got != 0).sum()) <= max(int(d * x.numel()), 1)
+    assert bits_equal(x, before)  # the public function never writes its input
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_trim_radix_large_random_and_ties(dtype):
+    # above the default radix size, so the default configuration takes the fast path
+    n = ties_dare._RADIX_MIN_NUMEL + 12_345
+    g = torch.Generator().manual_seed(11)
+    cont = torch.randn(n, generator=g, dtype=dtype)
+    ties = torch.randint(-40, 41, (n,), generator=g).to(dtype) / 16  # ~80 distinct magnitudes
+    ties[::7] = -0.0
+    for x in (cont, ties):
+        for d in (0.0, 0.013, 0.5, 0.8765):
+            assert bits_equal(magnitude_trim(x, d), brute_trim(x, d)), (d, x is ties)
+
+
+def test_topk_trim_same_set_as_topk_when_magnitudes_distinct():
+    # without ties at the threshold the kept set is topk's, on both paths
+    g = torch.Generator().manual_seed(12)
+    for n in (500, ties_dare._RADIX_MIN_NUMEL + 3):
+        x = torch.randn(n, generator=g)
+        k = n // 3
+        idx = torch.topk(x.abs(), k).indices
+        ref = torch.zeros_like(x)
+        ref[idx] = x[idx]
+        assert bits_equal(magnitude_trim(x, k / n), ref)
+
+
+def test_topk_trim_shapes_and_noncontiguous():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(40, 30, generator=g).t()  # non-contiguous view
+    out = magnitude_trim(x, 0.3)
+    assert out.shape == x.shape
+    assert bits_equal(out.contiguous(), brute_trim(x.contiguous(), 0.3))
+    assert magnitude_trim(torch.empty(0), 0.5).numel() == 0
+
+
+# DARE draws recorded from the implementation before the in-place rewrite (same generator, same
+# draws in the same order): the masks and values must not change.
+DARE_X = torch.linspace(-1.5, 1.25, 12).reshape(3, 4)
+DARE_DROP = [-3.75, 0.0, -2.5, 0.0, 0.0, -0.625, 0.0, 0.0, 0.0, 1.875, 2.5, 3.125]
+DARE_DROP_NO_RESCALE = [-1.5, 0.0, -1.0, 0.0, 0.0, -0.25, 0.0, 0.0, 0.0, 0.75, 1.0, 1.25]
+DARE_XS = [torch.linspace(-1, 1, 10) * (i + 1) * (-1) ** i + 0.1 * i for i in range(3)]
+DARE_LINEAR = [1.2599999904632568, -0.9799999594688416, -0.03999999538064003, -0.059999994933605194,
+               -0.07999999821186066, 0.13999998569488525, -0.11999998986721039, -0.8400000333786011,
+               0.9799999594688416, -1.4399999380111694]
+DARE_TIES = [-3.5, -1.5555555820465088, -1.3737373352050781, -0.7878787517547607,
+             -0.20202018320560455, 0.2222222089767456, 0.9696968793869019, 2.3333334922790527,
+             1.5555555820465088, 4.0]
+
+
+def test_dare_draws_unchanged():
+    x = DARE_X.clone()
+    out = random_drop(x, 0.4, generator(11, "blk.3.w\x000"))
+    assert torch.equal(out.flatten(), torch.tensor(DARE_DROP)) and out.shape == (3, 4)
+    out = random_drop(x, 0.4, generator(11, "blk.3.w\x000"), rescale=False)
+    assert torch.equal(out.flatten(), torch.tensor(DARE_DROP_NO_RESCALE))
+    assert torch.equal(x, DARE_X)  # input untouched
+    dl = run_op("dare_linear", DARE_XS, {"seed": 3, "lambda": 0.9},
+                [{"density": 0.5, "weight": 0.7}, {"density": 0.3, "weight": 1.0},
+                 {"density": 0.8, "weight": -0.4}], tensor="a.b")
+    assert torch.equal(dl, torch.tensor(DARE_LINEAR))
+    dt = run_op("dare_ties", DARE_XS, {"seed": 3, "normalize": True},
+                [{"density": 0.5, "weight": 0.7}, {"density": 0.3, "weight": 1.0},
+                 {"density": 0.8, "weight": 0.4}], tensor="a.b")
+    assert torch.equal(dt, torch.tensor(DARE_TIES))
+
+
+def reference_merge(taus, mps, params, sparsify, tensor):
+    """Plain re-derivation of ties / dare_* from the module docstring (no in-place tricks)."""
+    ds = []
+    for i, (t, mp) in enumerate(zip(taus, mps)):
+        dens, w = mp.get("density", 1.0), mp.get("weight", 1.0)
+        if sparsify == "magnitude":
+            y = brute_trim(t, dens)
+        elif dens >= 1.0:
+            y = t.clone()
+        else:
+            u = torch.rand(t.shape, generator=generator(params.get("seed", 0), f"{tensor}\x00{i}"))
+            y = torch.where(u < dens, t, torch.zeros((), dtype=t.dtype))
+            if params.get("rescale", True) and dens > 0:
+                y = y / dens
+        ds.append(y * w if w != 1.0 else y)
+    weights = [mp.get("weight", 1.0) for mp in mps]
+    if sparsify == "magnitude" or params.get("consensus", True):
+        positive = sum(ds) >= 0  # sums in model order
+        kept = [torch.where(positive, d > 0, d < 0) for d in ds]
+        mixed = sum(torch.where(k, d, 0.0) for k, d in zip(kept, ds))
+        div = sum(k.to(t.dtype) * w for k, w in zip(kept, weights))
+        div = torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        mixed = sum(ds)
+        tw = float(sum(weights))
+        div = 1.0 if abs(tw) < 1e-8 else tw
+    normalize = params.get("normalize", sparsify == "magnitude")
+    out = mixed / div if normalize else mixed
+    return out * params.get("lambda", 1.0)
+
+
+MIX_CASES = [
+    ({}, [{"density": 0.5}] * 3),
+    ({"lambda": 0.8, "normalize": False},
+     [{"density": 0.3, "weight": 0.7}, {"density": 0.9, "weight": 1.3}, {"density": 0.2, "weight": -0.4}]),
+    ({"normalize": True}, [{"density": 1.0, "weight": 0.3}, {"density": 0.6, "weight": 0.3},
+                           {"density": 0.05, "weight": 0.3}]),
+    ({"lambda": 1.5, "normalize": True},
+     [{"density": 0.4, "weight": 1.0}, {"density": 0.4, "weight": -1.0}, {"density": 0.7, "weight": 2.0}]),
+    ({"normalize": True}, [{"density": 0.5, "weight": 2.0}]),
+    ({"normalize": True}, [{"density": 0.6}, {"density": 0.6}]),
+]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("case", range(len(MIX_CASES)))
+@pytest.mark.parametrize("shape,dtype", [((23, 41), torch.float32), ((1100, 1000), torch.float32),
+                                         ((31, 7), torch.float64)])
+def test_operators_match_plain_reference(method, case, shape, dtype):
+    params, mps = MIX_CASES[case]
+    g = torch.Generator().manual_seed(20 + case)
+    taus = [torch.randn(shape, generator=g, dtype=dtype) * (i + 1) for i in range(len(mps))]
+    taus[0].view(-1)[::5] = 0.0  # exact zeros and ties with zero
+    taus[-1].view(-1)[1::9] = -0.0
+    p = dict(params)
+    if method != "ties":
+        p["seed"] = 9
+    out = run_op(method, taus, p, mps, tensor="w.q")
+    ref = reference_merge(taus, mps, dict(p, consensus=method != "dare_linear"),
+                          "magnitude" if method == "ties" else "random", "w.q")
+    assert out.dtype == dtype and out.shape == shape
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out, ref)  # in practice the same operations in the same order
+
+
+def test_operators_may_consume_inputs_but_not_aliased_ones():
+    g = torch.Generator().manual_seed(30)
+    tau = torch.randn(50, 20, generator=g)
+    want = run_op("ties", [tau, tau * -0.5, tau], {}, [{"density": 0.4}] * 3)
+    # the same tensor object for two models must not be trimmed twice through in-place writes
+    op = registry.get("ties")
+    mps = [op.resolve_model_params({"density": 0.4}, f"m{i}") for i in range(3)]
+    shared = tau.clone()
+    task = TensorTask("t", None, [shared, tau * -0.5, shared], op.resolve_params({}), mps)
+    assert bits_equal(op.fn(task), want)
