@@ -313,3 +313,20 @@ def test_rmm_on_full_finetunes_with_rank(tiny_models, tmp_path, cli):
             torch.testing.assert_close((v - base[k]).double(), best, rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(v, base[k])
+
+
+def test_continual_accepts_loras_as_base_plus_delta(peft_setup, tmp_path, cli):
+    s = peft_setup
+    r = _recipe(tmp_path / "r.yaml", "task_arithmetic", [], base=s["base"])
+    code, out, err = cli("continual", "init", tmp_path / "st", "--recipe", r)
+    assert code == 0, out + err
+    for n in "ad":
+        code, out, err = cli("continual", "add", tmp_path / "st", s[n])
+        assert code == 0, out + err
+    code, out, err = cli("continual", "export", tmp_path / "st", "--out", tmp_path / "o")
+    assert code == 0, out + err
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    base = load_file(str(s["base"] / "model.safetensors"))
+    expected = _expected([s["deltas"]["a"], s["deltas"]["d"]], [1.0, 1.0])
+    for k, v in got.items():
+        torch.testing.assert_close(v, base[k] + expected.get(k, 0), rtol=1e-5, atol=1e-6)

@@ -551,6 +551,28 @@ class LoraSource:
         return f"LoraSource({self.label!r}, format={self.format}, modules={len(self.modules)})"
 
 
+class AppliedLora:
+    """A matched LoraSource seen as the full checkpoint it produces: ``get(key)`` = base + delta
+    (float32, so the delta is not rounded to a bf16 base), the base tensor itself for keys the LoRA does not adapt. Lets
+    full-checkpoint paths (continual merging) take LoRAs without knowing about them."""
+
+    def __init__(self, lora: LoraSource, base):
+        self.lora, self.base = lora, base
+        self.infos = base.infos
+        self.ref = str(lora.path)
+
+    def get(self, key: str):
+        import torch
+
+        t = self.base.get(key)
+        if key not in self.lora.by_base:
+            return t
+        return t.to(torch.float32) + self.lora.delta_for(key, t.shape)
+
+    def close(self) -> None:
+        self.lora.close()
+
+
 def _load_pickle(f: Path) -> dict:
     import torch
 
