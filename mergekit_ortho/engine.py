@@ -273,7 +273,7 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
     loras = [m for m in models if m.is_lora]
     dense = [m for m in models if not m.is_lora]
     if op.input_kind == "lora" and dense:
-        if "rank" in params and params.get("rank") is not None and not loras:
+        if op.name == "rmm" and params.get("rank") is not None and not loras:  # PT-SVD
             if base is None:
                 raise UserError(f"method '{op.name}' on full checkpoints needs base_model (task vectors)")
         else:

@@ -41,7 +41,7 @@ def _lora_task(plan, key: str, all_models: bool) -> registry.LoraTask:
                 continue
             A, B = torch.zeros(0, cols), torch.zeros(rows, 0)
         else:
-            A, B = m.source.factors_for(key)
+            A, B = m.source.factors_for(key, fold=plan.op.factor_fold)
         factors.append((A, B))
         index.append(i)
         params.append(m.params)

@@ -33,7 +33,8 @@ def test_bundled_recipe_runs(demo_tree, name, cli):
     assert (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
 
 
-LORA = {"lora_task_arithmetic": "adapter_model.safetensors", "rmm": "rmm_manifest.json"}
+LORA = {"lora_task_arithmetic": "adapter_model.safetensors", "rmm": "rmm_manifest.json",
+        "lora_lego": "adapter_model.safetensors"}
 
 
 @pytest.mark.parametrize("name", sorted(LORA))

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
 REQUIRED = object()
 
 # Operator families, one module each. Order is the order of `merge methods`.
-_MODULES = ("linear", "ties_dare", "magmax", "widen", "rmm")
+_MODULES = ("linear", "ties_dare", "magmax", "widen", "rmm", "lora_lego")
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,9 @@ class Operator:
     # exact low-rank form of a dense operator on LoRA inputs (linear, task_arithmetic): called with a
     # LoraTask listing EVERY recipe model (rank-0 factors for models that do not adapt the module)
     lora_fn: Callable[..., Any] | None = None
+    # LoRA operators: how the scale s is folded into the factors they receive ("B": B carries s;
+    # "sqrt": each factor carries sqrt|s|). Deltas are the same; factor geometry (clustering) is not.
+    factor_fold: Literal["B", "sqrt"] = "B"
 
     def resolve_params(self, given: dict[str, Any] | None) -> dict[str, Any]:
         return _resolve(self.params, given or {}, f"method '{self.name}'")

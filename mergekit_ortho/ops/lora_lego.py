@@ -1,0 +1,712 @@
+"""LoRA-LEGO: rank-wise k-means clustering of the LoRAs' minimal semantic units, dual reweighting.
+
+Spec: ../shared/specs/lora_lego_rmm.md Part A (A1 intuition, A2 math, A3 pseudocode, A4 defaults,
+A5 tensors, A6 what to store, A7 complexity, A9 pitfalls, A11 checks) and "Design decisions for
+this toolkit" (LoRA-LEGO table). Paper: Zhao et al., "Merging LoRAs like Playing LEGO: Pushing the
+Modularity of LoRA to Extremes Through Rank-Wise Clustering", ICLR 2025, arXiv 2409.16167. Only the
+paper's first page was available; the [R]/[I] items of the spec are implemented as listed there and
+every toolkit decision is named below. Pure tensor functions, no I/O.
+
+Math (A2), per adapted module, PEFT letters, delta_i = B_i @ A_i with the scale already folded in:
+
+* MSU (minimal semantic unit): rank j of LoRA i, u_ij = [a_ij ; b_ij] in R^(d_in + d_out), where
+  a_ij = A_i[j, :] and b_ij = B_i[:, j]. The pool holds N = sum_i r_i MSUs; since
+  delta_i = sum_j b_ij a_ij^T, a set of LoRAs is a bag of MSUs (permutation invariance and
+  concatenation-summation equivalence, A1).
+* k-means (Eq. 2): minimise sum_t sum_{u in C_t} ||u - mu_t||^2 over partitions into k clusters,
+  mu_t = the member mean. Centroid t becomes rank t of the merged LoRA: A'[t] = abar_t,
+  B'[:, t] = bbar_t.
+* parameter reweighting ("norm decay"): mu_t <- mu_t * mean_{u in C_t} ||u||_q / ||mu_t||_q, with q = inf
+  (largest |entry|) or 2, on the whole concatenated vector (a- and b-part jointly). The update
+  bbar abar^T scales with the SQUARE of that factor (A9.4): on the A11 toy, plain centroid 0.25,
+  L2 0.5, L-inf 1.0 per entry - expected behaviour.
+* output reweighting ("variance expansion"): B' <- gamma * B', gamma = sqrt(r_ref / k) (put into B'
+  only, never into both factors), r_ref = mean | max | min of the ranks on this module, or a number.
+* special cases (A2): k = N without output reweighting is the exact sum (concatenation); k = N with
+  it is sqrt(r_ref / N) * sum; one LoRA with k = r comes back unchanged; one LoRA with k < r is rank
+  pruning; different ranks simply pool their MSUs.
+
+Defaults ("Design decisions", A4): k = r_ref (rounded half up: the merged adapter is the size of one
+input); k-means++ initialisation (greedy, 2 + floor(ln k) candidates per centre, as scikit-learn),
+n_init = 10 restarts keeping the lowest inertia (ties: the earliest restart), max_iter = 300,
+tol = 1e-4 (relative to the pool's mean per-feature variance, as scikit-learn), seed = 0; fp32 in and
+out; parameter reweighting on with q = inf; output reweighting on with r_ref = mean; raw features;
+``canonicalize_sign`` and ``balance_msu`` off; content sorting of the pool on.
+
+Toolkit decisions ([I] in the spec), all deliberate:
+
+* k-means is written here in torch rather than taken from scikit-learn: no heavy dependency for one
+  operator, and full control of determinism (the seeded ``registry.generator(seed, module name)``,
+  argmin/argmax ties to the lowest index, no thread-count dependent reductions in the decisions).
+  It runs in float64 on CPU in *kernel form* on the Gram matrix of the distinct MSUs (m x m): one
+  O(m^2 D) product per module, after which every Lloyd iteration costs O(m^2 k) instead of O(m k D).
+* scale folding (A2 step 0): the operator receives factors with the scale already folded in; the
+  spec's geometry wants sqrt(s_i) in both A_i and B_i (``LoraSource.factors(m, fold="sqrt")``). Any
+  split gives the same deltas and keeps concatenation-summation exact; only the clustering geometry
+  depends on it (identical when s = 1). The operator is registered with ``factor_fold="sqrt"``,
+  so the engine hands it the sqrt split.
+* the pool is deduplicated: identical MSUs (in the clustering feature space) become one point with
+  a weight (its multiplicity), which is exactly weighted k-means on the full pool; it also makes
+  "fewer distinct MSUs than k" a counted fact instead of a numerical accident.
+* content sorting (A9.6, ``sort_pool``): the pool is sorted lexicographically by the MSU values
+  (after -0.0 -> +0.0) before anything random happens, so the result is bitwise independent of the
+  order of the LoRAs and of the ranks inside each LoRA. Clusters are ordered by size (descending),
+  then by their first member in that sorted pool.
+* k is clamped to N (warning). k = N skips k-means: every MSU is a singleton (duplicates too), so
+  the output is the concatenation. If there are only m < k distinct MSUs, the m groups are the
+  clusters and k - m clusters are necessarily empty: they are dropped (recorded, warning).
+* empty clusters during Lloyd (A9.7), ``empty_clusters``: ``reseed`` (default) moves the point
+  farthest from its centre (among clusters with >= 2 distinct members; ties to the lowest index) into
+  the empty cluster, deterministically; ``drop`` removes the cluster. The output rank is the number
+  of non-empty clusters, and gamma uses that actual rank.
+* the reweighting guard (A9.1): a centroid is left as it is (factor 1, listed in
+  ``reweight_skipped``) when ||mu_t||_q <= eps * mean member norm, eps = 1e-6 (relative, so the
+  factor is bounded by 1e6 and never NaN/Inf, e.g. when (A, B) and (-A, -B) cancel).
+* ``features="normalized"`` assigns clusters on [a/||a|| ; b/||b||] (re-implementation R2) but the
+  centroids always average the raw MSUs; ``canonicalize_sign`` flips each MSU so that the first
+  largest-|value| entry of a (of b when a = 0) is positive; ``balance_msu`` rescales a and b to
+  equal 2-norms sqrt(||a|| ||b||) (zero MSUs stay zero). Both change the centroids, not only the
+  assignment, and both leave every MSU's own update b a^T unchanged.
+
+Per-module report (A6; JSON-safe): k_requested, k_clamped, k (actual rank), n_loras, ranks, n_msu,
+n_distinct, r_ref and its rule, gamma, norm, the reweighting switches, seed, n_init, max_iter, tol,
+cluster_sizes, inertia (in the clustering feature space; inertia_a / inertia_b split it into the
+a- and b-part contributions, A9.2), n_iter, converged, empty_reseeded, empty_dropped,
+param_factors, reweight_skipped, members (per cluster, [model index, rank index] pairs) and warnings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import UserError
+from .registry import LoraResult, Operator, Param, generator, register
+
+NORMS = ("inf", "2")
+REF_RULES = ("mean", "max", "min")
+FEATURES = ("raw", "normalized")
+EMPTY_POLICIES = ("reseed", "drop")
+REWEIGHT_EPS = 1e-6  # relative guard of the parameter reweighting (A9.1)
+
+Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def norm_order(norm: Any) -> str:
+    """``"inf"`` or ``"2"`` from the accepted spellings (inf, "inf", "linf", 2, "2", "l2")."""
+    if isinstance(norm, bool):
+        raise UserError(f"lora_lego: norm must be inf or 2, got {norm!r}")
+    if isinstance(norm, (int, float)):
+        if math.isinf(norm) and norm > 0:
+            return "inf"
+        if norm == 2:
+            return "2"
+    elif isinstance(norm, str):
+        s = norm.strip().lower()
+        if s in ("inf", "linf", "l_inf", "max", ".inf", "infinity"):
+            return "inf"
+        if s in ("2", "l2", "2.0"):
+            return "2"
+    raise UserError(f"lora_lego: norm must be inf or 2, got {norm!r}")
+
+
+def ref_rank_rule(value: Any) -> str | float:
+    """``"mean" | "max" | "min"`` or a positive number (an explicit reference rank)."""
+    if isinstance(value, bool):
+        raise UserError(f"lora_lego: ref_rank must be mean, max, min or a positive number, got {value!r}")
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s in REF_RULES:
+            return s
+        try:
+            value = float(s)
+        except ValueError:
+            raise UserError(
+                f"lora_lego: ref_rank must be mean, max, min or a positive number, got {value!r}"
+            ) from None
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise UserError(f"lora_lego: ref_rank must be mean, max, min or a positive number, got {value!r}")
+
+
+def reference_rank(rule: Any, ranks: Sequence[int]) -> float:
+    """r_ref for gamma = sqrt(r_ref / k) and the default k (A2; A9.9: it sets the global scale)."""
+    rule = ref_rank_rule(rule)
+    if not isinstance(rule, str):
+        return rule
+    ranks = [int(r) for r in ranks if r > 0]
+    if not ranks:
+        raise UserError("lora_lego: no LoRA with rank >= 1 to take a reference rank from")
+    if rule == "max":
+        return float(max(ranks))
+    if rule == "min":
+        return float(min(ranks))
+    return sum(ranks) / len(ranks)  # integer sum: exact, independent of the order
+
+
+def default_k(r_ref: float) -> int:
+    """k = r_ref rounded half up (at least 1): the merged adapter is the size of one input."""
+    return max(1, int(math.floor(r_ref + 0.5)))
+
+
+class _NormParam(Param):
+    def coerce(self, value: Any) -> Any:
+        try:
+            return norm_order(value)
+        except UserError:
+            raise ValueError(f"parameter '{self.name}' must be inf or 2, got {value!r}") from None
+
+
+class _RefRankParam(Param):
+    def coerce(self, value: Any) -> Any:
+        try:
+            return ref_rank_rule(value)
+        except UserError:
+            raise ValueError(
+                f"parameter '{self.name}' must be mean, max, min or a positive number, got {value!r}"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- the MSU pool
+
+
+def check_factors(factors: Factors, name: str = "module") -> tuple[int, int, list[int]]:
+    """Validate one module's factors; return (d_in, d_out, ranks). Errors name the module."""
+    if len(factors) == 0:
+        raise UserError(f"lora_lego: module '{name}' has no LoRA factors")
+    shapes, ranks = set(), []
+    for i, pair in enumerate(factors):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise UserError(f"lora_lego: module '{name}', LoRA {i}: expected a pair (A, B)")
+        A, B = pair
+        if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):
+            raise UserError(f"lora_lego: module '{name}', LoRA {i}: A and B must be tensors")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise UserError(
+                f"lora_lego: module '{name}', LoRA {i}: factors must be A (r x d_in) and "
+                f"B (d_out x r), got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+        if not (A.dtype.is_floating_point and B.dtype.is_floating_point):
+            raise UserError(f"lora_lego: module '{name}', LoRA {i}: factors must be floating point")
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+            raise UserError(f"lora_lego: module '{name}', LoRA {i}: factors contain NaN or Inf")
+        shapes.add((int(B.shape[0]), int(A.shape[1])))
+        ranks.append(int(A.shape[0]))
+    if len(shapes) > 1:
+        raise UserError(
+            f"lora_lego: module '{name}': LoRAs adapt different shapes (d_out, d_in) {sorted(shapes)}"
+        )
+    if sum(ranks) == 0:
+        raise UserError(f"lora_lego: module '{name}': every LoRA has rank 0, nothing to merge")
+    d_out, d_in = shapes.pop()
+    return d_in, d_out, ranks
+
+
+def msu_pool(factors: Factors, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MSU pool: X (N x (d_in + d_out)), row = [A_i[j, :] ; B_i[:, j]], and ids (N x 2) = (i, j).
+
+    Rows are in input order: LoRA by LoRA, rank by rank. On CPU, in ``dtype``."""
+    rows, ids = [], []
+    for i, (A, B) in enumerate(factors):
+        r = A.shape[0]
+        if r == 0:
+            continue
+        rows.append(torch.cat([A.detach().to("cpu", dtype), B.detach().to("cpu", dtype).T], 1))
+        ids.append(torch.stack([torch.full((r,), i, dtype=torch.long), torch.arange(r)], 1))
+    return torch.cat(rows, 0), torch.cat(ids, 0)
+
+
+def canonical_signs(X: torch.Tensor, d_in: int) -> torch.Tensor:
+    """+-1 per MSU making the first largest-|value| entry of a (of b when a = 0) positive (A9.1)."""
+
+    def lead(P: torch.Tensor) -> torch.Tensor:
+        if P.shape[1] == 0:
+            return P.new_zeros(P.shape[0])
+        idx = P.abs().argmax(1, keepdim=True)  # first maximum
+        return torch.sign(P.gather(1, idx).squeeze(1))
+
+    s = lead(X[:, :d_in])
+    s = torch.where(s == 0, lead(X[:, d_in:]), s)
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def balance(X: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Rescale every MSU to ||a|| = ||b|| = sqrt(||a|| ||b||) (A9.2); b a^T is unchanged."""
+    a, b = X[:, :d_in], X[:, d_in:]
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    ok = (na > 0) & (nb > 0)
+    fa = torch.where(ok, (nb / torch.where(ok, na, 1.0)).sqrt(), 0.0)
+    fb = torch.where(ok, (na / torch.where(ok, nb, 1.0)).sqrt(), 0.0)
+    return torch.cat([a * fa[:, None], b * fb[:, None]], 1)
+
+
+def normalized_features(X: torch.Tensor, d_in: int) -> torch.Tensor:
+    """[a/||a|| ; b/||b||] (zero parts stay zero): the R2 assignment features."""
+    a, b = X[:, :d_in], X[:, d_in:]
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    return torch.cat([a / torch.where(na > 0, na, 1.0), b / torch.where(nb > 0, nb, 1.0)], 1)
+
+
+def content_order(X: torch.Tensor) -> torch.Tensor:
+    """A permutation sorting the rows of X lexicographically (stable: equal rows keep their order)."""
+    if X.shape[0] <= 1:
+        return torch.arange(X.shape[0])
+    _, inverse = torch.unique(X, dim=0, return_inverse=True)  # sorted distinct rows
+    return torch.argsort(inverse, stable=True)
+
+
+def group_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identical rows -> groups numbered by first occurrence. Returns (inverse (N,), first (m,))."""
+    N = X.shape[0]
+    _, inv = torch.unique(X, dim=0, return_inverse=True)
+    m = int(inv.max()) + 1
+    first = torch.full((m,), N, dtype=torch.long).scatter_reduce(0, inv, torch.arange(N), "amin")
+    order = torch.argsort(first)  # groups by first occurrence
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(m)
+    return rank[inv], first[order]
+
+
+# ----------------------------------------------------------------------------- k-means
+
+
+@dataclass
+class KMeansResult:
+    """labels (m,) in 0..k-1 (every cluster non-empty), k, the weighted inertia (kernel form),
+    Lloyd iterations of the kept run, whether it converged, and its empty-cluster events."""
+
+    labels: torch.Tensor
+    k: int
+    inertia: float
+    n_iter: int
+    converged: bool
+    reseeded: int = 0
+    dropped: int = 0
+    run: int = 0  # index of the kept restart
+    run_inertias: tuple[float, ...] = ()
+
+
+def _sample(p: torch.Tensor, t: int, g: torch.Generator) -> torch.Tensor:
+    """t indices drawn with probability proportional to p >= 0 (sum > 0), from g, deterministically."""
+    cum = torch.cumsum(p, 0)
+    u = torch.rand(t, generator=g, dtype=torch.float64) * cum[-1]
+    idx = torch.searchsorted(cum, u, right=True)
+    last = int(torch.nonzero(p > 0)[-1])  # float round-off must not pick a zero-probability point
+    return idx.clamp_max(last)
+
+
+def _kmeanspp(G: torch.Tensor, gd: torch.Tensor, w: torch.Tensor, k: int, g: torch.Generator) -> list[int]:
+    """Greedy weighted k-means++ on the Gram matrix; fewer than k centres when the pool runs out."""
+    n_trials = 2 + int(math.log(k))
+    first = int(_sample(w, 1, g)[0])
+    centres = [first]
+    d2 = (gd + gd[first] - 2 * G[:, first]).clamp_min(0.0)
+    d2[first] = 0.0
+    for _ in range(1, k):
+        p = w * d2
+        if not float(p.sum()) > 0.0:
+            break
+        cand = _sample(p, n_trials, g)
+        d2c = (gd[:, None] + gd[cand][None, :] - 2 * G[:, cand]).clamp_min(0.0)
+        d2c[cand, torch.arange(len(cand))] = 0.0
+        new = torch.minimum(d2[:, None], d2c)
+        best = int(torch.argmin((w[:, None] * new).sum(0)))  # ties: first candidate
+        centres.append(int(cand[best]))
+        d2 = new[:, best]
+    return centres
+
+
+def _membership(labels: torch.Tensor, k: int, w: torch.Tensor) -> torch.Tensor:
+    """k x m matrix whose row t holds the weights of cluster t's members, normalised to sum 1."""
+    M = torch.zeros(k, labels.numel(), dtype=w.dtype)
+    M[labels, torch.arange(labels.numel())] = w
+    s = M.sum(1, keepdim=True)
+    return M / torch.where(s > 0, s, 1.0)
+
+
+def _distances(G: torch.Tensor, gd: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Squared distances (m x k) from every point to every centre mu_t = sum_j M_tj x_j."""
+    GM = G @ M.T
+    cc = (M * GM.T).sum(1)
+    D = (gd[:, None] - 2 * GM + cc[None, :]).clamp_min(0.0)
+    return torch.where(M.sum(1)[None, :] > 0, D, torch.inf)  # empty centres are never nearest
+
+
+def _fix_empty(labels: torch.Tensor, dmin: torch.Tensor, k: int, policy: str) -> tuple[torch.Tensor, int, int, int]:
+    """Re-seed or drop empty clusters. Returns (labels, k, reseeded, dropped)."""
+    counts = torch.bincount(labels, minlength=k)
+    empty = [int(j) for j in torch.nonzero(counts == 0).flatten()]
+    if not empty:
+        return labels, k, 0, 0
+    labels, dmin = labels.clone(), dmin.clone()
+    reseeded = 0
+    left = []
+    for j in empty:
+        eligible = counts[labels] >= 2 if policy == "reseed" else torch.zeros_like(labels, dtype=torch.bool)
+        if not bool(eligible.any()):
+            left.append(j)
+            continue
+        i = int(torch.argmax(torch.where(eligible, dmin, -1.0)))  # farthest; ties: lowest index
+        counts[labels[i]] -= 1
+        labels[i] = j
+        counts[j] = 1
+        dmin[i] = 0.0
+        reseeded += 1
+    if left:
+        keep = torch.ones(k, dtype=torch.bool)
+        keep[left] = False
+        remap = torch.cumsum(keep.long(), 0) - 1
+        labels = remap[labels]
+        k -= len(left)
+    return labels, k, reseeded, len(left)
+
+
+def _lloyd(G, gd, w, centres: list[int], k: int, max_iter: int, tol_abs: float, policy: str):
+    m = w.numel()
+    M = torch.zeros(k, m, dtype=G.dtype)
+    M[torch.arange(len(centres)), torch.tensor(centres, dtype=torch.long)] = 1.0
+    prev, converged, it = None, False, 0
+    reseeded = dropped = 0
+    labels = None
+    for it in range(1, max_iter + 1):
+        D = _distances(G, gd, M)
+        labels = torch.argmin(D, 1)  # ties: lowest cluster index
+        dmin = D.gather(1, labels[:, None]).squeeze(1)
+        labels, k_new, nr, nd = _fix_empty(labels, dmin, k, policy)
+        reseeded += nr
+        dropped += nd
+        M_new = _membership(labels, k_new, w)
+        if prev is not None and k_new == k and torch.equal(labels, prev):
+            M, converged = M_new, True
+            break
+        if k_new == k:
+            dM = M_new - M
+            shift = float(((dM @ G) * dM).sum())
+        else:
+            shift = math.inf
+        M, k, prev = M_new, k_new, labels
+        if shift <= tol_abs:
+            converged = True
+            break
+    GM = G @ M.T
+    cc = (M * GM.T).sum(1)
+    d = (gd - 2 * GM.gather(1, labels[:, None]).squeeze(1) + cc[labels]).clamp_min(0.0)
+    inertia = float((w * d).sum())
+    return labels, k, inertia, it, converged, reseeded, dropped
+
+
+def kmeans(
+    X: torch.Tensor,
+    k: int,
+    *,
+    weights: torch.Tensor | None = None,
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+    empty_clusters: str = "reseed",
+    init: Sequence[int] | None = None,
+) -> KMeansResult:
+    """Weighted k-means (Lloyd, Euclidean), k-means++ initialisation, best of ``n_init`` restarts.
+
+    X (m x D) points, ``weights`` (m,) positive multiplicities (default 1). Works in float64 on the
+    Gram matrix (kernel form). ``init``: explicit initial centres (point indices; then one run).
+    Convergence: labels unchanged, or the total squared centre shift <= tol * (mean per-feature
+    variance of the weighted points). Restarts draw from ``generator`` one after another, so
+    restart j is the same whatever n_init is: the best inertia never increases with n_init.
+    Points should be distinct (``lego_merge`` deduplicates and passes multiplicities as weights);
+    with duplicate points a re-seeded cluster may hold a copy of another cluster's point.
+    """
+    if X.dim() != 2 or X.shape[0] == 0:
+        raise ValueError(f"kmeans needs a non-empty 2-D point matrix, got shape {tuple(X.shape)}")
+    if k < 1 or n_init < 1 or max_iter < 1 or tol < 0:
+        raise ValueError(f"kmeans needs k, n_init, max_iter >= 1 and tol >= 0 (k={k}, n_init={n_init}, "
+                         f"max_iter={max_iter}, tol={tol})")
+    if empty_clusters not in EMPTY_POLICIES:
+        raise ValueError(f"empty_clusters must be one of {', '.join(EMPTY_POLICIES)}, got {empty_clusters!r}")
+    Xd = X.detach().to("cpu", torch.float64)
+    m = Xd.shape[0]
+    w = torch.ones(m, dtype=torch.float64) if weights is None else weights.detach().to("cpu", torch.float64)
+    if w.shape != (m,) or not bool((w > 0).all()):
+        raise ValueError("kmeans weights must be positive, one per point")
+    k = min(int(k), m)
+    G = Xd @ Xd.T
+    gd = G.diagonal().clone()
+    W = float(w.sum())
+    mean_var = max(float((w * gd).sum()) - float(w @ G @ w) / W, 0.0) / (W * max(Xd.shape[1], 1))
+    tol_abs = tol * mean_var
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    runs = 1 if init is not None else n_init
+    best, inertias = None, []
+    for run in range(runs):
+        centres = [int(i) for i in init] if init is not None else _kmeanspp(G, gd, w, k, g)
+        if init is not None and (len(centres) > k or any(not 0 <= c < m for c in centres)):
+            raise ValueError(f"kmeans init must be at most k={k} point indices in [0, {m})")
+        res = _lloyd(G, gd, w, centres, k, max_iter, tol_abs, empty_clusters)
+        inertias.append(res[2])
+        if best is None or res[2] < best[0][2]:
+            best = (res, run)
+    (labels, kk, inertia, it, conv, nr, nd), run = best
+    return KMeansResult(labels, kk, inertia, it, conv, nr, nd, run, tuple(inertias))
+
+
+# ----------------------------------------------------------------------------- LEGO
+
+
+def _qnorm(X: torch.Tensor, q: str) -> torch.Tensor:
+    if X.shape[1] == 0:
+        return X.new_zeros(X.shape[0])
+    return X.abs().amax(1) if q == "inf" else X.norm(dim=1)
+
+
+def lego_merge(
+    factors: Factors,
+    k: int | None = None,
+    *,
+    param_reweight: bool = True,
+    output_reweight: bool = True,
+    norm: Any = "inf",
+    ref_rank: Any = "mean",
+    seed: int = 0,
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    features: str = "raw",
+    sort_pool: bool = True,
+    canonicalize_sign: bool = False,
+    balance_msu: bool = False,
+    empty_clusters: str = "reseed",
+    eps: float = REWEIGHT_EPS,
+    name: str = "module",
+    model_ids: Sequence[Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """LoRA-LEGO on one module (spec A3 for one M). Returns (A' (k x d_in), B' (d_out x k), report).
+
+    ``factors[i] = (A_i, B_i)``, scale folded in (delta_i = B_i @ A_i). The merged delta is B' @ A'
+    (gamma already in B'; write it with scale 1). ``k`` None: r_ref rounded half up. Randomness comes
+    from ``registry.generator(seed, name)`` only. ``model_ids[i]`` labels LoRA i in the report's
+    membership lists (default: i). The output has the dtype of the first factor (float32 in the
+    toolkit) and lives on its device; the computation runs on CPU in float64.
+    """
+    d_in, d_out, ranks = check_factors(factors, name)
+    q = norm_order(norm)
+    if features not in FEATURES:
+        raise UserError(f"lora_lego: features must be one of {', '.join(FEATURES)}, got {features!r}")
+    if empty_clusters not in EMPTY_POLICIES:
+        raise UserError(
+            f"lora_lego: empty_clusters must be one of {', '.join(EMPTY_POLICIES)}, got {empty_clusters!r}"
+        )
+    if k is not None and (isinstance(k, bool) or int(k) != k or k < 1):
+        raise UserError(f"lora_lego: module '{name}': rank k must be an integer >= 1, got {k!r}")
+    if n_init < 1 or max_iter < 1 or tol < 0:
+        raise UserError(f"lora_lego: n_init and max_iter must be >= 1 and tol >= 0 "
+                        f"(got {n_init}, {max_iter}, {tol})")
+    rule = ref_rank_rule(ref_rank)
+    r_ref = reference_rank(rule, ranks)
+    out_dtype = factors[0][0].dtype
+    device = factors[0][0].device
+    ids_model = list(model_ids) if model_ids is not None else list(range(len(factors)))
+    if len(ids_model) != len(factors):
+        raise ValueError("model_ids must have one entry per LoRA")
+
+    X, ids = msu_pool(factors)
+    N = X.shape[0]
+    warnings: list[str] = []
+    k_req = int(k) if k is not None else default_k(r_ref)
+    k_cl = min(k_req, N)
+    if k_cl < k_req:
+        warnings.append(f"rank k={k_req} clamped to the number of MSUs N={N}")
+    if canonicalize_sign:
+        X = X * canonical_signs(X, d_in)[:, None]
+    if balance_msu:
+        X = balance(X, d_in)
+    X = X + 0.0  # -0.0 -> +0.0: equal values sort and group as equal
+    order = content_order(X) if sort_pool else torch.arange(N)
+    X, ids = X[order], ids[order]
+    F = normalized_features(X, d_in) if features == "normalized" else X
+
+    km: KMeansResult | None = None
+    n_distinct = N
+    if k_cl == N:  # singletons: no clustering, the concatenation
+        cluster = torch.arange(N)
+        kk = N
+    else:
+        inverse, first = group_rows(F)
+        n_distinct = int(first.numel())
+        if n_distinct <= k_cl:
+            cluster, kk = inverse, n_distinct
+            if n_distinct < k_cl:
+                warnings.append(f"only {n_distinct} distinct MSUs for k={k_cl}: {k_cl - n_distinct} "
+                                "empty cluster(s) dropped")
+        else:
+            w = torch.bincount(inverse, minlength=n_distinct).to(torch.float64)
+            km = kmeans(F[first], k_cl, weights=w, n_init=n_init, max_iter=max_iter, tol=tol,
+                        generator=generator(seed, name), empty_clusters=empty_clusters)
+            cluster, kk = km.labels[inverse], km.k
+            if km.dropped:
+                warnings.append(f"{km.dropped} empty cluster(s) dropped")
+            if not km.converged:
+                warnings.append(f"k-means did not converge in max_iter={max_iter} iterations")
+
+    # deterministic cluster order: size descending, then first member in the (sorted) pool
+    sizes = torch.bincount(cluster, minlength=kk)
+    firstpos = torch.full((kk,), N, dtype=torch.long).scatter_reduce(0, cluster, torch.arange(N), "amin")
+    perm = sorted(range(kk), key=lambda t: (-int(sizes[t]), int(firstpos[t])))
+    relabel = torch.empty(kk, dtype=torch.long)
+    relabel[torch.tensor(perm, dtype=torch.long)] = torch.arange(kk)
+    cluster = relabel[cluster]
+    sizes = sizes[perm]
+    cnt = sizes.to(torch.float64)[:, None]
+
+    C = torch.zeros(kk, X.shape[1], dtype=torch.float64).index_add_(0, cluster, X) / cnt
+    Fc = C if F is X else torch.zeros(kk, F.shape[1], dtype=torch.float64).index_add_(0, cluster, F) / cnt
+    diff2 = (F - Fc[cluster]).pow(2)
+    inertia_a = float(diff2[:, :d_in].sum())
+    inertia_b = float(diff2[:, d_in:].sum())
+
+    member_norm = torch.zeros(kk, dtype=torch.float64).index_add_(0, cluster, _qnorm(X, q)) / cnt[:, 0]
+    centre_norm = _qnorm(C, q)
+    skipped = centre_norm <= eps * member_norm
+    factor = torch.where(skipped, 1.0, member_norm / torch.where(skipped, 1.0, centre_norm))
+    if param_reweight:
+        C = C * factor[:, None]
+    gamma = math.sqrt(r_ref / kk) if output_reweight else 1.0
+
+    A_out = C[:, :d_in].to(device=device, dtype=out_dtype).contiguous()
+    B64 = C[:, d_in:].T
+    if gamma != 1.0:
+        B64 = B64 * gamma
+    B_out = B64.to(device=device, dtype=out_dtype).contiguous()
+
+    members: list[list[list[Any]]] = [[] for _ in range(kk)]
+    for pos in range(N):
+        i, j = int(ids[pos, 0]), int(ids[pos, 1])
+        members[int(cluster[pos])].append([ids_model[i], j])
+    report: dict[str, Any] = {
+        "k_requested": k_req,
+        "k_clamped": k_cl,
+        "k": kk,
+        "n_loras": len(factors),
+        "ranks": ranks,
+        "n_msu": N,
+        "n_distinct": n_distinct,
+        "r_ref": r_ref,
+        "ref_rank": rule,
+        "gamma": gamma,
+        "norm": q,
+        "param_reweight": bool(param_reweight),
+        "output_reweight": bool(output_reweight),
+        "features": features,
+        "sort_pool": bool(sort_pool),
+        "canonicalize_sign": bool(canonicalize_sign),
+        "balance_msu": bool(balance_msu),
+        "seed": int(seed),
+        "n_init": int(n_init),
+        "max_iter": int(max_iter),
+        "tol": float(tol),
+        "clustered": km is not None,
+        "cluster_sizes": [int(s) for s in sizes],
+        "inertia": inertia_a + inertia_b,
+        "inertia_a": inertia_a,
+        "inertia_b": inertia_b,
+        "n_iter": km.n_iter if km else 0,
+        "converged": km.converged if km else True,
+        "best_restart": km.run if km else None,
+        "empty_clusters": empty_clusters,
+        "empty_reseeded": km.reseeded if km else 0,
+        "empty_dropped": (km.dropped if km else 0) + (k_cl - n_distinct if km is None and k_cl < N else 0),
+        "param_factors": [float(f) for f in factor],
+        "reweight_skipped": [int(t) for t in torch.nonzero(skipped).flatten()],
+        "members": members,
+        "warnings": warnings,
+    }
+    return A_out, B_out, report
+
+
+# ----------------------------------------------------------------------------- the operator
+
+
+def lora_lego(task: Any) -> LoraResult:
+    """The registered operator: one LoraTask (one adapted module) -> the merged rank-k factors."""
+    if hasattr(task, "inputs"):
+        raise UserError(
+            f"lora_lego: tensor '{task.name}' comes from a full checkpoint; lora_lego merges LoRA "
+            "adapters only (its `rank` is the merged rank k, not an SVD extraction rank)"
+        )
+    p = task.params
+    index = list(getattr(task, "model_index", None) or [])
+    A, B, report = lego_merge(
+        task.factors,
+        p.get("rank"),
+        param_reweight=p.get("param_reweight", True),
+        output_reweight=p.get("output_reweight", True),
+        norm=p.get("norm", "inf"),
+        ref_rank=p.get("ref_rank", "mean"),
+        seed=p.get("seed", 0),
+        n_init=p.get("n_init", 10),
+        max_iter=p.get("max_iter", 300),
+        tol=p.get("tol", 1e-4),
+        features=p.get("features", "raw"),
+        sort_pool=p.get("sort_pool", True),
+        canonicalize_sign=p.get("canonicalize_sign", False),
+        balance_msu=p.get("balance_msu", False),
+        empty_clusters=p.get("empty_clusters", "reseed"),
+        name=task.name,
+        model_ids=index if len(index) == len(task.factors) else None,
+    )
+    return LoraResult(A=A, B=B, report=report)
+
+
+register(
+    Operator(
+        name="lora_lego",
+        summary="LoRA-LEGO: k-means over the rank-1 units of all LoRAs, dual reweighting (one rank-k LoRA)",
+        spec="lora_lego_rmm.md Part A (A2-A6, A9, A11)",
+        fn=lora_lego,
+        input_kind="lora",
+        needs_base=False,
+        factor_fold="sqrt",  # spec A2 step 0: sqrt(s) into each factor before forming MSUs
+        params=(
+            Param("rank", int, None, "k, the merged rank (clusters per module); default r_ref rounded "
+                  "(the size of one input); clamped to the number of MSUs. Sweep r, 2r, 4r, N",
+                  minimum=1),
+            Param("param_reweight", bool, True, "rescale each centroid by mean member norm / centroid "
+                  "norm (norm decay)"),
+            Param("output_reweight", bool, True, "multiply the merged update by sqrt(r_ref / k) "
+                  "(variance expansion); off + rank = N gives the exact sum"),
+            _NormParam("norm", str, "inf", "q of the parameter reweighting: inf (largest |entry|) or 2",
+                       choices=NORMS),
+            _RefRankParam("ref_rank", str, "mean", "r_ref: mean, max or min of the ranks on the module, "
+                          "or a number"),
+            Param("seed", int, 0, "k-means++ seed; per module the generator is seeded by (seed, module)"),
+            Param("n_init", int, 10, "k-means restarts; the lowest inertia is kept", minimum=1),
+            Param("max_iter", int, 300, "Lloyd iterations per restart", minimum=1),
+            Param("tol", float, 1e-4, "convergence: squared centre shift <= tol * mean feature variance",
+                  minimum=0.0),
+            Param("features", str, "raw", "clustering features: raw concat(a, b) or normalized "
+                  "concat(a/|a|, b/|b|) (centroids always average raw MSUs)", choices=FEATURES),
+            Param("sort_pool", bool, True, "sort the MSUs by content first: result independent of the "
+                  "order of LoRAs and ranks"),
+            Param("canonicalize_sign", bool, False, "flip each MSU so that a's largest |entry| is "
+                  "positive ((a, b) and (-a, -b) are the same update)"),
+            Param("balance_msu", bool, False, "rescale each MSU to |a| = |b| before clustering"),
+            Param("empty_clusters", str, "reseed", "a cluster left empty: reseed (farthest point) or "
+                  "drop (lower rank)", choices=EMPTY_POLICIES),
+        ),
+        details="Per adapted module, every rank j of every LoRA i is a minimal semantic unit "
+        "u = concat(row j of A_i, column j of B_i) (scale folded in). The N = sum r_i units are "
+        "clustered with "
+        "k-means (k-means++, n_init restarts, seeded per module); centroid t becomes rank t of the "
+        "merged LoRA (A' row, B' column). Parameter reweighting scales each centroid by the mean "
+        "q-norm of its members over its own q-norm; output reweighting multiplies B' by "
+        "sqrt(r_ref / k). rank = N without output reweighting is the plain sum of the LoRAs; one "
+        "LoRA with rank = r is returned unchanged. Output: a LoRA of rank k with scale 1; the merge "
+        "report lists k, cluster sizes and members, inertia, gamma and the reweighting factors per "
+        "module. Paper: Zhao et al., ICLR 2025, arXiv 2409.16167.",
+    )
+)
