@@ -39,7 +39,8 @@ def state_tensors(state: Path) -> dict[str, torch.Tensor]:
     return load_dir(st.tensor_dir) if st.tensor_dir else {}
 
 
-@pytest.mark.parametrize("method,params", [("magmax", ""), ("task_arithmetic", "{lambda: 0.3}"), ("linear", "")])
+@pytest.mark.parametrize("method,params", [("magmax", ""), ("task_arithmetic", "{lambda: 0.3}"), ("linear", ""),
+                                           ("opcm", ""), ("opcm", "{alpha: 0.9, zero_diagonal: false}")])
 def test_resume_equivalence_bit_for_bit(tiny_models, tmp_path, cli, method, params):
     state = init_state(tmp_path, tiny_models, method, params)
     for m in "abc":  # separate adds, as separate server events
@@ -180,3 +181,22 @@ def test_watch_exits_cleanly_on_sigterm(tiny_models, tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "stopped; 0 model(s) merged" in out
+
+
+def test_opcm_run_matches_the_in_memory_reference(tiny_models, tmp_path, cli):
+    """`merge run` (streaming, state on disk) against ops.opcm.opcm_merge (all tensors in memory)."""
+    from mergekit_ortho.ops.opcm import opcm_merge
+
+    r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models[m] for m in "cab"], "opcm", tiny_models["base"]))
+    code, out, err = cli("run", r, "--out", tmp_path / "o")
+    assert code == 0, out + err
+    got = load_dir(tmp_path / "o")
+    base = load_dir(tiny_models["base"])
+    ref = opcm_merge(base, [load_dir(tiny_models[m]) for m in "cab"])
+    for k, v in got.items():
+        torch.testing.assert_close(v, ref[k].to(v.dtype), rtol=1e-5, atol=1e-6)
+    # the order matters (unlike averaging): another order gives another model
+    r2 = write_recipe(tmp_path / "r2.yaml", recipe_text([tiny_models[m] for m in "abc"], "opcm", tiny_models["base"]))
+    assert cli("run", r2, "--out", tmp_path / "o2")[0] == 0
+    other = load_dir(tmp_path / "o2")
+    assert any(not torch.allclose(other[k], got[k]) for k in got)
