@@ -13,11 +13,14 @@ that dominate a Llama merge:
 ``--data bf16delta`` (default) makes task vectors the way the end-to-end benchmark does
 (bf16(base + 0.01 N(0,1)) - bf16(base), computed in float32: many equal magnitudes);
 ``--data randn`` uses N(0,1) (all magnitudes distinct in practice). Times are the minimum and
-the median over ``--repeat`` runs, each on fresh copies (the copy is not timed).
+the median over ``--repeat`` runs, each on fresh copies (the copy is not timed). Wall times on
+cores shared with other jobs swing widely (the load average is printed); ``--cpu-time`` runs one
+thread and reports its CPU time instead, a steadier measure of the work.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,7 +28,7 @@ import torch
 
 from mergekit_ortho.ops import registry
 from mergekit_ortho.ops.registry import TensorTask, generator
-from mergekit_ortho.ops.ties_dare import magnitude_trim
+from mergekit_ortho.ops.ties_dare import _trim_, magnitude_trim
 
 # --- the previous implementation, kept here only as the baseline being measured ----------------
 
@@ -98,13 +101,16 @@ def make(shape, kind: str, seed: int) -> torch.Tensor:
     return tuned.float() - base.float()
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, make_args, repeat: int) -> tuple[float, float]:
     times = []
     for _ in range(repeat):
         args = make_args()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         out = fn(*args)
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
         del out, args
     return min(times), statistics.median(times)
 
@@ -132,10 +138,17 @@ def main() -> None:
     ap.add_argument("--data", choices=("bf16delta", "randn"), default="bf16delta")
     ap.add_argument("--models", type=int, default=3, help="task vectors per operator call")
     ap.add_argument("--no-ops", action="store_true", help="time magnitude_trim only")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, timed by its CPU time (work done; steady on shared cores)")
     args = ap.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        args.threads, CLOCK = 1, time.thread_time
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {args.data}, "
-          f"density {args.density}, best/median of {args.repeat}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'CPU time' if args.cpu_time else 'wall time'}, data {args.data}, density {args.density}, "
+          f"best/median of {args.repeat}, load average {load:.1f} on {os.cpu_count()} CPUs")
     print(f"{'shape':>12} {'elements':>11} {'what':<34} {'old s':>14} {'new s':>14} {'speed-up':>8}")
     for spec in args.shapes:
         shape = tuple(int(v) for v in spec.lower().split("x"))
@@ -150,9 +163,12 @@ def main() -> None:
         assert int((new != 0).sum()) == int((old != 0).sum())
         same = torch.equal(new, old)
         del new, old
-        rows = [("magnitude_trim (topk rule)" + ("" if same else " *"),
-                 timed(old_magnitude_trim, lambda: (x, args.density), args.repeat),
-                 timed(magnitude_trim, lambda: (x, args.density), args.repeat))]
+        old_trim = timed(old_magnitude_trim, lambda: (x, args.density), args.repeat)
+        rows = [("magnitude_trim (topk rule)" + ("" if same else " *"), old_trim,
+                 timed(magnitude_trim, lambda: (x, args.density), args.repeat)),
+                # what the ties operator runs: in place on the task vector it owns (no copy)
+                ("  in place (_trim_, inside ties)", old_trim,
+                 timed(lambda t: _trim_(t, args.density, "topk"), lambda: (x.clone(),), args.repeat))]
         if not args.no_ops:
             xs = [x] + [make(shape, args.data, i + 1) for i in range(args.models - 1)]
             for method in ("ties", "dare_ties", "dare_linear"):

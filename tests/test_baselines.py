@@ -166,18 +166,22 @@ from mergekit_ortho.ops.registry import generator  # noqa: E402
 from mergekit_ortho.ops.ties_dare import random_drop  # noqa: E402
 
 
-def brute_trim(x: torch.Tensor, density: float) -> torch.Tensor:
+def brute_order(x: torch.Tensor) -> torch.Tensor:
+    """Flat indices by decreasing magnitude, equal magnitudes by increasing index (a full sort)."""
+    mags = x.reshape(-1).abs().double().numpy()
+    return torch.from_numpy(np.lexsort((np.arange(mags.size), -mags)).copy())  # last key primary
+
+
+def brute_trim(x: torch.Tensor, density: float, order: torch.Tensor | None = None) -> torch.Tensor:
     """The spec rule by brute force: order by (-|x|, flat index), keep the first max(int(d*n), 1)."""
     n = x.numel()
     if density >= 1.0 or n == 0:
         return x.clone()
     k = max(int(density * n), 1)
-    flat = x.reshape(-1)
-    mags = flat.abs().double().numpy()
-    order = np.lexsort((np.arange(n), -mags))  # last key is primary
+    order = brute_order(x) if order is None else order
     keep = torch.zeros(n, dtype=torch.bool)
-    keep[torch.from_numpy(order[:k].copy())] = True
-    return torch.where(keep, flat, torch.zeros((), dtype=x.dtype)).reshape(x.shape)
+    keep[order[:k]] = True
+    return torch.where(keep, x.reshape(-1), torch.zeros((), dtype=x.dtype)).reshape(x.shape)
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -211,37 +215,56 @@ def _trim_inputs():
 DENSITIES = (0.0, 1e-6, 0.01, 0.1, 0.25, 0.5, 0.7, 0.99, 0.999999, 1.0)
 
 
-@pytest.mark.parametrize("radix", [False, True], ids=["sort_path", "radix_path"])
+@pytest.mark.parametrize("path", ["sort", "radix", "radix_pivot", "radix_chunked"])
 @pytest.mark.parametrize("name,x", list(_trim_inputs()), ids=[n for n, _ in _trim_inputs()])
-def test_topk_trim_equals_brute_force_tie_rule(monkeypatch, radix, name, x):
-    if radix:  # every size through the radix select
+def test_topk_trim_equals_brute_force_tie_rule(monkeypatch, path, name, x):
+    if path != "sort":  # every size through the radix select
         monkeypatch.setattr(ties_dare, "_RADIX_MIN_NUMEL", 1)
+    if path != "radix":  # try the pivot on any level-1 bucket holding >= 1/32 of the entries
+        monkeypatch.setattr(ties_dare, "_PIVOT_MIN", 1)
+    if path == "radix_chunked":  # the chunked passes split into many small steps
+        monkeypatch.setattr(ties_dare, "_SERIAL_CHUNK", 7)
     before = x.clone()
+    order = brute_order(x)
     for d in DENSITIES:
         got = magnitude_trim(x, d, "topk")
-        assert bits_equal(got, brute_trim(x, d)), (name, d)
+        assert bits_equal(got, brute_trim(x, d, order)), (name, d)
         if d < 1.0:
             assert int((got != 0).sum()) <= max(int(d * x.numel()), 1)
     assert bits_equal(x, before)  # the public function never writes its input
 
 
+@pytest.mark.parametrize("pivot", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_topk_trim_radix_large_random_and_ties(dtype):
-    # above the default radix size, so the default configuration takes the fast path
-    n = ties_dare._RADIX_MIN_NUMEL + 12_345
+def test_topk_trim_radix_large_random_and_ties(monkeypatch, dtype, pivot):
+    tried = []
+    if pivot:  # record the pivot tests, to check that the heavy tensor takes (and passes) one
+        real = ties_dare._pivot_threshold
+        monkeypatch.setattr(ties_dare, "_pivot_threshold",
+                            lambda *a: tried.append(real(*a)) or tried[-1])
+    else:
+        monkeypatch.setattr(ties_dare, "_PIVOT_MIN", 1 << 62)
+    # well above the default radix size (the default configuration takes the fast path), with
+    # realistic bucket sizes
+    n = max(ties_dare._RADIX_MIN_NUMEL, 1 << 19) + 12_345
     g = torch.Generator().manual_seed(11)
     cont = torch.randn(n, generator=g, dtype=dtype)
-    ties = torch.randint(-40, 41, (n,), generator=g).to(dtype) / 16  # ~80 distinct magnitudes
+    ties = torch.randint(-40, 41, (n,), generator=g).to(dtype) / 16  # ~40 distinct magnitudes
     ties[::7] = -0.0
-    for x in (cont, ties):
+    # bf16-delta-like: one magnitude fills most of its level-1 bucket, a few neighbours share it
+    heavy = (torch.randn(n, generator=g, dtype=dtype) * 0.01).to(torch.bfloat16).to(dtype)
+    heavy[::101] += 2.0 ** -20
+    for x in (cont, ties, heavy):
+        order = brute_order(x)
         for d in (0.0, 0.013, 0.5, 0.8765):
-            assert bits_equal(magnitude_trim(x, d), brute_trim(x, d)), (d, x is ties)
+            assert bits_equal(magnitude_trim(x, d), brute_trim(x, d, order)), (d, x is ties)
+    assert not pivot or any(r is not None for r in tried)
 
 
 def test_topk_trim_same_set_as_topk_when_magnitudes_distinct():
     # without ties at the threshold the kept set is topk's, on both paths
     g = torch.Generator().manual_seed(12)
-    for n in (500, ties_dare._RADIX_MIN_NUMEL + 3):
+    for n in (500, ties_dare._RADIX_MIN_NUMEL + 3, (1 << 20) + 3):
         x = torch.randn(n, generator=g)
         k = n // 3
         idx = torch.topk(x.abs(), k).indices
@@ -273,7 +296,10 @@ DARE_TIES = [-3.5, -1.5555555820465088, -1.3737373352050781, -0.7878787517547607
              1.5555555820465088, 4.0]
 
 
-def test_dare_draws_unchanged():
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_dare_draws_unchanged(monkeypatch, chunk):
+    if chunk:  # the draws taken in several chunks from the one generator: still the same numbers
+        monkeypatch.setattr(ties_dare, "_SERIAL_CHUNK", chunk)
     x = DARE_X.clone()
     out = random_drop(x, 0.4, generator(11, "blk.3.w\x000"))
     assert torch.equal(out.flatten(), torch.tensor(DARE_DROP)) and out.shape == (3, 4)
@@ -313,7 +339,7 @@ def reference_merge(taus, mps, params, sparsify, tensor):
         div = sum(k.to(t.dtype) * w for k, w in zip(kept, weights))
         div = torch.where(div == 0, torch.ones_like(div), div)
     else:
-        mixed = sum(ds)
+        mixed = sum(ds[1:], ds[0])  # d_0 + d_1 + ... (a -0.0 sum stays -0.0)
         tw = float(sum(weights))
         div = 1.0 if abs(tw) < 1e-8 else tw
     normalize = params.get("normalize", sparsify == "magnitude")
@@ -336,9 +362,18 @@ MIX_CASES = [
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
 @pytest.mark.parametrize("case", range(len(MIX_CASES)))
-@pytest.mark.parametrize("shape,dtype", [((23, 41), torch.float32), ((1100, 1000), torch.float32),
-                                         ((31, 7), torch.float64)])
-def test_operators_match_plain_reference(method, case, shape, dtype):
+@pytest.mark.parametrize("shape,dtype,chunk", [
+    ((23, 41), torch.float32, None),  # below the radix size: the sorting trim
+    ((300, 250), torch.float32, None),  # radix trim, several default chunks
+    ((300, 250), torch.float32, 997),
+    ((31, 7), torch.float64, None),
+    ((200, 120), torch.float64, 997),
+])
+def test_operators_match_plain_reference(monkeypatch, method, case, shape, dtype, chunk):
+    if chunk:  # every chunked pass in many chunks, the last one partial
+        for name in ("_MIX_CHUNK", "_SERIAL_CHUNK"):
+            monkeypatch.setattr(ties_dare, name, chunk)
+        monkeypatch.setattr(ties_dare, "_PIVOT_MIN", 1)
     params, mps = MIX_CASES[case]
     g = torch.Generator().manual_seed(20 + case)
     taus = [torch.randn(shape, generator=g, dtype=dtype) * (i + 1) for i in range(len(mps))]
@@ -352,7 +387,7 @@ def test_operators_match_plain_reference(method, case, shape, dtype):
                           "magnitude" if method == "ties" else "random", "w.q")
     assert out.dtype == dtype and out.shape == shape
     assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
-    assert torch.equal(out, ref)  # in practice the same operations in the same order
+    assert bits_equal(out, ref)  # the same operations in the same order: identical, zero signs too
 
 
 def test_operators_may_consume_inputs_but_not_aliased_ones():
@@ -365,3 +400,51 @@ def test_operators_may_consume_inputs_but_not_aliased_ones():
     shared = tau.clone()
     task = TensorTask("t", None, [shared, tau * -0.5, shared], op.resolve_params({}), mps)
     assert bits_equal(op.fn(task), want)
+    # a non-contiguous input is copied, not written through a view
+    t2 = tau.t().contiguous().t()
+    assert not t2.is_contiguous()
+    task = TensorTask("t", None, [t2, tau * -0.5, tau.clone()], op.resolve_params({}), mps)
+    assert bits_equal(op.fn(task), want) and torch.equal(t2, tau)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.0, 1e-9, 0.3, 0.7, 0.5, 0.9999999])
+def test_dare_keep_mask_is_torchs_comparison(dtype, density):
+    # draws at, just below and just above float32(density), plus random ones
+    d32 = torch.tensor(density, dtype=torch.float32)
+    edge = torch.stack([d32, torch.nextafter(d32, torch.tensor(0.0)), torch.nextafter(d32, torch.tensor(1.0)),
+                        torch.tensor(0.0), torch.tensor(0.99999994)])
+    u = torch.cat([edge, torch.rand(2000, generator=torch.Generator().manual_seed(1))]).clamp(0, 0.99999994)
+    x = torch.randn(u.numel(), generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[:4] = torch.tensor([float("nan"), -float("inf"), -0.0, -1.0], dtype=dtype)
+    want = torch.where(u < density, x, torch.zeros((), dtype=dtype))
+    got = x.clone()
+    ties_dare._keep_below_(got, u.clone(), density)
+    assert bits_equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    assert torch.equal(got.isnan(), want.isnan())
+
+
+def test_trim_nan_counts_as_largest(monkeypatch):
+    x = torch.tensor([1.0, float("nan"), 3.0, -2.0])
+    for radix in (False, True):
+        if radix:
+            monkeypatch.setattr(ties_dare, "_RADIX_MIN_NUMEL", 1)
+        out = magnitude_trim(x, 0.5)
+        assert out.isnan().tolist() == [False, True, False, False] and out[[0, 2, 3]].tolist() == [0, 3, 0]
+        out = magnitude_trim(x, 0.25)  # the threshold itself is the NaN
+        assert out.isnan().tolist() == [False, True, False, False] and out[[0, 2, 3]].tolist() == [0, 0, 0]
+
+
+def test_ties_nan_inputs_match_plain_reference():
+    # a NaN in a task vector: the old formulation elects the negative sign there (NaN >= 0 is
+    # false) and never keeps the NaN itself; the in-place version must do the same
+    g = torch.Generator().manual_seed(40)
+    taus = [torch.randn(60, generator=g) for _ in range(3)]
+    taus[0][::7] = float("nan")
+    taus[2][3::11] = float("inf")
+    taus[1][5::13] = -float("inf")
+    for params, mps in MIX_CASES[:4]:
+        mps = [dict(mp, density=1.0) for mp in mps]
+        out = run_op("ties", taus, params, mps)
+        ref = reference_merge(taus, mps, dict(params, consensus=True), "magnitude", "t")
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)

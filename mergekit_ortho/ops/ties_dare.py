@@ -30,12 +30,20 @@ Trimming is per tensor (mergekit), not global over the model as in the TIES refe
 streaming one tensor at a time makes a global threshold a second pass we do not pay for.
 
 Speed: the operators work in place on the task vectors the engine hands them (``task.inputs``,
-which they own) and keep the number of full-size temporaries to one float buffer plus a few
-boolean masks per tensor; every result is bit-identical to the straightforward formulation
-(tests/test_baselines.py checks them against a plain re-derivation).
+which the engine computes afresh for each call; an input passed twice or non-contiguous is
+copied first) and avoid full-size temporaries, whose page faults cost more than the arithmetic:
+the top-k threshold comes from a radix select (:func:`_radix_threshold`) and is applied by an
+in-place ``hardshrink``; the DARE mask is the sign bit of ``u - density``; the sign election and
+disjoint mean run on the float bit patterns (:func:`_mix`); all of it chunk by chunk on the
+calling thread (see ``_SERIAL_CHUNK``). Every result is bit-identical to the plain formulation
+(tests/test_baselines.py re-derives it), with the deterministic tie rule above as the only
+change of the kept set.
 """
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import torch
 
 from .registry import Operator, Param, TensorTask, generator, register
@@ -43,77 +51,185 @@ from .registry import Operator, Param, TensorTask, generator, register
 
 # Tensors with at least this many entries (float32/float64, or half types via an exact float32
 # copy of the magnitudes) find the top-k threshold by radix select; smaller ones use a stable
-# sort. Both give the same kept set; tests lower it to cross-check the two paths.
-_RADIX_MIN_NUMEL = 1 << 20
-_DIGIT = 16  # bits resolved per radix level (a 65536-bin histogram)
+# sort (faster below ~16k entries, where the fixed cost of the histograms dominates; far slower
+# above). Both give the same kept set; tests lower it to cross-check the two paths.
+_RADIX_MIN_NUMEL = 1 << 14
+
+# Every full-tensor pass here (radix histograms, applying the threshold, the DARE mask, the sign
+# election and disjoint mean) walks the tensor in chunks just below ATen's parallel grain size
+# (32768 entries), so that each op on a chunk runs on the calling thread. A parallel region costs
+# next to nothing on an idle machine but up to a scheduler slice when the cores are shared with
+# other jobs: during development, on 2 cores at load average ~6, one 3 x 11.5M-entry ties call
+# took 5.5 s with 1M-entry chunks (2 threads) and 0.38 s with these, for about the same 0.14 s
+# of single-threaded work; on an idle machine 0.12 s vs 0.16 s. Small chunks also stay in L2
+# through all their passes, and no full-size temporary is allocated (page faults). On other
+# devices (CUDA) a chunk is the whole tensor.
+_SERIAL_CHUNK = (1 << 15) - 1
+_MIX_CHUNK = _SERIAL_CHUNK  # entries per chunk in the sign election / disjoint mean
+_INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer view of a float
 
 
-def _kth_largest_bits(flat: torch.Tensor, k: int) -> tuple[int, int, torch.Tensor]:
-    """Radix select on the bit patterns of |flat| (float32 or float64, contiguous, 1-D).
-
-    For non-negative floats the IEEE bit pattern read as a signed integer is monotone in the
-    value (+0 and -0 both map to 0, +inf below every NaN), so the k-th largest magnitude is the
-    k-th largest of ``bits & 0x7FF...F``. Level 1 histograms the top 16 bits of all entries
-    (15 after clearing the sign), finds the bucket holding the k-th largest from a cumulative
-    count taken from the top, and keeps only that bucket's entries as candidates; each further
-    level resolves the next 16 bits among the candidates, until all bits are fixed.
-
-    Returns ``(t, m, work)``: ``t`` the threshold's bit pattern, ``m`` how many entries equal
-    to it belong to the top k (1 <= m <= their count; the others above t are all kept), and
-    ``work`` a scratch integer tensor of flat's size that the caller may overwrite.
-    """
-    if flat.dtype == torch.float32:
-        ibits, width, sign_clear = flat.view(torch.int32), 32, 0x7FFFFFFF
-    else:
-        ibits, width, sign_clear = flat.view(torch.int64), 64, 0x7FFFFFFFFFFFFFFF
-    shift = width - _DIGIT
-    # level 1 on every entry: the top digit with the sign bit dropped, in [0, 2**15)
-    work = torch.bitwise_right_shift(ibits, shift)
-    work.bitwise_and_((1 << (_DIGIT - 1)) - 1)
-    digits, cand = work, None
-    need, prefix = k, 0
-    while True:
-        counts = torch.bincount(digits, minlength=1 << _DIGIT)
-        at_or_above = counts.flip(0).cumsum(0).flip(0)  # [j] = #digits >= j (non-increasing)
-        j = int((at_or_above >= need).sum()) - 1  # the bucket that holds the need-th largest
-        above = int(at_or_above[j + 1]) if j + 1 < counts.numel() else 0
-        need -= above
-        prefix |= j << shift
-        if shift == 0:
-            return prefix, need, work
-        in_bucket = digits == j
-        cand = ibits[in_bucket].bitwise_and_(sign_clear) if cand is None else cand[in_bucket]
-        del in_bucket
-        shift -= _DIGIT
-        digits = torch.bitwise_right_shift(cand, shift).bitwise_and_((1 << _DIGIT) - 1)
+def _chunk(t: torch.Tensor, size: int | None = None) -> int:
+    return (_SERIAL_CHUNK if size is None else size) if t.device.type == "cpu" else max(t.numel(), 1)
 
 
-def _topk_drop_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (flat's shape) of the entries to zero so that exactly k survive.
+def _host_counts(digits: torch.Tensor, bins: int) -> np.ndarray:
+    """Histogram (on the host) of a 1-D tensor of integers in [0, bins), chunk by chunk: torch's
+    bincount takes a (parallel) min and max of its input first."""
+    counts = np.zeros(bins, dtype=np.int64)
+    step = _chunk(digits)
+    for lo in range(0, digits.numel(), step):
+        counts += torch.bincount(digits[lo:lo + step], minlength=bins).cpu().numpy()
+    return counts
 
-    Kept: every entry with |x| above the k-th largest magnitude t, then the entries with
-    |x| == t in increasing flat index until k are kept. 1 <= k <= numel.
+
+def _pick(counts: np.ndarray, need: int) -> tuple[int, int, int]:
+    """The histogram bin holding the need-th largest value: (bin, rank within it, bin count)."""
+    at_or_above = np.cumsum(counts[::-1])[::-1]  # [j] = #values in bins >= j, non-increasing
+    j = int(np.count_nonzero(at_or_above >= need)) - 1
+    if j + 1 < counts.size:
+        need -= int(at_or_above[j + 1])
+    return j, need, int(counts[j])
+
+
+def _radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | None]:
+    """Radix select of the k-th largest magnitude of ``flat`` (contiguous 1-D float32/float64).
+
+    For non-negative floats the IEEE bit pattern read as an integer is monotone in the value
+    (+0 and -0 both map to 0 once the sign bit is cleared; +inf sits below every NaN), so the
+    k-th largest magnitude is the k-th largest of ``bits & 0x7FF...F``. Level 1 histograms the
+    top 16 bits of every entry (15 once the sign is dropped; read through an int16 view) and a
+    cumulative count from the top picks the bucket that holds the k-th largest. That bucket's
+    entries, with their flat indices, become the candidates; each further level resolves the
+    next 16 bits among them (2 levels for float32, 4 for float64). A bucket holding a large share
+    of the tensor is usually one value repeated (task vectors of bf16 checkpoints), and
+    gathering it costs more than testing that value: :func:`_pivot_threshold` tries it first.
+
+    Returns ``(t, m, n_eq, c)``: ``t`` the threshold's bit pattern (sign cleared), ``n_eq`` the
+    number of entries whose magnitude has exactly that pattern, ``m`` how many of them belong
+    to the top k (1 <= m <= n_eq; every entry above t does) and, when m < n_eq, ``c`` = 1 + the
+    flat index of the m-th of them in index order (else None): candidates stay in increasing
+    index order through every level.
     """
     n = flat.numel()
+    width = flat.element_size() * 8
+    ibits = flat.view(_INT_OF[flat.element_size()])
+    words = flat.view(torch.int16).view(-1, width // 16)
+    top = words[:, -1] if sys.byteorder == "little" else words[:, 0]
+    step = _chunk(flat)
+    counts = np.zeros(1 << 15, dtype=np.int64)
+    for lo in range(0, n, step):
+        digits = torch.bitwise_and(top[lo:lo + step], 0x7FFF)  # top 16 bits without the sign
+        counts += torch.bincount(digits, minlength=1 << 15).cpu().numpy()
+    j, need, in_bucket = _pick(counts, k)
+    if in_bucket >= max(n >> 5, _PIVOT_MIN):
+        found = _pivot_threshold(flat, j, k)
+        if found is not None:
+            return found
+    shift = width - 16
+    prefix = j << shift
+    idx, cand = [], []  # the bucket's flat indices and raw bits (the sign bit is never read)
+    for lo in range(0, n, step):
+        sel = (torch.bitwise_and(top[lo:lo + step], 0x7FFF) == j).nonzero().view(-1)
+        cand.append(ibits[lo:lo + step][sel])
+        idx.append(sel.add_(lo))
+    idx, cand = torch.cat(idx), torch.cat(cand)
+    while True:
+        shift -= 16
+        digits = torch.bitwise_right_shift(cand, shift).bitwise_and_(0xFFFF)
+        j, need, n_eq = _pick(_host_counts(digits, 1 << 16), need)
+        prefix |= j << shift
+        if shift == 0:
+            c = int(idx[(digits == j).nonzero()[need - 1]]) + 1 if need < n_eq else None
+            return prefix, need, n_eq, c
+        sel = (digits == j).nonzero().view(-1)
+        idx, cand = idx[sel], cand[sel]
+        del sel, digits
+
+
+_PIVOT_MIN = 1 << 16  # smallest level-1 bucket worth a pivot test (also >= 1/32 of the tensor)
+
+
+def _pivot_threshold(flat: torch.Tensor, j: int, k: int):
+    """Test whether the magnitude of the first entry in level-1 bucket ``j`` is the k-th
+    largest: one pass counts the entries above and equal to it. Returns what
+    :func:`_radix_threshold` returns, or None when it is not."""
+    itype = _INT_OF[flat.element_size()]
+    sign_clear = torch.iinfo(itype).max
+    shift = flat.element_size() * 8 - 16
+    ibits = flat.view(itype)
+    n = flat.numel()
+    step = _chunk(flat)
+    pivot = None
+    for lo in range(0, n, step):
+        hit = torch.bitwise_right_shift(ibits[lo:lo + step].bitwise_and(sign_clear), shift) == j
+        if bool(hit.any()):
+            pivot = int(ibits[lo + int(hit.view(torch.uint8).argmax())]) & sign_clear  # first hit
+            break
+    above, equal = 0, []
+    for lo in range(0, n, step):
+        mag = ibits[lo:lo + step].bitwise_and(sign_clear)
+        above += int(torch.count_nonzero(mag > pivot))
+        equal.append(int(torch.count_nonzero(mag == pivot)))
+    n_eq = sum(equal)
+    if not above < k <= above + n_eq:
+        return None
+    m = k - above
+    if m == n_eq:
+        return pivot, m, n_eq, None
+    seen = 0
+    for i, cnt in enumerate(equal):  # the chunk holding the m-th entry equal to the pivot
+        if seen + cnt >= m:
+            lo = i * step
+            hit = ibits[lo:lo + step].bitwise_and(sign_clear) == pivot
+            return pivot, m, n_eq, lo + int(hit.nonzero()[m - seen - 1]) + 1
+        seen += cnt
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _topk_(flat: torch.Tensor, k: int) -> None:
+    """Zero, in place, all but k entries of ``flat`` (contiguous 1-D): every entry whose
+    magnitude exceeds the k-th largest magnitude t, then the entries with magnitude t in
+    increasing index until k are kept. 1 <= k <= numel."""
+    n = flat.numel()
     dt = flat.dtype
-    if n >= _RADIX_MIN_NUMEL and dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        src = flat if dt in (torch.float32, torch.float64) else flat.abs().float()  # exact, monotone
-        t, m, work = _kth_largest_bits(src, k)
-        ibits = src.view(torch.int32 if src.dtype == torch.float32 else torch.int64)
-        sign_clear = 0x7FFFFFFF if src.dtype == torch.float32 else 0x7FFFFFFFFFFFFFFF
-        mag_bits = torch.bitwise_and(ibits, sign_clear, out=work)  # |x| as ordered integers
-        equal = mag_bits == t
-        n_equal = int(equal.sum())
-        if m == n_equal:  # the whole tie group at the threshold is kept (the usual case)
-            return mag_bits < t
-        drop = mag_bits <= t
-        drop[equal.nonzero().view(-1)[:m]] = False  # nonzero lists indices in increasing order
-        return drop
-    # small tensors: a stable descending sort puts equal magnitudes in index order
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices
-    drop = torch.ones(n, dtype=torch.bool, device=flat.device)
-    drop[order[:k]] = False
-    return drop
+    if n < _RADIX_MIN_NUMEL or dt not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        # small tensors: a stable descending sort puts equal magnitudes in index order
+        order = torch.sort(flat.abs(), descending=True, stable=True).indices
+        drop = torch.ones(n, dtype=torch.bool, device=flat.device)
+        drop[order[:k]] = False
+        flat.masked_fill_(drop, 0)
+        return
+    src = flat if dt in (torch.float32, torch.float64) else flat.abs().float()  # exact, monotone
+    t, m, n_eq, c = _radix_threshold(src, k)
+    if m == n_eq:  # the whole tie group at t is kept (always, without ties at the threshold)
+        c = n
+    # keep |x| >= t before index c and |x| > t from c on (c = 1 + the last kept entry equal to t)
+    itype = _INT_OF[src.element_size()]
+    min_normal, inf = (0x00800000, 0x7F800000) if itype == torch.int32 else (1 << 52, 0x7FF << 52)
+    step = _chunk(flat)
+    if src is flat and min_normal < t < inf:
+        # hardshrink(x, l) zeroes |x| <= l branch-free, in one pass; with l = the float just
+        # below t it zeroes |x| < t. NaN compares false, so it is kept (it counts as largest).
+        tf = torch.tensor(t, dtype=itype).view(dt)
+        below = float(torch.nextafter(tf, torch.zeros_like(tf)))
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            if lo < c:
+                part = flat[lo:min(hi, c)]
+                torch.hardshrink(part, below, out=part)
+            if hi > c:
+                part = flat[max(lo, c):hi]
+                torch.hardshrink(part, float(tf), out=part)
+        return
+    # a zero, subnormal, infinite or NaN threshold, or a half dtype: compare the bit patterns of
+    # |x| (exact whatever the denormal mode; NaN patterns sit above +inf)
+    mag_bits = src.view(itype).bitwise_and(torch.iinfo(itype).max)
+    drop = torch.empty(n, dtype=torch.bool, device=flat.device)
+    torch.lt(mag_bits[:c], t, out=drop[:c])
+    torch.le(mag_bits[c:], t, out=drop[c:])
+    del mag_bits
+    flat.masked_fill_(drop, 0)
 
 
 def _trim_(x: torch.Tensor, density: float, rule: str) -> torch.Tensor:
@@ -133,8 +249,7 @@ def _trim_(x: torch.Tensor, density: float, rule: str) -> torch.Tensor:
         del mags
         flat.masked_fill_(keep.logical_not_(), 0)
         return x
-    k = max(int(density * n), 1)
-    flat.masked_fill_(_topk_drop_mask(flat, k), 0)
+    _topk_(flat, max(int(density * n), 1))
     return x
 
 
@@ -146,8 +261,9 @@ def magnitude_trim(x: torch.Tensor, density: float, rule: str = "topk") -> torch
     increasing flat (row-major) index order until k are kept - so among equal magnitudes at the
     threshold the lowest indices win, deterministically. +0 and -0 are equal magnitudes; NaN
     counts as larger than any number. Tensors of at least ``_RADIX_MIN_NUMEL`` entries find t
-    with an exact radix select over the float bit patterns (two 65536-bin histograms for
-    float32) instead of ``torch.topk``; smaller ones use a stable sort. Same set either way.
+    with an exact radix select over the float bit patterns (:func:`_radix_threshold`: a
+    histogram of the top 16 bits, then the next 16 bits of the one bucket that holds t) instead
+    of ``torch.topk``; smaller ones use a stable sort. Same set either way.
 
     ``rule="kthvalue"`` keeps every entry with magnitude >= the k'-th smallest, k' = n - int(n *
     density) (the TIES reference code; one more entry, ties all kept).
@@ -157,21 +273,35 @@ def magnitude_trim(x: torch.Tensor, density: float, rule: str = "topk") -> torch
     return _trim_(x.clone(memory_format=torch.contiguous_format), density, rule)
 
 
-def _drop_(
-    x: torch.Tensor, density: float, gen: torch.Generator, rescale: bool, buf: torch.Tensor | None = None
-) -> torch.Tensor:
-    """:func:`random_drop` in place on x; ``buf`` (float32, x's shape) may hold the uniform draws."""
+def _keep_below_(x: torch.Tensor, u: torch.Tensor, density: float) -> None:
+    """x = where(u < density, x, +0) in place, exactly; ``u`` (float32, x's shape, never NaN) is
+    overwritten. The comparison is torch's (in float32, against float32(density))."""
+    if x.dtype in (torch.float32, torch.float64) and u.dtype == torch.float32:
+        # u - d < 0 exactly when u < d (distinct floats never subtract to 0; u == d gives +0), so
+        # the sign bit, spread by an arithmetic shift, is an all-ones/all-zeros keep mask
+        u.sub_(density)
+        mask = u.view(torch.int32).bitwise_right_shift_(31)
+        x.view(_INT_OF[x.element_size()]).bitwise_and_(mask)  # int32 -1 widens to all ones
+    else:
+        x.masked_fill_(torch.ge(u, density), 0)
+
+
+def _drop_(x: torch.Tensor, density: float, gen: torch.Generator, rescale: bool) -> torch.Tensor:
+    """:func:`random_drop` in place on x (contiguous)."""
     if density >= 1.0:
         return x
-    # the same draws as torch.rand(x.shape, generator=gen, dtype=float32): one uniform per entry,
-    # in order; entry kept iff u < density (so dropped iff u >= density: u is never NaN)
-    u = torch.rand(x.shape, generator=gen, dtype=torch.float32, device=x.device, out=buf)
-    drop = torch.ge(u, density)
-    del u
-    x.masked_fill_(drop, 0)
-    del drop
-    if rescale and density > 0:
-        x.div_(density)
+    # the draws of torch.rand(x.shape, generator=gen, dtype=float32), taken chunk by chunk from
+    # the same generator: on the CPU that is one draw per entry in order, so the same numbers
+    # (tests pin them); elsewhere the chunk is the whole tensor. Kept iff the draw is < density.
+    xf = x.view(-1)
+    step = _chunk(xf)
+    u = torch.empty(min(step, xf.numel()), dtype=torch.float32, device=x.device)
+    for lo in range(0, xf.numel(), step):
+        xc = xf[lo:lo + step]
+        uc = torch.rand(xc.shape, generator=gen, dtype=torch.float32, device=x.device, out=u[:xc.numel()])
+        _keep_below_(xc, uc, density)
+        if rescale and density > 0:
+            xc.div_(density)
     return x
 
 
@@ -180,8 +310,8 @@ def random_drop(
 ) -> torch.Tensor:
     """DARE: keep each entry with probability ``density``; divide survivors by it if ``rescale``.
 
-    Draws ``torch.rand(x.shape, generator=gen, dtype=float32)`` and keeps entries whose draw is
-    below ``density`` (a new tensor; x is untouched)."""
+    Draws ``torch.rand(x.shape, generator=gen, dtype=float32)`` and keeps the entries whose draw
+    is below ``density`` (a new tensor; x is untouched)."""
     if density >= 1.0:
         return x.clone()
     return _drop_(x.clone(memory_format=torch.contiguous_format), density, gen, rescale)
@@ -205,63 +335,102 @@ def _owned(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 def _sparsify(task: TensorTask, sparsify: str) -> list[torch.Tensor]:
     """Sparsified, weighted task vectors, computed in place in ``task.inputs``."""
     out = []
-    buf = None
     for i, (x, mp) in enumerate(zip(_owned(task.inputs), task.model_params)):
         d = mp["density"]
         if sparsify == "magnitude":
             y = _trim_(x, d, task.params["trim_rule"])
         else:
-            if d < 1.0 and (buf is None or buf.shape != x.shape or buf.device != x.device):
-                buf = torch.empty(x.shape, dtype=torch.float32, device=x.device)
             gen = generator(task.params["seed"], f"{task.name}\x00{i}")
-            y = _drop_(x, d, gen, task.params["rescale"], buf)
+            y = _drop_(x, d, gen, task.params["rescale"])
         w = mp["weight"]
         if w != 1.0:
-            y.mul_(w)
+            yf = y.view(-1)
+            step = _chunk(yf)
+            for lo in range(0, yf.numel(), step):
+                yf[lo:lo + step].mul_(w)
         out.append(y)
     return out
 
 
 def _mix(task: TensorTask, weighted: list[torch.Tensor], consensus: bool) -> torch.Tensor:
     """Combine the weighted task vectors d_i (owned: they are overwritten; the result is d_0's
-    storage). With ``consensus``: elect sign(sum_i d_i) per entry (a zero sum counts as
-    positive), keep each d_i only where it is nonzero with that sign, sum the kept entries in
-    model order and, when ``normalize``, divide by the sum of the kept weights (1 where none is
-    kept). Without: the plain sum, divided by the sum of the weights when ``normalize``."""
+    storage).
+
+    With ``consensus`` (TIES): elect sign(sum_i d_i) per entry (a zero sum counts as positive,
+    a NaN one as negative), keep each d_i only where it is nonzero with that sign (NaN never),
+    sum the kept entries in model order and, when ``normalize``, divide by the sum of the kept
+    weights (1 where that is 0). Without: the plain sum, divided by the sum of the weights when
+    ``normalize``. Then times lambda.
+
+    The consensus runs on the bit patterns, every pass in place: flipping the sign bit of d_i
+    where the elected sign is negative gives o_i = |d_i| where d_i agrees and a value <= 0 (or
+    NaN) where it does not, so ``threshold(o_i, 0, 0)`` (after NaN -> 0) is exactly the kept
+    magnitude, ``sign(o_i)`` the kept indicator and sum_i o_i the kept sum's magnitude (the
+    same additions in the same order as the signed sum: rounding is symmetric), whose sign bit is
+    then set back. It runs chunk by chunk (``_MIX_CHUNK`` entries, see ``_SERIAL_CHUNK``) with
+    two chunk-sized scratch buffers (the sum / elected sign bits, the divisor). Bit-identical to
+    the plain formulation (tests/test_baselines.py); the only exception is an entry whose inputs
+    hold a NaN and no agreeing value, which gives -0.0 there instead of +0.0.
+    """
     weights = [mp["weight"] for mp in task.model_params]
     normalize = task.params["normalize"]
-    mixed = weighted[0]
-    if consensus:
-        total = weighted[0].clone() if len(weighted) == 1 else weighted[0] + weighted[1]
-        for d in weighted[2:]:
-            total += d
-        positive = total >= 0
-        # the sum is no longer needed: its buffer becomes the divisor
-        divisor = total.zero_() if normalize else None
-        del total
-        for i, (d, w) in enumerate(zip(weighted, weights)):
-            agree = d < 0
-            torch.where(positive, d > 0, agree, out=agree)  # nonzero and of the elected sign
-            if divisor is not None:
-                divisor.add_(agree, alpha=w)  # == divisor + agree.to(dtype) * w, exactly
-            d.masked_fill_(agree.logical_not_(), 0)
-            del agree
-            if i:
-                mixed += d
-        del positive
-        if divisor is not None:
-            divisor.masked_fill_(divisor == 0, 1.0)
-            mixed /= divisor
-            del divisor
-    else:
-        for d in weighted[1:]:
-            mixed += d
-        if normalize:
-            total_w = float(sum(weights))
-            mixed /= 1.0 if abs(total_w) < 1e-8 else total_w
     lam = task.params["lambda"]
-    if lam != 1.0:
-        mixed.mul_(lam)
+    mixed = weighted[0]
+    n = mixed.numel()
+    step = _chunk(mixed, _MIX_CHUNK)
+    flats = [d.view(-1) for d in weighted]
+    if not consensus:
+        total_w = float(sum(weights))
+        divisor = 1.0 if abs(total_w) < 1e-8 else total_w
+        for lo in range(0, n, step):
+            ds = [f[lo:lo + step] for f in flats]
+            for d in ds[1:]:
+                ds[0] += d
+            if normalize:
+                ds[0] /= divisor
+            if lam != 1.0:
+                ds[0].mul_(lam)
+        return mixed
+    itype = _INT_OF[mixed.element_size()]
+    sign_bit = torch.iinfo(itype).min
+    inf = float("inf")
+    scratch = torch.empty(min(n, step), dtype=mixed.dtype, device=mixed.device)
+    div_buf = torch.empty_like(scratch) if normalize else None
+    positive_weights = all(w > 0 for w in weights)
+    for lo in range(0, n, step):
+        ds = [f[lo:lo + step] for f in flats]
+        total = scratch[:ds[0].numel()]
+        if len(ds) == 1:
+            total.copy_(ds[0])
+        else:
+            torch.add(ds[0], ds[1], out=total)
+            for d in ds[2:]:
+                total += d
+        # elected sign bit: set where not (total >= 0), i.e. total < 0 or NaN; -0.0 is +
+        total.nan_to_num_(nan=-1.0, posinf=inf, neginf=-inf).add_(0.0)  # NaN -> -1, -0.0 -> +0
+        flip = total.view(itype).bitwise_and_(sign_bit)
+        divisor = None if div_buf is None else div_buf[:ds[0].numel()]
+        for i, (d, w) in enumerate(zip(ds, weights)):
+            d.view(itype).bitwise_xor_(flip)  # o_i: > 0 exactly where d_i agrees
+            torch.nn.functional.threshold_(d.nan_to_num_(nan=0.0, posinf=inf, neginf=-inf), 0.0, 0.0)
+            if i == 0:
+                if divisor is not None:
+                    torch.sign(d, out=divisor)  # 1 where kept, else 0
+                    if w != 1.0:
+                        divisor.mul_(w)
+                continue
+            ds[0] += d
+            if divisor is not None:
+                divisor.add_(torch.sign(d, out=d), alpha=w)  # == divisor + kept_i * w, exactly
+        ds[0].view(itype).bitwise_xor_(flip)  # back to the elected sign
+        if divisor is not None:
+            if positive_weights:  # divisor >= +0: a branch-free "0 -> 1"
+                torch.nn.functional.threshold_(divisor, 0.0, 1.0)
+            else:
+                divisor.masked_fill_(divisor == 0, 1.0)
+            ds[0] /= divisor
+        if lam != 1.0:
+            ds[0].mul_(lam)
     return mixed
 
 
