@@ -170,6 +170,72 @@ def test_output_rank_truncates_exactly_like_svd(peft_setup, tmp_path, cli):
         torch.testing.assert_close(src.delta_for(k).double(), best, rtol=1e-4, atol=1e-5)
 
 
+def _rank_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An exact rank-r factorisation (A, B) of a PEFT delta, independent of the adapter's files:
+    any exact one is a gauge transform of the adapter's own, and TA / TSV / Iso are gauge-invariant."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return Vh[:r].float(), (U[:, :r] * S[:r]).float()
+
+
+def test_core_space_ta_on_mixed_peft_adapters_loads_in_peft_and_is_exact(peft_setup, tmp_path, cli):
+    # rsLoRA (b), rank_pattern / alpha_pattern (c), modules only some adapters touch (o_proj)
+    s = peft_setup
+    r = _recipe(tmp_path / "r.yaml", "core_space",
+                [("a", s["a"], {"weight": 0.7}), ("b", s["b"], {"weight": -0.4}), ("c", s["c"], {})],
+                base=s["base"], params={"lambda": 0.9})
+    code, out, err = cli("run", r, "--out", tmp_path / "out")
+    assert code == 0, out + err
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] == cfg["r"]
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(s["base"]), tmp_path / "out").eval()
+    merged = model.merge_and_unload().state_dict()
+    base_sd = load_causal_lm(s["base"]).state_dict()
+    expected = _expected([s["deltas"][n] for n in "abc"], [0.9 * 0.7, 0.9 * -0.4, 0.9])
+    assert set(expected) == {k for k in base_sd if not torch.equal(merged[k], base_sd[k])}
+    for k, v in expected.items():
+        torch.testing.assert_close(merged[k] - base_sd[k], v, rtol=1e-5, atol=1e-6)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    q = report["modules"]["model.layers.0.self_attn.q_proj.weight"]
+    assert q["ranks"] == [4, 2, 4] and q["out_rank"] <= 10 and q["inner_method"] == "task_arithmetic"
+    assert report["modules"]["model.layers.0.self_attn.o_proj.weight"]["ranks"] == [2]  # b only
+
+
+def test_core_space_tsv_iso_full_output_equals_the_rule_on_independent_factors(peft_setup, tmp_path, cli):
+    from mergekit_ortho.ops import core_space as C
+
+    s = peft_setup
+    r = _recipe(tmp_path / "r.yaml", "core_space", [("a", s["a"], {}), ("d", s["d"], {})], base=s["base"],
+                params={"inner_method": "tsv", "isotropize": True, "lambda": 0.8}, output={"format": "full"})
+    code, out, err = cli("run", r, "--out", tmp_path / "full")
+    assert code == 0, out + err
+    got = load_file(str(tmp_path / "full" / "model.safetensors"))
+    base = load_file(str(s["base"] / "model.safetensors"))
+    changed = {k for k in got if not torch.equal(got[k], base[k])}
+    assert changed == set(s["deltas"]["a"]) | set(s["deltas"]["d"])
+    for k in changed:
+        factors = [_rank_factors(s["deltas"][n][k], 4) for n in "ad"]
+        A, B, _ = C.core_space_merge(factors, "tsv", lam=0.8, isotropize_result=True)
+        torch.testing.assert_close(got[k] - base[k], B @ A, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_lego_of_one_adapter_gives_it_back_through_peft(peft_setup, tmp_path, cli):
+    # LEGO identity (spec A11 property 2): one LoRA, k = its rank -> the same delta
+    s = peft_setup
+    r = _recipe(tmp_path / "r.yaml", "lora_lego", [("d", s["d"], {})], base=s["base"])
+    code, out, err = cli("run", r, "--out", tmp_path / "lego")
+    assert code == 0, out + err
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(load_causal_lm(s["base"]), tmp_path / "lego").merge_and_unload().state_dict()
+    base_sd = load_causal_lm(s["base"]).state_dict()
+    for k, v in s["deltas"]["d"].items():
+        torch.testing.assert_close(merged[k] - base_sd[k], v, rtol=1e-5, atol=1e-6)
+    sd = load_file(str(tmp_path / "lego" / "adapter_model.safetensors"))
+    assert {v.shape[0] for k, v in sd.items() if "lora_A" in k} == {4}
+
+
 @pytest.fixture(scope="module")
 def kohya_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("kohya")
@@ -209,6 +275,20 @@ def test_kohya_task_arithmetic_writes_a_kohya_file_that_round_trips(kohya_setup,
     # an existing output is never replaced without --overwrite
     code, out, err = cli("run", r, "--out", tmp_path / "merged.safetensors")
     assert code == 2 and "already exists" in (out + err)
+
+
+def test_core_space_on_kohya_conv_and_linear_loras_writes_kohya(kohya_setup, tmp_path, cli):
+    # ranks 4 and 8, alpha folded, 1x1 and 3x3 conv LoRAs (flattened to 2-D) and no base model
+    k = kohya_setup
+    r = _recipe(tmp_path / "r.yaml", "core_space", [("one", k["one"], {"weight": 0.5}), ("two", k["two"], {})],
+                params={"inner_method": "mean"})
+    code, out, err = cli("run", r, "--out", tmp_path / "cs.safetensors")
+    assert code == 0, out + err
+    got = _kohya_deltas(tmp_path / "cs.safetensors", k["base"])
+    d1, d2 = _kohya_deltas(k["one"], k["base"]), _kohya_deltas(k["two"], k["base"])
+    assert set(got) == set(d1)
+    for key in d1:
+        torch.testing.assert_close(got[key], (0.5 * d1[key] + d2[key]) / 1.5, rtol=1e-5, atol=1e-6)
 
 
 def test_mixed_architectures_are_refused(kohya_setup, tmp_path, cli):

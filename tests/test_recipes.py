@@ -34,7 +34,7 @@ def test_bundled_recipe_runs(demo_tree, name, cli):
 
 
 LORA = {"lora_task_arithmetic": "adapter_model.safetensors", "rmm": "rmm_manifest.json",
-        "lora_lego": "adapter_model.safetensors"}
+        "lora_lego": "adapter_model.safetensors", "core_space": "adapter_model.safetensors"}
 
 
 @pytest.mark.parametrize("name", sorted(LORA))

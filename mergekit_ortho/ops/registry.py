@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
 REQUIRED = object()
 
 # Operator families, one module each. Order is the order of `merge methods`.
-_MODULES = ("linear", "ties_dare", "magmax", "widen", "rmm", "lora_lego", "opcm")
+_MODULES = ("linear", "ties_dare", "magmax", "widen", "core_space", "lora_lego", "rmm", "opcm")
 
 
 @dataclass(frozen=True)
