@@ -382,6 +382,13 @@ def continual_watch(state: Path = typer.Argument(..., help="State directory."),
 
 
 def main() -> None:
+    import os
+
+    # Ask torch's CPU allocator to back large tensors with transparent huge pages (2 MiB): every
+    # merged tensor is a fresh buffer, and first-touch page faults on 4 KiB pages cost more than
+    # the arithmetic (measured: linear over 3 x 271M bf16 models 4.9 s -> 4.0 s, same peak RSS).
+    # Read by torch when it starts; a user's own setting wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     app()
 
 
