@@ -269,18 +269,16 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
                 n = spec.name
                 raw = model.source.get(n)
                 _tensor_hash_update(h, n, raw)
-                x = raw.to(torch.float32)
                 b = base.source.get(n).to(torch.float32)
                 old = prev.get(n) if prev else None
+                deltas = seq is not None or op.reads == "deltas"
+                x = engine.operator_input(raw, b if deltas else None, torch.float32)
                 if seq is not None:
-                    tau = x - b if x.data_ptr() == raw.data_ptr() else x.sub_(b)
-                    new, stats = seq.fold(n, old, tau, t_new, st.data["params"])
+                    new, stats = seq.fold(n, old, x, t_new, st.data["params"])
                     for k, v in stats.items():
                         stats_acc[k] = stats_acc.get(k, 0.0) + float(v)
                 else:
-                    if op.reads == "deltas":
-                        x = x - b if x.data_ptr() == raw.data_ptr() else x.sub_(b)
-                    task = registry.TensorTask(n, b, [], st.data["params"], history_params)
+                    task = registry.TensorTask(n, b, [], st.data["params"], history_params, dtype=torch.float32)
                     new = op.stream.step(old, x, st.t, task)
                 writer.write(n, new.to(torch.float32).contiguous())
                 del raw, x, b, old, new

@@ -449,7 +449,9 @@ def merge_tensor(plan: Plan, name: str):
     task = registry.TensorTask(
         name=name, base=base, inputs=[], params=plan.params,
         model_params=[m.params for m in plan.models], model_names=[m.label for m in plan.models],
+        dtype=cdt,
     )
+    stored_ok = op.stream is not None and op.stream.stored_dtype
 
     def load(m: ModelInput):
         if m.is_lora:  # scale * B @ A in the base layout; zero where the LoRA does not adapt
@@ -457,12 +459,8 @@ def merge_tensor(plan: Plan, name: str):
             x = (m.source.delta_for(name, item.shape).to(dev, cdt) if mod is not None
                  else torch.zeros(item.shape, device=dev, dtype=cdt))
             return x.add_(base) if op.reads == "weights" else x
-        raw = m.source.get(name)
-        x = raw.to(dev, cdt)
-        if op.reads == "deltas":
-            # never modify a tensor that may alias a memory-mapped file
-            x = x - base if x.data_ptr() == raw.data_ptr() else x.sub_(base)
-        return x
+        return operator_input(m.source.get(name).to(dev), base if op.reads == "deltas" else None, cdt,
+                              stored_ok)
 
     out = apply_dense(op, task, (load(m) for m in plan.models))
     if op.reads == "deltas":
@@ -475,6 +473,23 @@ def merge_tensor(plan: Plan, name: str):
             f"({', '.join(m.ref for m in plan.models)}) and the method parameters"
         )
     return out.to("cpu", getattr(torch, item.out_dtype))
+
+
+def operator_input(x, base, cdt, stored_ok: bool = False):
+    """A model tensor as a dense operator's input: the task vector ``x - base`` (``base`` given)
+    or the weight, in the compute dtype ``cdt``, or left in a narrower stored dtype when the
+    fold converts it itself (``stored_ok``). ``x`` is a fresh buffer the caller owns (sources
+    return those), on the device as stored (half the bytes of fp32 for bf16); it is reused when
+    it already has the compute dtype. (A mixed-dtype ``torch.sub(x, base)`` would save the
+    conversion's buffer but runs slower than convert-then-subtract on CPU.)"""
+    import torch
+
+    if x.dtype == cdt:
+        return x if base is None else x.sub_(base)
+    if base is not None:
+        return x.to(cdt).sub_(base)
+    narrower = x.is_floating_point() and torch.promote_types(x.dtype, cdt) == cdt
+    return x if stored_ok and narrower else x.to(cdt)
 
 
 def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs) -> Any:

@@ -258,3 +258,106 @@ def test_killed_run_leaves_no_output(tiny_models, tmp_path, sig):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.fixture(scope="module")
+def half_models(tmp_path_factory):
+    """bf16 base and fine-tunes, plus one fp16 fine-tune and one float32 legacy pickle."""
+    from conftest import TINY
+    from mergekit_ortho.demo import llama_shapes, write_checkpoint
+
+    root = tmp_path_factory.mktemp("half")
+    shapes = llama_shapes(**TINY)
+    write_checkpoint(root / "base", shapes, seed=0, dtype="bfloat16")
+    write_checkpoint(root / "a", shapes, seed=1, base=root / "base", noise=0.05, dtype="bfloat16")
+    write_checkpoint(root / "b", shapes, seed=2, base=root / "base", noise=0.05, dtype="float16")
+    write_checkpoint(root / "c", shapes, seed=3, base=root / "base", noise=0.05, dtype="float32")
+    sd = load_dir(root / "c")
+    (root / "c_bin").mkdir()
+    torch.save(sd, root / "c_bin" / "pytorch_model.bin")
+    return root
+
+
+@pytest.mark.parametrize("method,params,model_params", [
+    ("linear", "", ["{weight: 0.7}", "{weight: 1.0}", "{weight: 0.3}"]),
+    ("task_arithmetic", "{lambda: 0.9}", ["{weight: 0.7}", "{weight: 1.0}", "{weight: -0.4}"]),
+    ("ties", "{lambda: 0.9}", ["{density: 0.5}", "{density: 0.4}", "{density: 0.7}"]),
+    ("magmax", "", None),
+])
+def test_stored_half_precision_inputs_are_exactly_the_float32_reference(half_models, tmp_path, cli, method,
+                                                                        params, model_params):
+    # the engine converts bf16/fp16 inside the arithmetic (no fp32 copy); the values must be
+    # bit-for-bit those of converting every input to float32 first
+    from mergekit_ortho.ops import registry
+    from mergekit_ortho.ops.registry import TensorTask
+
+    models = [half_models / n for n in ("a", "b", "c_bin")]
+    r = write_recipe(tmp_path / "r.yaml", recipe_text(models, method, None if method == "linear" else
+                                                      half_models / "base", params, model_params,
+                                                      extra="out_dtype: float32\n"))
+    code, _, err = cli("run", r, "--out", tmp_path / "out")
+    assert code == 0, err
+    merged = load_dir(tmp_path / "out")
+    base = {k: v.float() for k, v in load_dir(half_models / "base").items()}
+    inputs = [{k: v.float() for k, v in load_dir(half_models / n).items()} for n in ("a", "b")]
+    inputs.append({k: v.float() for k, v in torch.load(half_models / "c_bin" / "pytorch_model.bin").items()})
+    op = registry.get(method)
+    p = op.resolve_params(yaml_load(params))
+    mps = [op.resolve_model_params(yaml_load(mp), "m") for mp in (model_params or ["{}"] * 3)]
+    for k, v in merged.items():
+        if op.reads == "deltas":
+            want = base[k] + op.fn(TensorTask(k, base[k], [m[k] - base[k] for m in inputs], p, mps))
+        else:
+            want = op.fn(TensorTask(k, None, [m[k].clone() for m in inputs], p, mps))
+        assert torch.equal(v, want), (method, k)
+    # the pickle was only read: a later load gives the same tensors
+    again = torch.load(half_models / "c_bin" / "pytorch_model.bin")
+    assert all(torch.equal(again[k], v) for k, v in load_dir(half_models / "c").items())
+
+
+def yaml_load(text: str):
+    import yaml
+
+    return yaml.safe_load(text) if text else {}
+
+
+def test_background_sync_writes_the_same_files_and_surfaces_its_errors(tiny_models, tmp_path, cli, monkeypatch):
+    import errno
+
+    from mergekit_ortho import writer
+
+    r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models[k] for k in "abc"], "linear",
+                                                      extra="output:\n  shard_size: 4KB\n"))
+    code, _, err = cli("run", r, "--out", tmp_path / "plain")
+    assert code == 0, err
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(writer, "_SYNC_EVERY", 1)  # a sync thread after every tensor
+    monkeypatch.setattr(writer.os, "fdatasync", lambda fd: calls.append(fd) or real(fd))
+    code, _, err = cli("run", r, "--out", tmp_path / "synced")
+    assert code == 0, err
+    assert calls
+    for f in sorted((tmp_path / "plain").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "synced" / f.name).read_bytes()
+
+    def fail(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.os, "fdatasync", fail)
+    code, out, err = cli("run", r, "--out", tmp_path / "failed")
+    assert code == 2 and "No space left" in (out + err)
+    assert not (tmp_path / "failed").exists()
+    assert not any(p.name.startswith(".failed") for p in tmp_path.iterdir())  # no temporary left
+
+
+def test_linear_fold_adds_half_precision_chunk_by_chunk_exactly(monkeypatch):
+    from mergekit_ortho.ops import linear
+
+    monkeypatch.setattr(linear, "_CHUNK", 7)  # many chunks, the last one partial
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(5, 11, generator=g)
+    for dt in (torch.bfloat16, torch.float16):
+        x = torch.randn(5, 11, generator=g).to(dt)
+        want = acc.clone().add_(x.float(), alpha=0.37)
+        got = linear._add_converted_(acc.clone(), x, 0.37)
+        assert torch.equal(got, want)

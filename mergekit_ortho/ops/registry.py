@@ -93,6 +93,8 @@ class TensorTask:
     params: dict[str, Any]
     model_params: list[dict[str, Any]]
     model_names: list[str] = field(default_factory=list)
+    # the compute dtype; inputs arrive in it, except for a StreamFold with ``stored_dtype``
+    dtype: "torch.dtype | None" = None
 
 
 @dataclass
@@ -130,11 +132,17 @@ class StreamFold:
     ``start(task)`` -> state, where ``task.inputs`` is empty; ``step(state, x, i, task)`` folds
     model i's tensor x (a delta or a weight, per ``reads``) and returns the new state;
     ``finish(state, task)`` -> the merged delta / weight. Must equal ``Operator.fn`` exactly.
+
+    Inputs (``task.inputs`` and each ``x``) belong to the operator: fresh buffers it may modify
+    in place. ``stored_dtype``: ``step`` also accepts a weight in its stored float dtype (bf16,
+    fp16, ...) that promotes to ``task.dtype`` and computes in ``task.dtype`` itself, so the
+    engine skips a full-size conversion per input (the exact values are the same).
     """
 
     start: Callable[..., Any]
     step: Callable[..., Any]
     finish: Callable[..., Any]
+    stored_dtype: bool = False
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,9 @@ class CheckpointSource:
     def get(self, key: str):
         info = self.infos[key]
         if self.format == "pickle":
-            return self._load_pickle(info.file)[key]
+            # a copy: the memory-mapped original must never be written, and callers own what
+            # get() returns (operators work in place on their inputs)
+            return self._load_pickle(info.file)[key].clone()
         try:
             return self._handle(info.file).read(key)
         except OSError as e:
