@@ -269,16 +269,22 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
                 n = spec.name
                 raw = model.source.get(n)
                 _tensor_hash_update(h, n, raw)
-                b = base.source.get(n).to(torch.float32)
+                b = base.source.get(n)  # as stored: raw_weights folds convert it chunk by chunk
                 old = prev.get(n) if prev else None
-                deltas = seq is not None or op.reads == "deltas"
-                x = engine.operator_input(raw, b if deltas else None, torch.float32)
                 if seq is not None:
+                    b = b.to(torch.float32)
+                    x = engine.operator_input(raw, b, torch.float32)
                     new, stats = seq.fold(n, old, x, t_new, st.data["params"])
                     for k, v in stats.items():
                         stats_acc[k] = stats_acc.get(k, 0.0) + float(v)
-                else:
-                    task = registry.TensorTask(n, b, [], st.data["params"], history_params, dtype=torch.float32)
+                else:  # the weight as stored for folds that prepare it chunk by chunk
+                    raw_mode = op.stream.raw_weights
+                    if not raw_mode:
+                        b = b.to(torch.float32)
+                    b_in = b if op.reads == "deltas" else None
+                    x = raw if raw_mode else engine.operator_input(raw, b_in, torch.float32)
+                    task = registry.TensorTask(n, b_in, [], st.data["params"], history_params,
+                                               dtype=torch.float32, raw_inputs=raw_mode)
                     new = op.stream.step(old, x, st.t, task)
                 writer.write(n, new.to(torch.float32).contiguous())
                 del raw, x, b, old, new

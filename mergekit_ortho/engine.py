@@ -445,13 +445,18 @@ def merge_tensor(plan: Plan, name: str):
         from . import lora_engine
 
         return lora_engine.full_tensor(plan, name)
-    base = plan.base.source.get(name).to(dev, cdt) if plan.base is not None else None
+    # folds that prepare their inputs chunk by chunk get the weights, and the base, as stored
+    raw = op.stream is not None and op.stream.raw_weights and not plan.lora_models
+    # a weights method (linear) on full checkpoints never reads the base, even when one is given
+    use_base = plan.base is not None and (op.reads == "deltas" or bool(plan.lora_models))
+    base = plan.base.source.get(name).to(dev) if use_base else None
+    if base is not None and not raw:
+        base = base.to(cdt)
     task = registry.TensorTask(
         name=name, base=base, inputs=[], params=plan.params,
         model_params=[m.params for m in plan.models], model_names=[m.label for m in plan.models],
-        dtype=cdt,
+        dtype=cdt, raw_inputs=raw,
     )
-    stored_ok = op.stream is not None and op.stream.stored_dtype
 
     def load(m: ModelInput):
         if m.is_lora:  # scale * B @ A in the base layout; zero where the LoRA does not adapt
@@ -459,12 +464,15 @@ def merge_tensor(plan: Plan, name: str):
             x = (m.source.delta_for(name, item.shape).to(dev, cdt) if mod is not None
                  else torch.zeros(item.shape, device=dev, dtype=cdt))
             return x.add_(base) if op.reads == "weights" else x
-        return operator_input(m.source.get(name).to(dev), base if op.reads == "deltas" else None, cdt,
-                              stored_ok)
+        # a fresh buffer in the stored dtype, moved to the device as stored (half the bytes of
+        # fp32 for bf16); sources return tensors the caller owns
+        x = m.source.get(name).to(dev)
+        return x if raw else operator_input(x, base if op.reads == "deltas" else None, cdt)
 
     out = apply_dense(op, task, (load(m) for m in plan.models))
     if op.reads == "deltas":
-        out = out.add_(base) if out.dtype == base.dtype else base + out
+        out = registry.add_converted_(out, base) if out.is_floating_point() and out.dtype == cdt else (
+            base.to(cdt) + out)
     # one reduction first: a NaN/Inf anywhere makes the sum non-finite; only then look closer
     # (a finite tensor whose sum overflows passes the full check)
     if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
@@ -475,21 +483,14 @@ def merge_tensor(plan: Plan, name: str):
     return out.to("cpu", getattr(torch, item.out_dtype))
 
 
-def operator_input(x, base, cdt, stored_ok: bool = False):
+def operator_input(x, base, cdt):
     """A model tensor as a dense operator's input: the task vector ``x - base`` (``base`` given)
-    or the weight, in the compute dtype ``cdt``, or left in a narrower stored dtype when the
-    fold converts it itself (``stored_ok``). ``x`` is a fresh buffer the caller owns (sources
-    return those), on the device as stored (half the bytes of fp32 for bf16); it is reused when
-    it already has the compute dtype. (A mixed-dtype ``torch.sub(x, base)`` would save the
-    conversion's buffer but runs slower than convert-then-subtract on CPU.)"""
-    import torch
-
+    or the weight, in the compute dtype ``cdt``. ``x`` is a fresh buffer the caller owns; it is
+    reused when it already has the compute dtype. (A mixed-dtype ``torch.sub(x, base)`` would
+    save the conversion's buffer but runs slower than convert-then-subtract on CPU.)"""
     if x.dtype == cdt:
         return x if base is None else x.sub_(base)
-    if base is not None:
-        return x.to(cdt).sub_(base)
-    narrower = x.is_floating_point() and torch.promote_types(x.dtype, cdt) == cdt
-    return x if stored_ok and narrower else x.to(cdt)
+    return x.to(cdt) if base is None else x.to(cdt).sub_(base)
 
 
 def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs) -> Any:
@@ -497,8 +498,13 @@ def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs) -> Any
     one at a time when the operator streams, so only one is alive then)."""
     if op.stream is not None:
         state = op.stream.start(task)
-        for i, x in enumerate(inputs):
+        # no enumerate(): its cached result tuple would keep the folded input alive while the
+        # next one is read (one full-size tensor more at peak)
+        i = 0
+        for x in inputs:
             state = op.stream.step(state, x, i, task)
+            del x
+            i += 1
         return op.stream.finish(state, task)
     task.inputs = list(inputs)
     try:

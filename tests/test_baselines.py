@@ -223,7 +223,7 @@ def test_topk_trim_equals_brute_force_tie_rule(monkeypatch, path, name, x):
     if path != "radix":  # try the pivot on any level-1 bucket holding >= 1/32 of the entries
         monkeypatch.setattr(ties_dare, "_PIVOT_MIN", 1)
     if path == "radix_chunked":  # the chunked passes split into many small steps
-        monkeypatch.setattr(ties_dare, "_SERIAL_CHUNK", 7)
+        monkeypatch.setattr(ties_dare, "_CHUNK", 7)
     before = x.clone()
     order = brute_order(x)
     for d in DENSITIES:
@@ -299,7 +299,7 @@ DARE_TIES = [-3.5, -1.5555555820465088, -1.3737373352050781, -0.7878787517547607
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_dare_draws_unchanged(monkeypatch, chunk):
     if chunk:  # the draws taken in several chunks from the one generator: still the same numbers
-        monkeypatch.setattr(ties_dare, "_SERIAL_CHUNK", chunk)
+        monkeypatch.setattr(ties_dare, "_CHUNK", chunk)
     x = DARE_X.clone()
     out = random_drop(x, 0.4, generator(11, "blk.3.w\x000"))
     assert torch.equal(out.flatten(), torch.tensor(DARE_DROP)) and out.shape == (3, 4)
@@ -371,7 +371,7 @@ MIX_CASES = [
 ])
 def test_operators_match_plain_reference(monkeypatch, method, case, shape, dtype, chunk):
     if chunk:  # every chunked pass in many chunks, the last one partial
-        for name in ("_MIX_CHUNK", "_SERIAL_CHUNK"):
+        for name in ("_MIX_CHUNK", "_CHUNK"):
             monkeypatch.setattr(ties_dare, name, chunk)
         monkeypatch.setattr(ties_dare, "_PIVOT_MIN", 1)
     params, mps = MIX_CASES[case]

@@ -350,14 +350,27 @@ def test_background_sync_writes_the_same_files_and_surfaces_its_errors(tiny_mode
     assert not any(p.name.startswith(".failed") for p in tmp_path.iterdir())  # no temporary left
 
 
-def test_linear_fold_adds_half_precision_chunk_by_chunk_exactly(monkeypatch):
-    from mergekit_ortho.ops import linear
+@pytest.mark.parametrize("chunk", [None, 7])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_raw_weight_folds_equal_the_prepared_input_folds(monkeypatch, chunk, method):
+    # the engine hands raw_weights folds the stored bf16/fp16 weights, prepared chunk by chunk
+    from mergekit_ortho.ops import registry
+    from mergekit_ortho.ops.registry import TensorTask
 
-    monkeypatch.setattr(linear, "_CHUNK", 7)  # many chunks, the last one partial
+    if chunk:  # many chunks, the last one partial
+        monkeypatch.setattr(registry, "FOLD_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
-    acc = torch.randn(5, 11, generator=g)
-    for dt in (torch.bfloat16, torch.float16):
-        x = torch.randn(5, 11, generator=g).to(dt)
-        want = acc.clone().add_(x.float(), alpha=0.37)
-        got = linear._add_converted_(acc.clone(), x, 0.37)
-        assert torch.equal(got, want)
+    base = torch.randn(5, 11, generator=g).to(torch.bfloat16)
+    ws = [(base.float() + 0.1 * torch.randn(5, 11, generator=g)).to(dt)
+          for dt in (torch.bfloat16, torch.float16, torch.float32)]
+    op = registry.get(method)
+    p = op.resolve_params({"normalize": True} if method == "linear" else {"lambda": 0.7})
+    mps = [{"weight": w} for w in (0.37, 1.0, -0.2)]
+    deltas = op.reads == "deltas"
+    b = base.float() if deltas else None
+    want = op.fn(TensorTask("w", b, [w.float() - base.float() if deltas else w.float() for w in ws], p, mps))
+    task = TensorTask("w", base if deltas else None, [], p, mps, dtype=torch.float32, raw_inputs=True)
+    state = op.stream.start(task)
+    for i, w in enumerate(ws):
+        state = op.stream.step(state, w.clone(), i, task)
+    assert torch.equal(op.stream.finish(state, task), want)

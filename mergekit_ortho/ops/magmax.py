@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Operator, Param, StreamFold, TensorTask, generator, register
+from .registry import Operator, Param, StreamFold, TensorTask, fold_input, fold_input_chunks, generator, register
 
 DEFAULT_LAMBDA = {"magnitude": 0.5, "random": 1.0}
 
@@ -48,8 +48,9 @@ def _start(task: TensorTask) -> None:
 def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -> torch.Tensor:
     """Fold model i (0-based) into the running selection. The state is the selection tensor
     alone, so a continual-merging state can persist it between processes."""
-    if sel is None:
-        return x.clone()  # never alias the caller's tensor
+    if sel is None:  # x is ours (see StreamFold): it becomes the state
+        sel = fold_input(x, task)
+        return sel.to(task.dtype) if task.dtype is not None and sel.dtype != task.dtype else sel
     if sel.shape != x.shape:
         raise ValueError(
             f"magmax: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, expected {tuple(sel.shape)}"
@@ -57,11 +58,30 @@ def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -
     if task.params.get("selection", "magnitude") == "random":
         # step t = i + 1 replaces with probability 1/t; one generator per (seed, tensor, step) so
         # neither tensor order nor a process restart between steps changes the draws
+        x = fold_input(x, task)
         gen = generator(task.params.get("seed", 0), f"{task.name}\x00{i}", device=x.device)
         take = torch.randint(0, i + 1, x.shape, generator=gen, dtype=torch.int32, device=x.device) == 0
-    else:
-        take = x.abs() >= sel.abs()  # '>=': the later model wins ties (A9.2)
-    return torch.where(take, x.to(sel.dtype), sel)
+        return torch.where(take, x.to(sel.dtype), sel)
+    return _keep_larger_(sel, x, task)
+
+
+def _keep_larger_(sel: torch.Tensor, x: torch.Tensor, task: TensorTask) -> torch.Tensor:
+    """sel = where(|tau| >= |sel|, tau, sel) in place ('>=': the later model wins ties, A9.2),
+    tau being model input x, chunk by chunk through cache-sized buffers: no full-size |tau|,
+    |sel|, mask, result (the plain form allocates all four) or, for raw weights, task vector."""
+    s = sel.view(-1)
+    buffers = None
+    for lo, hi, v in fold_input_chunks(x, task):
+        if v.dtype != s.dtype:
+            v = v.to(s.dtype)
+        part = s[lo:hi]
+        if buffers is None or buffers[0].numel() < hi - lo:
+            buffers = (torch.empty_like(part), torch.empty_like(part),
+                       torch.empty(hi - lo, dtype=torch.bool, device=part.device))
+        a, b, take = (t[:hi - lo] for t in buffers)
+        torch.ge(torch.abs(v, out=b), torch.abs(part, out=a), out=take)
+        torch.where(take, v, part, out=part)
+    return sel
 
 
 def _finish(sel: torch.Tensor | None, task: TensorTask) -> torch.Tensor:
@@ -75,10 +95,11 @@ def _finish(sel: torch.Tensor | None, task: TensorTask) -> torch.Tensor:
 
 
 def magmax(task: TensorTask) -> torch.Tensor:
-    """Merged delta lambda * select(tau_1..tau_T) for one tensor (A2 / C4)."""
+    """Merged delta lambda * select(tau_1..tau_T) for one tensor (A2 / C4). The inputs are not
+    modified (the fold works on a copy of the first)."""
     state = _start(task)
     for i, x in enumerate(task.inputs):
-        state = _step(state, x, i, task)
+        state = _step(state, x.clone() if i == 0 else x, i, task)
     return _finish(state, task)
 
 
@@ -105,7 +126,7 @@ register(
             ),
             Param("seed", int, 0, "random selection only; draws depend on (seed, tensor name)"),
         ),
-        stream=StreamFold(_start, _step, _finish),
+        stream=StreamFold(_start, _step, _finish, raw_weights=True),
         details="theta = theta_0 + lambda * tau_sel. magnitude: tau_sel[j] = tau_{i*}[j] with "
         "i* = the LAST argmax_i |tau_i[j]| (sign kept; fold m = where(|tau_i| >= |m|, tau_i, m)). "
         "random: tau_sel[j] = tau_i[j] for i uniform per element, drawn by reservoir sampling "

@@ -93,8 +93,10 @@ class TensorTask:
     params: dict[str, Any]
     model_params: list[dict[str, Any]]
     model_names: list[str] = field(default_factory=list)
-    # the compute dtype; inputs arrive in it, except for a StreamFold with ``stored_dtype``
+    # the compute dtype; inputs arrive in it, except raw weights (below)
     dtype: "torch.dtype | None" = None
+    # True when a StreamFold with ``raw_weights`` is handed the models' weights as stored
+    raw_inputs: bool = False
 
 
 @dataclass
@@ -134,15 +136,71 @@ class StreamFold:
     ``finish(state, task)`` -> the merged delta / weight. Must equal ``Operator.fn`` exactly.
 
     Inputs (``task.inputs`` and each ``x``) belong to the operator: fresh buffers it may modify
-    in place. ``stored_dtype``: ``step`` also accepts a weight in its stored float dtype (bf16,
-    fp16, ...) that promotes to ``task.dtype`` and computes in ``task.dtype`` itself, so the
-    engine skips a full-size conversion per input (the exact values are the same).
+    in place.
+
+    ``raw_weights``: ``step`` can also take model i's *weight as stored* (bf16, fp16, ... on the
+    device; ``task.raw_inputs`` is then True, and ``task.base`` is the base as stored too) and
+    prepare its input itself, chunk by chunk with :func:`fold_input_chunks` / :func:`fold_input`:
+    converted to ``task.dtype`` and, when ``task.base`` is given (``reads == "deltas"``), minus
+    the base. The values are exactly those of the prepared input, but no full-size converted
+    copy of a weight, of the base or of a task vector is ever allocated (two fp32 tensors less
+    at peak for a bf16 model).
     """
 
     start: Callable[..., Any]
     step: Callable[..., Any]
     finish: Callable[..., Any]
-    stored_dtype: bool = False
+    raw_weights: bool = False
+
+
+FOLD_CHUNK = 1 << 18  # entries a fold prepares at a time (1 MiB of float32: stays in L2)
+
+
+def fold_input(x: "torch.Tensor", task: TensorTask) -> "torch.Tensor":
+    """Model input x as a whole tensor in ``task.dtype`` (owned by the caller): raw weights are
+    converted and, for a deltas method, have the base subtracted; prepared inputs are x itself."""
+    if not task.raw_inputs:
+        return x
+    v = x if task.dtype is None or x.dtype == task.dtype else x.to(task.dtype)
+    return v if task.base is None else add_converted_(v, task.base, -1.0)
+
+
+def add_converted_(acc: "torch.Tensor", x: "torch.Tensor", alpha: float = 1.0) -> "torch.Tensor":
+    """acc += alpha * x in place, exactly as ``acc.add_(x.to(acc.dtype), alpha=alpha)``, with x
+    converted ``FOLD_CHUNK`` entries at a time into one cache-sized buffer (on CPU a mixed-dtype
+    ``add_`` runs about 3x slower, and a whole converted copy costs a full-size tensor)."""
+    if x.dtype == acc.dtype:
+        return acc.add_(x, alpha=alpha)
+    a = acc.view(-1)
+    for lo, hi, v in fold_input_chunks(x, TensorTask("", None, [], {}, [], dtype=acc.dtype, raw_inputs=True)):
+        a[lo:hi].add_(v, alpha=alpha)
+    return acc
+
+
+def fold_input_chunks(x: "torch.Tensor", task: TensorTask, chunk: int | None = None):
+    """Yield ``(lo, hi, v)`` over the flat entries of model input x, ``FOLD_CHUNK`` at a time
+    (on CPU; one chunk on other devices): ``v`` holds entries lo..hi as :func:`fold_input` would
+    give them, a view of x when nothing needs computing, else one reused buffer (valid until
+    the next chunk)."""
+    import torch
+
+    flat = x.reshape(-1)
+    n = flat.numel()
+    dt = task.dtype if task.dtype is not None else x.dtype
+    base = task.base.reshape(-1) if task.raw_inputs and task.base is not None else None
+    step = max(1, min(n, chunk or FOLD_CHUNK) if x.device.type == "cpu" else n)
+    direct = flat.dtype == dt and base is None
+    buf = None if direct else torch.empty(step, dtype=dt, device=x.device)
+    base_buf = None if base is None or base.dtype == dt else torch.empty(step, dtype=dt, device=x.device)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        if direct:
+            yield lo, hi, flat[lo:hi]
+            continue
+        v = buf[:hi - lo].copy_(flat[lo:hi])
+        if base is not None:
+            v.sub_(base[lo:hi] if base_buf is None else base_buf[:hi - lo].copy_(base[lo:hi]))
+        yield lo, hi, v
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ which the engine computes afresh for each call; an input passed twice or non-con
 copied first) and avoid full-size temporaries, whose page faults cost more than the arithmetic:
 the top-k threshold comes from a radix select (:func:`_radix_threshold`) and is applied by an
 in-place ``hardshrink``; the DARE mask is the sign bit of ``u - density``; the sign election and
-disjoint mean run on the float bit patterns (:func:`_mix`); all of it chunk by chunk on the
-calling thread (see ``_SERIAL_CHUNK``). Every result is bit-identical to the plain formulation
+disjoint mean run on the float bit patterns (:func:`_mix`); all of it chunk by chunk (see
+``_CHUNK``). Every result is bit-identical to the plain formulation
 (tests/test_baselines.py re-derives it), with the deterministic tie rule above as the only
 change of the kept set.
 """
@@ -56,21 +56,20 @@ from .registry import Operator, Param, TensorTask, generator, register
 _RADIX_MIN_NUMEL = 1 << 14
 
 # Every full-tensor pass here (radix histograms, applying the threshold, the DARE mask, the sign
-# election and disjoint mean) walks the tensor in chunks just below ATen's parallel grain size
-# (32768 entries), so that each op on a chunk runs on the calling thread. A parallel region costs
-# next to nothing on an idle machine but up to a scheduler slice when the cores are shared with
-# other jobs: during development, on 2 cores at load average ~6, one 3 x 11.5M-entry ties call
-# took 5.5 s with 1M-entry chunks (2 threads) and 0.38 s with these, for about the same 0.14 s
-# of single-threaded work; on an idle machine 0.12 s vs 0.16 s. Small chunks also stay in L2
-# through all their passes, and no full-size temporary is allocated (page faults). On other
-# devices (CUDA) a chunk is the whole tensor.
-_SERIAL_CHUNK = (1 << 15) - 1
-_MIX_CHUNK = _SERIAL_CHUNK  # entries per chunk in the sign election / disjoint mean
+# election and disjoint mean) walks the tensor in chunks of 256K entries (1 MiB of float32): each
+# chunk stays in L2 through all its passes and no full-size temporary is allocated. End to end
+# (3 x 271M-entry bf16 models, ties density 0.5, 2 idle cores): 12.4 s with 32K-entry chunks
+# (each op below ATen's parallel grain, so on one thread), 8.1 s with 256K, 7.7-8.4 s with 1M+.
+# Chunks above the grain run on torch's thread pool; on cores oversubscribed by other jobs its
+# parallel regions can stall (seen during development at load ~6: 32K chunks were then 10x
+# faster), so set OMP_NUM_THREADS=1 there. On other devices (CUDA) a chunk is the whole tensor.
+_CHUNK = (1 << 18) - 1
+_MIX_CHUNK = _CHUNK  # entries per chunk in the sign election / disjoint mean
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer view of a float
 
 
 def _chunk(t: torch.Tensor, size: int | None = None) -> int:
-    return (_SERIAL_CHUNK if size is None else size) if t.device.type == "cpu" else max(t.numel(), 1)
+    return (_CHUNK if size is None else size) if t.device.type == "cpu" else max(t.numel(), 1)
 
 
 def _host_counts(digits: torch.Tensor, bins: int) -> np.ndarray:
@@ -117,11 +116,13 @@ def _radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | N
     words = flat.view(torch.int16).view(-1, width // 16)
     top = words[:, -1] if sys.byteorder == "little" else words[:, 0]
     step = _chunk(flat)
-    counts = np.zeros(1 << 15, dtype=np.int64)
+    counts = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
+    # the level-1 digits are kept (2 bytes an entry) for the gathering pass below
+    top_digits = torch.empty(n, dtype=torch.int16, device=flat.device)
     for lo in range(0, n, step):
-        digits = torch.bitwise_and(top[lo:lo + step], 0x7FFF)  # top 16 bits without the sign
-        counts += torch.bincount(digits, minlength=1 << 15).cpu().numpy()
-    j, need, in_bucket = _pick(counts, k)
+        digits = torch.bitwise_and(top[lo:lo + step], 0x7FFF, out=top_digits[lo:lo + step])  # sign dropped
+        counts += torch.bincount(digits, minlength=1 << 15)
+    j, need, in_bucket = _pick(counts.cpu().numpy(), k)
     if in_bucket >= max(n >> 5, _PIVOT_MIN):
         found = _pivot_threshold(flat, j, k)
         if found is not None:
@@ -130,10 +131,11 @@ def _radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | N
     prefix = j << shift
     idx, cand = [], []  # the bucket's flat indices and raw bits (the sign bit is never read)
     for lo in range(0, n, step):
-        sel = (torch.bitwise_and(top[lo:lo + step], 0x7FFF) == j).nonzero().view(-1)
+        sel = (top_digits[lo:lo + step] == j).nonzero().view(-1)
         cand.append(ibits[lo:lo + step][sel])
         idx.append(sel.add_(lo))
     idx, cand = torch.cat(idx), torch.cat(cand)
+    del top_digits
     while True:
         shift -= 16
         digits = torch.bitwise_right_shift(cand, shift).bitwise_and_(0xFFFF)
@@ -367,7 +369,7 @@ def _mix(task: TensorTask, weighted: list[torch.Tensor], consensus: bool) -> tor
     NaN) where it does not, so ``threshold(o_i, 0, 0)`` (after NaN -> 0) is exactly the kept
     magnitude, ``sign(o_i)`` the kept indicator and sum_i o_i the kept sum's magnitude (the
     same additions in the same order as the signed sum: rounding is symmetric), whose sign bit is
-    then set back. It runs chunk by chunk (``_MIX_CHUNK`` entries, see ``_SERIAL_CHUNK``) with
+    then set back. It runs chunk by chunk (``_MIX_CHUNK`` entries, see ``_CHUNK``) with
     two chunk-sized scratch buffers (the sum / elected sign bits, the divisor). Bit-identical to
     the plain formulation (tests/test_baselines.py); the only exception is an entry whose inputs
     hold a NaN and no agreeing value, which gives -0.0 there instead of +0.0.
