@@ -348,6 +348,9 @@ def _sequential(op):
     if not op.sequential:
         if op.stream is None:
             raise UserError(f"method '{op.name}' has no streaming form for continual merging")
+        if op.stream.prepass is not None:
+            raise UserError(f"method '{op.name}' weighs each model against all the others (it reads every "
+                            "model twice per tensor), so it cannot fold models in one at a time")
         return None
     import importlib
 

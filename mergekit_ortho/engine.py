@@ -469,7 +469,7 @@ def merge_tensor(plan: Plan, name: str):
         x = m.source.get(name).to(dev)
         return x if raw else operator_input(x, base if op.reads == "deltas" else None, cdt)
 
-    out = apply_dense(op, task, (load(m) for m in plan.models))
+    out = apply_dense(op, task, lambda: (load(m) for m in plan.models))
     if op.reads == "deltas":
         out = registry.add_converted_(out, base) if out.is_floating_point() and out.dtype == cdt else (
             base.to(cdt) + out)
@@ -493,24 +493,30 @@ def operator_input(x, base, cdt):
     return x.to(cdt) if base is None else x.to(cdt).sub_(base)
 
 
-def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs) -> Any:
-    """Run a dense operator on one tensor; ``inputs`` yields the models' tensors in order (folded
-    one at a time when the operator streams, so only one is alive then)."""
+def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs: Callable[[], Any]) -> Any:
+    """Run a dense operator on one tensor; ``inputs()`` yields the models' tensors in order, read
+    afresh at each call (a two-pass fold reads them twice; folds hold one at a time)."""
     if op.stream is not None:
-        state = op.stream.start(task)
-        # no enumerate(): its cached result tuple would keep the folded input alive while the
-        # next one is read (one full-size tensor more at peak)
-        i = 0
-        for x in inputs:
-            state = op.stream.step(state, x, i, task)
-            del x
-            i += 1
+        if op.stream.prepass is not None:
+            task.stats = _fold(op.stream.prepass, None, inputs(), task)
+        state = _fold(op.stream.step, op.stream.start(task), inputs(), task)
         return op.stream.finish(state, task)
-    task.inputs = list(inputs)
+    task.inputs = list(inputs())
     try:
         return op.fn(task)
     finally:
         task.inputs = []
+
+
+def _fold(step, state, inputs, task):
+    # no enumerate(): its cached result tuple would keep the folded input alive while the next
+    # one is read (one full-size tensor more at peak)
+    i = 0
+    for x in inputs:
+        state = step(state, x, i, task)
+        del x
+        i += 1
+    return state
 
 
 def execute(plan: Plan, out_dir: Path, metadata: dict[str, str],

@@ -68,7 +68,7 @@ def _dense_delta(plan, key: str):
         x = m.source.delta_for(key, base.shape) if mod is not None else torch.zeros_like(base)
         return x.add_(base) if op.reads == "weights" else x
 
-    out = apply_dense(op, task, (load(m) for m in plan.models))
+    out = apply_dense(op, task, lambda: (load(m) for m in plan.models))
     if op.reads == "weights":
         out = out - base
     return out.reshape(base.shape[0], -1)

@@ -296,10 +296,40 @@ def test_params_and_errors():
     p = op.resolve_params({})
     assert p["threshold"] == 1.0 and p["calibration"] == 1.0 and p["temperature"] == 1.0
     assert p["embedding_pattern"] == W.DEFAULT_EMBEDDING_PATTERN and p["transpose_pattern"] == ""
-    assert op.needs_base and op.reads == "deltas" and op.stream is None
+    assert op.needs_base and op.reads == "deltas" and op.stream.prepass is not None and op.stream.raw_weights
     with pytest.raises(ValueError, match="temperature"):
         op.resolve_params({"temperature": 0})
     with pytest.raises(ValueError, match="regular expression"):
         _delta(_rand((3, 3), 0), [_rand((3, 3), 1)], embedding_pattern="(")
     with pytest.raises(ValueError, match="shape"):
         _delta(_rand((3, 3), 0), [_rand((3, 4), 1)])
+
+
+@pytest.mark.parametrize("block", [None, 13])
+@pytest.mark.parametrize("name,shape", [("model.layers.0.mlp.up_proj.weight", (6, 5)),
+                                        ("model.embed_tokens.weight", (7, 4)),
+                                        ("model.layers.0.input_layernorm.weight", (9,)),
+                                        ("conv.weight", (4, 3, 2, 2))])
+def test_streaming_two_pass_on_raw_bf16_weights_equals_the_batch_form(monkeypatch, block, name, shape):
+    # what the engine does: each model read twice as stored (bf16), the base as stored; the
+    # result must be bit-identical to the batch form on float32 task vectors
+    from mergekit_ortho.engine import apply_dense
+
+    if block:  # blocks of 2-3 rows, the last one partial
+        monkeypatch.setattr(W, "_CHUNK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16)
+    ws = [(base.float() + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    ws[1].view(-1)[:2] = base.view(-1)[:2]  # unchanged entries
+    op = _op()
+    p = op.resolve_params({"calibration": 0.7})
+    want = op.fn(TensorTask(name, base.float(), [w.float() - base.float() for w in ws], p, [{}] * 3))
+    reads = []
+
+    def inputs():
+        reads.append(1)
+        return (w.clone() for w in ws)
+
+    task = TensorTask(name, base, [], p, [{}] * 3, dtype=torch.float32, raw_inputs=True)
+    got = apply_dense(op, task, inputs)
+    assert len(reads) == 2 and torch.equal(got, want)

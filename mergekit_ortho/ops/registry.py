@@ -97,6 +97,8 @@ class TensorTask:
     dtype: "torch.dtype | None" = None
     # True when a StreamFold with ``raw_weights`` is handed the models' weights as stored
     raw_inputs: bool = False
+    # what a two-pass StreamFold's ``prepass`` gathered over every model (see StreamFold)
+    stats: Any = None
 
 
 @dataclass
@@ -151,6 +153,11 @@ class StreamFold:
     step: Callable[..., Any]
     finish: Callable[..., Any]
     raw_weights: bool = False
+    # two passes: ``stats = prepass(stats, x, i, task)`` over every model first (stats = None
+    # before model 0), then ``task.stats = stats`` and start/step/finish over the models again.
+    # For operators whose weights depend on all models (WIDEN's ranks across models): each model
+    # is read twice, but memory stays one input plus the state, whatever the number of models.
+    prepass: Callable[..., Any] | None = None
 
 
 FOLD_CHUNK = 1 << 18  # entries a fold prepares at a time (1 MiB of float32: stays in L2)
@@ -178,10 +185,10 @@ def add_converted_(acc: "torch.Tensor", x: "torch.Tensor", alpha: float = 1.0) -
 
 
 def fold_input_chunks(x: "torch.Tensor", task: TensorTask, chunk: int | None = None):
-    """Yield ``(lo, hi, v)`` over the flat entries of model input x, ``FOLD_CHUNK`` at a time
-    (on CPU; one chunk on other devices): ``v`` holds entries lo..hi as :func:`fold_input` would
-    give them, a view of x when nothing needs computing, else one reused buffer (valid until
-    the next chunk)."""
+    """Yield ``(lo, hi, v)`` over the flat entries of model input x, ``chunk`` (default
+    ``FOLD_CHUNK``) at a time on CPU, one chunk on other devices: ``v`` holds entries lo..hi as
+    :func:`fold_input` would give them, a view of x when nothing needs computing, else one
+    reused buffer (valid until the next chunk)."""
     import torch
 
     flat = x.reshape(-1)

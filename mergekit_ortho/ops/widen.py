@@ -41,7 +41,12 @@ Consequences the tests pin down (A8.6, A10): N = 1 returns the model; zero task 
 base; the result is symmetric in the models; identical models with s = 1 are NOT returned unchanged
 (per-column multipliers on delta are 1, (1 + N s)/2 or N s; {1, 1.5, 2} for N = 2).
 
-No streaming form: the ranks need every model's statistics before any delta can be weighted.
+Streaming, in two passes (``StreamFold.prepass``): the ranks need every model's statistics
+before any delta can be weighted, so pass 1 reads each model once for its per-unit statistics
+(O(N x units) memory) and pass 2 reads each again to add its weighted task vector into one
+accumulator. Peak memory is the base, one model tensor and the accumulator whatever N is, at
+the price of reading every input twice. Both passes walk blocks of whole rows of the tensor;
+the batch form runs the very same fold, so the two agree bit for bit.
 """
 from __future__ import annotations
 
@@ -50,13 +55,15 @@ from functools import lru_cache
 
 import torch
 
-from .registry import Operator, Param, TensorTask, register
+from dataclasses import replace
+
+from .registry import Operator, Param, StreamFold, TensorTask, fold_input, fold_input_chunks, register
 
 DEFAULT_EMBEDDING_PATTERN = (
     r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding|shared)\.weight$"
 )
 COS_EPS = 1e-8
-_CHUNK_ELEMENTS = 1 << 22  # float64 elements per row chunk when accumulating column statistics
+_CHUNK_ELEMENTS = 1 << 18  # entries per block of rows (float64 temporaries of 2 MiB)
 
 
 @lru_cache(maxsize=64)
@@ -105,103 +112,183 @@ def importance_scores(
 # -- divergences -----------------------------------------------------------------------------------
 
 
+class _UnitStats:
+    """Running float64 statistics of W_n = W_0 + delta_n against W_0 for every unit (A2).
+
+    A tensor is seen as a row-major 2-D matrix (out x prod(rest)) and fed row blocks; the units
+    are its columns (reductions over rows, accumulated block by block) or, when
+    ``rows_are_units`` (input embeddings, transpose_pattern), its rows (each block holds whole
+    units). One instance serves the batch and the streaming form, so both give identical bits.
+
+    Per unit it keeps ||W_0||^2, <delta_n, W_0> and ||delta_n||^2 (products of float32 values are
+    exact in float64), from which ||W_n||^2 = ||W_0||^2 + 2<delta_n, W_0> + ||delta_n||^2 and
+    <W_n, W_0> = ||W_0||^2 + <delta_n, W_0>. The magnitude divergence is then taken as
+    (2<delta_n, W_0> + ||delta_n||^2) / (||W_n|| + ||W_0||), which equals | ||W_n|| - ||W_0|| |
+    without the cancellation of subtracting two nearly equal norms; a unit is unchanged exactly
+    when ||delta_n||^2 == 0.
+    """
+
+    def __init__(self, n_models: int, units: int, rows_are_units: bool, device):
+        f64 = torch.float64
+        self.rows_are_units = rows_are_units
+        self.sq0 = torch.zeros(units, dtype=f64, device=device)
+        self.db = torch.zeros(n_models, units, dtype=f64, device=device)
+        self.dd = torch.zeros(n_models, units, dtype=f64, device=device)
+
+    def _into(self, acc: torch.Tensor, r0: int, r1: int, values: torch.Tensor) -> None:
+        if self.rows_are_units:
+            acc[r0:r1] += values.sum(1)
+        else:
+            acc += values.sum(0)
+
+    def add_block(self, k: int, r0: int, base_rows: torch.Tensor, delta_rows: torch.Tensor) -> None:
+        """Rows r0.. of model k: ``base_rows`` (any float dtype) and its task vector rows."""
+        r1 = r0 + base_rows.shape[0]
+        b = base_rows.to(torch.float64)
+        if k == 0:
+            self._into(self.sq0, r0, r1, b * b)
+        dk = delta_rows.to(torch.float64, copy=True)  # never mutate the input
+        self._into(self.db[k], r0, r1, dk * b)
+        self._into(self.dd[k], r0, r1, dk.square_())
+
+    def divergences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m0 = self.sq0.sqrt()
+        mn = (self.sq0 + 2 * self.db + self.dd).clamp_min_(0.0).sqrt_()
+        total = mn + m0
+        d_mag = (2 * self.db + self.dd).abs_().div_(total.where(total > 0, torch.ones_like(total)))
+        cos = (self.sq0 + self.db) / (mn.clamp_min(COS_EPS) * m0.clamp_min(COS_EPS))
+        d_dir = 1.0 - cos
+        unchanged = self.dd == 0
+        d_mag[unchanged] = 0.0
+        d_dir[unchanged] = 0.0
+        return d_mag, d_dir
+
+
+def _rows2(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+
+
 def column_divergences(
     base2: torch.Tensor, deltas2: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dM, dD), each (N, d) float64, for 2-D views whose units are the columns (dim 1).
+    """(dM, dD), each (N, d) float64, for 2-D tensors whose units are the columns (dim 1).
 
-    Norms and dot products run over dim 0 in float64, accumulated over row chunks.
-    """
+    Norms and dot products run over dim 0 in float64, accumulated over blocks of rows."""
     rows, d = base2.shape
-    n = len(deltas2)
-    f64 = torch.float64
-    dev = base2.device
-    sq0 = torch.zeros(d, dtype=f64, device=dev)
-    sqn = torch.zeros(n, d, dtype=f64, device=dev)
-    dot = torch.zeros(n, d, dtype=f64, device=dev)
-    changed = torch.zeros(n, d, dtype=torch.bool, device=dev)
-    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
-    for r0 in range(0, rows, step):
-        b = base2[r0 : r0 + step].to(f64)
-        sq0 += (b * b).sum(0)
-        for k, delta in enumerate(deltas2):
-            dk = delta[r0 : r0 + step].to(f64, copy=True)  # never mutate the input
-            changed[k] |= (dk != 0).any(0)
-            w = dk.add_(b)  # W_n = W_0 + delta_n
-            dot[k] += (w * b).sum(0)
-            sqn[k] += w.square_().sum(0)
-    m0 = sq0.sqrt()
-    mn = sqn.sqrt()
-    d_mag = (mn - m0).abs_()
-    cos = dot / (mn.clamp_min(COS_EPS) * m0.clamp_min(COS_EPS))
-    d_dir = 1.0 - cos
-    d_mag[~changed] = 0.0
-    d_dir[~changed] = 0.0
-    return d_mag, d_dir
+    stats = _UnitStats(len(deltas2), d, False, base2.device)
+    step = _block_rows(d)
+    for k, delta in enumerate(deltas2):
+        for r0 in range(0, rows, step):
+            stats.add_block(k, r0, base2[r0:r0 + step], delta[r0:r0 + step])
+    return stats.divergences()
+
+
+def _block_rows(cols: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(cols, 1))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _unit_view(x: torch.Tensor, rows_are_units: bool) -> torch.Tensor:
-    """A 2-D view of x whose columns are the units (no copy for contiguous x)."""
-    if x.dim() == 2:
-        return x.t() if rows_are_units else x
-    return x.reshape(x.shape[0], -1)
+def _rows_are_units(task: TensorTask) -> bool:
+    return task.base.dim() == 2 and (
+        _matches(task.params["embedding_pattern"], task.name)
+        or _matches(task.params["transpose_pattern"], task.name)
+    )
 
 
-def _merge_columns(task: TensorTask, rows_are_units: bool) -> torch.Tensor:
+def _check(task: TensorTask, x: torch.Tensor, i: int) -> None:
+    if task.base is None:
+        raise ValueError(f"widen: tensor '{task.name}' needs the base model (theta_0)")
+    if x.shape != task.base.shape:
+        raise ValueError(
+            f"widen: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, base has {tuple(task.base.shape)}"
+        )
+    if task.params["temperature"] <= 0:
+        raise ValueError("widen: temperature must be > 0")
+
+
+def _n_models(task: TensorTask) -> int:
+    return len(task.model_params)
+
+
+# -- the fold: pass 1 gathers statistics, pass 2 sums the weighted task vectors ---------------------
+
+
+def _prepass(stats, x: torch.Tensor, i: int, task: TensorTask):
+    """Model i's statistics: per-unit sums (2-D and up) or |delta| (1-D / 0-D)."""
+    _check(task, x, i)
+    base = task.base
+    if base.dim() <= 1:
+        signal = stats if stats is not None else [None] * _n_models(task)
+        signal[i] = fold_input(x, task).reshape(-1).to(torch.float64, copy=True).abs_()
+        return signal
+    base2 = _rows2(base)
+    rows, cols = base2.shape
+    if stats is None:
+        stats = _UnitStats(_n_models(task), rows if _rows_are_units(task) else cols, _rows_are_units(task),
+                           base.device)
+    block = _block_rows(cols)
+    for lo, hi, v in fold_input_chunks(x, task, chunk=block * cols):
+        r0 = lo // cols
+        stats.add_block(i, r0, base2[r0:hi // cols], v.view(-1, cols))
+    return stats
+
+
+def _start(task: TensorTask):
+    """Per-unit weights (N x units) from the statistics, and a zero accumulator."""
     p = task.params
-    base, deltas = task.base, task.inputs
-    cdt = _compute_dtype(deltas[0])
-    base2 = _unit_view(base, rows_are_units)
-    deltas2 = [_unit_view(x, rows_are_units) for x in deltas]
-    d_mag, d_dir = column_divergences(base2, deltas2)
-    s_mag = importance_scores(rank01(d_mag), p["temperature"], p["threshold"], p["calibration"])
-    s_dir = importance_scores(rank01(d_dir), p["temperature"], p["threshold"], p["calibration"])
-    weights = ((s_mag + s_dir) * 0.5).to(cdt)  # (N, d)
-    out = torch.zeros(deltas[0].shape, dtype=cdt, device=deltas[0].device)
-    out2 = _unit_view(out, rows_are_units)  # a view: writing into it fills `out`
-    for k, delta in enumerate(deltas2):
-        out2.addcmul_(delta.to(cdt), weights[k].unsqueeze(0))
-    return out
+    stats = task.stats
+    cdt = task.dtype if task.dtype is not None else _compute_dtype(task.base)
+    if task.base.dim() <= 1:
+        signal = torch.stack(stats)  # (N, d)
+        weights = importance_scores(signal, p["temperature"], p["threshold"], p["calibration"]).to(cdt)
+    else:
+        d_mag, d_dir = stats.divergences()
+        s_mag = importance_scores(rank01(d_mag), p["temperature"], p["threshold"], p["calibration"])
+        s_dir = importance_scores(rank01(d_dir), p["temperature"], p["threshold"], p["calibration"])
+        weights = ((s_mag + s_dir) * 0.5).to(cdt)
+    return weights, torch.zeros(task.base.shape, dtype=cdt, device=task.base.device)
 
 
-def _merge_elementwise(task: TensorTask) -> torch.Tensor:
-    p = task.params
-    deltas = task.inputs
-    cdt = _compute_dtype(deltas[0])
-    flat = [x.reshape(1, -1) for x in deltas]
-    signal = torch.cat([x.to(torch.float64).abs() for x in flat], dim=0)  # (N, d)
-    scores = importance_scores(signal, p["temperature"], p["threshold"], p["calibration"]).to(cdt)
-    out = torch.zeros(flat[0].shape, dtype=cdt, device=deltas[0].device)
-    for k, x in enumerate(flat):
-        out.addcmul_(x.to(cdt), scores[k].unsqueeze(0))
-    return out.reshape(deltas[0].shape)
+def _step(state, x: torch.Tensor, i: int, task: TensorTask):
+    weights, out = state
+    _check(task, x, i)
+    if task.base.dim() <= 1:
+        out.view(-1).addcmul_(fold_input(x, task).reshape(-1).to(out.dtype), weights[i])
+        return state
+    out2 = _rows2(out)
+    rows, cols = out2.shape
+    rows_units = _rows_are_units(task)
+    w = weights[i]
+    for lo, hi, v in fold_input_chunks(x, task, chunk=_block_rows(cols) * cols):
+        r0, r1 = lo // cols, hi // cols
+        scale = w[r0:r1].unsqueeze(1) if rows_units else w.unsqueeze(0)
+        out2[r0:r1].addcmul_(v.view(-1, cols).to(out.dtype), scale)
+    return state
+
+
+def _finish(state, task: TensorTask) -> torch.Tensor:
+    return state[1]
 
 
 def widen(task: TensorTask) -> torch.Tensor:
-    """Merged delta for one tensor (A2)."""
+    """Merged delta for one tensor (A2): the two-pass fold over ``task.inputs`` (not modified)."""
     if not task.inputs:
         raise ValueError(f"widen: no input models for tensor '{task.name}'")
     if task.base is None:
         raise ValueError(f"widen: tensor '{task.name}' needs the base model (theta_0)")
-    shape = task.base.shape
+    mps = task.model_params if len(task.model_params) == len(task.inputs) else [{} for _ in task.inputs]
+    t = replace(task, model_params=mps, dtype=task.dtype or _compute_dtype(task.inputs[0]), stats=None)
+    stats = None
     for i, x in enumerate(task.inputs):
-        if x.shape != shape:
-            raise ValueError(
-                f"widen: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, base has {tuple(shape)}"
-            )
-    if task.params["temperature"] <= 0:
-        raise ValueError("widen: temperature must be > 0")
-    if task.base.dim() <= 1:
-        return _merge_elementwise(task)
-    rows_are_units = task.base.dim() == 2 and (
-        _matches(task.params["embedding_pattern"], task.name)
-        or _matches(task.params["transpose_pattern"], task.name)
-    )
-    return _merge_columns(task, rows_are_units)
+        stats = _prepass(stats, x, i, t)
+    t.stats = stats
+    state = _start(t)
+    for i, x in enumerate(task.inputs):
+        state = _step(state, x, i, t)
+    return _finish(state, t)
 
 
 register(
@@ -211,6 +298,7 @@ register(
         spec="widen_corespace.md A2-A10",
         fn=widen,
         needs_base=True,
+        stream=StreamFold(_start, _step, _finish, raw_weights=True, prepass=_prepass),
         params=(
             Param("threshold", float, 1.0, "t (above_average_value_ratio): calibrate units whose "
                   "rank exceeds t * the model's mean rank"),
