@@ -80,9 +80,19 @@ def _os_message(e: OSError) -> str:
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1,
+        help="CPU threads for the tensor math (default: one per core). On cores shared with other "
+        "jobs, --threads 1 avoids stalls of torch's thread pool."),
 ):
     _state["verbose"] = verbose
     _state["quiet"] = quiet
+    if threads:
+        import os
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read when torch starts (it is not imported yet)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
 
 
 def _fmt_bytes(n: int) -> str:
