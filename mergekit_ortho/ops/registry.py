@@ -18,7 +18,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
@@ -27,7 +29,7 @@ if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
 REQUIRED = object()
 
 # Operator families, one module each. Order is the order of `merge methods`.
-_MODULES = ("linear", "ties_dare", "magmax", "widen", "core_space", "lora_lego", "rmm", "opcm")
+_MODULES = ("linear", "ties_dare", "magmax", "widen", "tsv", "core_space", "lora_lego", "rmm", "opcm")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Param:
     choices: tuple = ()
     minimum: float | None = None
     maximum: float | None = None
+    regex: bool = False  # a regular expression (on tensor names), compiled when the recipe is checked
 
     @property
     def required(self) -> bool:
@@ -76,6 +79,11 @@ class Param:
             raise ValueError(
                 f"parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, got {value!r}"
             )
+        if self.regex:
+            try:
+                compiled_pattern(out)
+            except re.error as exc:
+                raise ValueError(f"parameter '{self.name}' is not a valid regular expression ({exc}): {value!r}") from None
         if self.minimum is not None and out < self.minimum:
             raise ValueError(f"parameter '{self.name}' must be >= {self.minimum}, got {value!r}")
         if self.maximum is not None and out > self.maximum:
@@ -294,6 +302,16 @@ def get(name: str) -> Operator:
     msg = f"unknown merge_method '{name}'"
     msg += f" (did you mean '{hint[0]}'?)" if hint else ""
     raise ValueError(msg + "; run `merge methods` for the list")
+
+
+@lru_cache(maxsize=128)
+def compiled_pattern(pattern: str) -> "re.Pattern[str]":
+    return re.compile(pattern)
+
+
+def name_matches(pattern: str | None, name: str) -> bool:
+    """``re.search`` of a (validated) name pattern parameter; an empty or None pattern matches nothing."""
+    return bool(pattern) and compiled_pattern(pattern).search(name) is not None
 
 
 def tensor_seed(seed: int, name: str) -> int:
