@@ -158,3 +158,12 @@ def test_verbose_shows_traceback(cli, tmp_path, tiny_models):
 def test_no_output_path(cli, tmp_path, tiny_models):
     r = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_models))
     expect_error(cli, tmp_path, ["run", r], "no output path")
+
+
+@pytest.mark.parametrize("method,param", [("widen", "embedding_pattern"), ("widen", "transpose_pattern"),
+                                          ("tsv", "embedding_pattern"), ("opcm", "projectable")])
+def test_invalid_name_pattern_is_refused_before_any_tensor(cli, tmp_path, tiny_models, method, param):
+    r = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_models, merge_method=method,
+                                                      parameters=f"{{{param}: '(unclosed'}}"))
+    expect_error(cli, tmp_path, ["validate", r], f"'{param}' is not a valid regular expression")
+    expect_error(cli, tmp_path, ["run", r, "--out", tmp_path / "out"], f"'{param}' is not a valid regular expression")

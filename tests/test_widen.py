@@ -241,7 +241,7 @@ def test_embedding_is_transposed_and_lm_head_is_not():
     ],
 )
 def test_default_embedding_pattern(name, hit):
-    assert W._matches(W.DEFAULT_EMBEDDING_PATTERN, name) is hit
+    assert registry.name_matches(W.DEFAULT_EMBEDDING_PATTERN, name) is hit
 
 
 def test_three_dimensional_tensors_are_flattened_to_columns():

@@ -55,23 +55,16 @@ Two entry points share the projection:
 from __future__ import annotations
 
 import math
-import re
-from functools import lru_cache
 from typing import Any
 
 import torch
 
-from .registry import Operator, Param, TensorTask, register
+from .registry import Operator, Param, TensorTask, name_matches, register
 
 DEFAULT_ALPHA = 0.5
 #: default embedding-table names (identity path although 2-D and named ``...weight``)
 EMBEDDING_PATTERN = r"(?i)(embed(?!_out)|(^|\.)(wte|wpe|shared)\.weight$|relative_attention_bias)"
 _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@lru_cache(maxsize=64)
-def _compiled(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
 
 
 def is_projectable(name: str, tensor: torch.Tensor, params: dict | None = None) -> bool:
@@ -80,8 +73,8 @@ def is_projectable(name: str, tensor: torch.Tensor, params: dict | None = None) 
         return False
     override = (params or {}).get("projectable")
     if override is not None:
-        return bool(_compiled(override).search(name))
-    return name.endswith("weight") and not _compiled(EMBEDDING_PATTERN).search(name)
+        return name_matches(override, name)
+    return name.endswith("weight") and not name_matches(EMBEDDING_PATTERN, name)
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -352,7 +345,7 @@ OPERATOR = register(
                   "update; diagonal zeroed only above the numerical rank)"),
             Param("projectable", str, None,
                   "regex (re.search on the tensor name) replacing the default rule for which 2-D "
-                  "tensors are projected"),
+                  "tensors are projected", regex=True),
             Param("svd_dtype", str, "float32", "dtype of the SVD and projection (inputs of a wider "
                   "dtype keep theirs)", choices=("float32", "float64")),
         ),

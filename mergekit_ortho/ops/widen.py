@@ -50,35 +50,18 @@ the batch form runs the very same fold, so the two agree bit for bit.
 """
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-
-import torch
 
 from dataclasses import replace
 
-from .registry import Operator, Param, StreamFold, TensorTask, fold_input, fold_input_chunks, register
+import torch
+
+from .registry import Operator, Param, StreamFold, TensorTask, fold_input, fold_input_chunks, name_matches, register
 
 DEFAULT_EMBEDDING_PATTERN = (
     r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding|shared)\.weight$"
 )
 COS_EPS = 1e-8
 _CHUNK_ELEMENTS = 1 << 18  # entries per block of rows (float64 temporaries of 2 MiB)
-
-
-@lru_cache(maxsize=64)
-def _compiled(pattern: str) -> "re.Pattern[str] | None":
-    if not pattern:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"widen: invalid regular expression {pattern!r}: {exc}") from None
-
-
-def _matches(pattern: str, name: str) -> bool:
-    rx = _compiled(pattern)
-    return bool(rx is not None and rx.search(name))
 
 
 # -- ranks and scores (A2), on (N, d) statistics ------------------------------------------------
@@ -193,8 +176,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _rows_are_units(task: TensorTask) -> bool:
     return task.base.dim() == 2 and (
-        _matches(task.params["embedding_pattern"], task.name)
-        or _matches(task.params["transpose_pattern"], task.name)
+        name_matches(task.params["embedding_pattern"], task.name)
+        or name_matches(task.params["transpose_pattern"], task.name)
     )
 
 
@@ -307,9 +290,10 @@ register(
                   minimum=1e-6),
             Param("embedding_pattern", str, DEFAULT_EMBEDDING_PATTERN,
                   "regex (re.search on the tensor name) for input-embedding tables, whose rows "
-                  "(tokens) are the units"),
+                  "(tokens) are the units", regex=True),
             Param("transpose_pattern", str, "",
-                  "regex for other 2-D tensors stored in x out (e.g. GPT-2 Conv1D), rows are units"),
+                  "regex for other 2-D tensors stored in x out (e.g. GPT-2 Conv1D), rows are units",
+                  regex=True),
         ),
         details="theta = theta_0 + sum_n w_n * delta_n with per-unit weights "
         "w = (S^M + S^D)/2. 2-D: units are input columns (norms over dim 0); dM = |norm change|, "
