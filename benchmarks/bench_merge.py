@@ -4,7 +4,8 @@
 Builds a random bf16 Llama-shaped base (~270M parameters, 3 shards) and three task models
 (base + small seeded noise) under ``benchmarks/_work/`` with the project's own builder
 (``mergekit_ortho.demo``), writes one recipe per merge method, and times
-``merge run RECIPE --out OUT --overwrite -q`` as a child process: wall time and the child's own
+``merge -q run RECIPE --out OUT`` as a child process (round-robin over the methods, the output
+removed untimed before each run): wall time and the child's own
 peak RSS (``os.wait4`` rusage of that one child, so earlier children do not leak into the max).
 It also times the bare interpreter start-up ``python -c 'import torch'`` as the floor that any
 CLI invocation pays.
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                     help="methods to time (magmax/widen are skipped if `merge methods` lacks them)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per method (median wall, max RSS)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds: runs per method (median wall, max RSS)")
     ap.add_argument("--small", action="store_true", help="tiny checkpoints, for debugging")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the checkpoints even if present")
     ap.add_argument("--work", type=Path, default=HERE / "_work", help="scratch directory (git-ignored)")
@@ -219,17 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"merge command: {' '.join(merge_cmd)}; methods listed: "
           f"{', '.join(sorted(listed)) if listed else '(could not list)'}", flush=True)
 
-    # Bare interpreter start-up: the floor of any `merge` invocation.
-    imp = []
-    for _ in range(5):
-        rc, wall, rss, _ = run_child([sys.executable, "-c", "import torch"])
-        imp.append((wall, rss))
-    import_wall = statistics.median(w for w, _ in imp)
-    import_rss = max(r for _, r in imp)
-    print(f"python -c 'import torch': median {import_wall:.2f} s, peak RSS {import_rss:.3f} GiB", flush=True)
-
     rows: dict[str, dict] = {}
     loads = [load_before]
+    recipes: dict[str, tuple[Path, Path]] = {}
     for method in args.methods:
         if listed is not None and method not in listed:
             if method in OPTIONAL_METHODS:
@@ -241,20 +234,35 @@ def main(argv: list[str] | None = None) -> int:
         out = work / "out" / method
         recipe = rdir / f"{method}.yaml"
         recipe.write_text(recipe_text(method, paths, out))
-        walls, rsss, err = [], [], ""
-        for i in range(args.repeat):
+        recipes[method] = (recipe, out)
+        rows[method] = {"walls": [], "rsss": [], "error": ""}
+
+    # Round-robin: every round runs the bare start-up and then each method once, so a drift in
+    # the machine's speed (shared cores) touches all of them alike. Outputs are removed before
+    # each run, untimed: the timed command writes a fresh output, as a user's first run does.
+    imp = []
+    for i in range(args.repeat):
+        rc, wall, rss, _ = run_child([sys.executable, "-c", "import torch"])  # the floor of any `merge`
+        imp.append((wall, rss))
+        for method, (recipe, out) in recipes.items():
+            row = rows[method]
+            if row["error"]:
+                continue
+            shutil.rmtree(out, ignore_errors=True)
             loads.append(load1())
-            rc, wall, rss, tail = run_child(merge_cmd + ["-q", "run", str(recipe), "--out", str(out),
-                                                         "--overwrite"])
+            rc, wall, rss, tail = run_child(merge_cmd + ["-q", "run", str(recipe), "--out", str(out)])
             if rc != 0:
-                err = f"exit {rc}: {tail}"
-                print(f"{method}: FAILED ({err})", flush=True)
-                break
-            walls.append(wall)
-            rsss.append(rss)
-            print(f"{method} run {i + 1}/{args.repeat}: {wall:.2f} s, peak RSS {rss:.3f} GiB", flush=True)
-        rows[method] = {"walls": walls, "rsss": rsss, "error": err}
+                row["error"] = f"exit {rc}: {tail}"
+                print(f"{method}: FAILED ({row['error']})", flush=True)
+                continue
+            row["walls"].append(wall)
+            row["rsss"].append(rss)
+            print(f"round {i + 1}/{args.repeat} {method}: {wall:.2f} s, peak RSS {rss:.3f} GiB", flush=True)
+    for _, out in recipes.values():
         shutil.rmtree(out, ignore_errors=True)
+    import_wall = statistics.median(w for w, _ in imp)
+    import_rss = max(r for _, r in imp)
+    print(f"python -c 'import torch': median {import_wall:.2f} s, peak RSS {import_rss:.3f} GiB", flush=True)
     loads.append(load1())
 
     md = render(rows, dims, params, import_wall, import_rss, args.repeat, (load_before, max(loads)), merge_cmd,
@@ -305,11 +313,13 @@ def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd,
                "task models = base + 0.01·N(0,1) noise")
     out.append("- recipes: compute dtype float32, output dtype = base's (bf16); ties/dare_ties density 0.5; "
                "linear without base_model; other methods use their defaults")
-    out.append(f"- command: `{Path(merge_cmd[-1]).name} -q run RECIPE --out OUT --overwrite` as a child "
-               f"process, {repeat} runs per method; wall = median, RSS = max of the child's own ru_maxrss "
+    out.append(f"- command: `{Path(merge_cmd[-1]).name} -q run RECIPE --out OUT` as a child "
+               f"process (OUT removed, untimed, before each run), {repeat} rounds over all methods "
+               "(round-robin, so a drift in machine speed touches every method alike) and the bare "
+               "start-up; wall = median, RSS = max of the child's own ru_maxrss "
                "(`os.wait4` in a lean "
                "wrapper process, so the benchmark script's own RSS does not leak into the child's ru_maxrss)")
-    out.append(f"- bare start-up `python -c 'import torch'`: median of 5 = **{import_wall:.2f} s**, "
+    out.append(f"- bare start-up `python -c 'import torch'`: median of {repeat} = **{import_wall:.2f} s**, "
                f"peak RSS {import_rss:.3f} GiB")
     out.append("")
     out.append("## Results\n")
