@@ -400,8 +400,10 @@ def main() -> None:
     # Read by torch when it starts; a user's own setting wins.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     # Idle OpenMP workers sleep instead of spinning: when another job shares the cores, spinning
-    # workers starve the one doing the work (measured at load 3 on 2 cores: a 1024x1024 SVD took
-    # 3.7-5.7 s with spinning, 0.44 s with passive waiting); on idle cores both are within 10 %.
+    # workers starve the one doing the work (2 cores, one busy with another job: a 1024x1024 SVD
+    # took 1.2 s with libgomp's default spin-then-sleep and 3.7-5.7 s with ACTIVE at load 3, but
+    # 0.46 s passive). On idle cores SVDs are as fast; chunked elementwise methods (ties, dare) pay
+    # ~10-15 % for the wake-ups. OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 

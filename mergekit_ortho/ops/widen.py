@@ -117,6 +117,14 @@ class _UnitStats:
         self.sq0 = torch.zeros(units, dtype=f64, device=device)
         self.db = torch.zeros(n_models, units, dtype=f64, device=device)
         self.dd = torch.zeros(n_models, units, dtype=f64, device=device)
+        self._scratch: list[torch.Tensor] = []  # three float64 block buffers, reused
+
+    def _buffers(self, shape) -> list[torch.Tensor]:
+        # fresh large allocations cost page faults (and huge-page zeroing) on every block
+        numel = shape[0] * shape[1]
+        if not self._scratch or self._scratch[0].numel() < numel:
+            self._scratch = [torch.empty(numel, dtype=torch.float64, device=self.sq0.device) for _ in range(3)]
+        return [t[:numel].view(shape) for t in self._scratch]
 
     def _into(self, acc: torch.Tensor, r0: int, r1: int, values: torch.Tensor) -> None:
         if self.rows_are_units:
@@ -127,11 +135,12 @@ class _UnitStats:
     def add_block(self, k: int, r0: int, base_rows: torch.Tensor, delta_rows: torch.Tensor) -> None:
         """Rows r0.. of model k: ``base_rows`` (any float dtype) and its task vector rows."""
         r1 = r0 + base_rows.shape[0]
-        b = base_rows.to(torch.float64)
+        b, dk, prod = self._buffers(tuple(base_rows.shape))
+        b.copy_(base_rows)
+        dk.copy_(delta_rows)  # a float64 copy: the input is never modified
         if k == 0:
-            self._into(self.sq0, r0, r1, b * b)
-        dk = delta_rows.to(torch.float64, copy=True)  # never mutate the input
-        self._into(self.db[k], r0, r1, dk * b)
+            self._into(self.sq0, r0, r1, torch.mul(b, b, out=prod))
+        self._into(self.db[k], r0, r1, torch.mul(dk, b, out=prod))
         self._into(self.dd[k], r0, r1, dk.square_())
 
     def divergences(self) -> tuple[torch.Tensor, torch.Tensor]:
