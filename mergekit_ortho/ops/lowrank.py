@@ -5,7 +5,11 @@ Not an operator. ``truncate`` is the exact truncated SVD of ``B @ A`` computed f
 (QR of each factor, SVD of the small R x R core), so a rank-R adapter is never densified:
 O((out + in) R^2) instead of O(out * in * R). ``factorize`` is the Eckart-Young best rank-k
 approximation of a dense delta (thin SVD in float32, float64 for small matrices); it is what
-extracting a LoRA from a full-rank merge result needs.
+extracting a LoRA from a full-rank merge result needs. For a rank far below the matrix size it
+uses a randomised range finder instead (Halko, Martinsson & Tropp 2011, Alg. 4.4: k + 16 seeded
+Gaussian probes, 4 power iterations with re-orthonormalisation), which costs O(m n k) instead
+of O(m n min(m, n)) -- a 4096 x 4096 module at rank 64 in well under a second instead of tens of
+seconds -- and reports the error it actually makes (exact: ||D||^2 - sum of the kept S^2).
 
 Both split the singular values evenly (B = U sqrt(S), A = sqrt(S) V^T) so the two factors have
 comparable norms, and canonicalise signs (largest-|value| entry of every left singular vector
@@ -50,15 +54,40 @@ def truncate(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return A2, B2, err
 
 
+_OVERSAMPLE = 16
+_POWER_ITERATIONS = 4
+_RANDOMIZED_MIN_DIM = 1024  # below this a full thin SVD is cheap enough
+
+
+def _randomized_svd(work: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate top-q thin SVD of ``work`` (m x n) by a seeded randomised range finder."""
+    gen = torch.Generator(device=work.device).manual_seed(0)  # reproducible factors
+    omega = torch.randn(work.shape[1], q, generator=gen, dtype=work.dtype, device=work.device)
+    Q = torch.linalg.qr(work @ omega).Q
+    for _ in range(_POWER_ITERATIONS):
+        Q = torch.linalg.qr(work.mT @ Q).Q
+        Q = torch.linalg.qr(work @ Q).Q
+    ub, s, vh = torch.linalg.svd(Q.mT @ work, full_matrices=False)
+    return Q @ ub, s, vh
+
+
 def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-``rank`` factors (A, B) of a dense 2-D ``delta`` and the relative Frobenius error."""
+    """Best rank-``rank`` factors (A, B) of a dense 2-D ``delta`` and the relative Frobenius error
+    of the factors returned (randomised when rank + oversampling <= min(m, n) / 4 on a matrix of
+    at least 1024 in both dimensions, exact otherwise)."""
     if delta.ndim != 2:
         delta = delta.reshape(delta.shape[0], -1)
     dt = delta.dtype
     work = delta.to(torch.float64) if delta.numel() <= 4096 * 1024 else delta.to(torch.float32)
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    k = min(rank, s.numel())
-    total = float((s.double() ** 2).sum())
-    err = float((s[k:].double() ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
+    small = min(work.shape)
+    k = min(rank, small)
+    total = float(work.double().square().sum())
+    if small >= _RANDOMIZED_MIN_DIM and 4 * (k + _OVERSAMPLE) <= small:
+        u, s, vh = _randomized_svd(work, k + _OVERSAMPLE)
+        kept = float((s[:k].double() ** 2).sum())
+        err = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
+    else:
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        err = float((s[k:].double() ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
     A, B = _split(u, s, vh, k, dt)
     return A, B, err
