@@ -7,7 +7,7 @@
 Each task model (base + 0.01 N(0,1), bf16, Llama-shaped: hidden 768, 8 layers, vocab 32000,
 intermediate 2048 = 106M parameters) is written just before its `add` and deleted after it, so
 disk use stays flat. Every `add` is a child process: wall time and the child's own peak RSS
-(``ru_maxrss`` from ``os.wait4``). The target (issue 5): RSS flat within +-10 % from model 2 to
+(``ru_maxrss`` from ``os.wait4`` in bench_merge's lean wrapper). The target (issue 5): RSS flat within +-10 % from model 2 to
 N, time per add close to one streaming pass plus the SVDs. The reference pass is one
 `merge run` of task_arithmetic over a single model (read base + model, write the output).
 Results: benchmarks/results_continual.md.
@@ -26,7 +26,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
+from bench_merge import run_child  # noqa: E402  (the same child measurement as the merge benchmark)
 from mergekit_ortho.demo import llama_shapes, write_checkpoint  # noqa: E402
 
 
@@ -36,12 +38,28 @@ def merge_cmd() -> list[str]:
 
 
 def timed(cmd: list[str]) -> tuple[float, float, int, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
-    return wall, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status), (err[-1] if err else "")
+    """(wall s, peak RSS GiB, exit code, last stderr line) of ``cmd``, measured by bench_merge's
+    lean wrapper: a child forked from this process would start with this process's resident
+    pages (torch, the checkpoint writer) counted in its ru_maxrss."""
+    rc, wall, rss, tail = run_child(cmd)
+    return wall, rss, rc, tail
+
+
+def svd_seconds(shapes: dict) -> float:
+    """Time of the SVDs an OPCM add computes: one thin SVD per projectable 2-D weight."""
+    import torch
+
+    from mergekit_ortho.ops.opcm import is_projectable
+
+    total = 0.0
+    for name, shape in shapes.items():
+        x = torch.randn(*shape) if len(shape) == 2 else torch.zeros(shape)
+        if not is_projectable(name, x):
+            continue
+        t0 = time.perf_counter()
+        torch.linalg.svd(x, full_matrices=False)
+        total += time.perf_counter() - t0
+    return total
 
 
 def registered(method: str) -> bool:
@@ -88,13 +106,18 @@ def main() -> None:
             if code != 0:
                 break
         results[method] = rows
+    svd_s = svd_seconds(shapes) if "opcm" in results else None
     out = args.out or (work / "results_continual.md" if args.small else HERE / "results_continual.md")
     lines = ["# Continual merging benchmark", "",
              f"{params / 1e6:.1f}M-parameter bf16 Llama-shaped checkpoints; one `merge continual add` per model "
              "(child process; wall time and its own peak RSS). "
              f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, {time.strftime('%Y-%m-%d')}.", "",
              f"Reference, one streaming pass (`merge run` task_arithmetic over one model): {ref[0]:.1f} s, "
-             f"{ref[1]:.2f} GiB peak RSS.", ""]
+             f"{ref[1]:.2f} GiB peak RSS."]
+    if svd_s is not None:
+        lines.append(f"OPCM's SVDs alone (one float32 thin SVD of every projectable weight shape, in one process, "
+                     f"after the adds): {svd_s:.1f} s, so one pass + the SVDs = {ref[0] + svd_s:.1f} s.")
+    lines.append("")
     for method, rows in results.items():
         if not rows:
             lines += [f"## {method}", "", "not registered when the benchmark ran", ""]

@@ -323,21 +323,23 @@ def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd,
                f"peak RSS {import_rss:.3f} GiB")
     out.append("")
     out.append("## Results\n")
-    out.append("| method | wall s (median) | wall − import torch s | peak RSS GiB | wall ratio to linear "
-               "| RSS ratio to linear |")
-    out.append("|---|---:|---:|---:|---:|---:|")
+    out.append("| method | wall s (median) | wall s (min–max of the rounds) | wall − import torch s | peak RSS GiB "
+               "| wall ratio to linear | RSS ratio to linear |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
     for m, r in rows.items():
         if r.get("skip"):
-            out.append(f"| {m} | skipped: {r['skip']} | | | | |")
+            out.append(f"| {m} | skipped: {r['skip']} | | | | | |")
             continue
         s = stats(m)
         if s is None:
-            out.append(f"| {m} | FAILED: `{r.get('error', '').replace('|', '/')}` | | | | |")
+            out.append(f"| {m} | FAILED: `{r.get('error', '').replace('|', '/')}` | | | | | |")
             continue
         w, rss = s
         wr = w / lin[0] if lin else None
         rr = rss / lin[1] if lin else None
-        out.append(f"| {m} | {w:.2f} | {w - import_wall:.2f} | {rss:.3f} | {_fmt_ratio(wr)} | {_fmt_ratio(rr)} |")
+        spread = f"{min(r['walls']):.2f}–{max(r['walls']):.2f}"
+        out.append(f"| {m} | {w:.2f} | {spread} | {w - import_wall:.2f} | {rss:.3f} | {_fmt_ratio(wr)} "
+                   f"| {_fmt_ratio(rr)} |")
     out.append("")
     out.append("## Against the targets\n")
     checks = []
