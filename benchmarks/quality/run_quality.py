@@ -141,6 +141,17 @@ def save_checkpoint(d: Path, sd: dict) -> None:
         "d_in": D_IN, "hidden": HIDDEN, "features": FEAT}, indent=2))
 
 
+
+def _train(model, params, x, y, hw, hb, lr: float, steps: int, g) -> None:
+    """Adam on ``params`` through the frozen head (hw, hb): batches of 128 drawn from ``g``."""
+    o = torch.optim.Adam(params, lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        loss = F.cross_entropy(F.linear(model(x[idx]), hw, hb), y[idx])
+        o.zero_grad()
+        loss.backward()
+        o.step()
+
 def build_models(world: World, cfg: dict, mdir: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -188,13 +199,7 @@ def build_models(world: World, cfg: dict, mdir: Path) -> None:
         torch.manual_seed(SEED + 200 + t)
         ft = Body()
         ft.load_state_dict(base_sd)
-        o = torch.optim.Adam(ft.parameters(), cfg["ft_lr"])
-        for _ in range(cfg["ft_steps"]):
-            idx = torch.randint(0, len(x), (128,), generator=g)
-            loss = F.cross_entropy(F.linear(ft(x[idx]), hw, hb), y[idx])
-            o.zero_grad()
-            loss.backward()
-            o.step()
+        _train(ft, list(ft.parameters()), x, y, hw, hb, cfg["ft_lr"], cfg["ft_steps"], g)
         save_checkpoint(mdir / f"ft_{t}", ft.state_dict())
         # LoRA (PEFT) on the three linear layers of the same base
         torch.manual_seed(SEED + 300 + t)
@@ -202,13 +207,8 @@ def build_models(world: World, cfg: dict, mdir: Path) -> None:
         lb.load_state_dict(base_sd)
         pm = get_peft_model(lb, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGETS,
                                            lora_dropout=0.0, bias="none"))
-        o = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], cfg["lora_lr"])
-        for _ in range(cfg["lora_steps"]):
-            idx = torch.randint(0, len(x), (128,), generator=g)
-            loss = F.cross_entropy(F.linear(pm(x[idx]), hw, hb), y[idx])
-            o.zero_grad()
-            loss.backward()
-            o.step()
+        _train(pm, [p for p in pm.parameters() if p.requires_grad], x, y, hw, hb, cfg["lora_lr"],
+               cfg["lora_steps"], g)
         pm.peft_config["default"].base_model_name_or_path = str(mdir / "base")
         pm.save_pretrained(str(mdir / f"lora_{t}"))
         log(f"task {t}: full fine-tune and LoRA r{LORA_R} trained")
