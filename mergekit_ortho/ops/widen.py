@@ -29,9 +29,10 @@ Reads task vectors delta_n = theta_n - theta_0 and the base theta_0 (needs_base)
   occur): flattened to out x prod(rest), so a unit is one (in, kh, kw, ...) position and norms
   run over the output channels -- the Linear rule applied to the flattened kernel.
 
-Numerics. Column norms, dot products, ranks and scores are computed in float64 (accumulated over
-row chunks, so memory stays ~ a few tensor-sized float64 chunks plus (N x d) statistics); the
-weighted sum runs in the inputs' dtype promoted to at least float32. The cosine clamps each norm at
+Numerics. Column norms, dot products, ranks and scores are computed in float64, accumulated over
+blocks of whole rows in three reused 2 MiB float64 buffers, plus (N x d) statistics (kept as
+||W_0||^2, <delta_n, W_0> and ||delta_n||^2, see :class:`_UnitStats`); the weighted sum runs in
+the inputs' dtype promoted to at least float32. The cosine clamps each norm at
 eps = 1e-8 like ``torch.cosine_similarity``, so zero columns give cos = 0 instead of NaN (the
 reference divides by a zero norm first and would produce NaN). A column whose task vector is exactly
 zero gets dM = dD = 0 exactly, so unchanged columns tie and are ordered by index (A8.7) instead of
