@@ -40,8 +40,6 @@ def _sum_step(acc, x, i, task: TensorTask):
     w = task.model_params[i]["weight"]
     if acc is None:  # x is ours (see StreamFold): it becomes the accumulator
         acc = fold_input(x, task)
-        if task.dtype is not None and acc.dtype != task.dtype:
-            acc = acc.to(task.dtype)
         return acc.mul_(w) if w != 1.0 else acc
     a = acc.view(-1)
     for lo, hi, v in fold_input_chunks(x, task):  # raw bf16 weights: no full-size fp32 copy

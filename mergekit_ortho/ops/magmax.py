@@ -49,8 +49,7 @@ def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -
     """Fold model i (0-based) into the running selection. The state is the selection tensor
     alone, so a continual-merging state can persist it between processes."""
     if sel is None:  # x is ours (see StreamFold): it becomes the state
-        sel = fold_input(x, task)
-        return sel.to(task.dtype) if task.dtype is not None and sel.dtype != task.dtype else sel
+        return fold_input(x, task)
     if sel.shape != x.shape:
         raise ValueError(
             f"magmax: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, expected {tuple(sel.shape)}"

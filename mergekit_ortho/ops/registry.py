@@ -172,12 +172,10 @@ FOLD_CHUNK = 1 << 18  # entries a fold prepares at a time (1 MiB of float32: sta
 
 
 def fold_input(x: "torch.Tensor", task: TensorTask) -> "torch.Tensor":
-    """Model input x as a whole tensor in ``task.dtype`` (owned by the caller): raw weights are
-    converted and, for a deltas method, have the base subtracted; prepared inputs are x itself."""
-    if not task.raw_inputs:
-        return x
+    """Model input x as a whole tensor in ``task.dtype`` (x itself when it already is one; it is
+    owned by the caller): raw weights of a deltas method also have the base subtracted."""
     v = x if task.dtype is None or x.dtype == task.dtype else x.to(task.dtype)
-    return v if task.base is None else add_converted_(v, task.base, -1.0)
+    return v if not task.raw_inputs or task.base is None else add_converted_(v, task.base, -1.0)
 
 
 def add_converted_(acc: "torch.Tensor", x: "torch.Tensor", alpha: float = 1.0) -> "torch.Tensor":
