@@ -162,7 +162,9 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (overrides output.path)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (compute device)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; read no tensor data, write nothing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output that mergekit-ortho wrote."),
+    force_replace: bool = typer.Option(False, "--force-replace",
+                                       help="Replace an existing output even if mergekit-ortho did not write it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
@@ -179,15 +181,17 @@ def run(
         raise UserError(f"{recipe}: no output path; set output.path in the recipe or pass --out")
     if r.output.path and out is None and r._source_path is not None and not Path(r.output.path).is_absolute():
         target = r._source_path.parent / r.output.path
-    if target.exists() and not overwrite and not dry_run:
-        raise UserError(f"output {target} already exists; pass --overwrite to replace it")
+    if not dry_run:
+        from .writer import check_output
+
+        check_output(target, overwrite, recipe_mod.input_paths(r), force_replace)
     plan = engine.build_plan(r, device=device)
     try:
         if plan.op.sequential and not dry_run:
             from . import continual
 
             engine.close(plan)
-            result = continual.run_sequential(recipe, target, overwrite,
+            result = continual.run_sequential(recipe, target, overwrite, force_replace=force_replace,
                                               on_model=lambda e: _console().print(f"merged {e['name']} as model {e['t']}")
                                               if not _state["quiet"] else None)
             _console().print(f"wrote {result} ({plan.op.name}, {len(plan.models)} models folded in order)")
@@ -202,7 +206,7 @@ def run(
                 cb = lambda name, n: p.update(task, advance=n, tensor=name)  # noqa: E731
             else:
                 cb = None
-            result = engine.run(plan, target, overwrite=overwrite, on_tensor=cb)
+            result = engine.run(plan, target, overwrite=overwrite, on_tensor=cb, force_replace=force_replace)
         if plan.module_mode:
             _console().print(f"wrote {result} ({plan.out_format}, {plan.merge_count} modules)")
         else:
@@ -288,7 +292,9 @@ def revert(
     base: Optional[str] = typer.Option(None, "--base", help="Base model for --format full (default: the bundle's)."),
     out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="Output dtype (default float32 for adapters, "
                                             "the base's for full)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output that mergekit-ortho wrote."),
+    force_replace: bool = typer.Option(False, "--force-replace",
+                                       help="Replace an existing output even if mergekit-ortho did not write it."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
     """Rebuild one task's adapter (or full model) from an RMM bundle alone."""
@@ -298,7 +304,7 @@ def revert(
 
     if format not in ("peft", "kohya", "full"):
         raise UserError(f"--format must be peft, kohya or full, not '{format}'")
-    result = lora_engine.revert(bundle, model, out, format, base, overwrite, out_dtype)
+    result = lora_engine.revert(bundle, model, out, format, base, overwrite, out_dtype, force_replace=force_replace)
     _console().print(f"wrote {result} (task {model}, {format})")
 
 
@@ -311,11 +317,13 @@ app.add_typer(continual_app, name="continual")
 def continual_init(
     state: Path = typer.Argument(..., help="State directory to create."),
     recipe: Path = typer.Option(..., "--recipe", help="Recipe: method (opcm|magmax|linear|task_arithmetic), base, parameters, optional initial models."),
+    force: bool = typer.Option(False, "--force", help="Merge a model even if the same tensors were merged before."),
 ):
-    """Create a continual-merging state; merge the recipe's models (if any) in order."""
+    """Create a continual-merging state; merge the recipe's models (if any) in order (all or nothing)."""
     from . import continual
 
-    st = continual.init(state, recipe, on_model=lambda e: _console().print(f"merged {e['name']} as model {e['t']}"))
+    st = continual.init(state, recipe, on_model=lambda e: _console().print(f"merged {e['name']} as model {e['t']}"),
+                        force=force)
     _console().print(f"created {state} ({st.method}, {st.t} model(s) merged)")
 
 
@@ -360,11 +368,15 @@ def continual_status(state: Path = typer.Argument(..., help="State directory."),
 @handle_errors
 def continual_export(state: Path = typer.Argument(..., help="State directory."),
                      out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
-                     overwrite: bool = typer.Option(False, "--overwrite")):
+                     overwrite: bool = typer.Option(False, "--overwrite",
+                                                    help="Replace an existing output that mergekit-ortho wrote."),
+                     force_replace: bool = typer.Option(False, "--force-replace",
+                                                        help="Replace an existing output even if mergekit-ortho did "
+                                                        "not write it.")):
     """Write the current merged model as a normal model directory."""
     from . import continual
 
-    result = continual.export(state, out, overwrite)
+    result = continual.export(state, out, overwrite, force_replace=force_replace)
     _console().print(f"wrote {result}")
 
 

@@ -166,15 +166,19 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
                     for n, i in items.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic = AtomicDirectory(Path(state_dir), overwrite=False)
+    # the whole state, initial models included, is built in a temporary directory and renamed into
+    # place at the end: a failure (a corrupt model, Ctrl-C) leaves no half-built state behind
+    inputs = [recipe_path, base_ref] + [ref for ref, _, _ in initial]
+    atomic = AtomicDirectory(Path(state_dir), overwrite=False, inputs=inputs)
     with atomic as tmp:
         _write_json_atomic(tmp / STATE_FILE, data)
         (tmp / "lock").touch()
+        entries = []
+        for ref, label, params in initial:
+            entries.append(add(tmp, ref, name=label, params=params, force=force))
+            if on_model:
+                on_model(entries[-1])
         atomic.commit()
-    for ref, label, params in initial:
-        entry = add(Path(state_dir), ref, name=label, params=params, force=force)
-        if on_model:
-            on_model(entry)
     return State.load(Path(state_dir))
 
 
@@ -196,19 +200,22 @@ def add(state_dir: Path, model_ref: str, name: str | None = None, force: bool = 
 
 
 def run_sequential(recipe_path: Path, out: Path, overwrite: bool = False,
-                   on_model: Callable[[dict], None] | None = None) -> Path:
+                   on_model: Callable[[dict], None] | None = None, force_replace: bool = False) -> Path:
     """`merge run` for a sequential method (opcm): the recipe's models are folded in order into a
     temporary state beside ``out`` and exported, so the result is exactly what
     `continual init` + `add`s + `export` give. The temporary state is removed in any case."""
+    from . import recipe as recipe_mod
     from .writer import AtomicDirectory
 
-    AtomicDirectory(Path(out), overwrite).check()
+    r = recipe_mod.load(recipe_path, require_models=False)
+    refs = [recipe_mod.resolve_ref(r, x) for x in [r.base_model] + [e.model for e in r.models] if x]
+    AtomicDirectory(Path(out), overwrite, inputs=[recipe_path] + refs, force_replace=force_replace).check()
     target = Path(out).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_state = target.parent / f".{target.name}.state-{os.getpid()}-{os.urandom(3).hex()}"
     try:
         init(tmp_state, recipe_path, on_model=on_model, force=True)
-        return export(tmp_state, target, overwrite)
+        return export(tmp_state, target, overwrite, force_replace=force_replace, extra_inputs=refs)
     finally:
         shutil.rmtree(tmp_state, ignore_errors=True)
 
@@ -360,7 +367,8 @@ def _sequential(op):
 # --- export, status --------------------------------------------------------------------------------
 
 
-def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None) -> Path:
+def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, force_replace: bool = False,
+           extra_inputs=()) -> Path:
     """Write the current merged model as a normal model directory (like `merge run`)."""
     import torch
 
@@ -369,7 +377,12 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None) 
     from .ops import registry
     from .writer import OutTensor, plan_shards
 
+    from .writer import AtomicDirectory
+
     root = Path(state_dir)
+    st = State.load(root)
+    guard = [root, st.data["base_model"], *extra_inputs]
+    AtomicDirectory(Path(out), overwrite, inputs=guard, force_replace=force_replace).check()  # before the lock
     with _lock(root):
         st = State.load(root)
         if st.t == 0:
@@ -402,7 +415,9 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None) 
 
             plan.models = [engine.ModelInput(h["name"], h["source"], None, h["params"]) for h in st.data["history"]]
             extra = f"Continual merge of {st.t} model(s); state scalars: {json.dumps(st.data['scalars'])}"
-            return engine.run(plan, Path(out), overwrite, on_tensor, produce=produce, card_extra=extra)
+            plan.extra_inputs = [Path(p) for p in guard]
+            return engine.run(plan, Path(out), overwrite, on_tensor, produce=produce, card_extra=extra,
+                              force_replace=force_replace)
         finally:
             base.source.close()
 

@@ -78,6 +78,8 @@ class Plan:
     module_keys: list[str] = field(default_factory=list)
     module_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)  # per-module operator reports, when any
+    # paths read outside the models (a continual state, a bundle) that the output must not touch
+    extra_inputs: list[Path] = field(default_factory=list)
 
     @property
     def lora_models(self) -> list[ModelInput]:
@@ -575,9 +577,28 @@ def recipe_yaml(recipe: recipe_mod.Recipe) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def input_paths(plan: Plan) -> list[Path]:
+    """Every path the plan reads: the models' files and directories, the recipe, the tokenizer
+    donor. An output must stay clear of all of them (``writer.refuse_overlap``)."""
+    paths: list[Path] = []
+    for m in ([plan.base] if plan.base else []) + plan.models:
+        for attr in ("path", "directory"):
+            p = getattr(m.source, attr, None)
+            if p is not None:
+                paths.append(Path(p))
+        if m.source is None and m.ref:
+            paths.append(Path(m.ref))
+    if plan.recipe._source_path is not None:
+        paths.append(plan.recipe._source_path)
+    if plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base":
+        paths.append(Path(recipe_mod.resolve_ref(plan.recipe, plan.recipe.tokenizer_source)))
+    return paths + list(plan.extra_inputs)
+
+
 def run(plan: Plan, out: Path, overwrite: bool = False,
         on_tensor: Callable[[str, int], None] | None = None,
-        produce: Callable[[str], Any] | None = None, card_extra: str = "") -> Path:
+        produce: Callable[[str], Any] | None = None, card_extra: str = "",
+        force_replace: bool = False) -> Path:
     """Execute a plan into ``out`` atomically: config/tokenizer files, shards, index, card."""
     import json
 
@@ -588,7 +609,7 @@ def run(plan: Plan, out: Path, overwrite: bool = False,
         from . import lora_engine
 
         runner = lora_engine.run_bundle if plan.out_format == "bundle" else lora_engine.run_lora
-        return runner(plan, out, overwrite, on_tensor)
+        return runner(plan, out, overwrite, on_tensor, force_replace=force_replace)
     recipe = plan.recipe
     text = recipe_yaml(recipe)
     metadata = {
@@ -597,7 +618,7 @@ def run(plan: Plan, out: Path, overwrite: bool = False,
         "merge_method": plan.op.name,
         "merge_recipe": json.dumps(recipe._raw if recipe._raw is not None else recipe.model_dump(), sort_keys=False),
     }
-    atomic = AtomicDirectory(out, overwrite)
+    atomic = AtomicDirectory(out, overwrite, inputs=input_paths(plan), force_replace=force_replace)
     with atomic as tmp:
         execute(plan, tmp, metadata, on_tensor, produce)
         donor = _donor_dir(plan)

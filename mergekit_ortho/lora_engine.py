@@ -222,12 +222,14 @@ def _peft_base_name(plan) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
-def run_lora(plan, out: Path, overwrite: bool = False, on_module=None) -> Path:
+def run_lora(plan, out: Path, overwrite: bool = False, on_module=None, force_replace: bool = False) -> Path:
     """Write the merged adapter as PEFT (a directory) or kohya (a directory, or one file when
     ``out`` ends in .safetensors), atomically."""
+    from .engine import input_paths
     from .lora_out import layouts_of, to_kohya, to_peft
-    from .writer import AtomicDirectory
+    from .writer import AtomicDirectory, AtomicFile
 
+    guard = dict(inputs=input_paths(plan), force_replace=force_replace)
     modules, reports = merged_modules(plan, on_module)
     dtype = _out_dtype(plan)
     shapes = {k: plan.base.source.infos[k].shape for k in modules} if plan.base is not None else None
@@ -241,7 +243,7 @@ def run_lora(plan, out: Path, overwrite: bool = False, on_module=None) -> Path:
         tasks = {m.source.config.get("task_type") for m in plan.lora_models if m.source.config}
         tensors, cfg = to_peft(modules, _peft_base_name(plan), shapes=shapes, layouts=layouts_of(sources),
                                dtype=dtype, task_type=tasks.pop() if len(tasks) == 1 else None)
-        atomic = AtomicDirectory(out, overwrite)
+        atomic = AtomicDirectory(out, overwrite, **guard)
         with atomic as tmp:
             _save(tensors, tmp / "adapter_model.safetensors", meta)
             _write_json(tmp / "adapter_config.json", cfg)
@@ -253,10 +255,10 @@ def run_lora(plan, out: Path, overwrite: bool = False, on_module=None) -> Path:
                               metadata={k: v for k, v in meta.items() if k != "format"},
                               merged_from=[m.label for m in plan.models])
     if Path(out).suffix == ".safetensors":
-        with atomic_file(Path(out), overwrite) as tmp:
+        with AtomicFile(Path(out), overwrite, **guard) as tmp:
             _save(tensors, tmp, kmeta)
         return Path(out).absolute()
-    atomic = AtomicDirectory(out, overwrite)
+    atomic = AtomicDirectory(out, overwrite, **guard)
     with atomic as tmp:
         _save(tensors, tmp / f"{Path(out).name}.safetensors", kmeta)
         _write_json(tmp / "merge_report.json", report)
@@ -265,49 +267,17 @@ def run_lora(plan, out: Path, overwrite: bool = False, on_module=None) -> Path:
     return atomic.target
 
 
-class atomic_file:
-    """``with atomic_file(target, overwrite) as tmp: write tmp`` -> renamed onto target on success."""
-
-    def __init__(self, target: Path, overwrite: bool):
-        self.target = target.absolute()
-        if self.target.exists() and not overwrite:
-            raise UserError(f"output {self.target} already exists; pass --overwrite to replace it")
-        if self.target.is_dir():
-            raise UserError(f"output {self.target} is a directory; a .safetensors path must be a file")
-
-    def __enter__(self) -> Path:
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create output directory {self.target.parent}: {e.strerror}") from None
-        self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}-{os.urandom(3).hex()}"
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        from .writer import _umask
-
-        if exc_type is None:
-            os.chmod(self.tmp, 0o666 & ~_umask())
-            with open(self.tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(self.tmp, self.target)
-            fd = os.open(self.target.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        elif self.tmp.exists():
-            self.tmp.unlink()
-
-
 # --- RMM bundles -------------------------------------------------------------------------------
 
 
-def run_bundle(plan, out: Path, overwrite: bool = False, on_module=None) -> Path:
+def run_bundle(plan, out: Path, overwrite: bool = False, on_module=None, force_replace: bool = False) -> Path:
     from . import bundle
+    from .engine import input_paths
     from .lora_out import layouts_of
     from .writer import AtomicDirectory
 
+    atomic = AtomicDirectory(out, overwrite, inputs=input_paths(plan), force_replace=force_replace)
+    atomic.check()  # before any work
     tensors, reports = {}, {}
     for key in plan.module_keys:
         res = module_result(plan, key)
@@ -327,7 +297,6 @@ def run_bundle(plan, out: Path, overwrite: bool = False, on_module=None) -> Path
     manifest = bundle.build_manifest([m.label for m in plan.models], reports, p=plan.params["basis_size"],
                                      center=plan.params["center"], base_model=plan.base.ref if plan.base else None,
                                      extras=extras)
-    atomic = AtomicDirectory(out, overwrite)
     with atomic as tmp:
         try:
             written = bundle.write_bundle(tmp, tensors, manifest)
@@ -341,14 +310,20 @@ def run_bundle(plan, out: Path, overwrite: bool = False, on_module=None) -> Path
 
 
 def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: str | None = None,
-           overwrite: bool = False, out_dtype: str | None = None) -> Path:
+           overwrite: bool = False, out_dtype: str | None = None, force_replace: bool = False) -> Path:
     """Rebuild one task from a bundle alone: a PEFT / kohya adapter (scale 1) or a full model."""
     import torch
 
     from . import bundle as bundle_mod
     from .lora_out import to_kohya, to_peft
-    from .writer import AtomicDirectory, write_model_card
+    from .writer import AtomicDirectory, AtomicFile, write_model_card
 
+    base_ref = base_ref or None
+    guard = dict(inputs=[Path(bundle_dir)] + ([Path(base_ref)] if base_ref else []), force_replace=force_replace)
+    if Path(out).suffix == ".safetensors" and fmt == "kohya":
+        AtomicFile(Path(out), overwrite, **guard)  # checks the target before any work
+    else:
+        AtomicDirectory(out, overwrite, **guard).check()
     b = bundle_mod.read_bundle(bundle_dir)
     modules = b.revert(task)
     if not modules:
@@ -359,11 +334,11 @@ def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: 
     card = f"Task `{task}` reverted from the RMM bundle `{bundle_dir}` (p = {b.manifest['p']})."
     if fmt == "full":
         return _revert_full(b, modules, task, base_ref or b.manifest.get("base_model"), out, overwrite,
-                            out_dtype, card)
+                            out_dtype, card, guard)
     if fmt == "peft":
         tensors, cfg = to_peft(modules, extras.get("peft_base_model") or b.manifest.get("base_model"),
                                shapes=shapes, layouts=extras.get("layouts") or None, dtype=dtype)
-        atomic = AtomicDirectory(out, overwrite)
+        atomic = AtomicDirectory(out, overwrite, **guard)
         with atomic as tmp:
             _save(tensors, tmp / "adapter_model.safetensors", {"format": "pt", "rmm_task": task})
             _write_json(tmp / "adapter_config.json", cfg)
@@ -374,10 +349,10 @@ def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: 
         tensors, meta = to_kohya(modules, template=extras.get("kohya_names") or None, shapes=shapes, dtype=dtype,
                                  metadata={"rmm_task": task})
         if Path(out).suffix == ".safetensors":
-            with atomic_file(Path(out), overwrite) as tmp:
+            with AtomicFile(Path(out), overwrite, **guard) as tmp:
                 _save(tensors, tmp, meta)
             return Path(out).absolute()
-        atomic = AtomicDirectory(out, overwrite)
+        atomic = AtomicDirectory(out, overwrite, **guard)
         with atomic as tmp:
             _save(tensors, tmp / f"{Path(out).name}.safetensors", meta)
             atomic.commit()
@@ -386,7 +361,7 @@ def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: 
 
 
 def _revert_full(b, modules: dict, task: str, base_ref: str | None, out: Path, overwrite: bool,
-                 out_dtype: str | None, card: str) -> Path:
+                 out_dtype: str | None, card: str, guard: dict) -> Path:
     import torch
 
     from . import engine
@@ -421,6 +396,8 @@ def _revert_full(b, modules: dict, task: str, base_ref: str | None, out: Path, o
             _check_finite(name, t)
             return t.to(getattr(torch, items[name].out_dtype))
 
-        return engine.run(plan, out, overwrite, produce=produce, card_extra=card)
+        plan.extra_inputs = list(guard["inputs"])
+        return engine.run(plan, out, overwrite, produce=produce, card_extra=card,
+                          force_replace=guard["force_replace"])
     finally:
         base.source.close()

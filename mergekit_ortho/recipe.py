@@ -232,3 +232,13 @@ def resolve_ref(recipe: Recipe, ref: str) -> str:
         return str(local)
     cwd = Path.cwd() / candidate
     return str(cwd) if cwd.exists() else ref
+
+
+def input_paths(recipe: Recipe) -> list[Path]:
+    """The local paths a recipe reads (itself, the base, the models, the tokenizer donor); hub ids
+    are left out. Used to keep outputs clear of their inputs before anything is opened."""
+    refs = [recipe.base_model] + [e.model for e in recipe.models]
+    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
+        refs.append(recipe.tokenizer_source)
+    paths = [Path(resolve_ref(recipe, r)) for r in refs if r]
+    return ([recipe._source_path] if recipe._source_path is not None else []) + paths

@@ -180,9 +180,16 @@ def test_overwrite_replaces_existing(tiny_models, tmp_path, cli):
     r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models["a"]], "linear"))
     code, _, err = cli("run", r, "--out", out)
     assert code == 2 and "--overwrite" in err and (out / "stale.txt").exists()
+    # a directory this tool did not write is replaced only with --force-replace
     code, _, err = cli("run", r, "--out", out, "--overwrite")
+    assert code == 2 and "--force-replace" in err and (out / "stale.txt").exists()
+    code, _, err = cli("run", r, "--out", out, "--force-replace")
     assert code == 0, err
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    # our own output is replaced with --overwrite
+    code, _, err = cli("run", r, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert (out / "model.safetensors").exists() and (out / ".mergekit-ortho").is_file()
 
 
 def test_hub_id_from_prepopulated_offline_cache(tiny_models, tmp_path, monkeypatch):

@@ -1,0 +1,203 @@
+"""Nothing a user owns is destroyed: outputs stay clear of their inputs, --overwrite replaces only
+our own outputs, a replacement survives a crash at any point, and leftovers are swept."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import write_recipe
+from mergekit_ortho import writer
+from mergekit_ortho.errors import UserError
+
+CLI = [sys.executable, "-m", "mergekit_ortho.cli"]
+
+
+def _copy_models(tiny_models, root: Path) -> dict[str, Path]:
+    out = {}
+    for k in ("base", "a", "b"):
+        shutil.copytree(tiny_models[k], root / k)
+        out[k] = root / k
+    return out
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _ta_recipe(root: Path, models: dict[str, Path], extra: str = "") -> Path:
+    return write_recipe(root / "recipe.yaml", f"merge_method: task_arithmetic\nbase_model: {models['base']}\n"
+                        f"models:\n  - model: {models['a']}\n  - model: {models['b']}\n{extra}")
+
+
+@pytest.mark.parametrize("out_rel", [".", "a", "a/merged", "recipe.yaml", ".."])
+def test_output_overlapping_an_input_is_refused_even_with_overwrite(tiny_models, tmp_path, out_rel):
+    work = tmp_path / "work"
+    work.mkdir()
+    models = _copy_models(tiny_models, work)
+    (work / "notes.txt").write_text("mine")
+    r = _ta_recipe(work, models)
+    before = _snapshot(tmp_path)
+    for flag in ("--overwrite", "--force-replace"):
+        p = subprocess.run(CLI + ["run", str(r), "--out", out_rel, flag], cwd=work, capture_output=True, text=True)
+        assert p.returncode == 2, p.stderr
+        assert "input" in p.stderr and "Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+    assert _snapshot(tmp_path) == before  # nothing deleted, nothing written
+
+
+def test_symlinked_output_onto_an_input_is_refused(tiny_models, tmp_path, cli):
+    models = _copy_models(tiny_models, tmp_path)
+    (tmp_path / "link").symlink_to(models["a"])
+    r = _ta_recipe(tmp_path, models)
+    code, _, err = cli("run", r, "--out", tmp_path / "link", "--force-replace")
+    assert code == 2 and "is the input" in err
+    assert (models["a"] / "model.safetensors").is_file()
+
+
+def test_continual_export_onto_its_state_is_refused(tiny_models, tmp_path, cli):
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
+                     f"models:\n  - model: {tiny_models['a']}\n")
+    state = tmp_path / "state"
+    assert cli("continual", "init", state, "--recipe", r)[0] == 0
+    before = _snapshot(state)
+    for out in (state, state / "export", tmp_path):
+        for flag in ("--overwrite", "--force-replace"):
+            code, _, err = cli("continual", "export", state, "--out", out, flag)
+            assert code == 2 and "input" in err, err
+    assert _snapshot(state) == before
+    # exporting elsewhere works, and a second export replaces the first with --overwrite
+    assert cli("continual", "export", state, "--out", tmp_path / "m")[0] == 0
+    assert cli("continual", "export", state, "--out", tmp_path / "m", "--overwrite")[0] == 0
+
+
+def test_overwrite_does_not_replace_a_continual_state(tiny_models, tmp_path, cli):
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
+                     f"models:\n  - model: {tiny_models['a']}\n")
+    state, other = tmp_path / "state", tmp_path / "other"
+    assert cli("continual", "init", state, "--recipe", r)[0] == 0
+    assert cli("continual", "init", other, "--recipe", r)[0] == 0
+    code, _, err = cli("continual", "export", state, "--out", other, "--overwrite")
+    assert code == 2 and "continual state" in err and (other / "state.json").is_file()
+
+
+def test_overwrite_replaces_only_our_outputs_and_empty_dirs(tiny_models, tmp_path, cli):
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {tiny_models['a']}\n"
+                     f"  - model: {tiny_models['b']}\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("run", r, "--out", empty, "--overwrite")[0] == 0
+    assert (empty / ".mergekit-ortho").is_file()
+    # an output written before the marker existed is recognised by our safetensors metadata
+    (empty / ".mergekit-ortho").unlink()
+    assert cli("run", r, "--out", empty, "--overwrite")[0] == 0
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "model.safetensors").write_bytes((tiny_models["a"] / "model.safetensors").read_bytes())
+    code, _, err = cli("run", r, "--out", user, "--overwrite")
+    assert code == 2 and "not written by mergekit-ortho" in err
+    assert (user / "model.safetensors").read_bytes() == (tiny_models["a"] / "model.safetensors").read_bytes()
+
+
+def test_dry_run_never_checks_or_touches_the_output(tiny_models, tmp_path):
+    models = _copy_models(tiny_models, tmp_path)
+    r = _ta_recipe(tmp_path, models)
+    p = subprocess.run(CLI + ["run", str(r), "--out", ".", "--dry-run"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+# --- crash-safe replacement ------------------------------------------------------------------------
+
+def _dir_with(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "content.txt").write_text(text)
+    (path / writer.OWNER_MARKER).write_text("{}")
+    return path
+
+
+def test_replace_uses_an_atomic_exchange_and_leaves_nothing(tmp_path):
+    target = _dir_with(tmp_path / "out", "old")
+    new = _dir_with(tmp_path / ".out.partial-1-x", "new")
+    writer.replace_atomically(new, target)
+    assert (target / "content.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("crash_after", ["journal", "first_rename"])
+def test_two_step_swap_is_repaired_after_a_crash(tmp_path, monkeypatch, crash_after):
+    """Where RENAME_EXCHANGE is missing the swap is journaled; a crash between its steps is repaired
+    by the next write to the same output: completed when the new copy is whole, never lost."""
+    monkeypatch.setattr(writer, "_exchange", lambda a, b: False)
+    pid = _dead_pid()
+    monkeypatch.setattr(writer.os, "getpid", lambda: pid)
+    target = _dir_with(tmp_path / "out", "old")
+    new = _dir_with(tmp_path / f".out.partial-{pid}-aaaaaa", "new")
+    real_rename = os.rename
+    calls = []
+
+    def crashing_rename(a, b):
+        calls.append((a, b))
+        if crash_after == "first_rename" and len(calls) == 2:
+            raise KeyboardInterrupt  # killed between the two renames
+        return real_rename(a, b)
+
+    if crash_after == "journal":
+        monkeypatch.setattr(writer.os, "rename", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt))
+    else:
+        monkeypatch.setattr(writer.os, "rename", crashing_rename)
+    with pytest.raises(KeyboardInterrupt):
+        writer.replace_atomically(new, target)
+    monkeypatch.setattr(writer.os, "rename", real_rename)
+    monkeypatch.undo()
+    assert list(tmp_path.glob(".out.swap-*.json"))  # the journal survived the crash
+    writer.recover_and_sweep(target)
+    # killed before the old copy moved: the commit never happened, the old output stays; killed
+    # between the renames: the whole new copy is put in place
+    expected = "old" if crash_after == "journal" else "new"
+    assert (target / "content.txt").read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_roll_back_when_the_new_copy_is_gone(tmp_path):
+    pid = _dead_pid()
+    old = _dir_with(tmp_path / f".out.old-{pid}-abcdef", "old")
+    (tmp_path / f".out.swap-{pid}-abcdef.json").write_text(json.dumps(
+        {"old": str(old), "new": str(tmp_path / f".out.partial-{pid}-abcdef")}))
+    writer.recover_and_sweep(tmp_path / "out")
+    assert (tmp_path / "out" / "content.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_leftovers_of_dead_runs_are_swept_live_ones_kept(tmp_path):
+    dead, live = _dead_pid(), os.getpid()
+    for kind in ("partial", "old", "state"):
+        (tmp_path / f".out.{kind}-{dead}-aaaaaa").mkdir()
+        (tmp_path / f".out.{kind}-{live}-bbbbbb").mkdir()
+    (tmp_path / f".out.partial-{dead}-cccccc").write_text("a half-written kohya file")
+    (tmp_path / ".other.partial-1-x").mkdir()  # another output's: not ours to judge here
+    writer.recover_and_sweep(tmp_path / "out")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f".out.{k}-{live}-bbbbbb" for k in ("partial", "old", "state")] + [".other.partial-1-x"])
+
+
+def test_check_output_rules_unit(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    with pytest.raises(UserError, match="contains"):
+        writer.check_output(tmp_path, True, [a / "x.safetensors", a], True)
+    with pytest.raises(UserError, match="lies inside"):
+        writer.check_output(a / "out", True, [a], True)
+    writer.check_output(tmp_path / "b", False, [a])  # clear of the inputs, does not exist
