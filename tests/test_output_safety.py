@@ -201,3 +201,33 @@ def test_check_output_rules_unit(tmp_path):
     with pytest.raises(UserError, match="lies inside"):
         writer.check_output(a / "out", True, [a], True)
     writer.check_output(tmp_path / "b", False, [a])  # clear of the inputs, does not exist
+
+
+# --- continual init is all or nothing --------------------------------------------------------------
+
+def test_continual_init_with_a_corrupt_model_leaves_no_state(tiny_models, tmp_path, cli):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    raw = (tiny_models["b"] / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
+                     f"models:\n  - model: {tiny_models['a']}\n  - model: {bad}\n")
+    state = tmp_path / "state"
+    code, _, err = cli("continual", "init", state, "--recipe", r)
+    assert code == 2 and str(bad) in err
+    assert not state.exists() and not list(tmp_path.glob(".state*"))
+    # the rerun after fixing the recipe succeeds
+    write_recipe(r, f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
+                 f"models:\n  - model: {tiny_models['a']}\n  - model: {tiny_models['b']}\n")
+    code, out, err = cli("continual", "init", state, "--recipe", r)
+    assert code == 0, err
+    assert "2 model(s) merged" in out
+
+
+def test_continual_init_duplicate_model_advises_a_flag_init_has(tiny_models, tmp_path, cli):
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
+                     f"models:\n  - model: {tiny_models['a']}\n  - model: {tiny_models['a']}\n    name: again\n")
+    code, _, err = cli("continual", "init", tmp_path / "s", "--recipe", r)
+    assert code == 2 and "--force" in err and not (tmp_path / "s").exists()
+    code, out, err = cli("continual", "init", tmp_path / "s", "--recipe", r, "--force")
+    assert code == 0 and "2 model(s) merged" in out, err
