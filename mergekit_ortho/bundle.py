@@ -241,6 +241,10 @@ class Bundle:
 
 def _load_manifest(root: Path) -> dict[str, Any]:
     mpath = root / MANIFEST
+    if mpath.is_symlink() or mpath.exists():
+        from .sources.paths import contained
+
+        contained(root, mpath, "bundle manifest")
     if not mpath.is_file():
         raise UserError(f"{mpath}: missing RMM manifest ({root} is not a complete RMM bundle)")
     try:
@@ -300,6 +304,10 @@ def read_bundle(dir_path: str | Path, verify: bool = True) -> Bundle:
     info = manifest["files"].get(TENSORS) if isinstance(manifest["files"], dict) else None
     if not isinstance(info, dict) or "bytes" not in info:
         raise UserError(f"{mpath}: corrupt RMM manifest, no size recorded for {TENSORS}")
+    if tpath.is_symlink() or tpath.exists():
+        from .sources.paths import contained
+
+        contained(root, tpath, "bundle tensor file")
     if not tpath.is_file():
         raise UserError(f"{tpath}: missing RMM tensor file")
     size = tpath.stat().st_size

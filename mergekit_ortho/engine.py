@@ -185,6 +185,10 @@ def open_source(ref: str, label: str):
 
         if hub.looks_like_hub_id(ref):
             path = hub.resolve(ref)
+    if path.exists() and not path.is_dir():
+        from .sources.paths import require_regular
+
+        require_regular(path, "checkpoint")
     if path.exists() and detect_lora(path):
         return LoraSource(path, label)
     return CheckpointSource(ref, label)

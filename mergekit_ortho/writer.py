@@ -532,11 +532,16 @@ _MODEL_FILES = (
 
 def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None) -> list[str]:
     """Copy config/tokenizer/generation files from the donor; update the dtype in config.json."""
+    from .sources.paths import contained
+
     copied: list[str] = []
     if donor is None or not donor.is_dir():
         return copied
     for name in _MODEL_FILES:
         src = donor / name
+        if not (src.exists() or src.is_symlink()):
+            continue
+        contained(donor, src, "model file")  # inside the donor, a regular file
         if not src.is_file():
             continue
         if name == "config.json" and out_dtype:

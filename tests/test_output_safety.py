@@ -231,3 +231,102 @@ def test_continual_init_duplicate_model_advises_a_flag_init_has(tiny_models, tmp
     assert code == 2 and "--force" in err and not (tmp_path / "s").exists()
     code, out, err = cli("continual", "init", tmp_path / "s", "--recipe", r, "--force")
     assert code == 0 and "2 model(s) merged" in out, err
+
+
+# --- containment: nothing outside a model is read ---------------------------------------------------
+
+def _sharded_copy(src: Path, dst: Path) -> Path:
+    """A two-shard copy of a tiny single-file checkpoint, with its index."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(src / "model.safetensors"), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    names = sorted(tensors)
+    dst.mkdir()
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fname, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(dst / fname))
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    shutil.copy(src / "config.json", dst / "config.json") if (src / "config.json").exists() else None
+    return dst
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_shard_outside_the_model_directory_is_refused(tiny_models, tmp_path, cli, how):
+    model = _sharded_copy(tiny_models["a"], tmp_path / "a")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shard = "model-00002-of-00002.safetensors"
+    shutil.move(model / shard, elsewhere / shard)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    if how == "symlink":
+        (model / shard).symlink_to(elsewhere / shard)
+    else:
+        name = f"../elsewhere/{shard}" if how == "dotdot" else str(elsewhere / shard)
+        index["weight_map"] = {k: (name if v == shard else v) for k, v in index["weight_map"].items()}
+        (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {model}\n"
+                     f"  - model: {tiny_models['b']}\n")
+    code, _, err = cli("run", r, "--out", tmp_path / "out")
+    assert code == 2 and "outside the model directory" in err and shard in err
+    assert not (tmp_path / "out").exists()
+    # named directly, a file elsewhere is the user's explicit choice
+    from mergekit_ortho.sources.checkpoint import CheckpointSource
+
+    CheckpointSource(str(elsewhere / shard)).close()
+
+
+def test_symlinked_tokenizer_outside_the_model_is_refused(tiny_models, tmp_path, cli):
+    model = tmp_path / "a"
+    shutil.copytree(tiny_models["a"], model)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    (model / "tokenizer.json").symlink_to(secret)
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {model}\n"
+                     f"  - model: {tiny_models['b']}\n")
+    code, _, err = cli("run", r, "--out", tmp_path / "out")
+    assert code == 2 and "tokenizer.json" in err and "outside the model directory" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlink_inside_the_model_and_hub_blobs_are_followed(tiny_models, tmp_path, cli):
+    # a hub snapshot's files are symlinks into the repository's blobs folder: allowed
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in tiny_models["a"].iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {snap}\n"
+                     f"  - model: {tiny_models['b']}\n")
+    code, _, err = cli("run", r, "--out", tmp_path / "out")
+    assert code == 0, err
+
+
+def test_fifo_where_a_checkpoint_is_expected_is_refused(tiny_models, tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {fifo}\n"
+                     f"  - model: {tiny_models['b']}\n")
+    p = subprocess.run(CLI + ["run", str(r), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=20)
+    assert p.returncode == 2 and "not a regular file" in p.stderr
+
+
+def test_adapter_weights_symlinked_outside_are_refused(tmp_path):
+    from mergekit_ortho.sources.lora import LoraSource
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    outside = tmp_path / "x.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.l.lora_A.weight": torch.zeros(2, 4),
+               "base_model.model.l.lora_B.weight": torch.zeros(4, 2)}, str(outside))
+    (d / "adapter_model.safetensors").symlink_to(outside)
+    with pytest.raises(UserError, match="outside the model directory"):
+        LoraSource(d)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..dtypes import ST_DTYPES
 from ..errors import UserError
+from .paths import contained, require_regular
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -247,7 +248,7 @@ def _locate(ref: str) -> tuple[Path, Path | None]:
         if p.is_dir():
             return p, p
         if p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES:
-            return p, None
+            return require_regular(p, "checkpoint"), None
         raise UserError(f"{p}: not a checkpoint (expected a directory, .safetensors or .bin file)")
     if hub.looks_like_hub_id(ref):
         folder = hub.resolve(ref)
@@ -256,11 +257,17 @@ def _locate(ref: str) -> tuple[Path, Path | None]:
 
 
 def _weight_files(d: Path) -> tuple[list[Path], dict | None, str]:
+    files, wm, fmt = _find_weight_files(d)
+    return [contained(d, f, "weight file") for f in files], wm, fmt
+
+
+def _find_weight_files(d: Path) -> tuple[list[Path], dict | None, str]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        wm = _read_index(index)
+        wm = _read_index(contained(d, index, "shard index"))
         files = sorted({d / v for v in wm.values()})
         for f in files:
+            contained(d, f, f"shard named by {index.name}")
             if not f.is_file():
                 raise UserError(f"{index}: shard '{f.name}' is missing from {d}")
         return files, wm, "safetensors"
@@ -273,9 +280,10 @@ def _weight_files(d: Path) -> tuple[list[Path], dict | None, str]:
         raise UserError(f"{d}: several .safetensors files and no model.safetensors.index.json; pass one file")
     bindex = d / "pytorch_model.bin.index.json"
     if bindex.is_file():
-        wm = _read_index(bindex)
+        wm = _read_index(contained(d, bindex, "shard index"))
         files = sorted({d / v for v in wm.values()})
         for f in files:
+            contained(d, f, f"shard named by {bindex.name}")
             if not f.is_file():
                 raise UserError(f"{bindex}: shard '{f.name}' is missing from {d}")
         return files, wm, "pickle"

@@ -206,9 +206,11 @@ def _peft_config_check(cfg: dict, file: Path) -> None:
 
 
 def _weights_in_dir(d: Path) -> Path | None:
+    from .paths import contained
+
     for name in ("adapter_model.safetensors", "adapter_model.bin", "pytorch_lora_weights.safetensors"):
-        if (d / name).is_file():
-            return d / name
+        if (d / name).is_file() or (d / name).is_symlink():
+            return contained(d, d / name, "adapter weight file")
     return None
 
 
@@ -252,6 +254,9 @@ def detect_lora(path: str | Path) -> str | None:
 
 
 def _load_json(f: Path) -> dict:
+    from .paths import contained
+
+    contained(f.parent, f, "adapter config")
     try:
         d = json.loads(f.read_text())
     except (OSError, ValueError) as e:
