@@ -411,7 +411,7 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
                     merged = b + out_t if op.reads == "deltas" else out_t
                 if not torch.isfinite(merged).all():
                     raise UserError(f"merged tensor '{name}' contains NaN or Inf")
-                return merged.to(getattr(torch, items[name].out_dtype))
+                return cast_checked(merged, getattr(torch, items[name].out_dtype), name)
 
             plan.models = [engine.ModelInput(h["name"], h["source"], None, h["params"]) for h in st.data["history"]]
             extra = f"Continual merge of {st.t} model(s); state scalars: {json.dumps(st.data['scalars'])}"

@@ -45,3 +45,27 @@ def itemsize(name: str) -> int:
         if attr == name:
             return size
     raise KeyError(name)
+
+
+class OutOfRange(UserError):
+    """A finite result that the output dtype cannot hold (it would be written as inf)."""
+
+
+def cast_checked(t, dtype, name: str):
+    """``t`` cast to ``dtype``, refusing values the cast turns into inf: a merged tensor must be
+    checked after the cast too, since a finite float32 result (``lambda: 1e8``) overflows float16.
+    One reduction on the cast tensor is the common case; only a non-finite sum looks closer, and
+    values that were already non-finite before the cast (a copied mask) are left alone."""
+    import torch
+
+    out = t.to(dtype)
+    if out.dtype == t.dtype or not out.is_floating_point() or bool(torch.isfinite(out.sum())):
+        return out
+    lost = torch.isfinite(t) & ~torch.isfinite(out)
+    if bool(lost.any()):
+        worst = float(t[lost].abs().max())
+        limit = torch.finfo(out.dtype).max
+        raise OutOfRange(f"tensor '{name}' has values up to {worst:.4g}, beyond the range of "
+                         f"{str(out.dtype).removeprefix('torch.')} (largest {limit:.4g}); lower the method's "
+                         "weights or lambda, or write a wider out_dtype (float32 or bfloat16)")
+    return out

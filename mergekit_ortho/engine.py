@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import recipe as recipe_mod
-from .dtypes import FP8, MERGEABLE, canonical, itemsize
+from .dtypes import FP8, MERGEABLE, canonical, cast_checked, itemsize
 from .errors import UserError
 from .ops import registry
 from .writer import OutTensor, plan_shards
@@ -493,7 +493,7 @@ def merge_tensor(plan: Plan, name: str):
             f"merged tensor '{name}' contains NaN or Inf; check the inputs "
             f"({', '.join(m.ref for m in plan.models)}) and the method parameters"
         )
-    return out.to("cpu", getattr(torch, item.out_dtype))
+    return cast_checked(out, getattr(torch, item.out_dtype), name).to("cpu")
 
 
 def operator_input(x, base, cdt):
@@ -554,7 +554,7 @@ def execute(plan: Plan, out_dir: Path, metadata: dict[str, str],
             if item.action == "copy":
                 t = reference.source.get(spec.name)
                 if t.dtype != getattr(torch, item.out_dtype):
-                    t = t.to(getattr(torch, item.out_dtype))
+                    t = cast_checked(t, getattr(torch, item.out_dtype), spec.name)
             else:
                 t = produce(spec.name) if produce else merge_tensor(plan, spec.name)
             writer.write(spec.name, t)

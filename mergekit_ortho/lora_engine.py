@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from .dtypes import cast_checked
 from .errors import UserError
 from .ops import registry
 
@@ -113,7 +114,7 @@ def full_tensor(plan, name: str):
     out = base.add_(delta.reshape(base.shape))
     _check_finite(name, out)
     plan.reports[name] = _json_safe(res.report)
-    return out.to(getattr(torch, plan.items[name].out_dtype))
+    return cast_checked(out, getattr(torch, plan.items[name].out_dtype), name)
 
 
 # --- LoRA outputs ------------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def _revert_full(b, modules: dict, task: str, base_ref: str | None, out: Path, o
             t = base.source.get(name).to(torch.float32)
             t.add_((B.to(torch.float32) @ A.to(torch.float32)).reshape(t.shape))
             _check_finite(name, t)
-            return t.to(getattr(torch, items[name].out_dtype))
+            return cast_checked(t, getattr(torch, items[name].out_dtype), name)
 
         plan.extra_inputs = list(guard["inputs"])
         return engine.run(plan, out, overwrite, produce=produce, card_extra=card,

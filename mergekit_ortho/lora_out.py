@@ -94,8 +94,10 @@ def _conv_shapes(key: str, A: torch.Tensor, B: torch.Tensor, shapes) -> tuple[tu
     return (r, *shp[1:]), (shp[0], r, 1, 1)
 
 
-def _out(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to(dtype=dtype).contiguous().clone()
+def _out(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    from .dtypes import cast_checked
+
+    return cast_checked(t.detach(), dtype, name).contiguous().clone()
 
 
 def layouts_of(sources: LoraSource | Iterable[LoraSource]) -> dict[str, str]:
@@ -140,11 +142,11 @@ def to_peft(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         else:
             raise ValueError(f"unknown LoRA layout {lay!r} for '{key}'")
         if lay == "embedding":
-            tensors[f"{prefix}{path}.lora_embedding_A"] = _out(a_p, dtype)
-            tensors[f"{prefix}{path}.lora_embedding_B"] = _out(b_p, dtype)
+            tensors[f"{prefix}{path}.lora_embedding_A"] = _out(a_p, dtype, f"{prefix}{path}.lora_embedding_A")
+            tensors[f"{prefix}{path}.lora_embedding_B"] = _out(b_p, dtype, f"{prefix}{path}.lora_embedding_B")
         else:
-            tensors[f"{prefix}{path}.lora_A.weight"] = _out(a_p, dtype)
-            tensors[f"{prefix}{path}.lora_B.weight"] = _out(b_p, dtype)
+            tensors[f"{prefix}{path}.lora_A.weight"] = _out(a_p, dtype, f"{prefix}{path}.lora_A.weight")
+            tensors[f"{prefix}{path}.lora_B.weight"] = _out(b_p, dtype, f"{prefix}{path}.lora_B.weight")
         ranks[path] = r
     counts = Counter(ranks.values())
     r0 = max(counts, key=lambda r: (counts[r], r)) if counts else 8
@@ -239,8 +241,8 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                     raise ValueError(f"LoRA factors for '{key}' ({list(B.shape)} @ {list(A.shape)}) do not fit "
                                      f"the base tensor {list(shp)}")
             down, up = A, B
-        tensors[f"{name}.lora_down.weight"] = _out(down, dtype)
-        tensors[f"{name}.lora_up.weight"] = _out(up, dtype)
+        tensors[f"{name}.lora_down.weight"] = _out(down, dtype, f"{name}.lora_down.weight")
+        tensors[f"{name}.lora_up.weight"] = _out(up, dtype, f"{name}.lora_up.weight")
         tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=dtype)
         ranks.append(r)
     dims = set(ranks)

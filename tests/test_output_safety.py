@@ -330,3 +330,45 @@ def test_adapter_weights_symlinked_outside_are_refused(tmp_path):
     (d / "adapter_model.safetensors").symlink_to(outside)
     with pytest.raises(UserError, match="outside the model directory"):
         LoraSource(d)
+
+
+# --- results the output dtype cannot hold -------------------------------------------------------------
+
+def test_result_overflowing_float16_is_refused_naming_tensor_and_dtype(tiny_models, tmp_path, cli):
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
+                     f"models:\n  - model: {tiny_models['a']}\nparameters: {{lambda: 1.0e+8}}\nout_dtype: float16\n")
+    code, _, err = cli("run", r, "--out", tmp_path / "out")
+    assert code == 2 and "beyond the range of float16" in err and "tensor '" in err and "6.55e+04" in err, err
+    assert not (tmp_path / "out").exists()
+    # the same merge fits bfloat16
+    write_recipe(r, r.read_text().replace("float16", "bfloat16"))
+    assert cli("run", r, "--out", tmp_path / "out")[0] == 0
+
+
+def test_lora_with_a_huge_alpha_written_as_float16_is_refused(tmp_path, cli):
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from lora_fixtures import write_peft_dir
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"base_model.model.layer.lora_A.weight": torch.randn(2, 8, generator=g),
+               "base_model.model.layer.lora_B.weight": torch.randn(8, 2, generator=g)}
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 1e9, "target_modules": ["layer"]}
+    a = write_peft_dir(tmp_path / "a", tensors, cfg)
+    b = write_peft_dir(tmp_path / "b", tensors, cfg)
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nmodels:\n  - model: {a}\n"
+                     f"  - model: {b}\nout_dtype: float16\n")
+    code, _, err = cli("run", r, "--out", tmp_path / "out")
+    assert code == 2 and "float16" in err and "lora_" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cast_check_leaves_non_finite_values_the_input_already_had():
+    from mergekit_ortho.dtypes import OutOfRange, cast_checked
+
+    mask = torch.tensor([0.0, float("-inf"), 1.0])
+    assert torch.equal(cast_checked(mask, torch.float16, "mask"), mask.half())
+    with pytest.raises(OutOfRange, match="'w'.*float16"):
+        cast_checked(torch.tensor([1.0, 7e4]), torch.float16, "w")
+    assert cast_checked(torch.tensor([1.0, 7e4]), torch.bfloat16, "w").isfinite().all()
