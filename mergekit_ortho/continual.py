@@ -373,7 +373,7 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
     import torch
 
     from . import engine
-    from .dtypes import canonical
+    from .dtypes import canonical, cast_checked
     from .ops import registry
     from .writer import OutTensor, plan_shards
 
