@@ -384,7 +384,11 @@ def continual_export(state: Path = typer.Argument(..., help="State directory."),
 @handle_errors
 def continual_watch(state: Path = typer.Argument(..., help="State directory."),
                     inbox: Path = typer.Option(..., "--inbox", help="Directory where new checkpoints appear."),
-                    interval: float = typer.Option(2.0, "--interval", help="Seconds between polls.")):
+                    interval: float = typer.Option(2.0, "--interval", help="Seconds between polls."),
+                    incomplete_timeout: float = typer.Option(
+                        3600.0, "--incomplete-timeout",
+                        help="Seconds to wait for an incomplete checkpoint (missing shards) to change before "
+                        "giving up on it (logged; retried if its files change later).")):
     """Merge each complete checkpoint that appears in the inbox, in arrival order, until SIGTERM/Ctrl-C."""
     import signal
 
@@ -399,7 +403,8 @@ def continual_watch(state: Path = typer.Argument(..., help="State directory."),
     signal.signal(signal.SIGINT, _stop)
     c = _console()
     c.print(f"watching {inbox} for checkpoints (every {interval:g}s); Ctrl-C or SIGTERM to stop")
-    n = continual.watch(state, inbox, interval, log=lambda m: c.print(m), should_stop=lambda: stop["flag"])
+    n = continual.watch(state, inbox, interval, log=lambda m: c.print(m), should_stop=lambda: stop["flag"],
+                        incomplete_timeout=incomplete_timeout)
     c.print(f"stopped; {n} model(s) merged")
 
 

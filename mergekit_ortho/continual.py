@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -460,25 +461,46 @@ def _entry_signature(p: Path) -> tuple | None:
     return None
 
 
-def _complete(p: Path) -> bool:
-    """Readable headers and, for a sharded directory, every shard the index names present."""
+_SHARD_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def _incomplete_reason(p: Path) -> str | None:
+    """Why ``p`` is not (yet) a whole checkpoint, or None when it is: headers readable, every shard
+    of its index present, and no numbered shard (``-00002-of-00003``) without its siblings (a copy
+    whose index arrives last looks like a complete single-file model until then)."""
     from .sources.checkpoint import CheckpointSource
 
+    if p.is_dir():
+        for f in p.glob("*.safetensors"):
+            m = _SHARD_NAME.search(f.name)
+            if m:
+                total = int(m.group(2))
+                stem = f.name[: m.start()]
+                missing = [i for i in range(1, total + 1)
+                           if not (p / f"{stem}-{i:05d}-of-{total:05d}.safetensors").is_file()]
+                if missing:
+                    return f"shard {missing[0]} of {total} has not arrived"
+                if not (p / "model.safetensors.index.json").is_file() and stem == "model":
+                    return "its shard index model.safetensors.index.json has not arrived"
     try:
         CheckpointSource(str(p), p.name).close()
-        return True
-    except UserError:
-        return False
+        return None
+    except UserError as e:
+        return str(e)
 
 
 def watch(state_dir: Path, inbox: Path, interval: float = 2.0, log: Callable[[str], None] = print,
-          should_stop: Callable[[], bool] = lambda: False, max_polls: int | None = None) -> int:
+          should_stop: Callable[[], bool] = lambda: False, max_polls: int | None = None,
+          incomplete_timeout: float = 3600.0) -> int:
     """Merge each complete checkpoint that appears in ``inbox``, in arrival order.
 
     A checkpoint (a ``.safetensors`` file or a model directory) is taken once its total size and
-    newest modification time are unchanged across two polls ``interval`` seconds apart and its
-    headers (and every shard of its index) are readable. Names already in the history (by
-    source path) are skipped, so a restarted watcher never merges a model twice; a model whose
+    newest modification time are unchanged across two polls ``interval`` seconds apart and it is
+    whole (``_incomplete_reason``). One that is still incomplete is waited for, with its reason
+    logged whenever it changes, for up to ``incomplete_timeout`` seconds since it last changed;
+    then it is given up with a log line. A checkpoint whose merge fails (a shape mismatch, a
+    corrupt file) is logged and retried whenever its files change. Names already in the history
+    (by source path) are skipped, so a restarted watcher never merges a model twice; a model whose
     tensors were already merged under another name is refused by the hash check and logged.
     Returns the number of models merged.
     """
@@ -486,21 +508,37 @@ def watch(state_dir: Path, inbox: Path, interval: float = 2.0, log: Callable[[st
     if not inbox.is_dir():
         raise UserError(f"inbox {inbox} is not a directory")
     seen: dict[Path, tuple] = {}
+    changed_at: dict[Path, float] = {}
+    waiting: dict[Path, str] = {}  # the last reason logged for an incomplete checkpoint
+    failed: dict[Path, tuple] = {}  # signature at the failed attempt: retried when it changes
+    given_up: dict[Path, tuple] = {}
     done = {h["source"] for h in State.load(root).data["history"]}
-    failed: set[Path] = set()
     merged = polls = 0
     while not should_stop():
         candidates = []
+        now = time.time()
         for p in inbox.iterdir():
             rp = p.resolve()
-            if str(rp) in done or rp in failed:
+            if str(rp) in done:
                 continue
             sig = _entry_signature(p)
-            if sig is None:
+            if sig is None or failed.get(rp) == sig or given_up.get(rp) == sig:
                 continue
-            if seen.get(rp) == sig and _complete(p):
+            if seen.get(rp) != sig:
+                seen[rp], changed_at[rp] = sig, now
+                continue  # changed since the last poll: still arriving
+            why = _incomplete_reason(p)
+            if why is None:
+                waiting.pop(rp, None)
                 candidates.append((sig[1], p))
-            seen[rp] = sig
+            elif now - changed_at[rp] > incomplete_timeout:
+                given_up[rp] = sig
+                waiting.pop(rp, None)
+                log(f"gave up on {p.name}: still incomplete after {incomplete_timeout:g}s without a change ({why}); "
+                    "it is retried if its files change")
+            elif waiting.get(rp) != why:
+                waiting[rp] = why
+                log(f"waiting for {p.name}: {why}")
         for _, p in sorted(candidates, key=lambda c: (c[0], c[1].name)):
             if should_stop():
                 break
@@ -508,11 +546,12 @@ def watch(state_dir: Path, inbox: Path, interval: float = 2.0, log: Callable[[st
             try:
                 entry = add(root, str(p), name=p.name.removesuffix(".safetensors"))
                 merged += 1
+                done.add(str(rp))
+                failed.pop(rp, None)
                 log(f"merged {p.name} as model {entry['t']} (sha256 {entry['sha256'][:12]})")
             except UserError as e:
-                failed.add(rp)
-                log(f"skipped {p.name}: {e}")
-            done.add(str(rp))
+                failed[rp] = seen[rp]
+                log(f"skipped {p.name}: {e} (retried if its files change)")
         polls += 1
         if max_polls is not None and polls >= max_polls:
             break

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,69 @@ def test_watch_merges_complete_arrivals_once(tiny_models, tmp_path):
     assert n == 1 and continual.State.load(state).t == 2
     assert [h["name"] for h in continual.status(state)["history"]] == ["a", "b"]
     assert any("skipped a_copy" in m for m in logs)
+
+
+def test_watch_waits_for_late_shards_and_merges_them(tiny_models, tmp_path):
+    from conftest import sharded_copy
+
+    state = init_state(tmp_path, tiny_models, "magmax")
+    inbox, held = tmp_path / "inbox", tmp_path / "held"
+    inbox.mkdir()
+    held.mkdir()
+    model = sharded_copy(tiny_models["a"], inbox / "a")
+    for f in ("model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+        shutil.move(model / f, held / f)  # the copy is still on its way
+    logs = []
+
+    def log(msg):
+        logs.append(msg)
+        if msg.startswith("waiting for a"):
+            for f in held.iterdir():
+                shutil.move(f, model / f.name)
+
+    n = continual.watch(state, inbox, interval=0.05, log=log, max_polls=10)
+    assert any("waiting for a: shard 2 of 2 has not arrived" in m for m in logs), logs
+    assert n == 1 and continual.State.load(state).t == 1
+
+
+def test_watch_retries_a_failed_checkpoint_when_it_changes(tiny_models, tmp_path):
+    state = init_state(tmp_path, tiny_models, "magmax")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bad = inbox / "x"
+    bad.mkdir()
+    with safe_open(str(tiny_models["a"] / "model.safetensors"), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].reshape(-1)[:-1].clone()  # a readable file of another shape: refused
+    save_file(tensors, str(bad / "model.safetensors"))
+    raw = (tiny_models["a"] / "model.safetensors").read_bytes()
+    logs = []
+
+    def log(msg):
+        logs.append(msg)
+        if msg.startswith("skipped x"):
+            (bad / "model.safetensors").write_bytes(raw)  # the user re-copies it
+
+    n = continual.watch(state, inbox, interval=0.05, log=log, max_polls=10)
+    assert any(m.startswith("skipped x") for m in logs) and n == 1, logs
+
+
+def test_watch_gives_up_on_a_checkpoint_that_stays_incomplete(tiny_models, tmp_path):
+    from conftest import sharded_copy
+
+    state = init_state(tmp_path, tiny_models, "magmax")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    model = sharded_copy(tiny_models["a"], inbox / "a")
+    (model / "model-00002-of-00002.safetensors").unlink()
+    (model / "model.safetensors.index.json").unlink()
+    logs = []
+    n = continual.watch(state, inbox, interval=0.05, log=logs.append, max_polls=8, incomplete_timeout=0.1)
+    assert n == 0 and any(m.startswith("gave up on a") and "shard 2 of 2" in m for m in logs), logs
 
 
 def test_watch_exits_cleanly_on_sigterm(tiny_models, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import write_recipe
+from conftest import sharded_copy, write_recipe
 from mergekit_ortho import writer
 from mergekit_ortho.errors import UserError
 
@@ -235,27 +235,9 @@ def test_continual_init_duplicate_model_advises_a_flag_init_has(tiny_models, tmp
 
 # --- containment: nothing outside a model is read ---------------------------------------------------
 
-def _sharded_copy(src: Path, dst: Path) -> Path:
-    """A two-shard copy of a tiny single-file checkpoint, with its index."""
-    from safetensors.torch import save_file
-
-    with safe_open(str(src / "model.safetensors"), "pt") as h:
-        tensors = {k: h.get_tensor(k) for k in h.keys()}
-    names = sorted(tensors)
-    dst.mkdir()
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for fname, keys in halves.items():
-        save_file({k: tensors[k] for k in keys}, str(dst / fname))
-    (dst / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
-    shutil.copy(src / "config.json", dst / "config.json") if (src / "config.json").exists() else None
-    return dst
-
-
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_shard_outside_the_model_directory_is_refused(tiny_models, tmp_path, cli, how):
-    model = _sharded_copy(tiny_models["a"], tmp_path / "a")
+    model = sharded_copy(tiny_models["a"], tmp_path / "a")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shard = "model-00002-of-00002.safetensors"
