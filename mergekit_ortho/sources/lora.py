@@ -66,13 +66,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import UserError
+from ..io import safetensors as safetensors_io
 
 PEFT_PREFIX = "base_model.model."
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
@@ -143,24 +143,10 @@ _KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "
 
 
 def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """({key: (dtype, shape)}, metadata) from a safetensors header; no tensor data is read."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 2**20 or 8 + n > size:
-                raise ValueError("header length points past the end of the file (truncated?)")
-            header = json.loads(f.read(n).decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read safetensors file {file}: {e}") from None
-    metadata = header.pop("__metadata__", None) or {}
-    entries = {k: (v["dtype"], tuple(int(x) for x in v["shape"])) for k, v in header.items()}
-    return entries, metadata
+    """({key: (safetensors dtype, shape)}, metadata) from a validated header; no tensor data is read
+    and the data section's size is not checked (detection must not depend on the tensor data)."""
+    h = safetensors_io.read_header(file, check_size=False)
+    return {k: (e.st_dtype, e.shape) for k, e in h.entries.items()}, dict(h.metadata)
 
 
 def _unsupported_in_keys(keys: Iterable[str]) -> tuple[str, str] | None:
@@ -298,7 +284,9 @@ class LoraSource:
         self._handle = None
         self._pickle: dict | None = None
         if self.file.suffix == ".safetensors":
-            self._entries, self.metadata = read_header(self.file)
+            self._handle = safetensors_io.SafetensorsFile(self.file)
+            self._entries = {k: (e.st_dtype, e.shape) for k, e in self._handle.entries.items()}
+            self.metadata = dict(self._handle.metadata)
         else:
             self._pickle = _load_pickle(self.file)
             self.metadata = {}
@@ -388,19 +376,13 @@ class LoraSource:
     # -- tensor access --------------------------------------------------------------------------
 
     def _read(self, key: str):
-        import torch
-
         if self._pickle is not None:
             return self._pickle[key]
-        if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.file), framework="pt", device="cpu")
-        t = self._handle.get_tensor(key)
-        return t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+        return self._handle.read(key)
 
     def close(self) -> None:
-        self._handle = None
+        if self._handle is not None:
+            self._handle.close()  # the header stays parsed: a closed source reopens on the next read
         self._pickle = None
 
     def __enter__(self) -> "LoraSource":
