@@ -189,7 +189,8 @@ def test_fuzzed_headers_parse_or_raise_user_error(tmp_path):
 
 
 def test_lora_files_go_through_the_same_validation(tmp_path):
-    from mergekit_ortho.sources.lora import LoraSource, detect_lora
+    from mergekit_ortho.adapters.detect import detect_lora
+    from mergekit_ortho.adapters.lora import LoraSource
 
     e = {"dtype": "F32", "shape": [-2, -4], "data_offsets": [0, 32]}
     h = {"lora_unet_x.lora_down.weight": e, "lora_unet_x.lora_up.weight": dict(e, data_offsets=[32, 64])}

@@ -296,7 +296,9 @@ def test_merge_run_on_peft_loras_equals_the_operator_on_the_materialised_deltas(
     # with a rank-4 LoRA in the mix, floor(min/3) > 4 keeps zero-sigma triplets whose vectors are
     # set by round-off (B8.5): compare with the operator on the deltas exactly as the engine
     # materialises them (scale * B @ A in float32), not with PEFT's differently rounded deltas
-    from mergekit_ortho.sources.lora import LoraSource, match_to_base
+    from mergekit_ortho.adapters.keymap import match_to_base
+    from mergekit_ortho.adapters.lora import LoraSource
+    from mergekit_ortho.adapters.matched import MatchedLora
 
     s = tsv_peft
     paths = s["full"] + [s["low"]]
@@ -307,8 +309,7 @@ def test_merge_run_on_peft_loras_equals_the_operator_on_the_materialised_deltas(
     srcs = []
     for a in paths:
         src = LoraSource(a)
-        match_to_base(src, list(b), {k: v.shape for k, v in b.items()})
-        srcs.append(src)
+        srcs.append(MatchedLora(src, match_to_base(src, list(b), {k: v.shape for k, v in b.items()})))
     op = _op()
     params = op.resolve_params({"lambda": 0.6})
     touched = set().union(*(s["deltas"][str(a)] for a in paths))
