@@ -28,10 +28,11 @@ from mergekit_ortho.adapters.keymap import match_to_base
 from mergekit_ortho.adapters.lora import LoraSource
 from mergekit_ortho.adapters.matched import MatchedLora
 
-from lora_fixtures import (
-    SD15_BASE, SD15_KOHYA, SDXL_BASE, SDXL_KOHYA, kohya_tensors, load_causal_lm, load_convnet,
-    make_peft_adapter, peft_merged_deltas, random_base, safetensors_shapes, tiny_convnet, tiny_gpt2,
-    tiny_llama, write_peft_dir, write_safetensors,
+from mergekit_ortho.testing.checkpoints import random_base, safetensors_shapes, write_safetensors
+from mergekit_ortho.testing.hf_models import load_causal_lm, load_convnet, tiny_convnet, tiny_gpt2, tiny_llama
+from mergekit_ortho.testing.loras import (
+    SD15_BASE, SD15_KOHYA, SDXL_BASE, SDXL_KOHYA, kohya_tensors, make_peft_adapter, peft_merged_deltas,
+    write_peft_dir,
 )
 
 pytestmark = [

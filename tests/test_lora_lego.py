@@ -217,7 +217,7 @@ def test_7_peft_adapter_reloads_with_scale_1(tmp_path):
     same outputs as adding B'A' to the base weights directly."""
     from peft import PeftModel
 
-    from lora_fixtures import make_peft_adapter, write_peft_dir
+    from mergekit_ortho.testing.loras import make_peft_adapter, write_peft_dir
     from mergekit_ortho.lora_out import layouts_of, to_peft
     from mergekit_ortho.adapters.keymap import match_to_base
     from mergekit_ortho.adapters.lora import LoraSource

@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_fixtures import (
-    SD15_BASE, SD15_KOHYA, SDXL_BASE, SDXL_KOHYA, kohya_tensors, load_causal_lm, make_peft_adapter,
-    peft_merged_deltas, random_base, tiny_llama, write_safetensors,
+from mergekit_ortho.testing.checkpoints import random_base, write_safetensors
+from mergekit_ortho.testing.hf_models import load_causal_lm, tiny_llama
+from mergekit_ortho.testing.loras import (
+    SD15_BASE, SD15_KOHYA, SDXL_BASE, SDXL_KOHYA, kohya_tensors, make_peft_adapter, peft_merged_deltas,
 )
 from mergekit_ortho.ops import registry
 from mergekit_ortho.adapters.keymap import match_to_base

@@ -247,7 +247,8 @@ def test_bundled_style_recipe_validates_and_dry_runs(tiny_models, tmp_path, cli)
 def tsv_peft(tmp_path_factory):
     """A tiny Llama (q 32x32, v 16x32, down 32x48) and two PEFT LoRAs each of rank floor(min/2)
     per module (q 16, v 8, down 16), plus a third LoRA of rank 4 everywhere."""
-    from lora_fixtures import load_causal_lm, make_peft_adapter, peft_merged_deltas, tiny_llama
+    from mergekit_ortho.testing.hf_models import load_causal_lm, tiny_llama
+    from mergekit_ortho.testing.loras import make_peft_adapter, peft_merged_deltas
 
     root = tmp_path_factory.mktemp("tsv_peft")
     base = tiny_llama(root / "base")
