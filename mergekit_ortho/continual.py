@@ -244,7 +244,8 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
         from .adapters.matched import AppliedLora, MatchedLora
 
         infos = base.source.infos
-        matched = MatchedLora(model.source, match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()}))
+        match = match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()})
+        matched = MatchedLora(model.source, match)
         model = engine.ModelInput(label, ref, AppliedLora(matched, base.source), mparams)
     try:
         tensors = st.data["tensors"]

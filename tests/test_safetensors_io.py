@@ -203,3 +203,11 @@ def test_lora_files_go_through_the_same_validation(tmp_path):
     assert detect_lora(f) == "kohya"  # detection reads the header only
     with pytest.raises(UserError, match="truncated or padded"):
         LoraSource(f)  # opening it to read tensors checks the data section too
+
+
+@pytest.mark.parametrize("header", [b"[" * 100_000 + b"]" * 100_000, json.dumps(_one(shape=(-2, -3))).encode()])
+def test_cli_inspect_of_a_hostile_file_exits_2_with_one_line(cli, tmp_path, header):
+    f = _write(tmp_path / "bad.safetensors", header, b"\0" * 24)
+    rc, out, err = cli("inspect", f)
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in out + err and "not a readable safetensors file" in err and str(f) in err
