@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench_merge import run_child  # noqa: E402  (the same child measurement as the merge benchmark)
-from mergekit_ortho.demo import llama_shapes, write_checkpoint  # noqa: E402
+from mergekit_ortho.testing.checkpoints import llama_shapes, write_checkpoint  # noqa: E402
 
 
 def merge_cmd() -> list[str]:

@@ -3,7 +3,7 @@
 
 Builds a random bf16 Llama-shaped base (~270M parameters, 3 shards) and three task models
 (base + small seeded noise) under ``benchmarks/_work/`` with the project's own builder
-(``mergekit_ortho.demo``), writes one recipe per merge method, and times
+(``mergekit_ortho.testing.checkpoints``), writes one recipe per merge method, and times
 ``merge -q run RECIPE --out OUT`` as a child process (round-robin over the methods, the output
 removed untimed before each run): wall time and the child's own
 peak RSS (``os.wait4`` rusage of that one child, so earlier children do not leak into the max).
@@ -59,7 +59,7 @@ def n_params(shapes: dict[str, tuple[int, ...]]) -> int:
 
 
 def build_checkpoints(root: Path, dims: dict, rebuild: bool) -> dict[str, Path]:
-    from mergekit_ortho.demo import llama_shapes, write_checkpoint
+    from mergekit_ortho.testing.checkpoints import llama_shapes, write_checkpoint
 
     shapes = llama_shapes(dims["hidden"], dims["layers"], dims["vocab"], dims["intermediate"])
     count = n_params(shapes)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or (args.work / "results_merge_small.md" if args.small else HERE / "results_merge.md")
     load_before = load1()
     paths = build_checkpoints(work / "models", dims, args.rebuild)
-    from mergekit_ortho.demo import llama_shapes
+    from mergekit_ortho.testing.checkpoints import llama_shapes
     params = n_params(llama_shapes(dims["hidden"], dims["layers"], dims["vocab"], dims["intermediate"]))
 
     merge_cmd = resolve_merge()

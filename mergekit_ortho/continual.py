@@ -248,11 +248,13 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
     base = engine.ModelInput("base", st.data["base_model"], engine.open_source(st.data["base_model"], "base"), {})
     model = engine.ModelInput(label, ref, engine.open_source(ref, label), mparams)
     if model.is_lora:  # a LoRA arrives as the full model it makes: base + scale * B @ A
-        from .sources.lora import AppliedLora, match_to_base
+        from .adapters.keymap import match_to_base
+        from .adapters.matched import AppliedLora, MatchedLora
 
         infos = base.source.infos
-        match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()})
-        model = engine.ModelInput(label, ref, AppliedLora(model.source, base.source), mparams)
+        match = match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()})
+        matched = MatchedLora(model.source, match)
+        model = engine.ModelInput(label, ref, AppliedLora(matched, base.source), mparams)
     try:
         tensors = st.data["tensors"]
         _check_compatible(tensors, model)

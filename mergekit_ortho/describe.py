@@ -9,7 +9,8 @@ def describe(path: str) -> dict[str, Any]:
     from pathlib import Path
 
     from .sources.checkpoint import CheckpointSource
-    from .sources.lora import describe_lora, detect_lora
+    from .adapters.describe import describe_lora
+    from .adapters.detect import detect_lora
 
     p = Path(path)
     if p.is_dir() and (p / "rmm_manifest.json").is_file():

@@ -39,7 +39,7 @@ class ModelInput:
 
     @property
     def is_lora(self) -> bool:
-        return hasattr(self.source, "factors_for")
+        return getattr(self.source, "kind", "") == "lora"
 
 
 @dataclass
@@ -177,7 +177,8 @@ def _prod(shape) -> int:
 def open_source(ref: str, label: str):
     """A LoraSource when ``ref`` is a LoRA adapter (detected from its files), else a CheckpointSource."""
     from .sources.checkpoint import CheckpointSource
-    from .sources.lora import LoraSource, detect_lora
+    from .adapters.detect import detect_lora
+    from .adapters.lora import LoraSource
 
     path = Path(ref)
     if not path.exists():
@@ -229,14 +230,16 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         raise UserError(f"method '{op.name}' needs 'base_model' (task vectors are relative to it)")
     out_format = _output_format(recipe, op, params, base, models)
     if loras:
-        from .sources.lora import check_compatible, match_to_base
+        from .adapters.arch import check_compatible
+        from .adapters.keymap import match_to_base
+        from .adapters.matched import MatchedLora
 
         check_compatible([m.source for m in loras])
         if base is not None:
             keys = list(base.source.infos)
             shapes = {k: i.shape for k, i in base.source.infos.items()}
             for m in loras:
-                match_to_base(m.source, keys, shapes)
+                m.source = MatchedLora(m.source, match_to_base(m.source, keys, shapes))
         else:
             _align_without_base(loras)
 
@@ -328,7 +331,8 @@ def _align_without_base(loras: list[ModelInput]) -> None:
 
     The key of a module is its name as the base key it adapts would read (PEFT prefix and
     ``.base_layer`` stripped, ``.weight`` added), which is also what a PEFT output needs."""
-    from .sources.lora import PEFT_PREFIX
+    from .adapters.detect import PEFT_PREFIX
+    from .adapters.matched import MatchedLora
 
     fmts = {m.source.format for m in loras}
     if len(fmts) > 1:
@@ -340,8 +344,7 @@ def _align_without_base(loras: list[ModelInput]) -> None:
         for mod in src.modules:
             key = mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
             base_map[mod] = key.replace(".base_layer", "") + ".weight"
-        src.base_map = dict(sorted(base_map.items()))
-        src.by_base = {v: k for k, v in src.base_map.items()}
+        m.source = MatchedLora(src, base_map)
     first = loras[0]
     for m in loras[1:]:
         for key, mod in m.source.by_base.items():

@@ -4,7 +4,7 @@ Spec: ../shared/specs/formats.md §4a (PEFT), §4b (kohya, incl. §4b.4 metadata
 lora_lego_rmm.md "Design decisions" (outputs have scale 1).
 
 Input everywhere: ``modules = {base_weight_key: (A, B)}`` with the canonical factors of
-``sources.lora``: A (r x cols), B (rows x r), scale already folded in, in the **base tensor's
+``adapters.lora``: A (r x cols), B (rows x r), scale already folded in, in the **base tensor's
 layout** flattened to 2-D, so ``(B @ A).reshape(base_shape)`` is the delta to add to the base
 tensor. Outputs therefore always have scale 1 (alpha = r). Nothing is written to disk here: the
 caller places ``tensors`` in a ``.safetensors`` file (and ``adapter_config.json`` beside it for PEFT,
@@ -24,8 +24,8 @@ task_type=None, prefix="base_model.model.", extra_config=None) -> (tensors, adap
 ``to_kohya(modules, template=None, *, shapes, dtype=torch.float32, sources=(), metadata=None,
 merged_from=None, hashes=True) -> (tensors, metadata)``
     ``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (alpha = r, 0-d), names from
-    ``template`` (a ``{base_key: kohya module name}`` dict, or LoraSource(s) already matched with
-    ``match_to_base`` - so the output keeps the input's key layout), else ``kohya_default_name``;
+    ``template`` (a ``{base_key: kohya module name}`` dict, or MatchedLora(s) - so the output
+    keeps the input's key layout), else ``kohya_default_name``;
     conv modules restored to ``[r, in, kh, kw]`` / ``[out, r, 1, 1]`` from ``shapes``. Metadata
     values are all ``str``.
 ``layouts_of(sources) -> {base_key: layout}``; ``kohya_hashes(tensors, metadata) -> dict``.
@@ -39,7 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .sources.lora import LoraSource, kohya_default_name
+from .adapters.keymap import kohya_default_name
+from .adapters.matched import MatchedLora
 
 _PEFT_DEFAULTS: dict[str, Any] = {
     "peft_type": "LORA",
@@ -100,9 +101,9 @@ def _out(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return cast_checked(t.detach(), dtype, name).contiguous().clone()
 
 
-def layouts_of(sources: LoraSource | Iterable[LoraSource]) -> dict[str, str]:
-    """{base_key: layout} from matched LoraSources (first source wins), for ``to_peft``."""
-    srcs = [sources] if isinstance(sources, LoraSource) else list(sources)
+def layouts_of(sources: MatchedLora | Iterable[MatchedLora]) -> dict[str, str]:
+    """{base_key: layout} from matched LoRAs (first source wins), for ``to_peft``."""
+    srcs = [sources] if isinstance(sources, MatchedLora) else list(sources)
     out: dict[str, str] = {}
     for s in srcs:
         for key, mod in s.by_base.items():
@@ -172,7 +173,7 @@ def _names_from(template) -> dict[str, str]:
         return {}
     if isinstance(template, Mapping):
         return dict(template)
-    srcs = [template] if isinstance(template, LoraSource) else list(template)
+    srcs = [template] if isinstance(template, MatchedLora) else list(template)
     names: dict[str, str] = {}
     for s in srcs:
         if s.format != "kohya":
@@ -182,7 +183,7 @@ def _names_from(template) -> dict[str, str]:
     return names
 
 
-def _agreed(sources: Sequence[LoraSource], key: str) -> str | None:
+def _agreed(sources: Sequence[MatchedLora], key: str) -> str | None:
     vals = {s.metadata[key] for s in sources if key in s.metadata}
     return vals.pop() if len(vals) == 1 else None
 
@@ -204,21 +205,21 @@ def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
 
 
 def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-             template: Mapping[str, str] | LoraSource | Iterable[LoraSource] | None = None, *,
+             template: Mapping[str, str] | MatchedLora | Iterable[MatchedLora] | None = None, *,
              shapes: Mapping[str, Sequence[int]] | None = None,
              dtype: torch.dtype = torch.float32,
-             sources: Sequence[LoraSource] = (),
+             sources: Sequence[MatchedLora] = (),
              metadata: Mapping[str, Any] | None = None,
              merged_from: Sequence[str] | None = None,
              hashes: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya-ss LoRA tensors (alpha = r, scale 1) and ``__metadata__`` (all values str).
 
     ``sources``: the input LoRAs whose ``ss_base_model_version`` / ``ss_v2`` /
-    ``modelspec.architecture`` are copied when they agree (template LoraSources are used when
+    ``modelspec.architecture`` are copied when they agree (template MatchedLoras are used when
     ``sources`` is empty). ``metadata``: extra entries, applied last."""
     names = _names_from(template)
     if not sources and template is not None and not isinstance(template, Mapping):
-        sources = [template] if isinstance(template, LoraSource) else list(template)
+        sources = [template] if isinstance(template, MatchedLora) else list(template)
     tensors: dict[str, torch.Tensor] = {}
     ranks: list[int] = []
     used: dict[str, str] = {}

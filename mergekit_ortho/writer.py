@@ -261,7 +261,7 @@ def refuse_overlap(target: Path, inputs) -> None:
 
 
 def _safetensors_by_us(path: Path) -> bool:
-    from .sources.checkpoint import SafetensorsFile
+    from .io.safetensors import SafetensorsFile
 
     try:
         meta = SafetensorsFile(path).metadata

@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 
-from mergekit_ortho.demo import llama_shapes, write_checkpoint  # noqa: E402
+from mergekit_ortho.testing.checkpoints import llama_shapes, write_checkpoint  # noqa: E402
 
 TINY = dict(hidden=16, layers=2, vocab=32, intermediate=24)
 

@@ -21,15 +21,18 @@ import transformers  # noqa: F401
 
 from mergekit_ortho.errors import UserError
 from mergekit_ortho.lora_out import kohya_hashes, layouts_of, to_kohya, to_peft
-from mergekit_ortho.sources.lora import (
-    LoraSource, check_compatible, describe_lora, detect_lora, guess_architecture, match_to_base,
-    read_header,
-)
+from mergekit_ortho.adapters.arch import check_compatible, guess_architecture
+from mergekit_ortho.adapters.describe import describe_lora
+from mergekit_ortho.adapters.detect import detect_lora, read_header
+from mergekit_ortho.adapters.keymap import match_to_base
+from mergekit_ortho.adapters.lora import LoraSource
+from mergekit_ortho.adapters.matched import MatchedLora
 
-from lora_fixtures import (
-    SD15_BASE, SD15_KOHYA, SDXL_BASE, SDXL_KOHYA, kohya_tensors, load_causal_lm, load_convnet,
-    make_peft_adapter, peft_merged_deltas, random_base, safetensors_shapes, tiny_convnet, tiny_gpt2,
-    tiny_llama, write_peft_dir, write_safetensors,
+from mergekit_ortho.testing.checkpoints import random_base, safetensors_shapes, write_safetensors
+from mergekit_ortho.testing.hf_models import load_causal_lm, load_convnet, tiny_convnet, tiny_gpt2, tiny_llama
+from mergekit_ortho.testing.loras import (
+    SD15_BASE, SD15_KOHYA, SDXL_BASE, SDXL_KOHYA, kohya_tensors, make_peft_adapter, peft_merged_deltas,
+    write_peft_dir,
 )
 
 pytestmark = [
@@ -111,6 +114,7 @@ def test_peft_delta_equals_merge_and_unload(peft_cases, name):
     src = LoraSource(c["adapter"])
     assert src.format == "peft"
     mapping = match_to_base(src, list(c["shapes"]), c["shapes"])
+    src = MatchedLora(src, mapping)
     ref = c["deltas"]
     assert ref and all(d.abs().max() > 0 for d in ref.values())
     assert set(mapping.values()) == set(ref), "matched base keys differ from what PEFT changed"
@@ -153,7 +157,7 @@ def test_to_peft_roundtrip_loads_in_peft(peft_cases, tmp_path, name):
 
     c = peft_cases[name]
     src = LoraSource(c["adapter"])
-    match_to_base(src, list(c["shapes"]), c["shapes"])
+    src = MatchedLora(src, match_to_base(src, list(c["shapes"]), c["shapes"]))
     factors = {k: src.factors_for(k) for k in src.by_base}
     tensors, cfg = to_peft(factors, str(c["base"]), shapes=c["shapes"], layouts=layouts_of(src))
     assert cfg["lora_alpha"] == cfg["r"] and cfg["use_rslora"] is False
@@ -176,10 +180,56 @@ def test_to_peft_roundtrip_loads_in_peft(peft_cases, tmp_path, name):
 
     # and read back: scale 1 everywhere, same deltas
     back = LoraSource(out)
-    match_to_base(back, list(c["shapes"]), c["shapes"])
+    back = MatchedLora(back, match_to_base(back, list(c["shapes"]), c["shapes"]))
     assert {back.scale(m) for m in back.modules} == {1.0}
     for k, d in c["deltas"].items():
         torch.testing.assert_close(back.delta_for(k, c["shapes"][k]), d, atol=1e-5, rtol=1e-5)
+
+
+def test_matching_returns_a_map_and_leaves_the_source_unchanged(peft_cases):
+    c = peft_cases["plain"]
+    src = LoraSource(c["adapter"])
+    before = dict(vars(src))
+    full = match_to_base(src, list(c["shapes"]), c["shapes"])
+    bare_shapes = {k[len("model."):]: v for k, v in c["shapes"].items() if k.startswith("model.")}
+    bare = match_to_base(src, list(bare_shapes), bare_shapes)
+    assert vars(src) == before and not hasattr(src, "by_base")
+    a, b = MatchedLora(src, full), MatchedLora(src, bare)  # one source, two bases, two views
+    for key, mod in a.by_base.items():
+        assert b.base_map[mod] == key[len("model."):]
+        torch.testing.assert_close(a.delta_for(key), b.delta_for(key[len("model."):]))
+    assert a.modules == src.modules and a.format == "peft" and a.kind == "lora"  # the rest is delegated
+    with pytest.raises(AttributeError):
+        a.base_map = {}
+    with pytest.raises(TypeError):
+        a.by_base["x"] = "y"
+    with pytest.raises(KeyError, match="no LoRA module matched to 'nope'"):
+        a.delta_for("nope")
+
+
+def test_conv1d_layout_is_decided_by_the_match_not_stored_on_the_source(peft_cases, tmp_path):
+    """PEFT sets fan_in_fan_out per GPT-2 Conv1D layer even when the config says False: the base's
+    shape decides the layout, and that decision lives in the match."""
+    import shutil
+
+    c = peft_cases["gpt2_fan_in_fan_out"]
+    d = tmp_path / "no_flag"
+    shutil.copytree(c["adapter"], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = False
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    src = LoraSource(d)
+    assert {src.layout(m) for m in src.modules} == {"linear"}
+    match = match_to_base(src, list(c["shapes"]), c["shapes"])
+    # only a non-square Conv1D tells the layout by its shape (a square one fits either way)
+    non_square = {m for m, k in match.items() if len(set(c["shapes"][k])) == 2}
+    assert non_square and set(match.layouts) == non_square and set(match.layouts.values()) == {"transposed"}
+    assert {src.layout(m) for m in src.modules} == {"linear"}  # unchanged
+    view = MatchedLora(src, match)
+    for mod in non_square:
+        key = match[mod]
+        assert view.layout(mod) == "transposed"
+        torch.testing.assert_close(view.delta_for(key, c["shapes"][key]), c["deltas"][key], atol=1e-5, rtol=1e-5)
 
 
 def test_peft_matching_prefix_variants(peft_cases, tmp_path):
@@ -336,7 +386,8 @@ def test_kohya_sd15_detect_scale_match_and_deltas(tmp_path):
         assert src.rank(m) == 4
         assert src.scale(m) == (0.5 if m in alphas else 1.0)
     assert src.layout("lora_unet_down_blocks_0_resnets_0_conv1") == "conv"
-    assert match_to_base(src, list(SD15_BASE), SD15_BASE) == SD15_KOHYA
+    src = MatchedLora(src, match_to_base(src, list(SD15_BASE), SD15_BASE))
+    assert src.base_map == SD15_KOHYA
     assert guess_architecture(src) == "SD1.5"
     from safetensors.torch import load_file
 
@@ -361,7 +412,8 @@ def test_kohya_sdxl_names_and_linear_4d(tmp_path):
     f = write_safetensors(tmp_path / "sdxl.safetensors", t)
     src = LoraSource(f)
     assert t["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight"].dim() == 4
-    assert match_to_base(src, list(SDXL_BASE), SDXL_BASE) == SDXL_KOHYA
+    src = MatchedLora(src, match_to_base(src, list(SDXL_BASE), SDXL_BASE))
+    assert src.base_map == SDXL_KOHYA
     assert guess_architecture(src) == "SDXL"
     key = SDXL_KOHYA["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]
     m = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
@@ -372,7 +424,7 @@ def test_kohya_sdxl_names_and_linear_4d(tmp_path):
 def test_kohya_roundtrip_same_layout(tmp_path):
     f, _ = _sd15_file(tmp_path)
     src = LoraSource(f)
-    match_to_base(src, list(SD15_BASE), SD15_BASE)
+    src = MatchedLora(src, match_to_base(src, list(SD15_BASE), SD15_BASE))
     factors = {k: src.factors_for(k) for k in src.by_base}
     tensors, meta = to_kohya(factors, src, shapes=SD15_BASE, dtype=torch.float16, merged_from=["sd15.safetensors"])
     assert set(tensors) == set(read_header(f)[0]) | {m + ".alpha" for m in SD15_KOHYA}
@@ -393,7 +445,8 @@ def test_kohya_roundtrip_same_layout(tmp_path):
 
     back = LoraSource(out)
     assert detect_lora(out) == "kohya" and guess_architecture(back) == "SD1.5"
-    assert match_to_base(back, list(SD15_BASE), SD15_BASE) == SD15_KOHYA
+    back = MatchedLora(back, match_to_base(back, list(SD15_BASE), SD15_BASE))
+    assert back.base_map == SD15_KOHYA
     for key in SD15_KOHYA.values():
         assert back.scale(back.by_base[key]) == 1.0
         torch.testing.assert_close(back.delta_for(key, SD15_BASE[key]), src.delta_for(key, SD15_BASE[key]),
@@ -411,6 +464,7 @@ def test_kohya_default_names_without_template(tmp_path):
     assert tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"].shape == (5, 2)
     src = LoraSource(write_safetensors(tmp_path / "d.safetensors", tensors))
     m = match_to_base(src, list(shapes), shapes)
+    src = MatchedLora(src, m)
     assert set(m.values()) == set(shapes)
     for k, (A, B) in mods.items():
         torch.testing.assert_close(src.delta_for(k, shapes[k]), (B @ A).reshape(shapes[k]))
@@ -512,7 +566,8 @@ def test_diffusers_format(tmp_path):
     f = write_safetensors(tmp_path / "pytorch_lora_weights.safetensors", t, meta)
     assert detect_lora(f) == "diffusers" and detect_lora(tmp_path) == "diffusers"
     src = LoraSource(f)
-    assert match_to_base(src, list(SD15_BASE), SD15_BASE) == mods
+    src = MatchedLora(src, match_to_base(src, list(SD15_BASE), SD15_BASE))
+    assert src.base_map == mods
     scales = {m: src.scale(m) for m in mods}
     assert scales == {list(mods)[0]: 1.0, list(mods)[1]: 2.0, list(mods)[2]: 0.5}
     assert guess_architecture(src) == "SD1.5"

@@ -217,9 +217,11 @@ def test_7_peft_adapter_reloads_with_scale_1(tmp_path):
     same outputs as adding B'A' to the base weights directly."""
     from peft import PeftModel
 
-    from lora_fixtures import make_peft_adapter, write_peft_dir
+    from mergekit_ortho.testing.loras import make_peft_adapter, write_peft_dir
     from mergekit_ortho.lora_out import layouts_of, to_peft
-    from mergekit_ortho.sources.lora import LoraSource, match_to_base
+    from mergekit_ortho.adapters.keymap import match_to_base
+    from mergekit_ortho.adapters.lora import LoraSource
+    from mergekit_ortho.adapters.matched import MatchedLora
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -244,8 +246,7 @@ def test_7_peft_adapter_reloads_with_scale_1(tmp_path):
     srcs = []
     for ad in adapters:
         s = LoraSource(ad)
-        match_to_base(s, list(shapes), shapes)
-        srcs.append(s)
+        srcs.append(MatchedLora(s, match_to_base(s, list(shapes), shapes)))
     op = registry.get("lora_lego")
     params = op.resolve_params({"rank": 4})
     modules = {}

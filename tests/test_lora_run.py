@@ -12,12 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_fixtures import (
-    SD15_BASE, SD15_KOHYA, SDXL_BASE, SDXL_KOHYA, kohya_tensors, load_causal_lm, make_peft_adapter,
-    peft_merged_deltas, random_base, tiny_llama, write_safetensors,
+from mergekit_ortho.testing.checkpoints import random_base, write_safetensors
+from mergekit_ortho.testing.hf_models import load_causal_lm, tiny_llama
+from mergekit_ortho.testing.loras import (
+    SD15_BASE, SD15_KOHYA, SDXL_BASE, SDXL_KOHYA, kohya_tensors, make_peft_adapter, peft_merged_deltas,
 )
 from mergekit_ortho.ops import registry
-from mergekit_ortho.sources.lora import LoraSource, match_to_base
+from mergekit_ortho.adapters.keymap import match_to_base
+from mergekit_ortho.adapters.lora import LoraSource
+from mergekit_ortho.adapters.matched import MatchedLora
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -161,7 +164,7 @@ def test_output_rank_truncates_exactly_like_svd(peft_setup, tmp_path, cli):
     assert code == 0, out + err
     src = LoraSource(tmp_path / "o")
     base = load_file(str(s["base"] / "model.safetensors"))
-    match_to_base(src, list(base), {k: v.shape for k, v in base.items()})
+    src = MatchedLora(src, match_to_base(src, list(base), {k: v.shape for k, v in base.items()}))
     for k in s["deltas"]["a"]:
         full = s["deltas"]["a"][k] + s["deltas"]["d"][k]
         u, sv, vh = torch.linalg.svd(full.double())
@@ -253,7 +256,7 @@ def kohya_setup(tmp_path_factory):
 def _kohya_deltas(path: Path, base_path: Path) -> dict[str, torch.Tensor]:
     base = load_file(str(base_path))
     src = LoraSource(path)
-    match_to_base(src, list(base), {k: v.shape for k, v in base.items()})
+    src = MatchedLora(src, match_to_base(src, list(base), {k: v.shape for k, v in base.items()}))
     return {k: src.delta_for(k, base[k].shape) for k in src.by_base}
 
 

@@ -299,7 +299,7 @@ def test_fifo_where_a_checkpoint_is_expected_is_refused(tiny_models, tmp_path):
 
 
 def test_adapter_weights_symlinked_outside_are_refused(tmp_path):
-    from mergekit_ortho.sources.lora import LoraSource
+    from mergekit_ortho.adapters.lora import LoraSource
 
     d = tmp_path / "adapter"
     d.mkdir()
@@ -328,10 +328,7 @@ def test_result_overflowing_float16_is_refused_naming_tensor_and_dtype(tiny_mode
 
 
 def test_lora_with_a_huge_alpha_written_as_float16_is_refused(tmp_path, cli):
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parent))
-    from lora_fixtures import write_peft_dir
+    from mergekit_ortho.testing.loras import write_peft_dir
 
     g = torch.Generator().manual_seed(0)
     tensors = {"base_model.model.layer.lora_A.weight": torch.randn(2, 8, generator=g),

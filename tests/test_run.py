@@ -271,7 +271,7 @@ def test_killed_run_leaves_no_output(tiny_models, tmp_path, sig):
 def half_models(tmp_path_factory):
     """bf16 base and fine-tunes, plus one fp16 fine-tune and one float32 legacy pickle."""
     from conftest import TINY
-    from mergekit_ortho.demo import llama_shapes, write_checkpoint
+    from mergekit_ortho.testing.checkpoints import llama_shapes, write_checkpoint
 
     root = tmp_path_factory.mktemp("half")
     shapes = llama_shapes(**TINY)

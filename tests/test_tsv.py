@@ -247,7 +247,8 @@ def test_bundled_style_recipe_validates_and_dry_runs(tiny_models, tmp_path, cli)
 def tsv_peft(tmp_path_factory):
     """A tiny Llama (q 32x32, v 16x32, down 32x48) and two PEFT LoRAs each of rank floor(min/2)
     per module (q 16, v 8, down 16), plus a third LoRA of rank 4 everywhere."""
-    from lora_fixtures import load_causal_lm, make_peft_adapter, peft_merged_deltas, tiny_llama
+    from mergekit_ortho.testing.hf_models import load_causal_lm, tiny_llama
+    from mergekit_ortho.testing.loras import make_peft_adapter, peft_merged_deltas
 
     root = tmp_path_factory.mktemp("tsv_peft")
     base = tiny_llama(root / "base")
@@ -296,7 +297,9 @@ def test_merge_run_on_peft_loras_equals_the_operator_on_the_materialised_deltas(
     # with a rank-4 LoRA in the mix, floor(min/3) > 4 keeps zero-sigma triplets whose vectors are
     # set by round-off (B8.5): compare with the operator on the deltas exactly as the engine
     # materialises them (scale * B @ A in float32), not with PEFT's differently rounded deltas
-    from mergekit_ortho.sources.lora import LoraSource, match_to_base
+    from mergekit_ortho.adapters.keymap import match_to_base
+    from mergekit_ortho.adapters.lora import LoraSource
+    from mergekit_ortho.adapters.matched import MatchedLora
 
     s = tsv_peft
     paths = s["full"] + [s["low"]]
@@ -307,8 +310,7 @@ def test_merge_run_on_peft_loras_equals_the_operator_on_the_materialised_deltas(
     srcs = []
     for a in paths:
         src = LoraSource(a)
-        match_to_base(src, list(b), {k: v.shape for k, v in b.items()})
-        srcs.append(src)
+        srcs.append(MatchedLora(src, match_to_base(src, list(b), {k: v.shape for k, v in b.items()})))
     op = _op()
     params = op.resolve_params({"lambda": 0.6})
     touched = set().union(*(s["deltas"][str(a)] for a in paths))

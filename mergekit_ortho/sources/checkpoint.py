@@ -13,12 +13,11 @@ model file runs. Corrupt or truncated files fail with one line naming the file.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dtypes import ST_DTYPES
 from ..errors import UserError
+from ..io.safetensors import SafetensorsFile
 from .paths import contained, require_regular
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -42,85 +41,6 @@ class TensorInfo:
         from ..dtypes import itemsize
 
         return self.numel * itemsize(self.dtype)
-
-
-_MAX_HEADER = 100 * 2**20  # the format's own cap
-
-
-class SafetensorsFile:
-    """One safetensors file read with positioned reads (``readinto`` at an offset).
-
-    The header is parsed and validated here (spec formats.md §2.1: u64 length, JSON, offsets
-    relative to the data section, contiguous and covering it exactly). Tensors are read into fresh
-    buffers rather than through ``safe_open``'s memory map: mapped pages of every input shard stay
-    in the process's resident set for as long as the file is open, which made peak RSS grow with
-    the model (1.8 GiB for 3 x 0.5 GB inputs); plain reads keep it at the live tensors.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        self.metadata: dict[str, str] = {}
-        self._fh = None
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("file shorter than its 8-byte header length")
-                (n,) = struct.unpack("<Q", head)
-                if n > _MAX_HEADER or 8 + n > size:
-                    raise ValueError("header length points past the end of the file (truncated?)")
-                header = json.loads(f.read(n).decode("utf-8"))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-            self.metadata = header.pop("__metadata__", None) or {}
-            self.data_start = 8 + n
-            spans = []
-            for name, e in header.items():
-                dtype, shape, (begin, end) = e["dtype"], tuple(int(x) for x in e["shape"]), e["data_offsets"]
-                if dtype not in ST_DTYPES:
-                    raise ValueError(f"tensor '{name}' has unsupported dtype {dtype}")
-                numel = 1
-                for d in shape:
-                    numel *= d
-                if end - begin != numel * ST_DTYPES[dtype][1] or begin < 0:
-                    raise ValueError(f"tensor '{name}' has offsets that do not match its shape")
-                self.entries[name] = (ST_DTYPES[dtype][0], shape, begin, end)
-                spans.append((begin, end))
-            spans.sort()
-            pos = 0
-            for begin, end in spans:
-                if begin != pos:
-                    raise ValueError("tensor data overlaps or leaves gaps")
-                pos = end
-            if self.data_start + pos != size:
-                raise ValueError(f"data section is {size - self.data_start} bytes, the header describes {pos} "
-                                 "(truncated or padded file)")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
-            raise UserError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
-
-    def read(self, name: str):
-        import torch
-
-        dtype, shape, begin, end = self.entries[name]
-        if self._fh is None:
-            self._fh = open(self.path, "rb", buffering=0)
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        self._fh.seek(self.data_start + begin)
-        got = 0
-        while got < len(view):
-            r = self._fh.readinto(view[got:])
-            if not r:
-                raise UserError(f"{self.path}: file ended while reading tensor '{name}' (truncated?)")
-            got += r
-        return buf.view(getattr(torch, dtype)).reshape(shape)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -168,8 +88,8 @@ class CheckpointSource:
         else:
             for f in files:
                 h = self._handle(f)
-                for key, (dtype, shape, _, _) in h.entries.items():
-                    self.infos[key] = TensorInfo(shape, dtype, f)
+                for key, e in h.entries.items():
+                    self.infos[key] = TensorInfo(e.shape, e.dtype, f)
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self.infos))
             if missing:
@@ -222,10 +142,7 @@ class CheckpointSource:
             # a copy: the memory-mapped original must never be written, and callers own what
             # get() returns (operators work in place on their inputs)
             return self._load_pickle(info.file)[key].clone()
-        try:
-            return self._handle(info.file).read(key)
-        except OSError as e:
-            raise UserError(f"{info.file}: cannot read tensor '{key}' ({e.strerror or e})") from None
+        return self._handle(info.file).read(key)
 
     def metadata(self) -> dict[str, str]:
         if self.format != "safetensors" or not self._files:

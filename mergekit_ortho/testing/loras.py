@@ -1,67 +1,32 @@
-"""Test helpers for LoRA formats: real PEFT adapters on tiny random models, hand-made kohya files.
-
-Everything is built offline in seconds: transformers builds tiny random Llama / GPT-2 models from a
-config (no download), peft wraps them with random (non-zero) LoRA factors, and kohya files are
-written with safetensors directly over a fake SD-like base state dict.
-"""
+"""Adapters built on the fly: PEFT adapters written directly or through peft itself (random
+non-zero factors), and kohya-style files over fake SD-like bases."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
-def tiny_llama(path: Path, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
-def tiny_gpt2(path: Path, seed: int = 0) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    return path
-
-
-def load_causal_lm(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-class TinyConvNet(torch.nn.Module):
-    """A module with a 3x3 conv, a 1x1 conv and a linear layer, for PEFT conv LoRAs."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv_in = torch.nn.Conv2d(3, 6, 3, padding=1)
-        self.proj = torch.nn.Conv2d(6, 5, 1)
-        self.head = torch.nn.Linear(5, 4)
-
-    def forward(self, x):
-        return self.head(self.proj(torch.relu(self.conv_in(x))).mean((2, 3)))
-
-
-def tiny_convnet(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in TinyConvNet().state_dict().items()}, str(path / "model.safetensors"))
-    return path
-
-
-def load_convnet(path: Path) -> TinyConvNet:
-    m = TinyConvNet()
-    m.load_state_dict(load_file(str(path / "model.safetensors")))
-    return m.eval()
+def write_peft_adapter(out: Path, shapes: dict[str, tuple[int, ...]], targets: tuple[str, ...], rank: int,
+                       alpha: float, seed: int, base_name: str | None = None) -> None:
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) with random non-zero
+    factors for every 2-D weight whose name ends with one of ``targets``; written directly."""
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        mod = name[: -len(".weight")]
+        if len(shape) != 2 or not mod.endswith(targets):
+            continue
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.randn(rank, shape[1], generator=gen) / shape[1] ** 0.5
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = 0.02 * torch.randn(shape[0], rank, generator=gen)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "r": rank,
+           "lora_alpha": alpha, "target_modules": list(targets), "use_rslora": False, "fan_in_fan_out": False,
+           "bias": "none", "lora_dropout": 0.0}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def make_peft_adapter(model, out: Path, seed: int = 1, **lora_kwargs) -> Path:
@@ -84,13 +49,6 @@ def peft_merged_deltas(model, adapter: Path) -> dict[str, torch.Tensor]:
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     after = merged.state_dict()
     return {k: after[k] - before[k] for k in before if not torch.equal(after[k], before[k])}
-
-
-def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,9 +95,6 @@ SDXL_KOHYA = {
 }
 
 
-def random_base(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
 
 
 def kohya_tensors(module_to_key: dict[str, str], base_shapes: dict[str, tuple], rank: int = 4,
@@ -166,12 +121,6 @@ def kohya_tensors(module_to_key: dict[str, str], base_shapes: dict[str, tuple], 
         if alphas and mod in alphas:
             out[f"{mod}.alpha"] = torch.tensor(alphas[mod], dtype=dtype)
     return out
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
 
 
 def write_peft_dir(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:

@@ -1,0 +1,1 @@
+"""Fixture builders for the tests, the benchmarks and the demo: tiny checkpoints and adapters, offline."""
