@@ -24,16 +24,54 @@ app = typer.Typer(
 _state = {"verbose": False, "quiet": False}
 
 
-def _err_console():
-    from rich.console import Console
+class _PlainConsole:
+    """A rich console for user text: markup off (tensor names, paths and model names are user
+    text, and rich would parse '[/x]' in them as a closing tag and crash; styles go through Text,
+    see _say) and strings printed as cleaned single lines (see _clean)."""
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    def __init__(self, stderr: bool = False):
+        from rich.console import Console
+
+        self.rich = Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
+
+    def print(self, obj) -> None:
+        from rich.text import Text
+
+        self.rich.print(Text(_clean(obj)) if isinstance(obj, str) else obj)
+
+
+def _err_console():
+    return _PlainConsole(stderr=True)
 
 
 def _console():
-    from rich.console import Console
+    return _PlainConsole()
 
-    return Console(highlight=False, soft_wrap=True)
+
+def _clean(text) -> str:
+    """User text made safe for one terminal line: control characters (a newline in a path would
+    forge a second line) are shown escaped."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in s)
+
+
+def _clean_lines(text) -> str:
+    """Like _clean, keeping the newlines of our own multi-line text (method details)."""
+    return "\n".join(_clean(line) for line in str(text).split("\n"))
+
+
+def _say(text, label: str | None = None, style: str = "bold", err: bool = False, console=None) -> None:
+    """Print one line: an optional styled label, then ``text`` as plain, cleaned text."""
+    from rich.text import Text
+
+    line = Text()
+    if label:
+        line.append(label, style=style)
+        line.append(" ")
+    line.append(_clean(text))
+    (console or (_err_console() if err else _console())).print(line)
 
 
 def handle_errors(fn):
@@ -48,7 +86,7 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            _err_console().print("[red]error:[/red] interrupted; no output was written")
+            _say("interrupted; no output was written", "error:", "red", err=True)
             raise typer.Exit(130)
         except (UserError, OSError) as e:
             if _state["verbose"]:
@@ -56,16 +94,14 @@ def handle_errors(fn):
 
                 traceback.print_exc()
             msg = str(e) if isinstance(e, UserError) else _os_message(e)
-            _err_console().print(f"[red]error:[/red] {msg}", markup=True)
+            _say(msg, "error:", "red", err=True)
             raise typer.Exit(2)
         except Exception as e:  # internal error
             if _state["verbose"]:
                 import traceback
 
                 traceback.print_exc()
-            _err_console().print(
-                f"[red]internal error:[/red] {type(e).__name__}: {e} (run with --verbose for the traceback)"
-            )
+            _say(f"{type(e).__name__}: {e} (run with --verbose for the traceback)", "internal error:", "red", err=True)
             raise typer.Exit(1)
 
     return wrapper
@@ -108,14 +144,14 @@ def _print_plan(plan) -> None:
 
     c = _console()
     s = plan.summary()
-    c.print(f"[bold]method[/bold] {s['method']}  parameters {s['parameters']}")
+    _say(f"{s['method']}  parameters {s['parameters']}", "method", console=c)
     if s["base_model"]:
-        c.print(f"[bold]base[/bold]   {s['base_model']}")
+        _say(f"  {s['base_model']}", "base", console=c)
     for m in plan.models:
         kind = f" (LoRA, {m.source.format})" if m.is_lora else ""
-        c.print(f"[bold]model[/bold]  {m.label}: {m.ref}{kind}  {m.params}")
+        _say(f" {m.label}: {m.ref}{kind}  {m.params}", "model", console=c)
     for note in plan.notes:
-        c.print(f"[yellow]note[/yellow]: {note}")
+        _say(note, "note:", "yellow", console=c)
     if plan.module_mode:
         c.print(
             f"output: {plan.out_format} | modules: {len(plan.module_keys)} | read {_fmt_bytes(s['bytes_read'])} | "
@@ -124,7 +160,7 @@ def _print_plan(plan) -> None:
         t = Table("module (base key)", "delta shape", "inputs", title="modules", title_justify="left")
         for k in plan.module_keys[:12]:
             n = sum(1 for m in plan.models if not m.is_lora or k in m.source.by_base)
-            t.add_row(k, "×".join(map(str, plan.module_shapes[k])), str(n))
+            t.add_row(_clean(k), "×".join(map(str, plan.module_shapes[k])), str(n))
         c.print(t)
         if len(plan.module_keys) > 12:
             c.print(f"... and {len(plan.module_keys) - 12} more")
@@ -137,7 +173,7 @@ def _print_plan(plan) -> None:
     largest = sorted(plan.items.values(), key=lambda i: -i.numel)[:8]
     t = Table("tensor", "action", "shape", "dtype in→out", title="largest tensors", title_justify="left")
     for i in largest:
-        t.add_row(i.name, i.action if i.action == "merge" else f"copy ({i.reason})", "×".join(map(str, i.shape)) or "scalar",
+        t.add_row(_clean(i.name), i.action if i.action == "merge" else f"copy ({i.reason})", "×".join(map(str, i.shape)) or "scalar",
                   f"{i.in_dtype}→{i.out_dtype}")
     c.print(t)
 
@@ -151,7 +187,7 @@ def _progress(total_bytes: int):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]merging"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[tensor]}"), console=_err_console(), transient=True)
+                        TextColumn("{task.fields[tensor]}", markup=False), console=_err_console().rich, transient=True)
     return progress
 
 
@@ -199,11 +235,13 @@ def run(
         if dry_run:
             _print_plan(plan)
             return
+        for note in plan.notes:  # what the run does not act on, or does differently, is said
+            _say(note, "note:", "yellow", err=True)
         bar = _progress(plan.read_bytes)
         with bar as p:
             if p is not None:
                 task = p.add_task("merge", total=plan.read_bytes, tensor="")
-                cb = lambda name, n: p.update(task, advance=n, tensor=name)  # noqa: E731
+                cb = lambda name, n: p.update(task, advance=n, tensor=_clean(name))  # noqa: E731
             else:
                 cb = None
             result = engine.run(plan, target, overwrite=overwrite, on_tensor=cb, force_replace=force_replace)
@@ -229,10 +267,10 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     plan = engine.build_plan(r)
     try:
         s = plan.summary()
-        _console().print(
-            f"[green]ok[/green] {recipe}: {s['method']} over {len(plan.models)} model(s); "
+        _say(
+            f"{recipe}: {s['method']} over {len(plan.models)} model(s); "
             f"{s['tensors_merged']} tensors to merge, {s['tensors_copied']} to copy; "
-            f"estimated peak memory {_fmt_bytes(s['peak_memory_estimate'])}"
+            f"estimated peak memory {_fmt_bytes(s['peak_memory_estimate'])}", "ok", "green"
         )
     finally:
         engine.close(plan)
@@ -264,10 +302,12 @@ def methods(name: Optional[str] = typer.Argument(None, help="Show one method's p
         op = ops[0]
         c.print(f"spec: {op.spec}")
         if op.details:
-            c.print(op.details)
+            from rich.text import Text
+
+            c.print(Text(_clean_lines(op.details)))
         for p in op.params + op.model_params:
             extra = f" (one of {', '.join(map(str, p.choices))})" if p.choices else ""
-            c.print(f"  [bold]{p.name}[/bold] ({p.type.__name__}, default {'required' if p.required else repr(p.default)}){extra}: {p.help}")
+            _say(f"({p.type.__name__}, default {'required' if p.required else repr(p.default)}){extra}: {p.help}", f"  {p.name}", console=c)
 
 
 @app.command()
@@ -358,7 +398,7 @@ def continual_status(state: Path = typer.Argument(..., help="State directory."),
         typer.echo(json.dumps(s, indent=2))
         return
     c = _console()
-    c.print(f"[bold]{s['state']}[/bold]: {s['method']} {s['parameters']}, base {s['base_model']}")
+    _say(f"{s['method']} {s['parameters']}, base {s['base_model']}", f"{_clean(s['state'])}:", console=c)
     c.print(f"models merged: {s['models_merged']}   scalars: {s['scalars']}   disk: {_fmt_bytes(s['disk_bytes'])}")
     for h in s["history"]:
         c.print(f"  {h['t']:>3}  {h['name']}  {h['source']}  sha256 {h['sha256'][:12]}  {h['time']}")

@@ -57,7 +57,7 @@ def render(info: dict[str, Any]) -> list[str]:
     lines = []
     if info["kind"] == "bundle":
         ratio = info["storage_ratio"]
-        lines.append(f"[bold]{info['path']}[/bold]: RMM bundle (format v{info['format_version']})")
+        lines.append(f"{info['path']}: RMM bundle (format v{info['format_version']})")
         lines.append(f"tasks: {', '.join(info['tasks'])}")
         lines.append(f"p = {info['p']}  centred: {info['center']}  modules: {info['modules']}  storage ratio: "
                      + (f"{ratio:.4f}" if ratio is not None else "n/a") + " of keeping every adapter")
@@ -68,7 +68,7 @@ def render(info: dict[str, Any]) -> list[str]:
             lines.append(f"  {key}  {p}  {r}  " + (f"{err:.3e}" if err is not None else "-"))
         return lines
     if info["kind"] == "lora":
-        lines.append(f"[bold]{info['path']}[/bold]: LoRA ({info['format']}), base architecture guess: "
+        lines.append(f"{info['path']}: LoRA ({info['format']}), base architecture guess: "
                      f"{info['architecture']}")
         lines.append(f"modules: {info['modules']}   parameters: {info['parameters']:,}")
         lines.append(f"ranks: {info['ranks']}   alphas: {info['alphas']}")
@@ -79,10 +79,10 @@ def render(info: dict[str, Any]) -> list[str]:
         for k, v in (info.get("metadata") or {}).items():
             lines.append(f"  {k}: {v}")
         for w in info.get("warnings") or []:
-            lines.append(f"[yellow]warning[/yellow]: {w}")
+            lines.append(f"warning: {w}")
         return lines
     if info["kind"] == "checkpoint":
-        lines.append(f"[bold]{info['path']}[/bold]: full checkpoint ({info['format']}, {info['files']} file(s))")
+        lines.append(f"{info['path']}: full checkpoint ({info['format']}, {info['files']} file(s))")
         lines.append(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {info['bytes']:,}")
         lines.append("dtypes: " + ", ".join(f"{k} ({v:,} params)" for k, v in info["dtypes"].items()))
         lines.append("largest tensors:")

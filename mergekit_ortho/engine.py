@@ -80,6 +80,8 @@ class Plan:
     reports: dict[str, Any] = field(default_factory=dict)  # per-module operator reports, when any
     # paths read outside the models (a continual state, a bundle) that the output must not touch
     extra_inputs: list[Path] = field(default_factory=list)
+    # the recipe's tokenizer_source, resolved to a directory (None: base, else first model)
+    tokenizer_dir: Path | None = None
 
     @property
     def lora_models(self) -> list[ModelInput]:
@@ -202,6 +204,28 @@ def _same_ref(a: str, b: str) -> bool:
     return a == b
 
 
+def tokenizer_donor(recipe: recipe_mod.Recipe) -> tuple[Path | None, str | None]:
+    """The directory named by ``tokenizer_source`` (a path or hub id), and a note when the value is
+    one we do not act on; a path that does not exist is an error, not silently the base's files."""
+    ts = recipe.tokenizer_source
+    if not ts or ts == "base":
+        return None, None
+    if ts == "union":
+        return None, ("tokenizer_source: union (mergekit's merged vocabulary) is not supported yet; the "
+                      "tokenizer files are copied from the base model")
+    ref = recipe_mod.resolve_ref(recipe, ts)
+    path = Path(ref)
+    if not path.exists():
+        from .sources import hub
+
+        if not hub.looks_like_hub_id(ref):
+            raise UserError(f"tokenizer_source {ts}: path not found; name a model directory, a hub id, or 'base'")
+        path = hub.resolve(ref)
+    if not path.is_dir():
+        raise UserError(f"tokenizer_source {ts}: not a model directory (its tokenizer files are copied from one)")
+    return path, None
+
+
 def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     op = registry.get(recipe.merge_method)
     params = op.resolve_params(recipe.parameters)
@@ -223,6 +247,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         models.append(ModelInput(label, ref, open_source(ref, label), op.resolve_model_params(entry.parameters, label)))
     if not models:
         raise UserError("the recipe lists no model other than the base model")
+    tokenizer_dir, tokenizer_note = tokenizer_donor(recipe)
 
     loras = [m for m in models if m.is_lora]
     dense = [m for m in models if not m.is_lora]
@@ -249,8 +274,9 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         if not keys:
             raise UserError("no LoRA module is left to merge (check include/exclude)")
         plan = Plan(recipe, op, params, base, models, {}, [], compute, device, out_format=out_format,
-                    module_keys=keys, module_shapes=shapes)
+                    module_keys=keys, module_shapes=shapes, tokenizer_dir=tokenizer_dir)
         _lora_notes(plan)
+        plan.notes += [tokenizer_note] if tokenizer_note else []
         return plan
 
     items = plan_items(reference, dense, recipe.include, recipe.exclude, out_dtype)
@@ -275,7 +301,9 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda was requested but no CUDA device is available")
-    plan = Plan(recipe, op, params, base, models, items, shards, compute, device, out_format="full")
+    plan = Plan(recipe, op, params, base, models, items, shards, compute, device, out_format="full",
+                tokenizer_dir=tokenizer_dir)
+    plan.notes += [tokenizer_note] if tokenizer_note else []
     if loras and dropped:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")
@@ -597,8 +625,8 @@ def input_paths(plan: Plan) -> list[Path]:
             paths.append(Path(m.ref))
     if plan.recipe._source_path is not None:
         paths.append(plan.recipe._source_path)
-    if plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base":
-        paths.append(Path(recipe_mod.resolve_ref(plan.recipe, plan.recipe.tokenizer_source)))
+    if plan.tokenizer_dir is not None:
+        paths.append(plan.tokenizer_dir)
     return paths + list(plan.extra_inputs)
 
 
@@ -642,10 +670,7 @@ def run(plan: Plan, out: Path, overwrite: bool = False,
 
 def _donor_dir(plan: Plan) -> Path | None:
     """Config and tokenizer files come from tokenizer_source, else the base, else the first model."""
-    recipe = plan.recipe
-    candidates = []
-    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
-        candidates.append(Path(recipe_mod.resolve_ref(recipe, recipe.tokenizer_source)))
+    candidates = [plan.tokenizer_dir] if plan.tokenizer_dir is not None else []
     for m in ([plan.base] if plan.base else []) + plan.models:
         d = getattr(m.source, "directory", None)
         if d is not None:

@@ -12,3 +12,10 @@ class UserError(ValueError):
 
 class Cancelled(UserError):
     """The user interrupted the run (Ctrl-C); nothing was written."""
+
+
+def shown(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages that quote user input (a value
+    can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " …" + text[-2:]

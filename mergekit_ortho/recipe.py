@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from .errors import UserError
+from .errors import UserError, shown
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -23,16 +23,16 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 def parse_size(value: Any) -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as Hugging Face); '512MiB' binary; ints are bytes."""
     if isinstance(value, bool):
-        raise ValueError(f"size must be like 5GB or 500MB, got {value!r}")
+        raise ValueError(f"size must be like 5GB or 500MB, got {shown(value)}")
     if isinstance(value, (int, float)):
         n = int(value)
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"size must be like 5GB or 500MB, got {value!r}")
+            raise ValueError(f"size must be like 5GB or 500MB, got {shown(value)}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
+        raise ValueError(f"size must be positive, got {shown(value)}")
     return n
 
 
@@ -110,13 +110,18 @@ class Recipe(_Strict):
     _raw: dict | None = None
 
     def model_labels(self) -> list[str]:
-        """Unique, readable names for the models (the recipe's `name`, else from the path)."""
+        """Unique, readable names for the models (the recipe's `name`, else from the path); a
+        repeated name gets _2, _3, ... (linear in the number of models)."""
         labels: list[str] = []
+        taken: set[str] = set()
+        next_suffix: dict[str, int] = {}
         for entry in self.models:
-            label = entry.name or _label_from(entry.model)
-            base, k = label, 2
-            while label in labels:
+            label = base = entry.name or _label_from(entry.model)
+            k = next_suffix.get(base, 2)
+            while label in taken:
                 label, k = f"{base}_{k}", k + 1
+            next_suffix[base] = k
+            taken.add(label)
             labels.append(label)
         return labels
 
@@ -135,7 +140,7 @@ _SECTION_KEYS = {"models": list(ModelEntry.model_fields), "output": list(OutputS
 
 def _unknown_key_message(where: str, key: str, known: list[str]) -> str:
     hint = difflib.get_close_matches(key, known, n=1)
-    msg = f"unknown recipe key '{key}'{where}"
+    msg = f"unknown recipe key {shown(key, 60)}{where}"
     return msg + (f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})")
 
 
@@ -157,9 +162,10 @@ def _check_keys(data: dict) -> None:
 
 def _pydantic_message(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"recipe key '{loc}': {msg}"
+    loc = ".".join(str(x) for x in first["loc"])[:120]
+    msg = first["msg"].removeprefix("Value error, ")[:200]
+    got = f" (got {shown(first['input'])})" if "input" in first and not isinstance(first["input"], dict) else ""
+    return f"recipe key '{loc}': {msg}{got}"
 
 
 def from_dict(data: Any, origin: str = "<recipe>", require_models: bool = True) -> Recipe:
@@ -200,21 +206,66 @@ def _check_method(recipe: Recipe, origin: str, require_models: bool = True) -> N
         raise UserError(f"{origin}: method '{op.name}' needs 'base_model' (task vectors are relative to it)")
 
 
+# A recipe is small: this many values, aliases counted as often as they are used, is far beyond
+# any real one and stops a "billion laughs" file (nested aliases) before it is expanded anywhere.
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_BYTES = 16 * 2**20
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: its float pattern wants a dot. mergekit recipes
+# write weights that way, and YAML 1.2 reads them as numbers, so we do too.
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+def _loader():
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        pass
+
+    RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+    return RecipeLoader
+
+
+def _check_size(data: Any, origin: str) -> None:
+    """Walk the loaded recipe as if aliases were expanded, up to MAX_RECIPE_VALUES values."""
+    budget = MAX_RECIPE_VALUES
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise UserError(f"{origin}: the recipe expands to more than {MAX_RECIPE_VALUES:,} values (nested "
+                            "YAML aliases?); write it out plainly")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def load(path: str | Path, require_models: bool = True) -> Recipe:
     import yaml
+
+    from .sources.paths import require_regular
 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"recipe not found: {p}")
+    require_regular(p, "recipe")
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise UserError(f"{p}: {p.stat().st_size:,} bytes is not a recipe (at most {MAX_RECIPE_BYTES:,})")
     try:
         text = p.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_loader())  # a SafeLoader: no Python objects
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise UserError(f"{p}: not valid YAML{where}: {str(getattr(e, 'problem', e))[:200]}") from None
     except UnicodeDecodeError:
         raise UserError(f"{p}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise UserError(f"{p}: the YAML is nested too deeply to be a recipe") from None
+    _check_size(data, str(p))
     recipe = from_dict(data, str(p), require_models)
     recipe._source_path = p.resolve()
     return recipe

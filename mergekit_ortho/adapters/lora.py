@@ -328,11 +328,9 @@ class LoraSource:
 def _load_pickle(f: Path) -> dict:
     import torch
 
-    try:
-        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise UserError(f"cannot read {f} (read with torch.load(weights_only=True)): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    from ..io.pickles import load_weights_only
+
+    sd = load_weights_only(f)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{f} is not a state dict of tensors")
     return sd

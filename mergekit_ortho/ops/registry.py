@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+from ..errors import shown
+
 if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
     import torch
 
@@ -58,36 +60,38 @@ class Param:
             if isinstance(value, bool):
                 out = value
             else:
-                raise ValueError(f"parameter '{self.name}' must be true or false, got {value!r}")
+                raise ValueError(f"parameter '{self.name}' must be true or false, got {shown(value)}")
         elif t is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"parameter '{self.name}' must be a number, got {value!r}")
+                raise ValueError(f"parameter '{self.name}' must be a number, got {shown(value)}")
             out = float(value)
+            if out != out:  # NaN passes every comparison below and poisons every tensor
+                raise ValueError(f"parameter '{self.name}' must be a number, got NaN")
         elif t is int:
             if isinstance(value, bool) or not (
                 isinstance(value, int) or (isinstance(value, float) and value.is_integer())
             ):
-                raise ValueError(f"parameter '{self.name}' must be an integer, got {value!r}")
+                raise ValueError(f"parameter '{self.name}' must be an integer, got {shown(value)}")
             out = int(value)
         elif t is str:
             if not isinstance(value, str):
-                raise ValueError(f"parameter '{self.name}' must be a string, got {value!r}")
+                raise ValueError(f"parameter '{self.name}' must be a string, got {shown(value)}")
             out = value
         else:  # pragma: no cover - schema error, not user error
             raise TypeError(f"unsupported parameter type {t}")
         if self.choices and out not in self.choices:
             raise ValueError(
-                f"parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+                f"parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, got {shown(value)}"
             )
         if self.regex:
             try:
                 compiled_pattern(out)
             except re.error as exc:
-                raise ValueError(f"parameter '{self.name}' is not a valid regular expression ({exc}): {value!r}") from None
+                raise ValueError(f"parameter '{self.name}' is not a valid regular expression ({exc}): {shown(value)}") from None
         if self.minimum is not None and out < self.minimum:
-            raise ValueError(f"parameter '{self.name}' must be >= {self.minimum}, got {value!r}")
+            raise ValueError(f"parameter '{self.name}' must be >= {self.minimum}, got {shown(value)}")
         if self.maximum is not None and out > self.maximum:
-            raise ValueError(f"parameter '{self.name}' must be <= {self.maximum}, got {value!r}")
+            raise ValueError(f"parameter '{self.name}' must be <= {self.maximum}, got {shown(value)}")
         return out
 
 
@@ -252,7 +256,7 @@ def _resolve(schema: tuple[Param, ...], given: dict[str, Any], where: str) -> di
         if key not in by_name:
             hint = difflib.get_close_matches(key, list(by_name), n=1)
             known = ", ".join(by_name) or "none"
-            msg = f"unknown parameter '{key}' for {where}"
+            msg = f"unknown parameter {shown(key, 60)} for {where}"
             msg += f" (did you mean '{hint[0]}'?)" if hint else f" (known: {known})"
             raise ValueError(msg)
         out[key] = by_name[key].coerce(value)

@@ -7,7 +7,7 @@ Accepted (spec: formats.md §1-§3):
 * a single ``.safetensors`` file, or a single ``.bin`` / ``.pt`` / ``.ckpt`` pickle;
 * a hub id ``org/name[@revision]`` (resolved through ``sources.hub``).
 
-Pickles are only ever read with ``torch.load(weights_only=True, mmap=True)``: no code from a
+Pickles are only ever read with ``torch.load(weights_only=True)`` (``io.pickles``): no code from a
 model file runs. Corrupt or truncated files fail with one line naming the file.
 """
 from __future__ import annotations
@@ -108,18 +108,11 @@ class CheckpointSource:
     def _load_pickle(self, f: Path) -> dict:
         if self._pickle_cache and self._pickle_cache[0] == f:
             return self._pickle_cache[1]
-        import pickle
-
         import torch
 
-        try:
-            state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:
-            raise UserError(
-                f"{f}: refused to unpickle (only plain tensors are loaded, weights_only=True): {str(e).splitlines()[0]}"
-            ) from None
-        except Exception as e:
-            raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
+        from ..io.pickles import load_weights_only
+
+        state = load_weights_only(f)
         if isinstance(state, dict) and set(state) == {"state_dict"} or (
             isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict)
             and not any(hasattr(v, "shape") for v in state.values())
