@@ -247,12 +247,9 @@ def _load_manifest(root: Path) -> dict[str, Any]:
         contained(root, mpath, "bundle manifest")
     if not mpath.is_file():
         raise UserError(f"{mpath}: missing RMM manifest ({root} is not a complete RMM bundle)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{mpath}: corrupt RMM manifest, not valid JSON ({e})") from e
-    if not isinstance(manifest, dict):
-        raise UserError(f"{mpath}: corrupt RMM manifest, expected a JSON object")
+    from .io.json_files import read_object
+
+    manifest = read_object(mpath, "RMM manifest")
     if manifest.get("format") != FORMAT:
         raise UserError(f"{mpath}: not an RMM bundle manifest (format {manifest.get('format')!r}, "
                         f"expected {FORMAT!r})")

@@ -64,6 +64,40 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     _fsync_file(path.parent)
 
 
+# state.json: every field a command reads, with its type (a hand-edited file is checked, not trusted)
+_STATE_FIELDS = {"format_version": int, "method": str, "params": dict, "recipe": dict, "base_model": str,
+                 "t": int, "scalars": dict, "history": list, "current": (str, type(None)), "tensors": dict}
+_HISTORY_FIELDS = {"name": str, "source": str, "sha256": str, "time": str, "params": dict, "t": int}
+
+
+def _check_state(data: dict, f: Path) -> None:
+    from .io.json_files import check_fields
+    from .ops import registry
+
+    try:
+        registry.get(data["method"])
+    except ValueError as e:
+        raise UserError(f"{f}: field 'method': {e}") from None
+    if data["t"] < 0 or data["t"] != len(data["history"]):
+        raise UserError(f"{f}: field 't' is {data['t']} but the history lists {len(data['history'])} model(s)")
+    for i, h in enumerate(data["history"]):
+        if not isinstance(h, dict):
+            raise UserError(f"{f}: history[{i}] must be an object")
+        check_fields(h, _HISTORY_FIELDS, Path(f"{f} history[{i}]"), required=tuple(_HISTORY_FIELDS))
+    for name, info in data["tensors"].items():
+        if not isinstance(info, dict):
+            raise UserError(f"{f}: tensors['{str(name)[:60]}'] must be an object")
+        check_fields(info, {"shape": list, "dtype": str, "out_dtype": str, "action": str},
+                     Path(f"{f} tensors['{str(name)[:60]}']"), required=("shape", "dtype", "out_dtype", "action"))
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]):
+            raise UserError(f"{f}: tensors['{str(name)[:60]}'].shape must list non-negative integers")
+    if data["current"] is not None and ("/" in data["current"] or data["current"] in ("", ".", "..")):
+        raise UserError(f"{f}: field 'current' must name a version directory of the state, got {data['current']!r}")
+    for k, v in data["scalars"].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"{f}: scalars['{str(k)[:60]}'] must be a number")
+
+
 @dataclass
 class State:
     root: Path
@@ -88,14 +122,15 @@ class State:
         f = root / STATE_FILE
         if not f.is_file():
             raise UserError(f"{root} is not a continual state (no {STATE_FILE}); create one with `merge continual init`")
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise UserError(f"{f}: corrupt state file ({e})") from None
+        from .io.json_files import check_fields, read_object
+
+        data = read_object(f, "continual state file")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise UserError(f"{f}: state format version {version!r} is newer than this mergekit-ortho "
                             f"understands ({FORMAT_VERSION}); upgrade mergekit-ortho")
+        check_fields(data, _STATE_FIELDS, f, required=tuple(_STATE_FIELDS))
+        _check_state(data, f)
         st = cls(root, data)
         if st.tensor_dir is not None and not st.tensor_dir.is_dir():
             raise UserError(f"{f}: its tensor directory {st.tensor_dir.name} is missing; the state is damaged")

@@ -545,10 +545,9 @@ def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None) -> li
         if not src.is_file():
             continue
         if name == "config.json" and out_dtype:
-            try:
-                cfg = json.loads(src.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise UserError(f"{src}: not valid JSON ({e})") from None
+            from .io.json_files import read_object
+
+            cfg = read_object(src, "model config")
             keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
             for k in keys:
                 cfg[k] = out_dtype

@@ -164,3 +164,108 @@ def test_many_models_are_named_in_linear_time(tmp_path):
     labels = recipe.load(r).model_labels()
     assert time.time() - t < 5
     assert len(set(labels)) == 2500 and labels[:3] == ["same", "same_2", "same_3"]
+
+
+# --- JSON files we read -----------------------------------------------------------------------------
+
+def _state(tiny_models, tmp_path, cli) -> Path:
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
+                     f"models:\n  - model: {tiny_models['a']}\n")
+    state = tmp_path / "s"
+    assert cli("continual", "init", state, "--recipe", r)[0] == 0
+    return state
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: [1], "expected a JSON object"),
+    (lambda d: {**d, "t": "abc"}, "field 't' must be an integer"),
+    (lambda d: {**d, "method": "nope"}, "unknown merge_method 'nope'"),
+    (lambda d: {**d, "history": None}, "field 'history' must be a list"),
+    (lambda d: {**d, "history": [1]}, "history[0] must be an object"),
+    (lambda d: {**d, "t": 5}, "the history lists 1"),
+    (lambda d: {**d, "current": "../../etc"}, "field 'current'"),
+    (lambda d: {k: v for k, v in d.items() if k != "tensors"}, "field 'tensors' is missing"),
+])
+def test_hand_edited_state_json_is_one_line(tiny_models, tmp_path, cli, edit, needle):
+    state = _state(tiny_models, tmp_path, cli)
+    f = state / "state.json"
+    f.write_text(json.dumps(edit(json.loads(f.read_text()))))
+    for args in (["continual", "status", state], ["continual", "add", state, tiny_models["b"]],
+                 ["continual", "export", state, "--out", tmp_path / "out"]):
+        one_line_error(cli, args, "state.json", needle)
+
+
+def test_deep_json_state_is_one_line(tiny_models, tmp_path, cli):
+    state = _state(tiny_models, tmp_path, cli)
+    (state / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line_error(cli, ["continual", "status", state], "nested too deeply")
+
+
+def test_config_json_that_is_an_array_is_one_line(tiny_models, tmp_path, cli):
+    model = tmp_path / "a"
+    shutil.copytree(tiny_models["a"], model)
+    (model / "config.json").write_text("[1]")
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {model}\n"
+                     f"  - model: {tiny_models['b']}\nout_dtype: bfloat16\n")
+    one_line_error(cli, ["run", r, "--out", tmp_path / "out"], "config.json", "expected a JSON object")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field,value", [("lora_alpha", "abc"), ("r", 2.5), ("use_rslora", "yes"),
+                                         ("rank_pattern", {"l": "x"}), ("target_modules", 3)])
+def test_adapter_config_with_wrong_types_is_one_line(tmp_path, cli, field, value):
+    from mergekit_ortho.testing.loras import write_peft_dir
+
+    tensors = {"base_model.model.l.lora_A.weight": torch.ones(2, 4),
+               "base_model.model.l.lora_B.weight": torch.ones(4, 2)}
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["l"], field: value}
+    a = write_peft_dir(tmp_path / "a", tensors, cfg)
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nmodels:\n  - model: {a}\n")
+    one_line_error(cli, ["run", r, "--out", tmp_path / "out"], "adapter_config.json", field)
+
+
+def test_fuzzed_json_files_exit_0_or_2(tiny_models, tmp_path):
+    """Byte flips and truncations of each JSON file we read: never exit 1, never a traceback.
+    A bounded budget here; benchmarks/fuzz_inputs.py runs longer."""
+    import random
+
+    from conftest import sharded_copy
+    from mergekit_ortho.testing.loras import write_peft_dir
+
+    rng = random.Random(0)
+    model = sharded_copy(tiny_models["a"], tmp_path / "m")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
+    adapter = write_peft_dir(tmp_path / "ad", {"base_model.model.l.lora_A.weight": torch.ones(2, 4),
+                                               "base_model.model.l.lora_B.weight": torch.ones(4, 2)},
+                             {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["l"]})
+    targets = [model / "model.safetensors.index.json", model / "config.json", adapter / "adapter_config.json"]
+    originals = {t: t.read_bytes() for t in targets}
+    from typer.testing import CliRunner
+
+    from mergekit_ortho.cli import app
+
+    deadline = time.time() + 4
+    cases = 0
+    while time.time() < deadline:
+        t = rng.choice(targets)
+        raw = bytearray(originals[t])
+        if rng.random() < 0.3:
+            raw = raw[: rng.randrange(len(raw))]
+        else:
+            for _ in range(rng.randint(1, 4)):
+                raw[rng.randrange(len(raw))] = rng.choice(b'{}[]":,0-9aeE \\\x00\xff')
+        t.write_bytes(bytes(raw))
+        if t.parent == adapter:
+            r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nmodels:\n  - model: {adapter}\n")
+        else:
+            r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {model}\n"
+                             f"  - model: {tiny_models['b']}\nout_dtype: bfloat16\n")
+        out = tmp_path / f"out{cases}"
+        res = CliRunner().invoke(app, ["run", str(r), "--out", str(out)])
+        assert res.exit_code in (0, 2), (t.name, bytes(raw)[:200], res.stderr)
+        assert "Traceback" not in res.stderr
+        if res.exit_code == 2:
+            assert not out.exists() and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        t.write_bytes(originals[t])
+        cases += 1
+    assert cases > 5

@@ -166,14 +166,25 @@ def detect_lora(path: str | Path) -> str | None:
     return None
 
 
+# the adapter_config.json fields we read, with the types PEFT writes
+ADAPTER_CONFIG_FIELDS = {
+    "peft_type": str, "r": int, "lora_alpha": (float, type(None)), "use_rslora": (bool, type(None)),
+    "target_modules": (list, str, type(None)), "rank_pattern": (dict, type(None)),
+    "alpha_pattern": (dict, type(None)), "fan_in_fan_out": (bool, type(None)),
+    "modules_to_save": (list, type(None)), "bias": (str, type(None)), "task_type": (str, type(None)),
+    "base_model_name_or_path": (str, type(None)), "init_lora_weights": (bool, str, type(None)),
+}
+
+
 def load_json(f: Path) -> dict:
+    from ..io.json_files import check_fields, read_object
     from ..sources.paths import contained
 
     contained(f.parent, f, "adapter config")
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {f}: {e}") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{f} is not a JSON object")
+    d = read_object(f, "adapter config")
+    check_fields(d, ADAPTER_CONFIG_FIELDS, f)
+    for key in ("rank_pattern", "alpha_pattern"):
+        for name, v in (d.get(key) or {}).items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UserError(f"{f}: field '{key}' maps '{str(name)[:60]}' to {str(v)[:40]!r}, not a number")
     return d

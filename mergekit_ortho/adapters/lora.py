@@ -167,7 +167,9 @@ class LoraSource:
             return {}
         try:
             d = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
+            return {}
+        if not isinstance(d, dict):
             return {}
         out: dict[str, dict] = {}
         if "r" in d or "lora_alpha" in d:

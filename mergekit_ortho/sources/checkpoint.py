@@ -44,11 +44,10 @@ class TensorInfo:
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable shard index ({e})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    from ..io.json_files import read_object
+
+    data = read_object(path, "shard index")
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise UserError(f"{path}: 'weight_map' must map tensor names to shard file names")
     return weight_map
