@@ -269,3 +269,22 @@ def test_fuzzed_json_files_exit_0_or_2(tiny_models, tmp_path):
         t.write_bytes(originals[t])
         cases += 1
     assert cases > 5
+
+
+def test_tensor_stored_in_two_shards_is_refused(tiny_models, tmp_path, cli):
+    from safetensors import safe_open
+
+    from conftest import sharded_copy
+
+    model = sharded_copy(tiny_models["a"], tmp_path / "m")
+    first, second = sorted(model.glob("model-*.safetensors"))
+    with safe_open(str(first), "pt") as h:
+        one = {k: h.get_tensor(k) for k in h.keys()}
+    with safe_open(str(second), "pt") as h:
+        two = {k: h.get_tensor(k) for k in h.keys()}
+    dup = sorted(one)[0]
+    two[dup] = one[dup] + 1  # a second, different copy that the index does not name
+    save_file(two, str(second))
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {model}\n"
+                     f"  - model: {tiny_models['b']}\n")
+    one_line_error(cli, ["run", r, "--out", tmp_path / "out"], dup, "both")

@@ -83,12 +83,12 @@ class CheckpointSource:
             for f in files:
                 state = self._load_pickle(f)
                 for key, t in state.items():
-                    self.infos[key] = TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."), f)
+                    self._add_info(key, TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."), f))
         else:
             for f in files:
                 h = self._handle(f)
                 for key, e in h.entries.items():
-                    self.infos[key] = TensorInfo(e.shape, e.dtype, f)
+                    self._add_info(key, TensorInfo(e.shape, e.dtype, f))
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self.infos))
             if missing:
@@ -97,6 +97,12 @@ class CheckpointSource:
                 )
         if not self.infos:
             raise UserError(f"{self.ref}: holds no tensors")
+
+    def _add_info(self, key: str, info: TensorInfo) -> None:
+        if key in self.infos:  # two copies: which one is meant cannot be told, so neither is used
+            raise UserError(f"{self.path}: tensor '{key[:120]}' is stored in both {self.infos[key].file.name} and "
+                            f"{info.file.name}; re-export the checkpoint")
+        self.infos[key] = info
 
     def _handle(self, f: Path):
         h = self._handles.get(f)
