@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from . import recipe as recipe_mod
 from .dtypes import FP8, MERGEABLE, canonical, cast_checked, itemsize
-from .errors import UserError
+from .errors import UserError, memory_guard
 from .ops import registry
 from .writer import OutTensor, plan_shards
 
@@ -587,7 +587,8 @@ def execute(plan: Plan, out_dir: Path, metadata: dict[str, str],
                 if t.dtype != getattr(torch, item.out_dtype):
                     t = cast_checked(t, getattr(torch, item.out_dtype), spec.name)
             else:
-                t = produce(spec.name) if produce else merge_tensor(plan, spec.name)
+                with memory_guard(spec.name, item.numel * 4 * (len(plan.models) + 2), plan.peak_bytes):
+                    t = produce(spec.name) if produce else merge_tensor(plan, spec.name)
             writer.write(spec.name, t)
             del t
             if delay:

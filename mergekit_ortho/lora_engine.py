@@ -158,8 +158,12 @@ def merged_modules(plan, on_module: Callable[[str, int], None] | None = None):
     modules, reports = {}, {}
     from .ops import lowrank
 
+    from .errors import memory_guard
+
     for key in plan.module_keys:
-        res = module_result(plan, key)
+        shape = plan.module_shapes[key]
+        with memory_guard(key, shape[0] * shape[1] * 4 * (len(plan.models) + 2), plan.peak_bytes):
+            res = module_result(plan, key)
         rep = _json_safe(dict(res.report))
         A, B = res.A, res.B
         if A is None:
