@@ -56,7 +56,8 @@ from dataclasses import replace
 
 import torch
 
-from .registry import Operator, Param, StreamFold, TensorTask, fold_input, fold_input_chunks, name_matches, register
+from .kernels.convert import fold_input, fold_input_chunks
+from .registry import Operator, Param, StreamFold, TensorTask, name_matches, register
 
 DEFAULT_EMBEDDING_PATTERN = (
     r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding|shared)\.weight$"
