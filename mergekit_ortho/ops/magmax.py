@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import select
+from .errors import NoInputs, ShapeMismatch
 from .kernels.convert import fold_input
 from .registry import Operator, Param, StreamFold, TensorTask, generator, register
 
@@ -53,7 +54,7 @@ def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -
     if sel is None:  # x is ours (see StreamFold): it becomes the state
         return fold_input(x, task)
     if sel.shape != x.shape:
-        raise ValueError(
+        raise ShapeMismatch(
             f"magmax: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, expected {tuple(sel.shape)}"
         )
     if task.params.get("selection", "magnitude") == "random":
@@ -69,7 +70,7 @@ def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -
 
 def _finish(sel: torch.Tensor | None, task: TensorTask) -> torch.Tensor:
     if sel is None:
-        raise ValueError(f"magmax: no input models for tensor '{task.name}'")
+        raise NoInputs(f"magmax: no input models for tensor '{task.name}'")
     lam = resolved_lambda(task.params)
     out = sel
     if lam != 1.0:

@@ -16,12 +16,12 @@ from typing import Sequence
 
 import torch
 
-from ...errors import UserError
+from ..errors import BadParameters
 
 EMPTY_POLICIES = ("reseed", "drop")
 
 
-class KMeansArgumentError(UserError):
+class KMeansArgumentError(BadParameters):
     """k, n_init, max_iter, tol or the empty-cluster policy out of range (a recipe can set them)."""
 
 
