@@ -41,6 +41,11 @@ import torch
 
 from .adapters.keymap import kohya_default_name
 from .adapters.matched import MatchedLora
+from .errors import UserError
+
+
+class LoraFactorError(UserError):
+    """Merged LoRA factors that cannot be written: wrong shapes, or two modules on one name."""
 
 _PEFT_DEFAULTS: dict[str, Any] = {
     "peft_type": "LORA",
@@ -73,8 +78,8 @@ def _module_path(base_key: str) -> str:
 
 def _rank(A: torch.Tensor, B: torch.Tensor, key: str) -> int:
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-        raise ValueError(f"LoRA factors for '{key}' must be A (r x in) and B (out x r); got "
-                         f"{list(A.shape)} and {list(B.shape)}")
+        raise LoraFactorError(f"LoRA factors for '{key}' must be A (r x in) and B (out x r); got "
+                              f"{list(A.shape)} and {list(B.shape)}")
     return int(A.shape[0])
 
 
@@ -86,12 +91,12 @@ def _default_layout(key: str, shapes: Mapping[str, Sequence[int]] | None) -> str
 
 def _conv_shapes(key: str, A: torch.Tensor, B: torch.Tensor, shapes) -> tuple[tuple, tuple]:
     if shapes is None or key not in shapes:
-        raise ValueError(f"conv LoRA '{key}' needs the base tensor's 4-D shape (shapes=...)")
+        raise LoraFactorError(f"conv LoRA '{key}' needs the base tensor's 4-D shape (shapes=...)")
     shp = tuple(shapes[key])
     r = A.shape[0]
     if len(shp) != 4 or B.shape[0] != shp[0] or A.shape[1] != shp[1] * shp[2] * shp[3]:
-        raise ValueError(f"LoRA factors for '{key}' ({list(B.shape)} @ {list(A.shape)}) do not fit "
-                         f"the base conv weight {list(shp)}")
+        raise LoraFactorError(f"LoRA factors for '{key}' ({list(B.shape)} @ {list(A.shape)}) do not fit "
+                              f"the base conv weight {list(shp)}")
     return (r, *shp[1:]), (shp[0], r, 1, 1)
 
 
@@ -230,7 +235,7 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
             continue
         name = names.get(key) or kohya_default_name(key)
         if name in used:
-            raise ValueError(f"base tensors '{used[name]}' and '{key}' would both be written as kohya module '{name}'")
+            raise LoraFactorError(f"base tensors '{used[name]}' and '{key}' would both be written as kohya module '{name}'")
         used[name] = key
         if shapes is not None and key in shapes and len(shapes[key]) == 4:
             sa, sb = _conv_shapes(key, A, B, shapes)
@@ -239,8 +244,8 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
             if shapes is not None and key in shapes:
                 shp = tuple(shapes[key])
                 if len(shp) != 2 or shp != (B.shape[0], A.shape[1]):
-                    raise ValueError(f"LoRA factors for '{key}' ({list(B.shape)} @ {list(A.shape)}) do not fit "
-                                     f"the base tensor {list(shp)}")
+                    raise LoraFactorError(f"LoRA factors for '{key}' ({list(B.shape)} @ {list(A.shape)}) do not fit "
+                                          f"the base tensor {list(shp)}")
             down, up = A, B
         tensors[f"{name}.lora_down.weight"] = _out(down, dtype, f"{name}.lora_down.weight")
         tensors[f"{name}.lora_up.weight"] = _out(up, dtype, f"{name}.lora_up.weight")

@@ -161,7 +161,7 @@ def test_parameter_validation_messages():
 
 import numpy as np  # noqa: E402
 
-from mergekit_ortho.ops import ties_dare  # noqa: E402
+from mergekit_ortho.ops.kernels import _chunks, dare_drop, topk  # noqa: E402
 from mergekit_ortho.ops.registry import generator  # noqa: E402
 from mergekit_ortho.ops.ties_dare import random_drop  # noqa: E402
 
@@ -219,11 +219,11 @@ DENSITIES = (0.0, 1e-6, 0.01, 0.1, 0.25, 0.5, 0.7, 0.99, 0.999999, 1.0)
 @pytest.mark.parametrize("name,x", list(_trim_inputs()), ids=[n for n, _ in _trim_inputs()])
 def test_topk_trim_equals_brute_force_tie_rule(monkeypatch, path, name, x):
     if path != "sort":  # every size through the radix select
-        monkeypatch.setattr(ties_dare, "_RADIX_MIN_NUMEL", 1)
+        monkeypatch.setattr(topk, "RADIX_MIN_NUMEL", 1)
     if path != "radix":  # try the pivot on any level-1 bucket holding >= 1/32 of the entries
-        monkeypatch.setattr(ties_dare, "_PIVOT_MIN", 1)
+        monkeypatch.setattr(topk, "PIVOT_MIN", 1)
     if path == "radix_chunked":  # the chunked passes split into many small steps
-        monkeypatch.setattr(ties_dare, "_CHUNK", 7)
+        monkeypatch.setattr(_chunks, "CHUNK", 7)
     before = x.clone()
     order = brute_order(x)
     for d in DENSITIES:
@@ -239,14 +239,14 @@ def test_topk_trim_equals_brute_force_tie_rule(monkeypatch, path, name, x):
 def test_topk_trim_radix_large_random_and_ties(monkeypatch, dtype, pivot):
     tried = []
     if pivot:  # record the pivot tests, to check that the heavy tensor takes (and passes) one
-        real = ties_dare._pivot_threshold
-        monkeypatch.setattr(ties_dare, "_pivot_threshold",
+        real = topk.pivot_threshold
+        monkeypatch.setattr(topk, "pivot_threshold",
                             lambda *a: tried.append(real(*a)) or tried[-1])
     else:
-        monkeypatch.setattr(ties_dare, "_PIVOT_MIN", 1 << 62)
+        monkeypatch.setattr(topk, "PIVOT_MIN", 1 << 62)
     # well above the default radix size (the default configuration takes the fast path), with
     # realistic bucket sizes
-    n = max(ties_dare._RADIX_MIN_NUMEL, 1 << 19) + 12_345
+    n = max(topk.RADIX_MIN_NUMEL, 1 << 19) + 12_345
     g = torch.Generator().manual_seed(11)
     cont = torch.randn(n, generator=g, dtype=dtype)
     ties = torch.randint(-40, 41, (n,), generator=g).to(dtype) / 16  # ~40 distinct magnitudes
@@ -264,7 +264,7 @@ def test_topk_trim_radix_large_random_and_ties(monkeypatch, dtype, pivot):
 def test_topk_trim_same_set_as_topk_when_magnitudes_distinct():
     # without ties at the threshold the kept set is topk's, on both paths
     g = torch.Generator().manual_seed(12)
-    for n in (500, ties_dare._RADIX_MIN_NUMEL + 3, (1 << 20) + 3):
+    for n in (500, topk.RADIX_MIN_NUMEL + 3, (1 << 20) + 3):
         x = torch.randn(n, generator=g)
         k = n // 3
         idx = torch.topk(x.abs(), k).indices
@@ -299,7 +299,7 @@ DARE_TIES = [-3.5, -1.5555555820465088, -1.3737373352050781, -0.7878787517547607
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_dare_draws_unchanged(monkeypatch, chunk):
     if chunk:  # the draws taken in several chunks from the one generator: still the same numbers
-        monkeypatch.setattr(ties_dare, "_CHUNK", chunk)
+        monkeypatch.setattr(_chunks, "CHUNK", chunk)
     x = DARE_X.clone()
     out = random_drop(x, 0.4, generator(11, "blk.3.w\x000"))
     assert torch.equal(out.flatten(), torch.tensor(DARE_DROP)) and out.shape == (3, 4)
@@ -371,9 +371,8 @@ MIX_CASES = [
 ])
 def test_operators_match_plain_reference(monkeypatch, method, case, shape, dtype, chunk):
     if chunk:  # every chunked pass in many chunks, the last one partial
-        for name in ("_MIX_CHUNK", "_CHUNK"):
-            monkeypatch.setattr(ties_dare, name, chunk)
-        monkeypatch.setattr(ties_dare, "_PIVOT_MIN", 1)
+        monkeypatch.setattr(_chunks, "CHUNK", chunk)
+        monkeypatch.setattr(topk, "PIVOT_MIN", 1)
     params, mps = MIX_CASES[case]
     g = torch.Generator().manual_seed(20 + case)
     taus = [torch.randn(shape, generator=g, dtype=dtype) * (i + 1) for i in range(len(mps))]
@@ -419,7 +418,7 @@ def test_dare_keep_mask_is_torchs_comparison(dtype, density):
     x[:4] = torch.tensor([float("nan"), -float("inf"), -0.0, -1.0], dtype=dtype)
     want = torch.where(u < density, x, torch.zeros((), dtype=dtype))
     got = x.clone()
-    ties_dare._keep_below_(got, u.clone(), density)
+    dare_drop.keep_below_(got, u.clone(), density)
     assert bits_equal(torch.nan_to_num(got), torch.nan_to_num(want))
     assert torch.equal(got.isnan(), want.isnan())
 
@@ -428,7 +427,7 @@ def test_trim_nan_counts_as_largest(monkeypatch):
     x = torch.tensor([1.0, float("nan"), 3.0, -2.0])
     for radix in (False, True):
         if radix:
-            monkeypatch.setattr(ties_dare, "_RADIX_MIN_NUMEL", 1)
+            monkeypatch.setattr(topk, "RADIX_MIN_NUMEL", 1)
         out = magnitude_trim(x, 0.5)
         assert out.isnan().tolist() == [False, True, False, False] and out[[0, 2, 3]].tolist() == [0, 3, 0]
         out = magnitude_trim(x, 0.25)  # the threshold itself is the NaN

@@ -6,6 +6,7 @@ import torch
 
 import mergekit_ortho.ops.magmax as magmax_mod  # noqa: F401  (registers the operator)
 from mergekit_ortho.ops import registry
+from mergekit_ortho.ops.kernels import convert, select
 from mergekit_ortho.ops.registry import TensorTask
 
 F64 = torch.float64
@@ -155,7 +156,7 @@ def test_batch_form_does_not_mutate_its_inputs():
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_in_place_chunked_selection_equals_the_plain_where(monkeypatch, chunk):
     if chunk:  # many chunks, the last one partial
-        monkeypatch.setattr(registry, "FOLD_CHUNK", chunk)
+        monkeypatch.setattr(convert, "FOLD_CHUNK", chunk)
     g = torch.Generator().manual_seed(9)
     for dtype in (torch.float32, torch.float64):
         sel = torch.randn(7, 13, generator=g, dtype=dtype)
@@ -164,7 +165,7 @@ def test_in_place_chunked_selection_equals_the_plain_where(monkeypatch, chunk):
         sel[1, 0], x[1, 1] = float("nan"), float("nan")
         want = torch.where(x.abs() >= sel.abs(), x, sel)
         task = TensorTask("w", None, [], {}, [{}], dtype=dtype)
-        got = magmax_mod._keep_larger_(sel.clone(), x.clone(), task)
+        got = select.keep_larger_magnitude_(sel.clone(), x.clone(), task)
         assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
 
 
@@ -174,7 +175,7 @@ def test_raw_weight_fold_equals_the_task_vector_fold(monkeypatch, chunk, selecti
     # the engine hands a raw_weights fold the stored (bf16) weights; it must give exactly what
     # the fold of the float32 task vectors gives
     if chunk:
-        monkeypatch.setattr(registry, "FOLD_CHUNK", chunk)
+        monkeypatch.setattr(convert, "FOLD_CHUNK", chunk)
     g = torch.Generator().manual_seed(10)
     base = torch.randn(6, 9, generator=g).to(torch.bfloat16)
     ws = [(base.float() + 0.05 * torch.randn(6, 9, generator=g)).to(torch.bfloat16) for _ in range(4)]

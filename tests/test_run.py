@@ -362,10 +362,11 @@ def test_background_sync_writes_the_same_files_and_surfaces_its_errors(tiny_mode
 def test_raw_weight_folds_equal_the_prepared_input_folds(monkeypatch, chunk, method):
     # the engine hands raw_weights folds the stored bf16/fp16 weights, prepared chunk by chunk
     from mergekit_ortho.ops import registry
+    from mergekit_ortho.ops.kernels import convert
     from mergekit_ortho.ops.registry import TensorTask
 
     if chunk:  # many chunks, the last one partial
-        monkeypatch.setattr(registry, "FOLD_CHUNK", chunk)
+        monkeypatch.setattr(convert, "FOLD_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(5, 11, generator=g).to(torch.bfloat16)
     ws = [(base.float() + 0.1 * torch.randn(5, 11, generator=g)).to(dt)

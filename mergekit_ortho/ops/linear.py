@@ -13,8 +13,8 @@ Both are linear, so each has an exact streaming fold: one model tensor in memory
 """
 from __future__ import annotations
 
-from .registry import (LoraResult, LoraTask, Operator, Param, StreamFold, TensorTask, fold_input,
-                       fold_input_chunks, register)
+from .kernels.convert import fold_input, fold_input_chunks
+from .registry import LoraResult, LoraTask, Operator, Param, StreamFold, TensorTask, register
 
 _WEIGHT = Param("weight", float, 1.0, "per-model weight")
 

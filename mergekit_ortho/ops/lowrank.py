@@ -6,8 +6,7 @@ Not an operator. ``truncate`` is the exact truncated SVD of ``B @ A`` computed f
 O((out + in) R^2) instead of O(out * in * R). ``factorize`` is the Eckart-Young best rank-k
 approximation of a dense delta (thin SVD in float32, float64 for small matrices); it is what
 extracting a LoRA from a full-rank merge result needs. For a rank far below the matrix size it
-uses a randomised range finder instead (Halko, Martinsson & Tropp 2011, Alg. 4.4: k + 16 seeded
-Gaussian probes, 4 power iterations with re-orthonormalisation), which costs O(m n k) instead
+uses a randomised range finder instead (:mod:`.kernels.randomized_svd`), which costs O(m n k) instead
 of O(m n min(m, n)) -- a 4096 x 4096 module at rank 64 in well under a second instead of tens of
 seconds -- and reports the error it actually makes (exact: ||D||^2 - sum of the kept S^2).
 
@@ -18,6 +17,8 @@ positive) so results are reproducible across BLAS builds.
 from __future__ import annotations
 
 import torch
+
+from .kernels.randomized_svd import OVERSAMPLE, randomized_svd
 
 
 def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,21 +55,7 @@ def truncate(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return A2, B2, err
 
 
-_OVERSAMPLE = 16
-_POWER_ITERATIONS = 4
 _RANDOMIZED_MIN_DIM = 1024  # below this a full thin SVD is cheap enough
-
-
-def _randomized_svd(work: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Approximate top-q thin SVD of ``work`` (m x n) by a seeded randomised range finder."""
-    gen = torch.Generator(device=work.device).manual_seed(0)  # reproducible factors
-    omega = torch.randn(work.shape[1], q, generator=gen, dtype=work.dtype, device=work.device)
-    Q = torch.linalg.qr(work @ omega).Q
-    for _ in range(_POWER_ITERATIONS):
-        Q = torch.linalg.qr(work.mT @ Q).Q
-        Q = torch.linalg.qr(work @ Q).Q
-    ub, s, vh = torch.linalg.svd(Q.mT @ work, full_matrices=False)
-    return Q @ ub, s, vh
 
 
 def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -82,8 +69,8 @@ def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     small = min(work.shape)
     k = min(rank, small)
     total = float(work.double().square().sum())
-    if small >= _RANDOMIZED_MIN_DIM and 4 * (k + _OVERSAMPLE) <= small:
-        u, s, vh = _randomized_svd(work, k + _OVERSAMPLE)
+    if small >= _RANDOMIZED_MIN_DIM and 4 * (k + OVERSAMPLE) <= small:
+        u, s, vh = randomized_svd(work, k + OVERSAMPLE)
         kept = float((s[:k].double() ** 2).sum())
         err = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
     else:

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Operator, Param, StreamFold, TensorTask, fold_input, fold_input_chunks, generator, register
+from .kernels import select
+from .errors import NoInputs, ShapeMismatch
+from .kernels.convert import fold_input
+from .registry import Operator, Param, StreamFold, TensorTask, generator, register
 
 DEFAULT_LAMBDA = {"magnitude": 0.5, "random": 1.0}
 
@@ -51,7 +54,7 @@ def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -
     if sel is None:  # x is ours (see StreamFold): it becomes the state
         return fold_input(x, task)
     if sel.shape != x.shape:
-        raise ValueError(
+        raise ShapeMismatch(
             f"magmax: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, expected {tuple(sel.shape)}"
         )
     if task.params.get("selection", "magnitude") == "random":
@@ -61,31 +64,13 @@ def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -
         gen = generator(task.params.get("seed", 0), f"{task.name}\x00{i}", device=x.device)
         take = torch.randint(0, i + 1, x.shape, generator=gen, dtype=torch.int32, device=x.device) == 0
         return torch.where(take, x.to(sel.dtype), sel)
-    return _keep_larger_(sel, x, task)
-
-
-def _keep_larger_(sel: torch.Tensor, x: torch.Tensor, task: TensorTask) -> torch.Tensor:
-    """sel = where(|tau| >= |sel|, tau, sel) in place ('>=': the later model wins ties, A9.2),
-    tau being model input x, chunk by chunk through cache-sized buffers: no full-size |tau|,
-    |sel|, mask, result (the plain form allocates all four) or, for raw weights, task vector."""
-    s = sel.view(-1)
-    buffers = None
-    for lo, hi, v in fold_input_chunks(x, task):
-        if v.dtype != s.dtype:
-            v = v.to(s.dtype)
-        part = s[lo:hi]
-        if buffers is None or buffers[0].numel() < hi - lo:
-            buffers = (torch.empty_like(part), torch.empty_like(part),
-                       torch.empty(hi - lo, dtype=torch.bool, device=part.device))
-        a, b, take = (t[:hi - lo] for t in buffers)
-        torch.ge(torch.abs(v, out=b), torch.abs(part, out=a), out=take)
-        torch.where(take, v, part, out=part)
-    return sel
+    # where(|tau| >= |sel|, tau, sel) ('>=': the later model wins ties, A9.2), in place
+    return select.keep_larger_magnitude_(sel, x, task)
 
 
 def _finish(sel: torch.Tensor | None, task: TensorTask) -> torch.Tensor:
     if sel is None:
-        raise ValueError(f"magmax: no input models for tensor '{task.name}'")
+        raise NoInputs(f"magmax: no input models for tensor '{task.name}'")
     lam = resolved_lambda(task.params)
     out = sel
     if lam != 1.0:

@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from .errors import NoInputs, NonFiniteInput, ShapeMismatch
 from .registry import Operator, Param, TensorTask, name_matches, register
 
 DEFAULT_ALPHA = 0.5
@@ -160,7 +161,7 @@ def _sq(t: torch.Tensor) -> float:
 def _lambda(delta_norm: float, nu: float) -> float:
     """lambda_t = ||Delta_t|| / nu_t, guarded: 1 when either is zero (the update is zero then)."""
     if not (math.isfinite(delta_norm) and math.isfinite(nu)):
-        raise ValueError("opcm: a task vector or the merged update is not finite (NaN or Inf)")
+        raise NonFiniteInput("opcm: a task vector or the merged update is not finite (NaN or Inf)")
     if delta_norm > 0.0 and nu > 0.0:
         return delta_norm / nu
     return 1.0
@@ -199,7 +200,7 @@ class _Sequential:
         if prev is None:
             raise ValueError(f"opcm: tensor '{name}' has no stored state at step {t}")
         if prev.shape != tau.shape:
-            raise ValueError(f"opcm: tensor '{name}' has shape {tuple(tau.shape)}, its state {tuple(prev.shape)}")
+            raise ShapeMismatch(f"opcm: tensor '{name}' has shape {tuple(tau.shape)}, its state {tuple(prev.shape)}")
         projected = 0.0
         if is_projectable(name, tau, params):
             ptau, info = project(prev, tau, **_options(params))
@@ -216,7 +217,7 @@ class _Sequential:
         if t == 1:
             norm_sum, lam = task_norm, 1.0  # the first model is copied: lambda_1 = 1 (B9.8)
             if not math.isfinite(task_norm):
-                raise ValueError("opcm: the first task vector is not finite (NaN or Inf)")
+                raise NonFiniteInput("opcm: the first task vector is not finite (NaN or Inf)")
         else:
             if not scalars_prev or int(scalars_prev.get("t", -1)) != t - 1:
                 raise ValueError(f"opcm: scalars of step {t - 1} are missing or belong to another step")
@@ -258,12 +259,12 @@ def opcm_merge(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tenso
     p = OPERATOR.resolve_params(params)
     opts = _options(p)
     if not models:
-        raise ValueError("opcm: no models to merge")
+        raise NoInputs("opcm: no models to merge")
     keys = [k for k, v in base.items() if v.is_floating_point()]
     for i, m in enumerate(models):
         for k in keys:
             if k not in m or m[k].shape != base[k].shape:
-                raise ValueError(f"opcm: model {i + 1} lacks tensor '{k}' or has another shape")
+                raise ShapeMismatch(f"opcm: model {i + 1} lacks tensor '{k}' or has another shape")
 
     def cdt(x: torch.Tensor) -> torch.dtype:
         return torch.promote_types(x.dtype, torch.float32)

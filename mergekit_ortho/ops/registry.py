@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ..errors import shown
+from .kernels.convert import add_converted_  # noqa: F401  (engine.py adds the base back with it)
 
 if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
     import torch
@@ -154,7 +155,7 @@ class StreamFold:
 
     ``raw_weights``: ``step`` can also take model i's *weight as stored* (bf16, fp16, ... on the
     device; ``task.raw_inputs`` is then True, and ``task.base`` is the base as stored too) and
-    prepare its input itself, chunk by chunk with :func:`fold_input_chunks` / :func:`fold_input`:
+    prepare its input itself, chunk by chunk with ``kernels.convert.fold_input_chunks`` / ``fold_input``:
     converted to ``task.dtype`` and, when ``task.base`` is given (``reads == "deltas"``), minus
     the base. The values are exactly those of the prepared input, but no full-size converted
     copy of a weight, of the base or of a task vector is ever allocated (two fp32 tensors less
@@ -170,54 +171,6 @@ class StreamFold:
     # For operators whose weights depend on all models (WIDEN's ranks across models): each model
     # is read twice, but memory stays one input plus the state, whatever the number of models.
     prepass: Callable[..., Any] | None = None
-
-
-FOLD_CHUNK = 1 << 18  # entries a fold prepares at a time (1 MiB of float32: stays in L2)
-
-
-def fold_input(x: "torch.Tensor", task: TensorTask) -> "torch.Tensor":
-    """Model input x as a whole tensor in ``task.dtype`` (x itself when it already is one; it is
-    owned by the caller): raw weights of a deltas method also have the base subtracted."""
-    v = x if task.dtype is None or x.dtype == task.dtype else x.to(task.dtype)
-    return v if not task.raw_inputs or task.base is None else add_converted_(v, task.base, -1.0)
-
-
-def add_converted_(acc: "torch.Tensor", x: "torch.Tensor", alpha: float = 1.0) -> "torch.Tensor":
-    """acc += alpha * x in place, exactly as ``acc.add_(x.to(acc.dtype), alpha=alpha)``, with x
-    converted ``FOLD_CHUNK`` entries at a time into one cache-sized buffer (on CPU a mixed-dtype
-    ``add_`` runs about 3x slower, and a whole converted copy costs a full-size tensor)."""
-    if x.dtype == acc.dtype:
-        return acc.add_(x, alpha=alpha)
-    a = acc.view(-1)
-    for lo, hi, v in fold_input_chunks(x, TensorTask("", None, [], {}, [], dtype=acc.dtype, raw_inputs=True)):
-        a[lo:hi].add_(v, alpha=alpha)
-    return acc
-
-
-def fold_input_chunks(x: "torch.Tensor", task: TensorTask, chunk: int | None = None):
-    """Yield ``(lo, hi, v)`` over the flat entries of model input x, ``chunk`` (default
-    ``FOLD_CHUNK``) at a time on CPU, one chunk on other devices: ``v`` holds entries lo..hi as
-    :func:`fold_input` would give them, a view of x when nothing needs computing, else one
-    reused buffer (valid until the next chunk)."""
-    import torch
-
-    flat = x.reshape(-1)
-    n = flat.numel()
-    dt = task.dtype if task.dtype is not None else x.dtype
-    base = task.base.reshape(-1) if task.raw_inputs and task.base is not None else None
-    step = max(1, min(n, chunk or FOLD_CHUNK) if x.device.type == "cpu" else n)
-    direct = flat.dtype == dt and base is None
-    buf = None if direct else torch.empty(step, dtype=dt, device=x.device)
-    base_buf = None if base is None or base.dtype == dt else torch.empty(step, dtype=dt, device=x.device)
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
-        if direct:
-            yield lo, hi, flat[lo:hi]
-            continue
-        v = buf[:hi - lo].copy_(flat[lo:hi])
-        if base is not None:
-            v.sub_(base[lo:hi] if base_buf is None else base_buf[:hi - lo].copy_(base[lo:hi]))
-        yield lo, hi, v
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
+from .errors import BadParameters
 from .registry import LoraResult, Operator, Param, register
 
 SIDES = ("left", "right")
@@ -77,7 +78,7 @@ def storage_ratio(r: int, n: int, p: int, center: bool = True) -> float:
     (p(r+n) + r) / (r n); uncentred p(r+n) / (r n). d_out and d_in cancel.
     """
     if r <= 0 or n <= 0:
-        raise ValueError(f"storage_ratio needs r >= 1 and n >= 1, got r={r}, n={n}")
+        raise BadParameters(f"storage_ratio needs r >= 1 and n >= 1, got r={r}, n={n}")
     return (p * (r + n) + (r if center else 0)) / (r * n)
 
 
@@ -87,7 +88,7 @@ def stored_elements(d_out: int, d_in: int, r: int, n: int, p: int, center: bool 
 
 
 def check_ranks(factors: Factors, name: str = "module") -> int:
-    """Validate shapes; return the common rank r. Different ranks -> ValueError naming them."""
+    """Validate shapes; return the common rank r. Different ranks -> a UserError naming them."""
     if len(factors) == 0:
         raise UserError(f"rmm: module '{name}' has no task factors")
     shapes = set()

@@ -31,207 +31,62 @@ streaming one tensor at a time makes a global threshold a second pass we do not 
 
 Speed: the operators work in place on the task vectors the engine hands them (``task.inputs``,
 which the engine computes afresh for each call; an input passed twice or non-contiguous is
-copied first) and avoid full-size temporaries, whose page faults cost more than the arithmetic:
-the top-k threshold comes from a radix select (:func:`_radix_threshold`) and is applied by an
-in-place ``hardshrink``; the DARE mask is the sign bit of ``u - density``; the sign election and
-disjoint mean run on the float bit patterns (:func:`_mix`); all of it chunk by chunk (see
-``_CHUNK``). Every result is bit-identical to the plain formulation
-(tests/test_baselines.py re-derives it), with the deterministic tie rule above as the only
-change of the kept set.
+copied first) and avoid full-size temporaries, whose page faults cost more than the arithmetic.
+The fast forms live in :mod:`.kernels`: the top-k by radix select (:mod:`.kernels.topk`), the
+DARE mask (:mod:`.kernels.dare_drop`), the sign election and disjoint mean on the float bit
+patterns (:mod:`.kernels.sign_election`). The plain formulations below (``*_plain``) are the
+definition; tests/test_kernels.py checks the kernels against them bit for bit, and
+tests/test_baselines.py re-derives the operators, with the deterministic tie rule above as the
+only change of the kept set.
 """
 from __future__ import annotations
 
-import sys
-
-import numpy as np
 import torch
 
+from .kernels import dare_drop, sign_election, topk
+from .kernels._chunks import chunk_len
 from .registry import Operator, Param, TensorTask, generator, register
 
 
-# Tensors with at least this many entries (float32/float64, or half types via an exact float32
-# copy of the magnitudes) find the top-k threshold by radix select; smaller ones use a stable
-# sort (faster below ~16k entries, where the fixed cost of the histograms dominates; far slower
-# above). Both give the same kept set; tests lower it to cross-check the two paths.
-_RADIX_MIN_NUMEL = 1 << 14
-
-# Every full-tensor pass here (radix histograms, applying the threshold, the DARE mask, the sign
-# election and disjoint mean) walks the tensor in chunks of 256K entries (1 MiB of float32): each
-# chunk stays in L2 through all its passes and no full-size temporary is allocated. End to end
-# (3 x 271M-entry bf16 models, ties density 0.5, 2 idle cores): 12.4 s with 32K-entry chunks
-# (each op below ATen's parallel grain, so on one thread), 8.1 s with 256K, 7.7-8.4 s with 1M+.
-# Chunks above the grain run on torch's thread pool; on cores oversubscribed by other jobs its
-# parallel regions can stall (seen during development at load ~6: 32K chunks were then 10x
-# faster), so set OMP_NUM_THREADS=1 there. On other devices (CUDA) a chunk is the whole tensor.
-_CHUNK = (1 << 18) - 1
-_MIX_CHUNK = _CHUNK  # entries per chunk in the sign election / disjoint mean
-_INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer view of a float
+# ----------------------------------------------------------------------------- plain formulations
 
 
-def _chunk(t: torch.Tensor, size: int | None = None) -> int:
-    return (_CHUNK if size is None else size) if t.device.type == "cpu" else max(t.numel(), 1)
-
-
-def _host_counts(digits: torch.Tensor, bins: int) -> np.ndarray:
-    """Histogram (on the host) of a 1-D tensor of integers in [0, bins), chunk by chunk: torch's
-    bincount takes a (parallel) min and max of its input first."""
-    counts = np.zeros(bins, dtype=np.int64)
-    step = _chunk(digits)
-    for lo in range(0, digits.numel(), step):
-        counts += torch.bincount(digits[lo:lo + step], minlength=bins).cpu().numpy()
-    return counts
-
-
-def _pick(counts: np.ndarray, need: int) -> tuple[int, int, int]:
-    """The histogram bin holding the need-th largest value: (bin, rank within it, bin count)."""
-    at_or_above = np.cumsum(counts[::-1])[::-1]  # [j] = #values in bins >= j, non-increasing
-    j = int(np.count_nonzero(at_or_above >= need)) - 1
-    if j + 1 < counts.size:
-        need -= int(at_or_above[j + 1])
-    return j, need, int(counts[j])
-
-
-def _radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | None]:
-    """Radix select of the k-th largest magnitude of ``flat`` (contiguous 1-D float32/float64).
-
-    For non-negative floats the IEEE bit pattern read as an integer is monotone in the value
-    (+0 and -0 both map to 0 once the sign bit is cleared; +inf sits below every NaN), so the
-    k-th largest magnitude is the k-th largest of ``bits & 0x7FF...F``. Level 1 histograms the
-    top 16 bits of every entry (15 once the sign is dropped; read through an int16 view) and a
-    cumulative count from the top picks the bucket that holds the k-th largest. That bucket's
-    entries, with their flat indices, become the candidates; each further level resolves the
-    next 16 bits among them (2 levels for float32, 4 for float64). A bucket holding a large share
-    of the tensor is usually one value repeated (task vectors of bf16 checkpoints), and
-    gathering it costs more than testing that value: :func:`_pivot_threshold` tries it first.
-
-    Returns ``(t, m, n_eq, c)``: ``t`` the threshold's bit pattern (sign cleared), ``n_eq`` the
-    number of entries whose magnitude has exactly that pattern, ``m`` how many of them belong
-    to the top k (1 <= m <= n_eq; every entry above t does) and, when m < n_eq, ``c`` = 1 + the
-    flat index of the m-th of them in index order (else None): candidates stay in increasing
-    index order through every level.
-    """
-    n = flat.numel()
-    width = flat.element_size() * 8
-    ibits = flat.view(_INT_OF[flat.element_size()])
-    words = flat.view(torch.int16).view(-1, width // 16)
-    top = words[:, -1] if sys.byteorder == "little" else words[:, 0]
-    step = _chunk(flat)
-    counts = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
-    # the level-1 digits are kept (2 bytes an entry) for the gathering pass below
-    top_digits = torch.empty(n, dtype=torch.int16, device=flat.device)
-    for lo in range(0, n, step):
-        digits = torch.bitwise_and(top[lo:lo + step], 0x7FFF, out=top_digits[lo:lo + step])  # sign dropped
-        counts += torch.bincount(digits, minlength=1 << 15)
-    j, need, in_bucket = _pick(counts.cpu().numpy(), k)
-    if in_bucket >= max(n >> 5, _PIVOT_MIN):
-        found = _pivot_threshold(flat, j, k)
-        if found is not None:
-            return found
-    shift = width - 16
-    prefix = j << shift
-    idx, cand = [], []  # the bucket's flat indices and raw bits (the sign bit is never read)
-    for lo in range(0, n, step):
-        sel = (top_digits[lo:lo + step] == j).nonzero().view(-1)
-        cand.append(ibits[lo:lo + step][sel])
-        idx.append(sel.add_(lo))
-    idx, cand = torch.cat(idx), torch.cat(cand)
-    del top_digits
-    while True:
-        shift -= 16
-        digits = torch.bitwise_right_shift(cand, shift).bitwise_and_(0xFFFF)
-        j, need, n_eq = _pick(_host_counts(digits, 1 << 16), need)
-        prefix |= j << shift
-        if shift == 0:
-            c = int(idx[(digits == j).nonzero()[need - 1]]) + 1 if need < n_eq else None
-            return prefix, need, n_eq, c
-        sel = (digits == j).nonzero().view(-1)
-        idx, cand = idx[sel], cand[sel]
-        del sel, digits
-
-
-_PIVOT_MIN = 1 << 16  # smallest level-1 bucket worth a pivot test (also >= 1/32 of the tensor)
-
-
-def _pivot_threshold(flat: torch.Tensor, j: int, k: int):
-    """Test whether the magnitude of the first entry in level-1 bucket ``j`` is the k-th
-    largest: one pass counts the entries above and equal to it. Returns what
-    :func:`_radix_threshold` returns, or None when it is not."""
-    itype = _INT_OF[flat.element_size()]
-    sign_clear = torch.iinfo(itype).max
-    shift = flat.element_size() * 8 - 16
-    ibits = flat.view(itype)
-    n = flat.numel()
-    step = _chunk(flat)
-    pivot = None
-    for lo in range(0, n, step):
-        hit = torch.bitwise_right_shift(ibits[lo:lo + step].bitwise_and(sign_clear), shift) == j
-        if bool(hit.any()):
-            pivot = int(ibits[lo + int(hit.view(torch.uint8).argmax())]) & sign_clear  # first hit
-            break
-    above, equal = 0, []
-    for lo in range(0, n, step):
-        mag = ibits[lo:lo + step].bitwise_and(sign_clear)
-        above += int(torch.count_nonzero(mag > pivot))
-        equal.append(int(torch.count_nonzero(mag == pivot)))
-    n_eq = sum(equal)
-    if not above < k <= above + n_eq:
-        return None
-    m = k - above
-    if m == n_eq:
-        return pivot, m, n_eq, None
-    seen = 0
-    for i, cnt in enumerate(equal):  # the chunk holding the m-th entry equal to the pivot
-        if seen + cnt >= m:
-            lo = i * step
-            hit = ibits[lo:lo + step].bitwise_and(sign_clear) == pivot
-            return pivot, m, n_eq, lo + int(hit.nonzero()[m - seen - 1]) + 1
-        seen += cnt
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _topk_(flat: torch.Tensor, k: int) -> None:
-    """Zero, in place, all but k entries of ``flat`` (contiguous 1-D): every entry whose
-    magnitude exceeds the k-th largest magnitude t, then the entries with magnitude t in
-    increasing index until k are kept. 1 <= k <= numel."""
-    n = flat.numel()
-    dt = flat.dtype
-    if n < _RADIX_MIN_NUMEL or dt not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        # small tensors: a stable descending sort puts equal magnitudes in index order
-        order = torch.sort(flat.abs(), descending=True, stable=True).indices
-        drop = torch.ones(n, dtype=torch.bool, device=flat.device)
-        drop[order[:k]] = False
-        flat.masked_fill_(drop, 0)
-        return
-    src = flat if dt in (torch.float32, torch.float64) else flat.abs().float()  # exact, monotone
-    t, m, n_eq, c = _radix_threshold(src, k)
-    if m == n_eq:  # the whole tie group at t is kept (always, without ties at the threshold)
-        c = n
-    # keep |x| >= t before index c and |x| > t from c on (c = 1 + the last kept entry equal to t)
-    itype = _INT_OF[src.element_size()]
-    min_normal, inf = (0x00800000, 0x7F800000) if itype == torch.int32 else (1 << 52, 0x7FF << 52)
-    step = _chunk(flat)
-    if src is flat and min_normal < t < inf:
-        # hardshrink(x, l) zeroes |x| <= l branch-free, in one pass; with l = the float just
-        # below t it zeroes |x| < t. NaN compares false, so it is kept (it counts as largest).
-        tf = torch.tensor(t, dtype=itype).view(dt)
-        below = float(torch.nextafter(tf, torch.zeros_like(tf)))
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            if lo < c:
-                part = flat[lo:min(hi, c)]
-                torch.hardshrink(part, below, out=part)
-            if hi > c:
-                part = flat[max(lo, c):hi]
-                torch.hardshrink(part, float(tf), out=part)
-        return
-    # a zero, subnormal, infinite or NaN threshold, or a half dtype: compare the bit patterns of
-    # |x| (exact whatever the denormal mode; NaN patterns sit above +inf)
-    mag_bits = src.view(itype).bitwise_and(torch.iinfo(itype).max)
-    drop = torch.empty(n, dtype=torch.bool, device=flat.device)
-    torch.lt(mag_bits[:c], t, out=drop[:c])
-    torch.le(mag_bits[c:], t, out=drop[c:])
-    del mag_bits
+def keep_top_k_plain_(flat: torch.Tensor, k: int) -> None:
+    """Zero, in place, all but the k largest magnitudes of ``flat`` (1-D); equal magnitudes in
+    increasing index order (a stable descending sort; NaN sorts as the largest). 1 <= k <= n."""
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    drop = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    drop[order[:k]] = False
     flat.masked_fill_(drop, 0)
+
+
+def random_drop_plain(x: torch.Tensor, density: float, gen: torch.Generator, rescale: bool) -> torch.Tensor:
+    """DARE by the definition: keep x where its float32 draw is < density (density < 1)."""
+    u = torch.rand(x.shape, generator=gen, dtype=torch.float32, device=x.device)
+    y = torch.where(u < density, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return y / density if rescale and density > 0 else y
+
+
+def disjoint_merge_plain(ds: list[torch.Tensor], weights: list[float], normalize: bool, lam: float) -> torch.Tensor:
+    """TIES steps 3-5 by the definition: elect sign(sum d_i) (zero: +), keep the agreeing
+    nonzero entries, sum them, divide by the kept weights (1 where none) when ``normalize``."""
+    positive = sum(ds[1:], ds[0]) >= 0  # NaN sums elect the negative sign
+    kept = [torch.where(positive, d > 0, d < 0) for d in ds]
+    mixed = sum(torch.where(k, d, 0.0) for k, d in zip(kept, ds))
+    if normalize:
+        div = sum(k.to(ds[0].dtype) * w for k, w in zip(kept, weights))
+        mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
+    return mixed * lam
+
+
+# ----------------------------------------------------------------------------- TIES and DARE
+
+
+def _keep_top_k_(flat: torch.Tensor, k: int) -> None:
+    if topk.applies(flat):
+        topk.keep_top_k_(flat, k)  # radix select: the same set, no sort of a large tensor
+    else:
+        keep_top_k_plain_(flat, k)
 
 
 def _trim_(x: torch.Tensor, density: float, rule: str) -> torch.Tensor:
@@ -251,7 +106,7 @@ def _trim_(x: torch.Tensor, density: float, rule: str) -> torch.Tensor:
         del mags
         flat.masked_fill_(keep.logical_not_(), 0)
         return x
-    _topk_(flat, max(int(density * n), 1))
+    _keep_top_k_(flat, max(int(density * n), 1))
     return x
 
 
@@ -262,10 +117,8 @@ def magnitude_trim(x: torch.Tensor, density: float, rule: str = "topk") -> torch
     magnitude exceeds the k-th largest magnitude t, and then those with magnitude exactly t in
     increasing flat (row-major) index order until k are kept - so among equal magnitudes at the
     threshold the lowest indices win, deterministically. +0 and -0 are equal magnitudes; NaN
-    counts as larger than any number. Tensors of at least ``_RADIX_MIN_NUMEL`` entries find t
-    with an exact radix select over the float bit patterns (:func:`_radix_threshold`: a
-    histogram of the top 16 bits, then the next 16 bits of the one bucket that holds t) instead
-    of ``torch.topk``; smaller ones use a stable sort. Same set either way.
+    counts as larger than any number. Large float tensors find t with an exact radix select
+    (:mod:`.kernels.topk`) instead of a sort; same set either way.
 
     ``rule="kthvalue"`` keeps every entry with magnitude >= the k'-th smallest, k' = n - int(n *
     density) (the TIES reference code; one more entry, ties all kept).
@@ -275,36 +128,10 @@ def magnitude_trim(x: torch.Tensor, density: float, rule: str = "topk") -> torch
     return _trim_(x.clone(memory_format=torch.contiguous_format), density, rule)
 
 
-def _keep_below_(x: torch.Tensor, u: torch.Tensor, density: float) -> None:
-    """x = where(u < density, x, +0) in place, exactly; ``u`` (float32, x's shape, never NaN) is
-    overwritten. The comparison is torch's (in float32, against float32(density))."""
-    if x.dtype in (torch.float32, torch.float64) and u.dtype == torch.float32:
-        # u - d < 0 exactly when u < d (distinct floats never subtract to 0; u == d gives +0), so
-        # the sign bit, spread by an arithmetic shift, is an all-ones/all-zeros keep mask
-        u.sub_(density)
-        mask = u.view(torch.int32).bitwise_right_shift_(31)
-        x.view(_INT_OF[x.element_size()]).bitwise_and_(mask)  # int32 -1 widens to all ones
-    else:
-        x.masked_fill_(torch.ge(u, density), 0)
-
-
 def _drop_(x: torch.Tensor, density: float, gen: torch.Generator, rescale: bool) -> torch.Tensor:
-    """:func:`random_drop` in place on x (contiguous)."""
-    if density >= 1.0:
-        return x
-    # the draws of torch.rand(x.shape, generator=gen, dtype=float32), taken chunk by chunk from
-    # the same generator: on the CPU that is one draw per entry in order, so the same numbers
-    # (tests pin them); elsewhere the chunk is the whole tensor. Kept iff the draw is < density.
-    xf = x.view(-1)
-    step = _chunk(xf)
-    u = torch.empty(min(step, xf.numel()), dtype=torch.float32, device=x.device)
-    for lo in range(0, xf.numel(), step):
-        xc = xf[lo:lo + step]
-        uc = torch.rand(xc.shape, generator=gen, dtype=torch.float32, device=x.device, out=u[:xc.numel()])
-        _keep_below_(xc, uc, density)
-        if rescale and density > 0:
-            xc.div_(density)
-    return x
+    """:func:`random_drop` in place on x (contiguous): :func:`random_drop_plain` without its
+    full-size draws and mask (the same draws from ``gen``)."""
+    return x if density >= 1.0 else dare_drop.random_drop_(x, density, gen, rescale)
 
 
 def random_drop(
@@ -347,7 +174,7 @@ def _sparsify(task: TensorTask, sparsify: str) -> list[torch.Tensor]:
         w = mp["weight"]
         if w != 1.0:
             yf = y.view(-1)
-            step = _chunk(yf)
+            step = chunk_len(yf)
             for lo in range(0, yf.numel(), step):
                 yf[lo:lo + step].mul_(w)
         out.append(y)
@@ -364,72 +191,26 @@ def _mix(task: TensorTask, weighted: list[torch.Tensor], consensus: bool) -> tor
     weights (1 where that is 0). Without: the plain sum, divided by the sum of the weights when
     ``normalize``. Then times lambda.
 
-    The consensus runs on the bit patterns, every pass in place: flipping the sign bit of d_i
-    where the elected sign is negative gives o_i = |d_i| where d_i agrees and a value <= 0 (or
-    NaN) where it does not, so ``threshold(o_i, 0, 0)`` (after NaN -> 0) is exactly the kept
-    magnitude, ``sign(o_i)`` the kept indicator and sum_i o_i the kept sum's magnitude (the
-    same additions in the same order as the signed sum: rounding is symmetric), whose sign bit is
-    then set back. It runs chunk by chunk (``_MIX_CHUNK`` entries, see ``_CHUNK``) with
-    two chunk-sized scratch buffers (the sum / elected sign bits, the divisor). Bit-identical to
-    the plain formulation (tests/test_baselines.py); the only exception is an entry whose inputs
-    hold a NaN and no agreeing value, which gives -0.0 there instead of +0.0.
+    The consensus is :func:`disjoint_merge_plain`, computed in place by
+    :func:`.kernels.sign_election.disjoint_merge_`; the plain sum is chunked the same way.
     """
     weights = [mp["weight"] for mp in task.model_params]
     normalize = task.params["normalize"]
     lam = task.params["lambda"]
     mixed = weighted[0]
     n = mixed.numel()
-    step = _chunk(mixed, _MIX_CHUNK)
+    step = chunk_len(mixed)
     flats = [d.view(-1) for d in weighted]
-    if not consensus:
-        total_w = float(sum(weights))
-        divisor = 1.0 if abs(total_w) < 1e-8 else total_w
-        for lo in range(0, n, step):
-            ds = [f[lo:lo + step] for f in flats]
-            for d in ds[1:]:
-                ds[0] += d
-            if normalize:
-                ds[0] /= divisor
-            if lam != 1.0:
-                ds[0].mul_(lam)
+    if consensus:
+        sign_election.disjoint_merge_(flats, weights, normalize, lam)
         return mixed
-    itype = _INT_OF[mixed.element_size()]
-    sign_bit = torch.iinfo(itype).min
-    inf = float("inf")
-    scratch = torch.empty(min(n, step), dtype=mixed.dtype, device=mixed.device)
-    div_buf = torch.empty_like(scratch) if normalize else None
-    positive_weights = all(w > 0 for w in weights)
-    for lo in range(0, n, step):
+    total_w = float(sum(weights))
+    divisor = 1.0 if abs(total_w) < 1e-8 else total_w
+    for lo in range(0, n, step):  # chunks stay in cache through the adds
         ds = [f[lo:lo + step] for f in flats]
-        total = scratch[:ds[0].numel()]
-        if len(ds) == 1:
-            total.copy_(ds[0])
-        else:
-            torch.add(ds[0], ds[1], out=total)
-            for d in ds[2:]:
-                total += d
-        # elected sign bit: set where not (total >= 0), i.e. total < 0 or NaN; -0.0 is +
-        total.nan_to_num_(nan=-1.0, posinf=inf, neginf=-inf).add_(0.0)  # NaN -> -1, -0.0 -> +0
-        flip = total.view(itype).bitwise_and_(sign_bit)
-        divisor = None if div_buf is None else div_buf[:ds[0].numel()]
-        for i, (d, w) in enumerate(zip(ds, weights)):
-            d.view(itype).bitwise_xor_(flip)  # o_i: > 0 exactly where d_i agrees
-            torch.nn.functional.threshold_(d.nan_to_num_(nan=0.0, posinf=inf, neginf=-inf), 0.0, 0.0)
-            if i == 0:
-                if divisor is not None:
-                    torch.sign(d, out=divisor)  # 1 where kept, else 0
-                    if w != 1.0:
-                        divisor.mul_(w)
-                continue
+        for d in ds[1:]:
             ds[0] += d
-            if divisor is not None:
-                divisor.add_(torch.sign(d, out=d), alpha=w)  # == divisor + kept_i * w, exactly
-        ds[0].view(itype).bitwise_xor_(flip)  # back to the elected sign
-        if divisor is not None:
-            if positive_weights:  # divisor >= +0: a branch-free "0 -> 1"
-                torch.nn.functional.threshold_(divisor, 0.0, 1.0)
-            else:
-                divisor.masked_fill_(divisor == 0, 1.0)
+        if normalize:
             ds[0] /= divisor
         if lam != 1.0:
             ds[0].mul_(lam)

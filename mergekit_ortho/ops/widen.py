@@ -56,7 +56,9 @@ from dataclasses import replace
 
 import torch
 
-from .registry import Operator, Param, StreamFold, TensorTask, fold_input, fold_input_chunks, name_matches, register
+from .kernels.convert import fold_input, fold_input_chunks
+from .errors import BadParameters, MissingBase, NoInputs, ShapeMismatch
+from .registry import Operator, Param, StreamFold, TensorTask, name_matches, register
 
 DEFAULT_EMBEDDING_PATTERN = (
     r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding|shared)\.weight$"
@@ -193,13 +195,13 @@ def _rows_are_units(task: TensorTask) -> bool:
 
 def _check(task: TensorTask, x: torch.Tensor, i: int) -> None:
     if task.base is None:
-        raise ValueError(f"widen: tensor '{task.name}' needs the base model (theta_0)")
+        raise MissingBase(f"widen: tensor '{task.name}' needs the base model (theta_0)")
     if x.shape != task.base.shape:
-        raise ValueError(
+        raise ShapeMismatch(
             f"widen: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, base has {tuple(task.base.shape)}"
         )
     if task.params["temperature"] <= 0:
-        raise ValueError("widen: temperature must be > 0")
+        raise BadParameters("widen: temperature must be > 0")
 
 
 def _n_models(task: TensorTask) -> int:
@@ -269,9 +271,9 @@ def _finish(state, task: TensorTask) -> torch.Tensor:
 def widen(task: TensorTask) -> torch.Tensor:
     """Merged delta for one tensor (A2): the two-pass fold over ``task.inputs`` (not modified)."""
     if not task.inputs:
-        raise ValueError(f"widen: no input models for tensor '{task.name}'")
+        raise NoInputs(f"widen: no input models for tensor '{task.name}'")
     if task.base is None:
-        raise ValueError(f"widen: tensor '{task.name}' needs the base model (theta_0)")
+        raise MissingBase(f"widen: tensor '{task.name}' needs the base model (theta_0)")
     mps = task.model_params if len(task.model_params) == len(task.inputs) else [{} for _ in task.inputs]
     t = replace(task, model_params=mps, dtype=task.dtype or _compute_dtype(task.inputs[0]), stats=None)
     stats = None

@@ -1,0 +1,15 @@
+"""Speed kernels of the operators: each computes exactly what a plain formulation in its operator's
+file (or in tests/test_kernels.py) computes, only with less memory traffic.
+
+* :mod:`.topk` - the k largest magnitudes by radix select on float bit patterns (TIES trim);
+* :mod:`.sign_election` - TIES sign election and disjoint mean on the bit patterns, in place;
+* :mod:`.dare_drop` - DARE's random keep mask from the sign bit of ``u - density``, chunked;
+* :mod:`.convert` - chunked dtype conversion of fold inputs (raw bf16 weights, minus the base);
+* :mod:`.select` - MagMax's in-place chunked ``where(|tau| >= |sel|, tau, sel)``;
+* :mod:`.kmeans` - weighted k-means in kernel form (on the Gram matrix), LoRA-LEGO;
+* :mod:`.randomized_svd` - seeded randomised range finder (Halko et al.), ``lowrank.factorize``.
+
+Every kernel is tested against its plain formulation in tests/test_kernels.py: bit-equal, except
+k-means and the randomised SVD (stated tolerances there). This package imports nothing heavy:
+``registry`` imports :mod:`.convert`, and ``merge --help`` must not pay for torch.
+"""

@@ -1,0 +1,184 @@
+"""Radix top-k: zero all but the k largest magnitudes of a float tensor, in place.
+
+Plain formulation (``ties_dare.keep_top_k_plain_``): a stable descending sort of |x| and keep
+the first k, so that among equal magnitudes at the threshold the lowest flat indices win; +0 and
+-0 are equal, NaN is the largest. :func:`keep_top_k_` keeps exactly that set (bit-equal,
+tests/test_kernels.py) without a sort: the k-th largest magnitude comes from a radix select over
+the IEEE bit patterns (:func:`radix_threshold`) and is applied by an in-place ``hardshrink``,
+chunk by chunk. Faster above ~16k entries (``RADIX_MIN_NUMEL``), where the fixed cost of the
+histograms stops dominating; far faster on large tensors.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ._chunks import INT_OF, chunk_len
+
+# Tensors with at least this many entries (float32/float64, or half types via an exact float32
+# copy of the magnitudes) find the top-k threshold by radix select; smaller ones are better
+# served by a stable sort. Both give the same kept set; tests lower it to cross-check the two.
+RADIX_MIN_NUMEL = 1 << 14
+RADIX_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def applies(flat: torch.Tensor) -> bool:
+    """Whether :func:`keep_top_k_` is the faster way for ``flat``."""
+    return flat.numel() >= RADIX_MIN_NUMEL and flat.dtype in RADIX_DTYPES
+
+
+PIVOT_MIN = 1 << 16  # smallest level-1 bucket worth a pivot test (also >= 1/32 of the tensor)
+
+
+def _host_counts(digits: torch.Tensor, bins: int) -> np.ndarray:
+    """Histogram (on the host) of a 1-D tensor of integers in [0, bins), chunk by chunk: torch's
+    bincount takes a (parallel) min and max of its input first."""
+    counts = np.zeros(bins, dtype=np.int64)
+    step = chunk_len(digits)
+    for lo in range(0, digits.numel(), step):
+        counts += torch.bincount(digits[lo:lo + step], minlength=bins).cpu().numpy()
+    return counts
+
+
+def _pick(counts: np.ndarray, need: int) -> tuple[int, int, int]:
+    """The histogram bin holding the need-th largest value: (bin, rank within it, bin count)."""
+    at_or_above = np.cumsum(counts[::-1])[::-1]  # [j] = #values in bins >= j, non-increasing
+    j = int(np.count_nonzero(at_or_above >= need)) - 1
+    if j + 1 < counts.size:
+        need -= int(at_or_above[j + 1])
+    return j, need, int(counts[j])
+
+
+def radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | None]:
+    """Radix select of the k-th largest magnitude of ``flat`` (contiguous 1-D float32/float64).
+
+    For non-negative floats the IEEE bit pattern read as an integer is monotone in the value
+    (+0 and -0 both map to 0 once the sign bit is cleared; +inf sits below every NaN), so the
+    k-th largest magnitude is the k-th largest of ``bits & 0x7FF...F``. Level 1 histograms the
+    top 16 bits of every entry (15 once the sign is dropped; read through an int16 view) and a
+    cumulative count from the top picks the bucket that holds the k-th largest. That bucket's
+    entries, with their flat indices, become the candidates; each further level resolves the
+    next 16 bits among them (2 levels for float32, 4 for float64). A bucket holding a large share
+    of the tensor is usually one value repeated (task vectors of bf16 checkpoints), and
+    gathering it costs more than testing that value: :func:`pivot_threshold` tries it first.
+
+    Returns ``(t, m, n_eq, c)``: ``t`` the threshold's bit pattern (sign cleared), ``n_eq`` the
+    number of entries whose magnitude has exactly that pattern, ``m`` how many of them belong
+    to the top k (1 <= m <= n_eq; every entry above t does) and, when m < n_eq, ``c`` = 1 + the
+    flat index of the m-th of them in index order (else None): candidates stay in increasing
+    index order through every level.
+    """
+    n = flat.numel()
+    width = flat.element_size() * 8
+    ibits = flat.view(INT_OF[flat.element_size()])
+    words = flat.view(torch.int16).view(-1, width // 16)
+    top = words[:, -1] if sys.byteorder == "little" else words[:, 0]
+    step = chunk_len(flat)
+    counts = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
+    # the level-1 digits are kept (2 bytes an entry) for the gathering pass below
+    top_digits = torch.empty(n, dtype=torch.int16, device=flat.device)
+    for lo in range(0, n, step):
+        digits = torch.bitwise_and(top[lo:lo + step], 0x7FFF, out=top_digits[lo:lo + step])  # sign dropped
+        counts += torch.bincount(digits, minlength=1 << 15)
+    j, need, in_bucket = _pick(counts.cpu().numpy(), k)
+    if in_bucket >= max(n >> 5, PIVOT_MIN):
+        found = pivot_threshold(flat, j, k)
+        if found is not None:
+            return found
+    shift = width - 16
+    prefix = j << shift
+    idx, cand = [], []  # the bucket's flat indices and raw bits (the sign bit is never read)
+    for lo in range(0, n, step):
+        sel = (top_digits[lo:lo + step] == j).nonzero().view(-1)
+        cand.append(ibits[lo:lo + step][sel])
+        idx.append(sel.add_(lo))
+    idx, cand = torch.cat(idx), torch.cat(cand)
+    del top_digits
+    while True:
+        shift -= 16
+        digits = torch.bitwise_right_shift(cand, shift).bitwise_and_(0xFFFF)
+        j, need, n_eq = _pick(_host_counts(digits, 1 << 16), need)
+        prefix |= j << shift
+        if shift == 0:
+            c = int(idx[(digits == j).nonzero()[need - 1]]) + 1 if need < n_eq else None
+            return prefix, need, n_eq, c
+        sel = (digits == j).nonzero().view(-1)
+        idx, cand = idx[sel], cand[sel]
+        del sel, digits
+
+
+def pivot_threshold(flat: torch.Tensor, j: int, k: int):
+    """Test whether the magnitude of the first entry in level-1 bucket ``j`` is the k-th
+    largest: one pass counts the entries above and equal to it. Returns what
+    :func:`radix_threshold` returns, or None when it is not."""
+    itype = INT_OF[flat.element_size()]
+    sign_clear = torch.iinfo(itype).max
+    shift = flat.element_size() * 8 - 16
+    ibits = flat.view(itype)
+    n = flat.numel()
+    step = chunk_len(flat)
+    pivot = None
+    for lo in range(0, n, step):
+        hit = torch.bitwise_right_shift(ibits[lo:lo + step].bitwise_and(sign_clear), shift) == j
+        if bool(hit.any()):
+            pivot = int(ibits[lo + int(hit.view(torch.uint8).argmax())]) & sign_clear  # first hit
+            break
+    above, equal = 0, []
+    for lo in range(0, n, step):
+        mag = ibits[lo:lo + step].bitwise_and(sign_clear)
+        above += int(torch.count_nonzero(mag > pivot))
+        equal.append(int(torch.count_nonzero(mag == pivot)))
+    n_eq = sum(equal)
+    if not above < k <= above + n_eq:
+        return None
+    m = k - above
+    if m == n_eq:
+        return pivot, m, n_eq, None
+    seen = 0
+    for i, cnt in enumerate(equal):  # the chunk holding the m-th entry equal to the pivot
+        if seen + cnt >= m:
+            lo = i * step
+            hit = ibits[lo:lo + step].bitwise_and(sign_clear) == pivot
+            return pivot, m, n_eq, lo + int(hit.nonzero()[m - seen - 1]) + 1
+        seen += cnt
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def keep_top_k_(flat: torch.Tensor, k: int) -> None:
+    """Zero, in place, all but k entries of ``flat`` (contiguous 1-D): every entry whose
+    magnitude exceeds the k-th largest magnitude t, then the entries with magnitude t in
+    increasing index until k are kept. 1 <= k <= numel; dtype in ``RADIX_DTYPES``."""
+    n = flat.numel()
+    dt = flat.dtype
+    src = flat if dt in (torch.float32, torch.float64) else flat.abs().float()  # exact, monotone
+    t, m, n_eq, c = radix_threshold(src, k)
+    if m == n_eq:  # the whole tie group at t is kept (always, without ties at the threshold)
+        c = n
+    # keep |x| >= t before index c and |x| > t from c on (c = 1 + the last kept entry equal to t)
+    itype = INT_OF[src.element_size()]
+    min_normal, inf = (0x00800000, 0x7F800000) if itype == torch.int32 else (1 << 52, 0x7FF << 52)
+    step = chunk_len(flat)
+    if src is flat and min_normal < t < inf:
+        # hardshrink(x, l) zeroes |x| <= l branch-free, in one pass; with l = the float just
+        # below t it zeroes |x| < t. NaN compares false, so it is kept (it counts as largest).
+        tf = torch.tensor(t, dtype=itype).view(dt)
+        below = float(torch.nextafter(tf, torch.zeros_like(tf)))
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            if lo < c:
+                part = flat[lo:min(hi, c)]
+                torch.hardshrink(part, below, out=part)
+            if hi > c:
+                part = flat[max(lo, c):hi]
+                torch.hardshrink(part, float(tf), out=part)
+        return
+    # a zero, subnormal, infinite or NaN threshold, or a half dtype: compare the bit patterns of
+    # |x| (exact whatever the denormal mode; NaN patterns sit above +inf)
+    mag_bits = src.view(itype).bitwise_and(torch.iinfo(itype).max)
+    drop = torch.empty(n, dtype=torch.bool, device=flat.device)
+    torch.lt(mag_bits[:c], t, out=drop[:c])
+    torch.le(mag_bits[c:], t, out=drop[c:])
+    del mag_bits
+    flat.masked_fill_(drop, 0)
