@@ -42,7 +42,6 @@ from .errors import UserError
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
-METHODS = ("opcm", "magmax", "linear", "task_arithmetic")
 
 
 def _fsync_file(path: Path) -> None:
@@ -168,8 +167,10 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
 
     r = recipe_mod.load(recipe_path, require_models=False)
     op = registry.get(r.merge_method)
-    if op.name not in METHODS:
-        raise UserError(f"continual merging supports {', '.join(METHODS)}; '{op.name}' is not one of them")
+    if not op.folds_one_model_at_a_time:
+        able = ", ".join(o.name for o in registry.all_operators() if o.folds_one_model_at_a_time)
+        raise UserError(f"continual merging supports the methods that fold one model at a time ({able}); "
+                        f"'{op.name}' is not one of them")
     if not r.base_model:
         raise UserError("continual merging needs 'base_model' in the recipe")
     base_ref = recipe_mod.resolve_ref(r, r.base_model)
@@ -389,17 +390,14 @@ class _StateReader:
 
 
 def _sequential(op):
-    """The operator's sequential protocol (opcm), or None for streaming-fold operators."""
-    if not op.sequential:
+    """The operator's sequential fold (opcm), or None for streaming-fold operators."""
+    if op.sequential is None:
         if op.stream is None:
             raise UserError(f"method '{op.name}' has no streaming form for continual merging")
         if op.stream.prepass is not None:
             raise UserError(f"method '{op.name}' weighs each model against all the others (it reads every "
                             "model twice per tensor), so it cannot fold models in one at a time")
-        return None
-    import importlib
-
-    return importlib.import_module(f"mergekit_ortho.ops.{op.name}").SEQUENTIAL
+    return op.sequential
 
 
 # --- export, status --------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def opcm(task: TensorTask) -> torch.Tensor:
 
     raise UserError(
         "opcm cannot merge one tensor on its own: its scale lambda_t is global over all tensors of "
-        "each model, so it runs as a sequential fold (mergekit_ortho.ops.opcm.SEQUENTIAL) that "
+        "each model, so it runs as a sequential fold (ops.opcm.SEQUENTIAL, registered as Operator.sequential) that "
         "`merge run` and `merge continual` drive model by model"
     )
 
@@ -331,7 +331,7 @@ OPERATOR = register(
         "update, one adaptive global scale",
         spec="magmax_opcm_baselines.md B1-B9, D2, D3",
         fn=opcm,
-        sequential=True,
+        sequential=SEQUENTIAL,
         params=(
             Param("alpha", float, DEFAULT_ALPHA,
                   "singular-value-mass threshold: the top-r x top-r block of the merged update's "

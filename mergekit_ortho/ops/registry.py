@@ -181,7 +181,9 @@ class Operator:
     fn: Callable[..., Any]
     input_kind: Literal["dense", "lora"] = "dense"
     reads: Literal["deltas", "weights"] = "deltas"
-    sequential: bool = False
+    # a sequential fold object (fold / reduce / export, see ops/opcm.py) for methods whose every
+    # model depends on the ones before it; continual merging and `merge run` drive it
+    sequential: Any = None
     needs_base: bool = True
     params: tuple[Param, ...] = ()
     model_params: tuple[Param, ...] = ()
@@ -194,6 +196,12 @@ class Operator:
     # LoRA operators: how the scale s is folded into the factors they receive ("B": B carries s;
     # "sqrt": each factor carries sqrt|s|). Deltas are the same; factor geometry (clustering) is not.
     factor_fold: Literal["B", "sqrt"] = "B"
+
+    @property
+    def folds_one_model_at_a_time(self) -> bool:
+        """True when continual merging can take this method: a sequential fold, or a streaming fold
+        without a pre-pass over every model."""
+        return self.sequential is not None or (self.stream is not None and self.stream.prepass is None)
 
     def resolve_params(self, given: dict[str, Any] | None) -> dict[str, Any]:
         return _resolve(self.params, given or {}, f"method '{self.name}'")
