@@ -39,17 +39,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .writer import fsync_path
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -60,7 +53,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_file(path.parent)
+    fsync_path(path.parent)
 
 
 # state.json: every field a command reads, with its type (a hand-edited file is checked, not trusted)
@@ -352,7 +345,7 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
                             "already merged; pass --force to merge it again")
         scalars = seq.reduce(stats_acc, st.data["scalars"], t_new, st.data["params"]) if seq else st.data["scalars"]
         os.rename(tmp, root / version)
-        _fsync_file(root)
+        fsync_path(root)
         entry = {"name": label, "source": ref, "sha256": digest, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "params": mparams, "t": t_new}
         data = dict(st.data)

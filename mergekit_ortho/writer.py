@@ -350,7 +350,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_path(d: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -407,7 +408,7 @@ def recover_and_sweep(target: Path) -> None:
                 os.rename(new, target)
             elif old.exists():  # nothing new to put in place: roll back
                 os.rename(old, target)
-            _fsync_dir(parent)
+            fsync_path(parent)
         journal.unlink(missing_ok=True)
     for p in parent.glob(f".{name}.*"):
         pid = _leftover_pid(p, name)
@@ -425,10 +426,10 @@ def replace_atomically(new: Path, target: Path) -> None:
     parent = target.parent
     if not target.exists() or target.is_file():
         os.replace(new, target)
-        _fsync_dir(parent)
+        fsync_path(parent)
         return
     if _exchange(new, target):  # target holds the new output, ``new`` the old one
-        _fsync_dir(parent)
+        fsync_path(parent)
         _remove(new)
         return
     tag = f"{os.getpid()}-{os.urandom(3).hex()}"
@@ -438,10 +439,10 @@ def replace_atomically(new: Path, target: Path) -> None:
         json.dump({"old": str(old), "new": str(new)}, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(parent)
+    fsync_path(parent)
     os.rename(target, old)
     os.rename(new, target)
-    _fsync_dir(parent)
+    fsync_path(parent)
     journal.unlink()
     _remove(old)
 

@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 
-from mergekit_ortho.testing.checkpoints import llama_shapes, write_checkpoint  # noqa: E402
+from mergekit_ortho.testing.checkpoints import llama_shapes, sharded_copy, write_checkpoint  # noqa: E402,F401
 
 TINY = dict(hidden=16, layers=2, vocab=32, intermediate=24)
 
@@ -45,22 +45,3 @@ def cli():
 
     return invoke
 
-
-def sharded_copy(src: Path, dst: Path) -> Path:
-    """A two-shard copy (with its index) of a tiny single-file checkpoint."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(src / "model.safetensors"), "pt") as h:
-        tensors = {k: h.get_tensor(k) for k in h.keys()}
-    names = sorted(tensors)
-    dst.mkdir()
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for fname, keys in halves.items():
-        save_file({k: tensors[k] for k in keys}, str(dst / fname))
-    (dst / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
-    return dst

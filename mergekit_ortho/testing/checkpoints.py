@@ -100,3 +100,23 @@ def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
     with safe_open(str(file), "pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def sharded_copy(src: Path, dst: Path) -> Path:
+    """A two-shard copy (with its index) of a single-file checkpoint directory."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src / "model.safetensors"), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    names = sorted(tensors)
+    dst.mkdir(parents=True)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fname, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(dst / fname))
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    return dst

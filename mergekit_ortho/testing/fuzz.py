@@ -26,22 +26,11 @@ def build_inputs(root: Path, model: Path, other: Path) -> dict[str, Path]:
     """A sharded copy of ``model`` with a config, and a PEFT adapter, under ``root``; returns the
     files to damage (each a JSON file or a safetensors shard)."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
+    from .checkpoints import sharded_copy
     from .loras import write_peft_dir
 
-    with safe_open(str(model / "model.safetensors"), "pt") as h:
-        tensors = {k: h.get_tensor(k) for k in h.keys()}
-    names = sorted(tensors)
-    sharded = root / "sharded"
-    sharded.mkdir(parents=True)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for fname, keys in halves.items():
-        save_file({k: tensors[k] for k in keys}, str(sharded / fname))
-    (sharded / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    sharded = sharded_copy(model, root / "sharded")
     (sharded / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
     adapter = write_peft_dir(root / "adapter", {"base_model.model.l.lora_A.weight": torch.ones(2, 4),
                                                 "base_model.model.l.lora_B.weight": torch.ones(4, 2)},
