@@ -207,7 +207,7 @@ def run(
     """Merge the models of a recipe into a new model directory."""
     _state["quiet"] = _state["quiet"] or quiet
     _state["verbose"] = _state["verbose"] or verbose
-    from . import engine
+    from . import engine, outputs
     from . import recipe as recipe_mod
     from .errors import UserError
 
@@ -244,7 +244,7 @@ def run(
                 cb = lambda name, n: p.update(task, advance=n, tensor=_clean(name))  # noqa: E731
             else:
                 cb = None
-            result = engine.run(plan, target, overwrite=overwrite, on_tensor=cb, force_replace=force_replace)
+            result = outputs.run(plan, target, overwrite=overwrite, on_tensor=cb, force_replace=force_replace)
         if plan.module_mode:
             _console().print(f"wrote {result} ({plan.out_format}, {plan.merge_count} modules)")
         else:

@@ -486,10 +486,8 @@ def merge_tensor(plan: Plan, name: str):
     dev = plan.device
     cdt = getattr(torch, plan.compute_dtype)
     op = plan.op
-    if op.input_kind == "lora":  # a LoRA method written as a full model: base + merged B @ A
-        from . import lora_engine
-
-        return lora_engine.full_tensor(plan, name)
+    if op.input_kind == "lora":  # written as a full model through outputs.run (base + merged B @ A)
+        raise RuntimeError(f"LoRA method '{op.name}' reached the dense merge; run it through outputs.run")
     # folds that prepare their inputs chunk by chunk get the weights, and the base, as stored
     raw = op.stream is not None and op.stream.raw_weights and not plan.lora_models
     # a weights method (linear) on full checkpoints never reads the base, even when one is given
@@ -635,17 +633,16 @@ def run(plan: Plan, out: Path, overwrite: bool = False,
         on_tensor: Callable[[str, int], None] | None = None,
         produce: Callable[[str], Any] | None = None, card_extra: str = "",
         force_replace: bool = False) -> Path:
-    """Execute a plan into ``out`` atomically: config/tokenizer files, shards, index, card."""
+    """Execute a plan into a full model directory ``out`` atomically: config/tokenizer files,
+    shards, index, card. Adapters and bundles are written by ``outputs.run``, which calls this for
+    full models (so this module never imports the module-by-module side)."""
     import json
 
     from . import __version__
     from .writer import AtomicDirectory, copy_model_files, write_model_card
 
-    if plan.out_format in ("peft", "kohya", "bundle"):
-        from . import lora_engine
-
-        runner = lora_engine.run_bundle if plan.out_format == "bundle" else lora_engine.run_lora
-        return runner(plan, out, overwrite, on_tensor, force_replace=force_replace)
+    if plan.out_format != "full":
+        raise RuntimeError(f"engine.run writes full models; a {plan.out_format} output goes through outputs.run")
     recipe = plan.recipe
     text = recipe_yaml(recipe)
     metadata = {
