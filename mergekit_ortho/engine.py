@@ -318,21 +318,22 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
     loras = [m for m in models if m.is_lora]
     dense = [m for m in models if not m.is_lora]
     if op.input_kind == "lora" and dense:
-        if op.name == "rmm" and params.get("rank") is not None and not loras:  # PT-SVD
+        if op.dense_rank_param and params.get(op.dense_rank_param) is not None and not loras:  # PT-SVD
             if base is None:
                 raise UserError(f"method '{op.name}' on full checkpoints needs base_model (task vectors)")
         else:
-            hint = "; set the method parameter rank to extract each task vector by truncated SVD" if any(
-                p.name == "rank" for p in op.params) else ""
+            hint = (f"; set the method parameter {op.dense_rank_param} to extract each task vector by truncated SVD"
+                    if op.dense_rank_param else "")
             raise UserError(f"method '{op.name}' merges LoRA adapters, but {dense[0].ref} is a full checkpoint"
                             + hint)
-    if op.name == "rmm":
+    if op.result == "bundle":
         if fmt not in ("auto", "bundle"):
-            raise UserError(f"rmm writes a bundle (output.format bundle), not {fmt}; "
+            raise UserError(f"{op.name} writes a bundle (output.format bundle), not {fmt}; "
                             "`merge revert BUNDLE --model NAME` rebuilds one task as peft, kohya or full")
         return "bundle"
     if fmt == "bundle":
-        raise UserError(f"output.format bundle is written by rmm only, not by '{op.name}'")
+        writers = [o.name for o in registry.all_operators() if o.result == "bundle"]
+        raise UserError(f"output.format bundle is written by {', '.join(writers)} only, not by '{op.name}'")
     if loras and base is None and op.input_kind == "dense" and (op.lora_fn is None or fmt == "full"):
         raise UserError(f"method '{op.name}' applies the LoRA deltas to the base weights; set base_model to "
                         "the model the LoRAs were trained on")

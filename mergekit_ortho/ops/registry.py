@@ -180,6 +180,11 @@ class Operator:
     spec: str  # the spec section it implements
     fn: Callable[..., Any]
     input_kind: Literal["dense", "lora"] = "dense"
+    # what the method writes: merged tensors / adapters ("tensor"), or a bundle of its own ("bundle")
+    result: Literal["tensor", "bundle"] = "tensor"
+    # a LoRA method that also takes full fine-tunes names the parameter giving the rank at which
+    # each task vector is extracted by truncated SVD (PT-SVD); None: LoRA inputs only
+    dense_rank_param: str | None = None
     reads: Literal["deltas", "weights"] = "deltas"
     # a sequential fold object (fold / reduce / export, see ops/opcm.py) for methods whose every
     # model depends on the ones before it; continual merging and `merge run` drive it

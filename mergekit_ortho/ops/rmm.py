@@ -421,6 +421,8 @@ register(
         spec="lora_lego_rmm.md Part B (B2-B6, B9, B11)",
         fn=rmm,
         input_kind="lora",
+        result="bundle",
+        dense_rank_param="rank",
         needs_base=False,
         params=(
             Param("basis_size", int, 2, "p: basis vectors per position, clamped to min(r, n-1)",
