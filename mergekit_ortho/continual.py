@@ -110,7 +110,20 @@ class State:
 
     @classmethod
     def load(cls, root: Path) -> "State":
-        root = Path(root)
+        """The state in force. Readers take no lock, so an ``add`` committing meanwhile can replace
+        ``state.json`` and sweep the version it named; the file is then read again (a tensor
+        directory still missing after that is damage)."""
+        for _ in range(3):
+            st = cls._load_once(Path(root))
+            if st.tensor_dir is None or st.tensor_dir.is_dir():
+                return st
+            if cls._load_once(Path(root)).data.get("current") == st.data.get("current"):
+                break
+        f = Path(root) / STATE_FILE
+        raise UserError(f"{f}: its tensor directory {st.tensor_dir.name} is missing; the state is damaged")
+
+    @classmethod
+    def _load_once(cls, root: Path) -> "State":
         f = root / STATE_FILE
         if not f.is_file():
             raise UserError(f"{root} is not a continual state (no {STATE_FILE}); create one with `merge continual init`")
@@ -123,10 +136,7 @@ class State:
                             f"understands ({FORMAT_VERSION}); upgrade mergekit-ortho")
         check_fields(data, _STATE_FIELDS, f, required=tuple(_STATE_FIELDS))
         _check_state(data, f)
-        st = cls(root, data)
-        if st.tensor_dir is not None and not st.tensor_dir.is_dir():
-            raise UserError(f"{f}: its tensor directory {st.tensor_dir.name} is missing; the state is damaged")
-        return st
+        return cls(root, data)
 
     def recipe(self):
         from . import recipe as recipe_mod

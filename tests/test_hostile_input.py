@@ -271,3 +271,10 @@ def test_out_of_memory_names_the_tensor_and_the_estimate(tmp_path, cli, tiny_mod
     one_line_error(cli, ["run", r, "--out", tmp_path / "out"], "out of memory", "model.embed_tokens.weight",
                    "estimated a peak")
     assert not (tmp_path / "out").exists()
+
+
+def test_state_whose_tensor_directory_is_gone_is_damaged(tiny_models, tmp_path, cli):
+    state = _state(tiny_models, tmp_path, cli)
+    current = json.loads((state / "state.json").read_text())["current"]
+    shutil.rmtree(state / current)
+    one_line_error(cli, ["continual", "status", state], "is missing; the state is damaged")
