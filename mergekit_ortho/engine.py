@@ -136,7 +136,7 @@ class Plan:
             return _RUNTIME_BYTES + worst * c * ((len(self.models) + 3) if dense else 2) + 4 * factors
         stream = self.op.stream
         raw = stream is not None and stream.raw_weights and not self.lora_models
-        base = self.base is not None and (self.op.reads == "deltas" or bool(self.lora_models))
+        base = self.base is not None and (self.op.reads_base or bool(self.lora_models))
         worst = 0
         for i in self.items.values():
             stored, out = itemsize(i.in_dtype), itemsize(i.out_dtype)
@@ -242,11 +242,14 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     models: list[ModelInput] = []
     for entry, label in zip(recipe.models, recipe.model_labels()):
         ref = recipe_mod.resolve_ref(recipe, entry.model)
-        if base is not None and op.reads == "deltas" and _same_ref(ref, base.ref):
+        if base is not None and op.reads_base and _same_ref(ref, base.ref):
             continue  # mergekit lists the base among the models; its task vector is zero
         models.append(ModelInput(label, ref, open_source(ref, label), op.resolve_model_params(entry.parameters, label)))
     if not models:
         raise UserError("the recipe lists no model other than the base model")
+    if op.model_count is not None and len(models) != op.model_count:
+        raise UserError(f"method '{op.name}' merges the base and exactly {op.model_count} other model(s); "
+                        f"the recipe lists {len(models)} besides the base")
     tokenizer_dir, tokenizer_note = tokenizer_donor(recipe)
 
     loras = [m for m in models if m.is_lora]
@@ -492,7 +495,7 @@ def merge_tensor(plan: Plan, name: str):
     # folds that prepare their inputs chunk by chunk get the weights, and the base, as stored
     raw = op.stream is not None and op.stream.raw_weights and not plan.lora_models
     # a weights method (linear) on full checkpoints never reads the base, even when one is given
-    use_base = plan.base is not None and (op.reads == "deltas" or bool(plan.lora_models))
+    use_base = plan.base is not None and (op.reads_base or bool(plan.lora_models))
     base = plan.base.source.get(name).to(dev) if use_base else None
     if base is not None and not raw:
         base = base.to(cdt)

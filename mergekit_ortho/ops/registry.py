@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
 REQUIRED = object()
 
 # Operator families, one module each. Order is the order of `merge methods`.
-_MODULES = ("linear", "ties_dare", "magmax", "widen", "tsv", "core_space", "lora_lego", "rmm", "opcm")
+_MODULES = ("linear", "ties_dare", "magmax", "widen", "tsv", "core_space", "lora_lego", "rmm", "opcm", "slerp")
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,8 @@ class Operator:
     # model depends on the ones before it; continual merging and `merge run` drive it
     sequential: Any = None
     needs_base: bool = True
+    # how many models besides the base the method merges (slerp: 1); None: any number
+    model_count: int | None = None
     params: tuple[Param, ...] = ()
     model_params: tuple[Param, ...] = ()
     aliases: tuple[str, ...] = ()
@@ -201,6 +203,12 @@ class Operator:
     # LoRA operators: how the scale s is folded into the factors they receive ("B": B carries s;
     # "sqrt": each factor carries sqrt|s|). Deltas are the same; factor geometry (clustering) is not.
     factor_fold: Literal["B", "sqrt"] = "B"
+
+    @property
+    def reads_base(self) -> bool:
+        """Whether the base tensor is read: task vectors are relative to it, or it is one of the
+        method's own inputs (slerp's t = 0 end). linear on full checkpoints never reads it."""
+        return self.reads == "deltas" or self.needs_base
 
     @property
     def folds_one_model_at_a_time(self) -> bool:
