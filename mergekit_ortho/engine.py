@@ -247,15 +247,15 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         models.append(ModelInput(label, ref, open_source(ref, label), op.resolve_model_params(entry.parameters, label)))
     if not models:
         raise UserError("the recipe lists no model other than the base model")
-    if op.model_count is not None and len(models) != op.model_count:
-        raise UserError(f"method '{op.name}' merges the base and exactly {op.model_count} other model(s); "
-                        f"the recipe lists {len(models)} besides the base")
     tokenizer_dir, tokenizer_note = tokenizer_donor(recipe)
 
     loras = [m for m in models if m.is_lora]
     dense = [m for m in models if not m.is_lora]
     if op.needs_base and base is None and dense:
         raise UserError(f"method '{op.name}' needs 'base_model' (task vectors are relative to it)")
+    if op.model_count is not None and len(models) != op.model_count:
+        raise UserError(f"method '{op.name}' merges the base and exactly {op.model_count} other model(s); "
+                        f"the recipe lists {len(models)} besides the base")
     out_format = _output_format(recipe, op, params, base, models)
     if loras:
         from .adapters.arch import check_compatible

@@ -92,3 +92,7 @@ def test_wrong_model_count_and_missing_t_are_one_line_errors(tiny_models, tmp_pa
     r = write_recipe(tmp_path / "r3.yaml", recipe_text([tiny_models["a"]], "slerp", None, "{t: 0.5}"))
     code, _, err = cli("run", r, "--out", tmp_path / "o3")
     assert code == 2 and "base_model" in err
+    # two models and no base: the missing base is the cause named, not the model count
+    r = write_recipe(tmp_path / "r4.yaml", recipe_text([tiny_models["a"], tiny_models["b"]], "slerp", None, "{t: 0.5}"))
+    code, _, err = cli("run", r, "--out", tmp_path / "o4")
+    assert code == 2 and "base_model" in err

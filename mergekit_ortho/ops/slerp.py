@@ -45,7 +45,7 @@ def slerp_vectors(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
         theta = math.acos(c)
         s = math.sin(theta)
         w0, w1 = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
-    return (w0 * a + w1 * b).reshape(v0.shape)
+    return a.mul(w0).add_(b, alpha=w1).reshape(v0.shape)  # one full-size buffer, not two
 
 
 def slerp(task: TensorTask) -> torch.Tensor:
