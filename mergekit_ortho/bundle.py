@@ -227,6 +227,11 @@ class Bundle:
             return None
         return revert_module(self.module_tensors(key), names.index(task))
 
+    def task_modules(self, task: str) -> list[str]:
+        """The modules ``task`` adapts, from the manifest alone."""
+        self._check_task(task)
+        return [k for k in self.modules if task in self.manifest["modules"][k]["tasks"]]
+
     def revert(self, task: str) -> dict[str, tuple[Any, Any]]:
         """Every module's (A (r x d_in), B (d_out x r)) for ``task``; modules it does not adapt are
         left out. Write them as a PEFT adapter with lora_alpha = r (scale 1)."""

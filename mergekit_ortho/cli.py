@@ -1,7 +1,7 @@
 """The `merge` command line: parse, call the library, render. No merge logic lives here.
 
 Exit codes: 0 success, 2 bad input (one line, no traceback), 1 unexpected internal error,
-130 interrupted. ``--verbose`` shows tracebacks. Heavy modules (torch, the engine) are imported
+130 interrupted. ``--verbose`` shows tracebacks. Heavy modules (torch, the executor) are imported
 inside the commands so that ``merge --help`` and argument errors stay fast.
 """
 from __future__ import annotations
@@ -207,7 +207,8 @@ def run(
     """Merge the models of a recipe into a new model directory."""
     _state["quiet"] = _state["quiet"] or quiet
     _state["verbose"] = _state["verbose"] or verbose
-    from . import engine, outputs
+    from . import outputs
+    from . import plan as plan_mod
     from . import recipe as recipe_mod
     from .errors import UserError
 
@@ -221,17 +222,8 @@ def run(
         from .writer import check_output
 
         check_output(target, overwrite, recipe_mod.input_paths(r), force_replace)
-    plan = engine.build_plan(r, device=device)
+    plan = plan_mod.build_plan(r, device=device)
     try:
-        if plan.op.sequential and not dry_run:
-            from . import continual
-
-            engine.close(plan)
-            result = continual.run_sequential(recipe, target, overwrite, force_replace=force_replace,
-                                              on_model=lambda e: _console().print(f"merged {e['name']} as model {e['t']}")
-                                              if not _state["quiet"] else None)
-            _console().print(f"wrote {result} ({plan.op.name}, {len(plan.models)} models folded in order)")
-            return
         if dry_run:
             _print_plan(plan)
             return
@@ -253,18 +245,18 @@ def run(
                 f"{_fmt_bytes(plan.write_bytes)})"
             )
     finally:
-        engine.close(plan)
+        plan_mod.close(plan)
 
 
 @app.command()
 @handle_errors
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     """Check a recipe: schema, method parameters, sources, tensor names and shapes (no tensor data read)."""
-    from . import engine
+    from . import plan as plan_mod
     from . import recipe as recipe_mod
 
     r = recipe_mod.load(recipe)
-    plan = engine.build_plan(r)
+    plan = plan_mod.build_plan(r)
     try:
         s = plan.summary()
         _say(
@@ -273,7 +265,7 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
             f"estimated peak memory {_fmt_bytes(s['peak_memory_estimate'])}", "ok", "green"
         )
     finally:
-        engine.close(plan)
+        plan_mod.close(plan)
 
 
 @app.command()
@@ -339,12 +331,12 @@ def revert(
 ):
     """Rebuild one task's adapter (or full model) from an RMM bundle alone."""
     _state["verbose"] = _state["verbose"] or verbose
-    from . import lora_engine
     from .errors import UserError
+    from .revert import revert as revert_task
 
     if format not in ("peft", "kohya", "full"):
         raise UserError(f"--format must be peft, kohya or full, not '{format}'")
-    result = lora_engine.revert(bundle, model, out, format, base, overwrite, out_dtype, force_replace=force_replace)
+    result = revert_task(bundle, model, out, format, base, overwrite, out_dtype, force_replace=force_replace)
     _console().print(f"wrote {result} (task {model}, {format})")
 
 

@@ -177,7 +177,7 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
     if not r.base_model:
         raise UserError("continual merging needs 'base_model' in the recipe")
     base_ref = recipe_mod.resolve_ref(r, r.base_model)
-    from .engine import ModelInput, open_source, plan_items
+    from .plan import ModelInput, open_source, plan_items
 
     base = ModelInput("base", base_ref, open_source(base_ref, "base"), {})
     out_dtype = None
@@ -239,27 +239,6 @@ def add(state_dir: Path, model_ref: str, name: str | None = None, force: bool = 
         raise UserError(f"{root} is locked by another process; try again later") from None
 
 
-def run_sequential(recipe_path: Path, out: Path, overwrite: bool = False,
-                   on_model: Callable[[dict], None] | None = None, force_replace: bool = False) -> Path:
-    """`merge run` for a sequential method (opcm): the recipe's models are folded in order into a
-    temporary state beside ``out`` and exported, so the result is exactly what
-    `continual init` + `add`s + `export` give. The temporary state is removed in any case."""
-    from . import recipe as recipe_mod
-    from .writer import AtomicDirectory
-
-    r = recipe_mod.load(recipe_path, require_models=False)
-    refs = [recipe_mod.resolve_ref(r, x) for x in [r.base_model] + [e.model for e in r.models] if x]
-    AtomicDirectory(Path(out), overwrite, inputs=[recipe_path] + refs, force_replace=force_replace).check()
-    target = Path(out).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_state = target.parent / f".{target.name}.state-{os.getpid()}-{os.urandom(3).hex()}"
-    try:
-        init(tmp_state, recipe_path, on_model=on_model, force=True)
-        return export(tmp_state, target, overwrite, force_replace=force_replace, extra_inputs=refs)
-    finally:
-        shutil.rmtree(tmp_state, ignore_errors=True)
-
-
 def _tensor_hash_update(h, name: str, t) -> None:
     import torch
 
@@ -274,9 +253,12 @@ def _tensor_hash_update(h, name: str, t) -> None:
 def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, params: dict) -> dict:
     import torch
 
-    from . import engine
+    from . import plan as plan_mod
+    from .execute import Work, execute
+    from .inputs import operator_input
     from .ops import registry
-    from .writer import ShardedWriter, plan_shards, OutTensor
+    from .sinks import StateVersion
+    from .writer import OutTensor, plan_shards
 
     st = State.load(root)
     _sweep(root, st.data.get("current"))
@@ -284,8 +266,8 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
     mparams = op.resolve_model_params(params, name or model_ref)
     ref = str(Path(model_ref).resolve()) if Path(model_ref).exists() else model_ref
     label = name or Path(model_ref.rstrip("/")).name or model_ref
-    base = engine.ModelInput("base", st.data["base_model"], engine.open_source(st.data["base_model"], "base"), {})
-    model = engine.ModelInput(label, ref, engine.open_source(ref, label), mparams)
+    base = plan_mod.ModelInput("base", st.data["base_model"], plan_mod.open_source(st.data["base_model"], "base"), {})
+    model = plan_mod.ModelInput(label, ref, plan_mod.open_source(ref, label), mparams)
     if model.is_lora:  # a LoRA arrives as the full model it makes: base + scale * B @ A
         from .adapters.keymap import match_to_base
         from .adapters.matched import AppliedLora, MatchedLora
@@ -293,7 +275,7 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
         infos = base.source.infos
         match = match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()})
         matched = MatchedLora(model.source, match)
-        model = engine.ModelInput(label, ref, AppliedLora(matched, base.source), mparams)
+        model = plan_mod.ModelInput(label, ref, AppliedLora(matched, base.source), mparams)
     try:
         tensors = st.data["tensors"]
         _check_compatible(tensors, model)
@@ -302,60 +284,42 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
                              2 * 10**9)
         t_new = st.t + 1
         version = f"v{t_new:06d}"
-        tmp = root / f".{version}.partial-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        writer = ShardedWriter(tmp, shards, {"format": "pt", "mergekit_ortho_state": st.method, "t": str(t_new)})
         prev = _StateReader(st.tensor_dir) if st.tensor_dir else None
         history_params = [h["params"] for h in st.data["history"]] + [mparams]
         seq = _sequential(op)
-        stats_acc: dict[str, float] = {}
         h = hashlib.sha256()
-        delay = float(os.environ.get("MERGEKIT_ORTHO_TEST_DELAY", "0") or 0)
-        try:
-            for spec in writer.order():
-                n = spec.name
-                raw = model.source.get(n)
-                _tensor_hash_update(h, n, raw)
-                b = base.source.get(n)  # as stored: raw_weights folds convert it chunk by chunk
-                old = prev.get(n) if prev else None
-                if seq is not None:
-                    b = b.to(torch.float32)
-                    x = engine.operator_input(raw, b, torch.float32)
-                    new, stats = seq.fold(n, old, x, t_new, st.data["params"])
-                    for k, v in stats.items():
-                        stats_acc[k] = stats_acc.get(k, 0.0) + float(v)
-                else:  # the weight as stored for folds that prepare it chunk by chunk
-                    raw_mode = op.stream.raw_weights
-                    if not raw_mode:
-                        b = b.to(torch.float32)
-                    b_in = b if op.reads == "deltas" else None
-                    x = raw if raw_mode else engine.operator_input(raw, b_in, torch.float32)
-                    task = registry.TensorTask(n, b_in, [], st.data["params"], history_params,
-                                               dtype=torch.float32, raw_inputs=raw_mode)
-                    new = op.stream.step(old, x, st.t, task)
-                writer.write(n, new.to(torch.float32).contiguous())
-                del raw, x, b, old, new
-                if delay:
-                    time.sleep(delay)
-            writer.finish()
+        f32 = torch.float32
+
+        def fold(n: str):
+            raw = model.source.get(n)
+            _tensor_hash_update(h, n, raw)
+            b = base.source.get(n)  # as stored: raw_weights folds convert it chunk by chunk
+            old = prev.get(n) if prev else None
+            if seq is not None:
+                return seq.fold(n, old, operator_input(raw, b.to(f32), f32), t_new, st.data["params"])
+            raw_mode = op.stream.raw_weights  # the weight as stored for folds that prepare it chunk by chunk
+            if not raw_mode:
+                b = b.to(f32)
+            b_in = b if op.reads == "deltas" else None
+            x = raw if raw_mode else operator_input(raw, b_in, f32)
+            task = registry.TensorTask(n, b_in, [], st.data["params"], history_params, dtype=f32,
+                                       raw_inputs=raw_mode)
+            return op.stream.step(old, x, st.t, task), None
+
+        sink = StateVersion(root, version, shards, {"format": "pt", "mergekit_ortho_state": st.method, "t": str(t_new)})
+        with sink:
+            execute([Work(n) for n in sink.order()], fold, sink, check_finite=False)
+            sink.finish()
             for n, info in tensors.items():  # hash the tensors that are not merged too
                 if info["action"] != "merge" and n in model.source.infos:
                     _tensor_hash_update(h, n, model.source.get(n))
-        except BaseException:
-            writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        digest = h.hexdigest()
-        dup = next((e for e in st.data["history"] if e["sha256"] == digest), None)
-        if dup is not None and not force:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"{model_ref} has the same tensors (sha256 {digest[:12]}…) as '{dup['name']}' "
-                            "already merged; pass --force to merge it again")
-        scalars = seq.reduce(stats_acc, st.data["scalars"], t_new, st.data["params"]) if seq else st.data["scalars"]
-        os.rename(tmp, root / version)
-        fsync_path(root)
+            digest = h.hexdigest()
+            dup = next((e for e in st.data["history"] if e["sha256"] == digest), None)
+            if dup is not None and not force:
+                raise UserError(f"{model_ref} has the same tensors (sha256 {digest[:12]}…) as '{dup['name']}' "
+                                "already merged; pass --force to merge it again")
+            scalars = seq.reduce(sink.stats, st.data["scalars"], t_new, st.data["params"]) if seq else st.data["scalars"]
+            sink.commit()
         entry = {"name": label, "source": ref, "sha256": digest, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "params": mparams, "t": t_new}
         data = dict(st.data)
@@ -411,12 +375,11 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
     """Write the current merged model as a normal model directory (like `merge run`)."""
     import torch
 
-    from . import engine
-    from .dtypes import canonical, cast_checked
+    from . import plan as plan_mod
+    from .dtypes import canonical
+    from .execute import write_full_model
     from .ops import registry
-    from .writer import OutTensor, plan_shards
-
-    from .writer import AtomicDirectory
+    from .writer import AtomicDirectory, OutTensor, plan_shards
 
     root = Path(state_dir)
     st = State.load(root)
@@ -428,35 +391,35 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
             raise UserError(f"{root} has no model merged yet; `merge continual add` one first")
         r = st.recipe()
         op = registry.get(st.method)
-        base = engine.ModelInput("base", st.data["base_model"], engine.open_source(st.data["base_model"], "base"), {})
+        base = plan_mod.ModelInput("base", st.data["base_model"],
+                                   plan_mod.open_source(st.data["base_model"], "base"), {})
         reader = _StateReader(st.tensor_dir)
         try:
             out_dtype = canonical(r.out_dtype) if r.out_dtype else None
-            items = engine.plan_items(base, [], r.include, r.exclude, out_dtype)
+            items = plan_mod.plan_items(base, [], r.include, r.exclude, out_dtype)
             specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
-            plan = engine.Plan(r, op, st.data["params"], base, [], items, plan_shards(specs, r.output.shard_size),
-                               "float32", "cpu")
+            plan = plan_mod.Plan(r, op, st.data["params"], base, [], items, plan_shards(specs, r.output.shard_size),
+                                 "float32", "cpu")
+            plan.models = [plan_mod.ModelInput(h["name"], h["source"], None, h["params"]) for h in st.data["history"]]
             seq = _sequential(op)
             history_params = [h["params"] for h in st.data["history"]]
+            f32 = torch.float32
 
-            def produce(name: str):
-                s = reader.get(name).to(torch.float32)
-                b = base.source.get(name).to(torch.float32)
+            def finish(name: str):
+                if items[name].action == "copy":
+                    return base.source.get(name), None
+                s = reader.get(name).to(f32)
+                b = base.source.get(name).to(f32)
                 if seq is not None:
-                    merged = b + seq.export(s, st.data["scalars"], st.data["params"])
-                else:
-                    task = registry.TensorTask(name, b, [], st.data["params"], history_params)
-                    out_t = op.stream.finish(s, task)
-                    merged = b + out_t if op.reads == "deltas" else out_t
-                if not torch.isfinite(merged).all():
-                    raise UserError(f"merged tensor '{name}' contains NaN or Inf")
-                return cast_checked(merged, getattr(torch, items[name].out_dtype), name)
+                    return b + seq.export(s, st.data["scalars"], st.data["params"]), None
+                task = registry.TensorTask(name, b, [], st.data["params"], history_params)
+                merged = op.stream.finish(s, task)
+                return (b + merged if op.reads == "deltas" else merged), None
 
-            plan.models = [engine.ModelInput(h["name"], h["source"], None, h["params"]) for h in st.data["history"]]
             extra = f"Continual merge of {st.t} model(s); state scalars: {json.dumps(st.data['scalars'])}"
-            plan.extra_inputs = [Path(p) for p in guard]
-            return engine.run(plan, Path(out), overwrite, on_tensor, produce=produce, card_extra=extra,
-                              force_replace=force_replace)
+            return write_full_model(plan, Path(out), finish, card_extra=extra, on_tensor=on_tensor,
+                                    overwrite=overwrite, inputs=[Path(p) for p in guard] + plan_mod.input_paths(plan),
+                                    force_replace=force_replace)
         finally:
             base.source.close()
 

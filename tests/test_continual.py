@@ -264,3 +264,35 @@ def test_opcm_run_matches_the_in_memory_reference(tiny_models, tmp_path, cli):
     assert cli("run", r2, "--out", tmp_path / "o2")[0] == 0
     other = load_dir(tmp_path / "o2")
     assert any(not torch.allclose(other[k], got[k]) for k in got)
+
+
+def test_opcm_run_is_one_pass_over_the_models_and_leaves_nothing_behind(tiny_models, tmp_path, cli, monkeypatch):
+    """`merge run` with opcm folds every model per tensor in one pass: each merged tensor of each
+    model is read once (a temporary continual state read them once per add and wrote a full
+    float32 state per model), the output is sharded as planned, and its running sums are gone."""
+    from mergekit_ortho.sources.checkpoint import CheckpointSource
+
+    reads: dict[tuple[str, str], int] = {}
+    real_get = CheckpointSource.get
+
+    def counting_get(self, name):
+        reads[(self.label, name)] = reads.get((self.label, name), 0) + 1
+        return real_get(self, name)
+
+    monkeypatch.setattr(CheckpointSource, "get", counting_get)
+    models = [tiny_models[m] for m in "abc"]
+    r = write_recipe(tmp_path / "r.yaml", recipe_text(models, "opcm", tiny_models["base"])
+                     + "output:\n  shard_size: 2000\n")
+    code, out, err = cli("run", r, "--out", tmp_path / "o")
+    assert code == 0, out + err
+    model_reads = [n for (label, _), n in reads.items() if label != "base"]
+    assert model_reads and max(model_reads) == 1
+    # the base: once while folding, once for the result (a state per model read it once per model)
+    assert max(n for (label, _), n in reads.items() if label == "base") == 2
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert "model.safetensors.index.json" in names and not any("sum" in n or "state" in n for n in names)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    state = init_state(tmp_path / "s", tiny_models, "opcm", models="abc")
+    continual.export(state, tmp_path / "exported")
+    a, b = load_dir(tmp_path / "exported"), load_dir(tmp_path / "o")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -256,16 +256,16 @@ def test_tensor_stored_in_two_shards_is_refused(tiny_models, tmp_path, cli):
                                                               "DefaultCPUAllocator: can't allocate memory: you tried "
                                                               "to allocate 123 bytes.")])
 def test_out_of_memory_names_the_tensor_and_the_estimate(tmp_path, cli, tiny_models, monkeypatch, exc):
-    from mergekit_ortho import engine
+    from mergekit_ortho import execute
 
-    real = engine.merge_tensor
+    real = execute.merge_tensor
 
     def failing(plan, name):
         if name == "model.embed_tokens.weight":
             raise exc
         return real(plan, name)
 
-    monkeypatch.setattr(engine, "merge_tensor", failing)
+    monkeypatch.setattr(execute, "merge_tensor", failing)
     r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
                      f"models:\n  - model: {tiny_models['a']}\n")
     one_line_error(cli, ["run", r, "--out", tmp_path / "out"], "out of memory", "model.embed_tokens.weight",

@@ -1,5 +1,5 @@
 """The package's import graph has no cycle (function-level imports counted too): each layer
-depends one way, e.g. lora_engine uses engine and outputs picks between them."""
+depends one way: the executor uses the plan, the inputs and the sinks, never the reverse."""
 from __future__ import annotations
 
 import ast
@@ -57,4 +57,25 @@ def test_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m)
-    assert "mergekit_ortho.lora_engine" in graph["mergekit_ortho.outputs"]  # the graph is really read
+    assert "mergekit_ortho.sinks" in graph["mergekit_ortho.execute"]  # the graph is really read
+
+
+def test_one_execution_loop():
+    """Every command runs its items through execute.execute: no other module walks items itself
+    (the old per-output loops: engine.execute, lora_engine.merged_modules / run_bundle,
+    continual._add_locked's own walk)."""
+    import mergekit_ortho
+
+    for old in ("engine", "lora_engine"):
+        assert not (PKG / f"{old}.py").exists(), old
+    def calls_execute(path: Path) -> bool:
+        return any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", "")) == "execute"
+                   for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
+
+    callers = {p.stem for p in PKG.rglob("*.py") if p.stem != "execute" and calls_execute(p)}
+    assert callers == {"outputs", "continual", "revert", "sequential"}, callers
+    for p in PKG.rglob("*.py"):
+        text = p.read_text(encoding="utf-8")
+        if p.stem not in ("execute", "writer", "sinks"):
+            assert "ShardedWriter(" not in text, f"{p.name} writes shards outside a sink"
+    assert mergekit_ortho

@@ -313,7 +313,7 @@ def test_params_and_errors():
 def test_streaming_two_pass_on_raw_bf16_weights_equals_the_batch_form(monkeypatch, block, name, shape):
     # what the engine does: each model read twice as stored (bf16), the base as stored; the
     # result must be bit-identical to the batch form on float32 task vectors
-    from mergekit_ortho.engine import apply_dense
+    from mergekit_ortho.execute import apply_dense
 
     if block:  # blocks of 2-3 rows, the last one partial
         monkeypatch.setattr(W, "_CHUNK_ELEMENTS", block)

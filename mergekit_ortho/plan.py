@@ -1,27 +1,23 @@
-"""Plan and streaming execution: one engine runs every operator.
+"""The plan: what a merge reads and writes, decided from headers alone.
 
 ``build_plan`` opens the sources (headers only), checks every tensor's presence and shape across
-inputs, decides per tensor whether it is merged or copied from the base, lays out the output
-shards and estimates bytes and peak memory. No tensor data is read, so ``--dry-run`` and
-``merge validate`` are cheap.
+inputs, decides per output item (a tensor of a full model, or a module of an adapter / bundle)
+whether it is merged or copied from the base, lays out the output shards and estimates bytes and
+peak memory. No tensor data is read, so ``--dry-run`` and ``merge validate`` are cheap.
 
-``execute`` walks the output tensors in shard order; for each it reads the aligned input tensors
-(or folds them one at a time when the operator has a streaming form), calls the operator, checks
-the result is finite, casts, hands it to the writer and frees everything. Peak memory is bounded
-by (inputs + a few) x the largest tensor, never by the model size.
+A unit of work is the group of items that fills one output shard (``Plan.units``): it is
+computable from the plan and the input files alone. ``execute`` runs the items.
 """
 from __future__ import annotations
 
-import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import recipe as recipe_mod
-from .dtypes import FP8, MERGEABLE, canonical, cast_checked, itemsize
-from .errors import UserError, memory_guard
+from .dtypes import FP8, MERGEABLE, canonical, itemsize
+from .errors import UserError
 from .ops import registry
 from .writer import OutTensor, plan_shards
 
@@ -91,6 +87,14 @@ class Plan:
     def module_mode(self) -> bool:
         """True when the output is a LoRA or a bundle, produced module by module."""
         return self.out_format != "full"
+
+    @property
+    def units(self) -> list[list[str]]:
+        """The output items in execution order, grouped by what they fill: one output shard of a
+        full model each; an adapter or a bundle is one file, so one unit."""
+        if self.module_mode:
+            return [list(self.module_keys)]
+        return [[t.name for t in shard] for shard in self.shards]
 
     @property
     def merge_count(self) -> int:
@@ -475,132 +479,7 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
     return items
 
 
-# --- execution -----------------------------------------------------------------------------------
-
-
-class NonFinite(UserError):
-    pass
-
-
-def merge_tensor(plan: Plan, name: str):
-    """Merge one tensor: read the aligned inputs, call the operator, return the merged tensor."""
-    import torch
-
-    item = plan.items[name]
-    dev = plan.device
-    cdt = getattr(torch, plan.compute_dtype)
-    op = plan.op
-    if op.input_kind == "lora":  # written as a full model through outputs.run (base + merged B @ A)
-        raise RuntimeError(f"LoRA method '{op.name}' reached the dense merge; run it through outputs.run")
-    # folds that prepare their inputs chunk by chunk get the weights, and the base, as stored
-    raw = op.stream is not None and op.stream.raw_weights and not plan.lora_models
-    # a weights method (linear) on full checkpoints never reads the base, even when one is given
-    use_base = plan.base is not None and (op.reads_base or bool(plan.lora_models))
-    base = plan.base.source.get(name).to(dev) if use_base else None
-    if base is not None and not raw:
-        base = base.to(cdt)
-    task = registry.TensorTask(
-        name=name, base=base, inputs=[], params=plan.params,
-        model_params=[m.params for m in plan.models], model_names=[m.label for m in plan.models],
-        dtype=cdt, raw_inputs=raw,
-    )
-
-    def load(m: ModelInput):
-        if m.is_lora:  # scale * B @ A in the base layout; zero where the LoRA does not adapt
-            mod = m.source.by_base.get(name)
-            x = (m.source.delta_for(name, item.shape).to(dev, cdt) if mod is not None
-                 else torch.zeros(item.shape, device=dev, dtype=cdt))
-            return x.add_(base) if op.reads == "weights" else x
-        # a fresh buffer in the stored dtype, moved to the device as stored (half the bytes of
-        # fp32 for bf16); sources return tensors the caller owns
-        x = m.source.get(name).to(dev)
-        return x if raw else operator_input(x, base if op.reads == "deltas" else None, cdt)
-
-    out = apply_dense(op, task, lambda: (load(m) for m in plan.models))
-    if op.reads == "deltas":
-        out = registry.add_converted_(out, base)  # the base may still be as stored (bf16)
-    # one reduction first: a NaN/Inf anywhere makes the sum non-finite; only then look closer
-    # (a finite tensor whose sum overflows passes the full check)
-    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-        raise NonFinite(
-            f"merged tensor '{name}' contains NaN or Inf; check the inputs "
-            f"({', '.join(m.ref for m in plan.models)}) and the method parameters"
-        )
-    return cast_checked(out, getattr(torch, item.out_dtype), name).to("cpu")
-
-
-def operator_input(x, base, cdt):
-    """A model tensor as a dense operator's input: the task vector ``x - base`` (``base`` given)
-    or the weight, in the compute dtype ``cdt``. ``x`` is a fresh buffer the caller owns; it is
-    reused when it already has the compute dtype. (A mixed-dtype ``torch.sub(x, base)`` would
-    save the conversion's buffer but runs slower than convert-then-subtract on CPU.)"""
-    if x.dtype == cdt:
-        return x if base is None else x.sub_(base)
-    return x.to(cdt) if base is None else x.to(cdt).sub_(base)
-
-
-def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs: Callable[[], Any]) -> Any:
-    """Run a dense operator on one tensor; ``inputs()`` yields the models' tensors in order, read
-    afresh at each call (a two-pass fold reads them twice; folds hold one at a time)."""
-    if op.stream is not None:
-        if op.stream.prepass is not None:
-            task.stats = _fold(op.stream.prepass, None, inputs(), task)
-        state = _fold(op.stream.step, op.stream.start(task), inputs(), task)
-        return op.stream.finish(state, task)
-    task.inputs = list(inputs())
-    try:
-        return op.fn(task)
-    finally:
-        task.inputs = []
-
-
-def _fold(step, state, inputs, task):
-    # no enumerate(): its cached result tuple would keep the folded input alive while the next
-    # one is read (one full-size tensor more at peak)
-    i = 0
-    for x in inputs:
-        state = step(state, x, i, task)
-        del x
-        i += 1
-    return state
-
-
-def execute(plan: Plan, out_dir: Path, metadata: dict[str, str],
-            on_tensor: Callable[[str, int], None] | None = None,
-            produce: Callable[[str], Any] | None = None) -> None:
-    """Write the merged model's shards into ``out_dir`` (a fresh, empty directory).
-
-    ``produce(name)`` returns a merged tensor; the default merges the plan's inputs. Continual
-    export passes its own (from the persisted state) and reuses everything else.
-    """
-    import torch
-
-    from .writer import ShardedWriter
-
-    reference = plan.base or plan.models[0]
-    writer = ShardedWriter(out_dir, plan.shards, metadata)
-    # test hook: slow each tensor down so crash tests can kill the process mid-run
-    delay = float(os.environ.get("MERGEKIT_ORTHO_TEST_DELAY", "0") or 0)
-    try:
-        for spec in writer.order():
-            item = plan.items[spec.name]
-            if item.action == "copy":
-                t = reference.source.get(spec.name)
-                if t.dtype != getattr(torch, item.out_dtype):
-                    t = cast_checked(t, getattr(torch, item.out_dtype), spec.name)
-            else:
-                with memory_guard(spec.name, item.numel * 4 * (len(plan.models) + 2), plan.peak_bytes):
-                    t = produce(spec.name) if produce else merge_tensor(plan, spec.name)
-            writer.write(spec.name, t)
-            del t
-            if delay:
-                time.sleep(delay)
-            if on_tensor:
-                on_tensor(spec.name, item.read_bytes)
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
+# --- what a plan reads -------------------------------------------------------------------------
 
 
 def close(plan: Plan) -> None:
@@ -633,44 +512,7 @@ def input_paths(plan: Plan) -> list[Path]:
     return paths + list(plan.extra_inputs)
 
 
-def run(plan: Plan, out: Path, overwrite: bool = False,
-        on_tensor: Callable[[str, int], None] | None = None,
-        produce: Callable[[str], Any] | None = None, card_extra: str = "",
-        force_replace: bool = False) -> Path:
-    """Execute a plan into a full model directory ``out`` atomically: config/tokenizer files,
-    shards, index, card. Adapters and bundles are written by ``outputs.run``, which calls this for
-    full models (so this module never imports the module-by-module side)."""
-    import json
-
-    from . import __version__
-    from .writer import AtomicDirectory, copy_model_files, write_model_card
-
-    if plan.out_format != "full":
-        raise RuntimeError(f"engine.run writes full models; a {plan.out_format} output goes through outputs.run")
-    recipe = plan.recipe
-    text = recipe_yaml(recipe)
-    metadata = {
-        "format": "pt",
-        "merge_tool": f"mergekit-ortho {__version__}",
-        "merge_method": plan.op.name,
-        "merge_recipe": json.dumps(recipe._raw if recipe._raw is not None else recipe.model_dump(), sort_keys=False),
-    }
-    atomic = AtomicDirectory(out, overwrite, inputs=input_paths(plan), force_replace=force_replace)
-    with atomic as tmp:
-        execute(plan, tmp, metadata, on_tensor, produce)
-        donor = _donor_dir(plan)
-        dtypes = {i.out_dtype for i in plan.items.values() if i.action == "merge"}
-        copy_model_files(donor, tmp, dtypes.pop() if len(dtypes) == 1 else None)
-        write_model_card(tmp, plan.op.name, plan.base.ref if plan.base else None,
-                         [(m.label, m.ref) for m in plan.models], text, card_extra)
-        if plan.reports:
-            (tmp / "merge_report.json").write_text(json.dumps(
-                {"method": plan.op.name, "modules": plan.reports}, indent=2) + "\n", encoding="utf-8")
-        atomic.commit()
-    return atomic.target
-
-
-def _donor_dir(plan: Plan) -> Path | None:
+def donor_dir(plan: Plan) -> Path | None:
     """Config and tokenizer files come from tokenizer_source, else the base, else the first model."""
     candidates = [plan.tokenizer_dir] if plan.tokenizer_dir is not None else []
     for m in ([plan.base] if plan.base else []) + plan.models:

@@ -1,0 +1,254 @@
+"""The one execution loop: output items -> gather inputs -> operator -> check -> sink.
+
+``execute`` walks output items in the sink's order; for each it calls ``compute(name)`` (which
+gathers the item's inputs through :mod:`.inputs` and calls the operator), checks the merged value
+is finite, and hands it to the sink, which casts and writes it; then everything is freed. Peak
+memory is bounded by (inputs + a few) x the largest item, never by the model size.
+
+``run`` executes a plan into its output (full model, adapter, bundle, or a sequential method's
+single pass). ``merge continual add/export`` and ``merge revert`` use the same loop with their own
+``compute`` and sink.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import UserError, memory_guard
+from .ops import registry
+
+
+class NonFinite(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class Work:
+    """One output item as the loop sees it: its name, the bytes it reads (progress), the memory
+    one step may need (for the out-of-memory message), and whether its value is merged (checked
+    finite) or copied as stored."""
+
+    name: str
+    read_bytes: int = 0
+    need_bytes: int = 0
+    merged: bool = True
+
+
+def execute(items: Iterable[Work], compute: Callable[[str], tuple[Any, dict | None]], sink, *,
+            peak_bytes: int = 0, inputs_hint: str = "", check_finite: bool = True,
+            on_item: Callable[[str, int], None] | None = None) -> None:
+    """Run every item through ``compute`` into ``sink`` (already entered; the caller commits)."""
+    # test hook: slow each item down so that crash tests can kill the process mid-run
+    delay = float(os.environ.get("MERGEKIT_ORTHO_TEST_DELAY", "0") or 0)
+    for work in items:
+        with memory_guard(work.name, work.need_bytes, peak_bytes):
+            value, report = compute(work.name)
+        if check_finite and work.merged:
+            _check_finite(work.name, value, inputs_hint)
+        sink.put(work.name, value, report)
+        del value
+        if delay:
+            time.sleep(delay)
+        if on_item:
+            on_item(work.name, work.read_bytes)
+
+
+def _check_finite(name: str, value, inputs_hint: str) -> None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensors = [value]
+    elif isinstance(value, registry.LoraResult):
+        tensors = [value.A, value.B, value.delta]
+    else:
+        tensors = list(getattr(value, "tensors", {}).values())
+    for t in tensors:
+        # one reduction first: a NaN/Inf anywhere makes the sum non-finite; only then look closer
+        # (a finite tensor whose sum overflows passes the full check)
+        if t is not None and t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+            hint = f" ({inputs_hint})" if inputs_hint else ""
+            raise NonFinite(f"merged tensor '{name}' contains NaN or Inf; check the inputs{hint} "
+                            "and the method parameters")
+
+
+def in_order(sink, work: dict[str, Work]) -> list[Work]:
+    """The items in the order the sink writes them (a full model's shard order), else the plan's."""
+    order = sink.order()
+    return [work[n] for n in order] if order else list(work.values())
+
+
+# --- the operator on one item ----------------------------------------------------------------------
+
+
+def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs: Callable[[], Any]) -> Any:
+    """Run a dense operator on one tensor; ``inputs()`` yields the models' tensors in order, read
+    afresh at each call (a two-pass fold reads them twice; folds hold one at a time)."""
+    if op.stream is not None:
+        if op.stream.prepass is not None:
+            task.stats = _fold(op.stream.prepass, None, inputs(), task)
+        state = _fold(op.stream.step, op.stream.start(task), inputs(), task)
+        return op.stream.finish(state, task)
+    task.inputs = list(inputs())
+    try:
+        return op.fn(task)
+    finally:
+        task.inputs = []
+
+
+def _fold(step, state, inputs, task):
+    # no enumerate(): its cached result tuple would keep the folded input alive while the next
+    # one is read (one full-size tensor more at peak)
+    i = 0
+    for x in inputs:
+        state = step(state, x, i, task)
+        del x
+        i += 1
+    return state
+
+
+def merge_tensor(plan, name: str):
+    """A dense operator's merged tensor ``name`` (a weight, in the compute dtype, on the device)."""
+    import torch
+
+    from .inputs import base_tensor, dense_task, model_tensor
+
+    op = plan.op
+    if op.input_kind == "lora":
+        raise RuntimeError(f"LoRA method '{op.name}' reached the dense merge")
+    item = plan.items[name]
+    cdt = getattr(torch, plan.compute_dtype)
+    # folds that prepare their inputs chunk by chunk get the weights, and the base, as stored
+    raw = op.stream is not None and op.stream.raw_weights and not plan.lora_models
+    # a weights method (linear) on full checkpoints never reads the base, even when one is given
+    use_base = plan.base is not None and (op.reads_base or bool(plan.lora_models))
+    base = base_tensor(plan, name, None if raw else cdt) if use_base else None
+    task = dense_task(plan, name, base)
+    task.dtype, task.raw_inputs = cdt, raw
+    out = apply_dense(op, task, lambda: (model_tensor(m, name, item.shape, base, op.reads, cdt, plan.device, raw)
+                                         for m in plan.models))
+    if op.reads == "deltas":
+        out = registry.add_converted_(out, base)  # the base may still be as stored (bf16)
+    return out
+
+
+def module_result(plan, key: str) -> registry.LoraResult:
+    """A method's merged low-rank result on one module: LoRA operators get the factors; dense
+    operators their exact low-rank form when they have one, else the dense delta."""
+    import torch
+
+    from .inputs import dense_task, lora_task, model_tensor, task_vectors
+
+    op = plan.op
+    if op.input_kind == "lora":
+        if not plan.lora_models:  # full fine-tunes: the operator extracts its factors (PT-SVD)
+            task = dense_task(plan, key, None)
+            task.inputs = task_vectors(plan, key)
+            return op.fn(task)
+        return op.fn(lora_task(plan, key, all_models=False))
+    if op.lora_fn is not None:
+        return op.lora_fn(lora_task(plan, key, all_models=True))
+    base = plan.base.source.get(key).to(torch.float32)
+    task = dense_task(plan, key, base)
+    out = apply_dense(op, task, lambda: (model_tensor(m, key, base.shape, base, op.reads, torch.float32)
+                                         for m in plan.models))
+    if op.reads == "weights":
+        out = out - base
+    return registry.LoraResult(delta=out.reshape(base.shape[0], -1))
+
+
+def lowrank_result(plan, key: str) -> tuple[registry.LoraResult, dict]:
+    """The module's merged factors at ``output.rank`` (re-factored or truncated), with its report."""
+    from .ops import lowrank
+    from .sinks import json_safe
+
+    rank = plan.recipe.output.rank
+    res = module_result(plan, key)
+    rep = json_safe(dict(res.report))
+    A, B = res.A, res.B
+    if A is None:
+        if res.delta is None:
+            raise UserError(f"method '{plan.op.name}' gave no result for module '{key}'")
+        if rank is None:
+            raise UserError(f"method '{plan.op.name}' gives a full-rank delta for '{key}'; set output.rank "
+                            "to extract a LoRA, or use output.format full")
+        A, B, err = lowrank.factorize(res.delta, rank)
+        rep["extraction_relative_error"] = err
+    elif rank is not None and A.shape[0] > rank:
+        A, B, err = lowrank.truncate(A, B, rank)
+        rep["truncation_relative_error"] = err
+    rep["rank"] = int(A.shape[0])
+    return registry.LoraResult(A=A, B=B), rep
+
+
+@dataclass
+class BundleEntry:
+    """One module of a bundle: its tensors (local names) for the bundle file."""
+
+    tensors: dict[str, Any]
+
+
+def bundle_result(plan, key: str) -> tuple[BundleEntry, dict]:
+    res = module_result(plan, key)
+    report = dict(res.report)
+    return BundleEntry(report.pop("rmm_tensors")), report
+
+
+def full_item(plan) -> Callable[[str], tuple[Any, dict | None]]:
+    """``compute`` for a full-model output of ``plan``: merged items through the operator (a LoRA
+    method's result applied to the base), copied items as stored."""
+    import torch
+
+    reference = plan.base or plan.models[0]
+
+    def compute(name: str):
+        item = plan.items[name]
+        if item.action == "copy":
+            return reference.source.get(name), None
+        if plan.op.input_kind != "lora":
+            return merge_tensor(plan, name), None
+        res = module_result(plan, name)
+        out = plan.base.source.get(name).to(torch.float32)
+        out.add_((res.delta if res.delta is not None else res.B @ res.A).reshape(out.shape))
+        return out, res.report
+
+    return compute
+
+
+# --- a plan's full-model output ---------------------------------------------------------------------
+
+
+def full_sink(plan, out: Path, *, card_extra: str = "", overwrite: bool = False, inputs=(),
+              force_replace: bool = False):
+    """The model directory a plan's full output goes to (merge run, continual export, revert)."""
+    from . import sinks
+    from .plan import donor_dir
+
+    recipe = plan.recipe
+    dtypes = {i.out_dtype for i in plan.items.values() if i.action == "merge"}
+    card = sinks.Card(plan.op.name, plan.base.ref if plan.base else None, [(m.label, m.ref) for m in plan.models],
+                      sinks.recipe_yaml(recipe), card_extra)
+    return sinks.FullModel(out, plan.shards, sinks.merge_metadata(recipe, plan.op.name), card,
+                           donor=donor_dir(plan), config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
+                           overwrite=overwrite, inputs=inputs, force_replace=force_replace,
+                           report_head={"method": plan.op.name})
+
+
+def full_work(plan, merged_read: bool = True) -> dict[str, Work]:
+    """Every item of a full-model plan; ``merged_read=False``: merged items were read already."""
+    n = len(plan.models) + 2
+    return {i.name: Work(i.name, i.read_bytes if (merged_read or i.action != "merge") else 0, i.numel * 4 * n,
+                         i.action == "merge") for i in plan.items.values()}
+
+
+def write_full_model(plan, out: Path, compute, *, card_extra: str = "", on_tensor=None, overwrite: bool = False,
+                     inputs=(), force_replace: bool = False) -> Path:
+    """A full model directory from ``compute`` over the plan's items."""
+    sink = full_sink(plan, out, card_extra=card_extra, overwrite=overwrite, inputs=inputs,
+                     force_replace=force_replace)
+    with sink:
+        execute(in_order(sink, full_work(plan)), compute, sink, peak_bytes=plan.peak_bytes,
+                inputs_hint=", ".join(m.ref for m in plan.models), on_item=on_tensor)
+        return sink.commit()

@@ -1,0 +1,94 @@
+"""The one place where a stored tensor becomes an operator's float input.
+
+Every path that feeds an operator (a merge run, a LoRA or bundle output, a continual add) reads
+its inputs through these functions: dtype conversion, base subtraction, and a LoRA's delta
+materialised as ``scale * B @ A`` (or its factors, for low-rank operators). New input kinds
+(LyCORIS, DoRA, OFT, vocabulary alignment) belong here, so every method and every output sees them.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .ops import registry
+
+if TYPE_CHECKING:
+    from .plan import ModelInput, Plan
+
+
+def operator_input(x, base, cdt):
+    """A stored tensor as a dense operator's input: the task vector ``x - base`` (``base`` given)
+    or the weight, in the compute dtype ``cdt``. ``x`` is a fresh buffer the caller owns; it is
+    reused when it already has the compute dtype. (A mixed-dtype ``torch.sub(x, base)`` would
+    save the conversion's buffer but runs slower than convert-then-subtract on CPU.)"""
+    if x.dtype == cdt:
+        return x if base is None else x.sub_(base)
+    return x.to(cdt) if base is None else x.to(cdt).sub_(base)
+
+
+def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, device="cpu", raw: bool = False):
+    """Model ``m``'s tensor ``name`` as an operator input in ``space`` ("deltas" | "weights").
+
+    A full checkpoint's tensor is read as stored (a fresh buffer: bf16 moves to the device at half
+    the bytes of fp32) and converted; with ``raw`` it is handed over as stored, for folds that
+    prepare it chunk by chunk. A LoRA gives ``scale * B @ A`` in the base layout, zero where it
+    does not adapt the tensor, plus the base when the operator reads weights. ``base`` is the
+    base tensor in ``cdt`` (or as stored with ``raw``), None when the space needs none."""
+    import torch
+
+    if m.is_lora:
+        mod = m.source.by_base.get(name)
+        x = (m.source.delta_for(name, shape).to(device, cdt) if mod is not None
+             else torch.zeros(shape, device=device, dtype=cdt))
+        return x.add_(base) if space == "weights" else x
+    x = m.source.get(name).to(device)
+    return x if raw else operator_input(x, base if space == "deltas" else None, cdt)
+
+
+def base_tensor(plan: "Plan", name: str, cdt=None):
+    """The base tensor ``name`` on the plan's device, in ``cdt`` (None: as stored)."""
+    t = plan.base.source.get(name).to(plan.device)
+    return t if cdt is None else t.to(cdt)
+
+
+def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
+    """One adapted module as a low-rank operator sees it: every LoRA's scale-folded factors
+    (``all_models``: rank-0 factors for the models that do not adapt it, for exact low-rank forms
+    of dense methods that weigh every model), with the base weight when the operator needs it."""
+    import torch
+
+    factors, index, params, names = [], [], [], []
+    shape = plan.module_shapes.get(key) or tuple(plan.items[key].shape)
+    rows, cols = shape[0], math.prod(shape[1:])
+    for i, m in enumerate(plan.models):
+        mod = m.source.by_base.get(key)
+        if mod is None:
+            if not all_models:
+                continue
+            A, B = torch.zeros(0, cols), torch.zeros(rows, 0)
+        else:
+            A, B = m.source.factors_for(key, fold=plan.op.factor_fold)
+        factors.append((A, B))
+        index.append(i)
+        params.append(m.params)
+        names.append(m.label)
+    base = None
+    if plan.op.needs_base and plan.base is not None:
+        base = plan.base.source.get(key).to(torch.float32)
+    return registry.LoraTask(key, factors, plan.params, params, index, names, base)
+
+
+def task_vectors(plan: "Plan", key: str) -> list:
+    """Every model's task vector of ``key`` at once, float32 (full fine-tunes given to a low-rank
+    operator, which extracts its own factors from them)."""
+    import torch
+
+    base = plan.base.source.get(key).to(torch.float32)
+    return [operator_input(m.source.get(key), base, torch.float32) for m in plan.models]
+
+
+def dense_task(plan: "Plan", name: str, base) -> registry.TensorTask:
+    """The operator's view of one tensor; its inputs are read separately (``model_tensor``)."""
+    return registry.TensorTask(name=name, base=base, inputs=[], params=plan.params,
+                               model_params=[m.params for m in plan.models],
+                               model_names=[m.label for m in plan.models])
