@@ -13,6 +13,7 @@ CLI invocation pays.
     python benchmarks/bench_merge.py                 # full size (~270M params, ~518 MiB per model)
     python benchmarks/bench_merge.py --small         # tiny checkpoints, for debugging the script
     python benchmarks/bench_merge.py --methods linear ties --repeat 5
+    python benchmarks/bench_merge.py --against ../old-checkout   # before/after, same rounds
 
 Results go to ``benchmarks/results_merge.md`` (or ``--results``) and are printed.
 """
@@ -147,13 +148,13 @@ print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall,
 """
 
 
-def run_child(cmd: list[str]) -> tuple[int, float, float, str]:
+def run_child(cmd: list[str], env: dict | None = None) -> tuple[int, float, float, str]:
     """Run ``cmd``; return (exit code, wall seconds, this child's peak RSS in GiB, last stderr line).
 
     ``os.wait4`` in the lean wrapper gives the rusage of exactly that one child (ru_maxrss in KiB
     on Linux), unlike ``RUSAGE_CHILDREN``, which is a maximum over all children reaped so far.
     """
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, *cmd], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return r.returncode, float("nan"), float("nan"), "wrapper failed: " + r.stderr.strip()[-200:]
     res = json.loads(r.stdout)
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=HERE / "_work", help="scratch directory (git-ignored)")
     ap.add_argument("--results", type=Path, default=None,
                     help="Markdown output (default benchmarks/results_merge.md; with --small, _work/results_merge_small.md)")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="another checkout of this project (e.g. a git worktree of an earlier commit): each round "
+                    "also runs every method with that code, in alternating order, and the results compare the two")
     args = ap.parse_args(argv)
 
     from importlib.metadata import version
@@ -216,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     params = n_params(llama_shapes(dims["hidden"], dims["layers"], dims["vocab"], dims["intermediate"]))
 
     merge_cmd = resolve_merge()
+    envs = {"this": None}
+    if args.against is not None:  # both through `python -m`, each with its own code first on the path
+        merge_cmd = [sys.executable, "-m", "mergekit_ortho.cli"]
+        envs = {"this": dict(os.environ, PYTHONPATH=str(REPO)),
+                "against": dict(os.environ, PYTHONPATH=str(args.against.resolve()))}
     listed = available_methods(merge_cmd)
     print(f"merge command: {' '.join(merge_cmd)}; methods listed: "
           f"{', '.join(sorted(listed)) if listed else '(could not list)'}", flush=True)
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = rdir / f"{method}.yaml"
         recipe.write_text(recipe_text(method, paths, out))
         recipes[method] = (recipe, out)
-        rows[method] = {"walls": [], "rsss": [], "error": ""}
+        rows[method] = {"walls": [], "rsss": [], "error": "", "against": {"walls": [], "rsss": []}}
 
     # Round-robin: every round runs the bare start-up and then each method once, so a drift in
     # the machine's speed (shared cores) touches all of them alike. Outputs are removed before
@@ -248,16 +257,21 @@ def main(argv: list[str] | None = None) -> int:
             row = rows[method]
             if row["error"]:
                 continue
-            shutil.rmtree(out, ignore_errors=True)
-            loads.append(load1())
-            rc, wall, rss, tail = run_child(merge_cmd + ["-q", "run", str(recipe), "--out", str(out)])
-            if rc != 0:
-                row["error"] = f"exit {rc}: {tail}"
-                print(f"{method}: FAILED ({row['error']})", flush=True)
-                continue
-            row["walls"].append(wall)
-            row["rsss"].append(rss)
-            print(f"round {i + 1}/{args.repeat} {method}: {wall:.2f} s, peak RSS {rss:.3f} GiB", flush=True)
+            # alternate which code goes first, so neither always runs on a warmer page cache
+            for which in (list(envs) if i % 2 == 0 else list(envs)[::-1]):
+                shutil.rmtree(out, ignore_errors=True)
+                loads.append(load1())
+                rc, wall, rss, tail = run_child(merge_cmd + ["-q", "run", str(recipe), "--out", str(out)],
+                                                envs[which])
+                if rc != 0:
+                    row["error"] = f"{which} exit {rc}: {tail}"
+                    print(f"{method}: FAILED ({row['error']})", flush=True)
+                    break
+                dest = row if which == "this" else row["against"]
+                dest["walls"].append(wall)
+                dest["rsss"].append(rss)
+                print(f"round {i + 1}/{args.repeat} {method} ({which}): {wall:.2f} s, peak RSS {rss:.3f} GiB",
+                      flush=True)
     for _, out in recipes.values():
         shutil.rmtree(out, ignore_errors=True)
     import_wall = statistics.median(w for w, _ in imp)
@@ -267,11 +281,35 @@ def main(argv: list[str] | None = None) -> int:
 
     md = render(rows, dims, params, import_wall, import_rss, args.repeat, (load_before, max(loads)), merge_cmd,
                 torch_version, size)
+    if args.against is not None:
+        md += render_against(rows, args.against)
     results.write_text(md)
     print()
     print(md)
     print(f"(written to {results})")
     return 0
+
+
+def render_against(rows, against: Path) -> str:
+    """Before/after: this code against another checkout, timed in the same rounds."""
+    try:
+        rev = subprocess.run(["git", "-C", str(against), "log", "-1", "--format=%h %s"], capture_output=True,
+                             text=True).stdout.strip()[:100]
+    except OSError:
+        rev = ""
+    out = ["", f"## This code against `{against.name}`{f' ({rev})' if rev else ''}\n",
+           "Same rounds, alternating which runs first; ratio = median over rounds of this wall / that wall.\n",
+           "| method | this wall s | that wall s | wall ratio | this peak RSS GiB | that peak RSS GiB | RSS ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for m, r in rows.items():
+        a = r.get("against") or {}
+        if r.get("skip") or r.get("error") or not r.get("walls") or not a.get("walls"):
+            continue
+        ratio = statistics.median(x / y for x, y in zip(r["walls"], a["walls"]))
+        out.append(f"| {m} | {statistics.median(r['walls']):.2f} | {statistics.median(a['walls']):.2f} | "
+                   f"{ratio:.3f}× | {max(r['rsss']):.3f} | {max(a['rsss']):.3f} | "
+                   f"{max(r['rsss']) / max(a['rsss']):.3f}× |")
+    return "\n".join(out) + "\n"
 
 
 def _fmt_ratio(x: float | None) -> str:

@@ -11,8 +11,6 @@ single pass). ``merge continual add/export`` and ``merge revert`` use the same l
 """
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -41,8 +39,6 @@ def execute(items: Iterable[Work], compute: Callable[[str], tuple[Any, dict | No
             peak_bytes: int = 0, inputs_hint: str = "", check_finite: bool = True,
             on_item: Callable[[str, int], None] | None = None) -> None:
     """Run every item through ``compute`` into ``sink`` (already entered; the caller commits)."""
-    # test hook: slow each item down so that crash tests can kill the process mid-run
-    delay = float(os.environ.get("MERGEKIT_ORTHO_TEST_DELAY", "0") or 0)
     for work in items:
         with memory_guard(work.name, work.need_bytes, peak_bytes):
             value, report = compute(work.name)
@@ -50,8 +46,6 @@ def execute(items: Iterable[Work], compute: Callable[[str], tuple[Any, dict | No
             _check_finite(work.name, value, inputs_hint)
         sink.put(work.name, value, report)
         del value
-        if delay:
-            time.sleep(delay)
         if on_item:
             on_item(work.name, work.read_bytes)
 

@@ -12,6 +12,34 @@ from mergekit_ortho.testing.checkpoints import llama_shapes, sharded_copy, write
 
 TINY = dict(hidden=16, layers=2, vocab=32, intermediate=24)
 
+_SLOW_SITE = """\
+# written by the test suite: slows every sink's put() so that a test can kill the process mid-run
+import time
+
+from mergekit_ortho import sinks
+
+def _slowed(put, delay):
+    def slow_put(self, *args, **kwargs):
+        put(self, *args, **kwargs)
+        time.sleep(delay)
+    return slow_put
+
+for _cls in (sinks.FullModel, sinks.Adapter, sinks.Bundle, sinks.StateVersion):
+    _cls.put = _slowed(_cls.put, {delay})
+"""
+
+
+def slow_env(delay: float) -> dict[str, str]:
+    """The environment of a child `merge` process whose every output item takes ``delay`` s more
+    (a ``sitecustomize`` in a fresh temporary directory, first on PYTHONPATH); crash tests kill
+    it mid-run. No hook in the package itself."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="mergekit-ortho-slow-"))
+    (directory / "sitecustomize.py").write_text(_SLOW_SITE.format(delay=float(delay)))
+    path = os.pathsep.join([str(directory)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return dict(os.environ, PYTHONPATH=path)
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:

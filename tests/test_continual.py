@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_recipe
+from conftest import slow_env, write_recipe
 from test_run import load_dir, recipe_text
 
 from mergekit_ortho import continual
@@ -85,7 +85,7 @@ def test_bad_states(tmp_path, tiny_models, cli):
 
 
 def _spawn_add(state, model, delay="0.05", preexec=None):
-    env = dict(os.environ, MERGEKIT_ORTHO_TEST_DELAY=delay)
+    env = slow_env(float(delay))
     return subprocess.Popen(CLI + ["continual", "add", str(state), str(model)], env=env, preexec_fn=preexec,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import write_recipe
+from conftest import slow_env, write_recipe
 
 
 def load_dir(d: Path) -> dict[str, torch.Tensor]:
@@ -232,7 +232,7 @@ def test_hub_id_from_prepopulated_offline_cache(tiny_models, tmp_path, monkeypat
 
 
 def _spawn_run(recipe: Path, out: Path, delay: str) -> subprocess.Popen:
-    env = dict(os.environ, MERGEKIT_ORTHO_TEST_DELAY=delay)
+    env = slow_env(float(delay))
     return subprocess.Popen([sys.executable, "-m", "mergekit_ortho.cli", "run", str(recipe), "--out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
