@@ -8,7 +8,7 @@ from conftest import write_recipe
 from mergekit_ortho.errors import UserError
 from mergekit_ortho.ops import errors as E
 from mergekit_ortho.ops import registry
-from mergekit_ortho.ops.registry import TensorTask
+from mergekit_ortho.ops.registry import Params, TensorTask
 from test_bad_input import _copy_model, base_recipe, expect_error
 
 
@@ -48,7 +48,7 @@ def test_widen_missing_base_and_temperature():
     with pytest.raises(E.MissingBase, match="base model"):
         op.fn(task)
     op, task = _task("widen", [torch.ones(3)], base=torch.zeros(3))
-    task.params["temperature"] = 0.0  # below the schema's bound: what a caller bypassing it gets
+    task.params = Params({**task.params, "temperature": 0.0})  # below the schema's bound: what a caller bypassing it gets
     with pytest.raises(E.BadParameters, match="temperature"):
         op.fn(task)
 

@@ -96,6 +96,38 @@ class Param:
         return out
 
 
+class Params(dict):
+    """An operator's resolved parameters: every name of its schema present (defaults filled in),
+    coerced to the declared type, read-only. Read them as attributes (``p.density``; a Python
+    keyword by item, ``p["lambda"]``). The default lives once, in the :class:`Param`, so an
+    operator never writes ``params.get(name, default)``. A dict underneath, so reports, JSON
+    state files and pickles (processes of a scheduler) take it as it is.
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no parameter '{name}' (known: {', '.join(self) or 'none'})") from None
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("operator parameters are read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only  # type: ignore[assignment]
+    update = pop = popitem = clear = setdefault = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        return (Params, (dict(self),))
+
+    def __copy__(self) -> "Params":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Params":
+        return self
+
+
 @dataclass
 class TensorTask:
     """Everything a dense operator sees for one tensor. Tensors are float32 (or the compute dtype)."""
@@ -103,8 +135,8 @@ class TensorTask:
     name: str
     base: "torch.Tensor | None"
     inputs: "list[torch.Tensor]"  # task vectors if reads == "deltas", else weights
-    params: dict[str, Any]
-    model_params: list[dict[str, Any]]
+    params: Params
+    model_params: list[Params]
     model_names: list[str] = field(default_factory=list)
     # the compute dtype; inputs arrive in it, except raw weights (below)
     dtype: "torch.dtype | None" = None
@@ -125,8 +157,8 @@ class LoraTask:
 
     name: str  # the base weight key the module adapts, e.g. "model.layers.0.self_attn.q_proj.weight"
     factors: "list[tuple[torch.Tensor, torch.Tensor]]"
-    params: dict[str, Any]
-    model_params: list[dict[str, Any]]
+    params: Params
+    model_params: list[Params]
     model_index: list[int] = field(default_factory=list)
     model_names: list[str] = field(default_factory=list)
     base: "torch.Tensor | None" = None  # the base weight, when a base model is given
@@ -216,14 +248,14 @@ class Operator:
         without a pre-pass over every model."""
         return self.sequential is not None or (self.stream is not None and self.stream.prepass is None)
 
-    def resolve_params(self, given: dict[str, Any] | None) -> dict[str, Any]:
+    def resolve_params(self, given: dict[str, Any] | None) -> Params:
         return _resolve(self.params, given or {}, f"method '{self.name}'")
 
-    def resolve_model_params(self, given: dict[str, Any] | None, model: str) -> dict[str, Any]:
+    def resolve_model_params(self, given: dict[str, Any] | None, model: str = "") -> Params:
         return _resolve(self.model_params, given or {}, f"model '{model}' of method '{self.name}'")
 
 
-def _resolve(schema: tuple[Param, ...], given: dict[str, Any], where: str) -> dict[str, Any]:
+def _resolve(schema: tuple[Param, ...], given: dict[str, Any], where: str) -> Params:
     by_name = {p.name: p for p in schema}
     out: dict[str, Any] = {}
     for key, value in given.items():
@@ -239,7 +271,7 @@ def _resolve(schema: tuple[Param, ...], given: dict[str, Any], where: str) -> di
             if p.required:
                 raise ValueError(f"missing required parameter '{p.name}' for {where}")
             out[p.name] = p.default
-    return out
+    return Params(out)
 
 
 _OPERATORS: dict[str, Operator] = {}
