@@ -284,7 +284,7 @@ def methods(name: Optional[str] = typer.Argument(None, help="Show one method's p
 
     t = Table("method", "inputs", "parameters", "per-model", "summary", show_lines=bool(name))
     for op in ops:
-        kind = op.input_kind + (", sequential" if op.sequential else "")
+        kind = op.input_kind + ("" if op.merges_one_tensor_alone else ", sequential")
         alias = f" ({', '.join(op.aliases)})" if op.aliases else ""
         t.add_row(op.name + alias, kind, ", ".join(fmt(p) for p in op.params) or "-",
                   ", ".join(fmt(p) for p in op.model_params) or "-", op.summary)

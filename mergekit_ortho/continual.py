@@ -285,8 +285,9 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
         t_new = st.t + 1
         version = f"v{t_new:06d}"
         prev = _StateReader(st.tensor_dir) if st.tensor_dir else None
-        history_params = [h["params"] for h in st.data["history"]] + [mparams]
-        seq = _sequential(op)
+        fold_form = _fold_form(op)
+        method_params = op.resolve_params(st.data["params"])
+        history_params = [op.resolve_model_params(e["params"], e["name"]) for e in st.data["history"]] + [mparams]
         h = hashlib.sha256()
         f32 = torch.float32
 
@@ -295,16 +296,15 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
             _tensor_hash_update(h, n, raw)
             b = base.source.get(n)  # as stored: raw_weights folds convert it chunk by chunk
             old = prev.get(n) if prev else None
-            if seq is not None:
-                return seq.fold(n, old, operator_input(raw, b.to(f32), f32), t_new, st.data["params"])
-            raw_mode = op.stream.raw_weights  # the weight as stored for folds that prepare it chunk by chunk
+            raw_mode = fold_form.raw_weights  # the weight as stored for folds that prepare it chunk by chunk
             if not raw_mode:
                 b = b.to(f32)
             b_in = b if op.reads == "deltas" else None
             x = raw if raw_mode else operator_input(raw, b_in, f32)
-            task = registry.TensorTask(n, b_in, [], st.data["params"], history_params, dtype=f32,
+            task = registry.TensorTask(n, b_in, [], method_params, history_params, dtype=f32,
                                        raw_inputs=raw_mode)
-            return op.stream.step(old, x, st.t, task), None
+            out = fold_form.step(old, x, st.t, task)
+            return out if fold_form.reduce else (out, None)  # (state, stats) with a reduce
 
         sink = StateVersion(root, version, shards, {"format": "pt", "mergekit_ortho_state": st.method, "t": str(t_new)})
         with sink:
@@ -318,7 +318,8 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
             if dup is not None and not force:
                 raise UserError(f"{model_ref} has the same tensors (sha256 {digest[:12]}…) as '{dup['name']}' "
                                 "already merged; pass --force to merge it again")
-            scalars = seq.reduce(sink.stats, st.data["scalars"], t_new, st.data["params"]) if seq else st.data["scalars"]
+            scalars = (fold_form.reduce(sink.stats, st.data["scalars"], t_new, method_params) if fold_form.reduce
+                       else st.data["scalars"])
             sink.commit()
         entry = {"name": label, "source": ref, "sha256": digest, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "params": mparams, "t": t_new}
@@ -356,15 +357,14 @@ class _StateReader:
         return self.src.get(name)
 
 
-def _sequential(op):
-    """The operator's sequential fold (opcm), or None for streaming-fold operators."""
-    if op.sequential is None:
-        if op.stream is None:
-            raise UserError(f"method '{op.name}' has no streaming form for continual merging")
-        if op.stream.prepass is not None:
-            raise UserError(f"method '{op.name}' weighs each model against all the others (it reads every "
-                            "model twice per tensor), so it cannot fold models in one at a time")
-    return op.sequential
+def _fold_form(op):
+    """The operator's fold, which continual merging drives one model at a time."""
+    if op.fold is None:
+        raise UserError(f"method '{op.name}' has no streaming form for continual merging")
+    if not op.fold.one_model_at_a_time:
+        raise UserError(f"method '{op.name}' weighs each model against all the others (it reads every "
+                        "model twice per tensor), so it cannot fold models in one at a time")
+    return op.fold
 
 
 # --- export, status --------------------------------------------------------------------------------
@@ -401,8 +401,9 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
             plan = plan_mod.Plan(r, op, st.data["params"], base, [], items, plan_shards(specs, r.output.shard_size),
                                  "float32", "cpu")
             plan.models = [plan_mod.ModelInput(h["name"], h["source"], None, h["params"]) for h in st.data["history"]]
-            seq = _sequential(op)
-            history_params = [h["params"] for h in st.data["history"]]
+            fold_form = _fold_form(op)
+            method_params = op.resolve_params(st.data["params"])
+            history_params = [op.resolve_model_params(e["params"], e["name"]) for e in st.data["history"]]
             f32 = torch.float32
 
             def finish(name: str):
@@ -410,10 +411,8 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
                     return base.source.get(name), None
                 s = reader.get(name).to(f32)
                 b = base.source.get(name).to(f32)
-                if seq is not None:
-                    return b + seq.export(s, st.data["scalars"], st.data["params"]), None
-                task = registry.TensorTask(name, b, [], st.data["params"], history_params)
-                merged = op.stream.finish(s, task)
+                task = registry.TensorTask(name, b, [], method_params, history_params, scalars=st.data["scalars"])
+                merged = fold_form.finish(s, task)
                 return (b + merged if op.reads == "deltas" else merged), None
 
             extra = f"Continual merge of {st.t} model(s); state scalars: {json.dumps(st.data['scalars'])}"

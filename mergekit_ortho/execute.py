@@ -80,11 +80,12 @@ def in_order(sink, work: dict[str, Work]) -> list[Work]:
 def apply_dense(op: registry.Operator, task: registry.TensorTask, inputs: Callable[[], Any]) -> Any:
     """Run a dense operator on one tensor; ``inputs()`` yields the models' tensors in order, read
     afresh at each call (a two-pass fold reads them twice; folds hold one at a time)."""
-    if op.stream is not None:
-        if op.stream.prepass is not None:
-            task.stats = _fold(op.stream.prepass, None, inputs(), task)
-        state = _fold(op.stream.step, op.stream.start(task), inputs(), task)
-        return op.stream.finish(state, task)
+    fold = op.fold
+    if fold is not None and op.merges_one_tensor_alone:
+        if fold.gather is not None:
+            task.stats = _fold(fold.gather, None, inputs(), task)
+        state = _fold(fold.step, fold.start(task), inputs(), task)
+        return fold.finish(state, task)
     task.inputs = list(inputs())
     try:
         return op.fn(task)
@@ -115,7 +116,7 @@ def merge_tensor(plan, name: str):
     item = plan.items[name]
     cdt = getattr(torch, plan.compute_dtype)
     # folds that prepare their inputs chunk by chunk get the weights, and the base, as stored
-    raw = op.stream is not None and op.stream.raw_weights and not plan.lora_models
+    raw = op.fold is not None and op.fold.raw_weights and not plan.lora_models
     # a weights method (linear) on full checkpoints never reads the base, even when one is given
     use_base = plan.base is not None and (op.reads_base or bool(plan.lora_models))
     base = base_tensor(plan, name, None if raw else cdt) if use_base else None

@@ -1,6 +1,6 @@
 """Where a plan's result goes: `merge run` picks the sink for the plan's output format (full model,
 PEFT / kohya adapter, RMM bundle) and the compute for its items, and runs the one loop
-(:func:`.execute.execute`). A sequential fold (OPCM) runs its single pass (:mod:`.sequential`)."""
+(:func:`.execute.execute`). A fold with a reduce across tensors (OPCM) runs its single pass (:mod:`.sequential`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +15,7 @@ def run(plan, out: Path, overwrite: bool = False, on_tensor: Callable[[str, int]
     from .plan import input_paths
 
     guard = dict(overwrite=overwrite, inputs=input_paths(plan), force_replace=force_replace)
-    if plan.op.sequential is not None:
+    if not plan.op.merges_one_tensor_alone:
         from .sequential import run_sequential
 
         return run_sequential(plan, out, on_tensor=on_tensor, **guard)

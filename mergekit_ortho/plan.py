@@ -138,7 +138,7 @@ class Plan:
             worst = max((_prod(s) for s in self.module_shapes.values()), default=0)
             factors = max((self.module_read_bytes(k) for k in self.module_keys), default=0)
             return _RUNTIME_BYTES + worst * c * ((len(self.models) + 3) if dense else 2) + 4 * factors
-        stream = self.op.stream
+        stream = self.op.fold
         raw = stream is not None and stream.raw_weights and not self.lora_models
         base = self.base is not None and (self.op.reads_base or bool(self.lora_models))
         worst = 0
@@ -214,6 +214,8 @@ def tokenizer_donor(recipe: recipe_mod.Recipe) -> tuple[Path | None, str | None]
     ts = recipe.tokenizer_source
     if not ts or ts == "base":
         return None, None
+    if not recipe.output.copy_files:
+        return None, f"tokenizer_source {ts} is not used: output.copy_files is false, so no tokenizer file is copied"
     if ts == "union":
         return None, ("tokenizer_source: union (mergekit's merged vocabulary) is not supported yet; the "
                       "tokenizer files are copied from the base model")
@@ -513,7 +515,10 @@ def input_paths(plan: Plan) -> list[Path]:
 
 
 def donor_dir(plan: Plan) -> Path | None:
-    """Config and tokenizer files come from tokenizer_source, else the base, else the first model."""
+    """Config and tokenizer files come from tokenizer_source, else the base, else the first model;
+    none with ``output.copy_files: false`` (the merged tensors and our card and report only)."""
+    if not plan.recipe.output.copy_files:
+        return None
     candidates = [plan.tokenizer_dir] if plan.tokenizer_dir is not None else []
     for m in ([plan.base] if plan.base else []) + plan.models:
         d = getattr(m.source, "directory", None)

@@ -1,11 +1,11 @@
-"""`merge run` for a sequential fold (OPCM): every model folded per tensor in one pass.
+"""`merge run` for a fold with a ``reduce`` (OPCM): every model folded per tensor in one pass.
 
-A sequential fold's model t depends on the running sum of models 1..t-1 of the same tensor only
-(``fold``), plus global scalars per model over all tensors (``reduce``), which the result is
-scaled by at the end (``export``). So one pass over the tensors folds all T models of each tensor
+Such a fold's model t depends on the running state of models 1..t-1 of the same tensor only
+(``step``), plus global scalars per model over all tensors (``reduce``), which the result is
+scaled by at the end (``finish``). So one pass over the tensors folds all T models of each tensor
 and sums each model's statistics; the running sums S_T are spilled once (float32, inside the
 output's temporary directory, so a crash leaves nothing behind); the scalars are reduced model by
-model; a second pass writes base + export(S_T). Memory: the base, one model's tensor and S of one
+model; a second pass writes base + finish(S_T). Memory: the base, one model's tensor and S of one
 tensor at a time. The numbers equal `continual init` + one `add` per model + `export`: the same
 folds in the same tensor order, the same float32 state.
 """
@@ -23,11 +23,11 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
 
     from . import sinks
     from .execute import Work, execute, full_sink, full_work, in_order
-    from .inputs import model_tensor
+    from .inputs import dense_task, model_tensor
     from .sources.checkpoint import CheckpointSource
     from .writer import OutTensor, plan_shards
 
-    seq, params = plan.op.sequential, plan.params
+    fold = plan.op.fold
     f32 = torch.float32
     merged = [i for i in plan.items.values() if i.action == "merge"]
     # the state's own layout (as `continual add` writes it), so statistics sum in its order
@@ -37,12 +37,14 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
     def fold_all(name: str):
         shape = plan.items[name].shape
         base = plan.base.source.get(name).to(f32)
-        state = None
-        for t, m in enumerate(plan.models, start=1):
-            x = model_tensor(m, name, shape, base, "deltas", f32)
-            state, st = seq.fold(name, state, x, t, params)
+        task = dense_task(plan, name, base)
+        task.dtype = f32
+        state = fold.start(task)
+        for i, m in enumerate(plan.models):
+            x = model_tensor(m, name, shape, base, plan.op.reads, f32)
+            state, st = fold.step(state, x, i, task)
             del x
-            acc = stats[t - 1]
+            acc = stats[i]
             for k, v in st.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
         return state, None
@@ -59,7 +61,7 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
             spill_dir = spill.commit()
         scalars: dict = {}
         for t in range(1, len(plan.models) + 1):
-            scalars = seq.reduce(stats[t - 1], scalars, t, params)
+            scalars = fold.reduce(stats[t - 1], scalars, t, plan.params)
         sink.card.extra = f"{len(plan.models)} model(s) folded in order; scalars: {json.dumps(scalars)}"
         sums = CheckpointSource(str(spill_dir), "sequential sum")
         reference = plan.base
@@ -68,7 +70,9 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
             if plan.items[name].action == "copy":
                 return reference.source.get(name), None
             b = plan.base.source.get(name).to(f32)
-            return b + seq.export(sums.get(name).to(f32), scalars, params), None
+            task = dense_task(plan, name, b)
+            task.scalars = scalars
+            return b + fold.finish(sums.get(name).to(f32), task), None
 
         try:
             execute(in_order(sink, full_work(plan, merged_read=False)), export, sink, peak_bytes=plan.peak_bytes,

@@ -2,7 +2,7 @@
 
 Knows no merge math. Two pieces:
 
-* ``ShardedWriter`` writes safetensors shards *tensor by tensor*. The engine knows every output
+* ``ShardedWriter`` writes safetensors shards *tensor by tensor*. The plan knows every output
   tensor's name, dtype and shape before it computes any of them (the plan), so each shard's
   header is written first and the tensor bytes are appended as they arrive: no shard is ever held
   in memory. ``safetensors.torch.save_file`` needs a whole file's tensors at once, which is why

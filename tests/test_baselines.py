@@ -20,10 +20,10 @@ def run_stream(name, inputs, params=None, model_params=None, tensor="t"):
     op = registry.get(name)
     mps = [op.resolve_model_params(mp, f"m{i}") for i, mp in enumerate(model_params or [{}] * len(inputs))]
     task = TensorTask(tensor, None, [], op.resolve_params(params or {}), mps)
-    state = op.stream.start(task)
+    state = op.fold.start(task)
     for i, x in enumerate(inputs):
-        state = op.stream.step(state, x.clone(), i, task)
-    return op.stream.finish(state, task)
+        state = op.fold.step(state, x.clone(), i, task)
+    return op.fold.finish(state, task)
 
 
 D4 = torch.tensor([[3.0, -1, 2, 0], [-2, -2, -1, 1], [1, 3, -4, 0]], dtype=torch.float64)

@@ -130,7 +130,7 @@ def test_ties_on_loras_equals_ties_on_the_dense_deltas(peft_setup, tmp_path, cli
             assert torch.equal(got[k], v)  # no LoRA adapts it: copied from the base
             continue
         ins = [s["deltas"][n].get(k, torch.zeros_like(v)).clone() for n in "acd"]
-        task = registry.TensorTask(k, v.clone(), ins, params, [{"weight": 1.0, "density": 0.5}] * 3)
+        task = registry.TensorTask(k, v.clone(), ins, params, [op.resolve_model_params({"density": 0.5})] * 3)
         torch.testing.assert_close(got[k], v + op.fn(task), rtol=1e-5, atol=1e-6)
 
 

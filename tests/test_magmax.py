@@ -31,10 +31,10 @@ def _stream(inputs, **params):
     op = _op()
     task = _task(inputs, **params)
     stask = TensorTask(name=task.name, base=task.base, inputs=[], params=task.params, model_params=task.model_params)
-    state = op.stream.start(stask)
+    state = op.fold.start(stask)
     for i, x in enumerate(inputs):
-        state = op.stream.step(state, x.clone(), i, stask)  # a fold owns (may consume) its inputs
-    return op.stream.finish(state, stask)
+        state = op.fold.step(state, x.clone(), i, stask)  # a fold owns (may consume) its inputs
+    return op.fold.finish(state, stask)
 
 
 def _t(values):
@@ -184,7 +184,7 @@ def test_raw_weight_fold_equals_the_task_vector_fold(monkeypatch, chunk, selecti
     p = op.resolve_params({"selection": selection})
     want = op.fn(TensorTask("w", base.float(), [w.float() - base.float() for w in ws], p, [{}] * 4))
     task = TensorTask("w", base, [], p, [{}] * 4, dtype=torch.float32, raw_inputs=True)  # base as stored
-    state = op.stream.start(task)
+    state = op.fold.start(task)
     for i, w in enumerate(ws):
-        state = op.stream.step(state, w.clone(), i, task)
-    assert torch.equal(op.stream.finish(state, task), want)
+        state = op.fold.step(state, w.clone(), i, task)
+    assert torch.equal(op.fold.finish(state, task), want)

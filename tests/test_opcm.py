@@ -1,5 +1,5 @@
 """OPCM operator: projection goldens (magmax_opcm_baselines.md D2), loop goldens (D3), robust
-guards (B9.3), the projectable-tensor rule (B5), and the SEQUENTIAL protocol against the in-memory
+guards (B9.3), the projectable-tensor rule (B5), and the fold form (FOLD: step, reduce, finish) against the in-memory
 B3 reference ``opcm_merge``."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import mergekit_ortho.ops.opcm as opcm_mod
 from mergekit_ortho.errors import UserError
 from mergekit_ortho.ops import registry
-from mergekit_ortho.ops.opcm import SEQUENTIAL, is_projectable, opcm_merge, project, split_rank
+from mergekit_ortho.ops.opcm import FOLD, is_projectable, opcm_merge, project, split_rank
 from mergekit_ortho.ops.registry import TensorTask
 
 F64 = torch.float64
@@ -44,8 +44,18 @@ def _params(**kw):
     return registry.get("opcm").resolve_params(kw)
 
 
+def _fold(name, prev, tau, t, params):
+    """FOLD.step for model t (1-based) of tensor ``name``: (S_t, stats)."""
+    return FOLD.step(prev, tau, t - 1, TensorTask(name, None, [], params, []))
+
+
+def _export(state, scalars, params):
+    """FOLD.finish with the reduced scalars: S_t / lambda_t."""
+    return FOLD.finish(state, TensorTask("w", None, [], params, [], scalars=scalars))
+
+
 def _sequential(base, models, **kw):
-    """Drive SEQUENTIAL like continual.py: fold every tensor, sum stats, reduce, export.
+    """Drive FOLD like continual.py: fold every tensor, sum stats, reduce, export.
     Returns (per-step exported merged models, per-step scalars, final state)."""
     params = _params(**kw)
     state: dict[str, torch.Tensor] = {}
@@ -56,15 +66,15 @@ def _sequential(base, models, **kw):
         new_state = {}
         for name in base:
             tau = model[name].to(torch.promote_types(model[name].dtype, torch.float32)) - base[name]
-            new, stats = SEQUENTIAL.fold(name, state.get(name), tau, t, params)
+            new, stats = _fold(name, state.get(name), tau, t, params)
             assert new.shape == tau.shape  # the state has the tensor's shape: memory constant in t
             new_state[name] = new
             for k, v in stats.items():
                 stats_acc[k] = stats_acc.get(k, 0.0) + float(v)
         state = new_state
-        scalars = SEQUENTIAL.reduce(stats_acc, scalars, t, params)
+        scalars = FOLD.reduce(stats_acc, scalars, t, params)
         scalars = json.loads(json.dumps(scalars))  # must survive state.json
-        merged_steps.append({n: base[n] + SEQUENTIAL.export(state[n], scalars, params) for n in base})
+        merged_steps.append({n: base[n] + _export(state[n], scalars, params) for n in base})
         scalar_steps.append(scalars)
     return merged_steps, scalar_steps, state
 
@@ -433,13 +443,13 @@ def test_first_model_copied_unchanged():
     taus = {k: models[0][k] - fb[k] for k in fb}
     params = _params()
     for k in fb:
-        S, stats = SEQUENTIAL.fold(k, None, taus[k], 1, params)
+        S, stats = _fold(k, None, taus[k], 1, params)
         assert torch.equal(S, taus[k]) and S is not taus[k]
         assert stats["projected"] == 0.0
-    scal = SEQUENTIAL.reduce({"tau_sq": 4.0, "sum_sq": 4.0, "proj_sq": 4.0}, {}, 1, params)
+    scal = FOLD.reduce({"tau_sq": 4.0, "sum_sq": 4.0, "proj_sq": 4.0}, {}, 1, params)
     assert scal["lambda"] == 1.0 and scal["nu"] == 2.0 and scal["norm_sum"] == 2.0 and scal["t"] == 1
     q = taus["model.layers.0.self_attn.q_proj.weight"]
-    assert torch.equal(SEQUENTIAL.export(q, scal, params), q)  # lambda_1 = 1 exactly
+    assert torch.equal(_export(q, scal, params), q)  # lambda_1 = 1 exactly
 
 
 def test_identity_path_only_model_is_rescaled_task_arithmetic():
@@ -472,14 +482,14 @@ def test_resume_from_saved_state_is_bit_identical(tmp_path):
     acc: dict[str, float] = {}
     resumed = {}
     for k in fbase:
-        resumed[k], st = SEQUENTIAL.fold(k, loaded[k], models[2][k] - fbase[k], 3, params)
+        resumed[k], st = _fold(k, loaded[k], models[2][k] - fbase[k], 3, params)
         for a, v in st.items():
             acc[a] = acc.get(a, 0.0) + v
-    scal3 = SEQUENTIAL.reduce(acc, scalars, 3, params)
+    scal3 = FOLD.reduce(acc, scalars, 3, params)
     for k in fbase:
         assert torch.equal(resumed[k], state_full[k])
-        assert torch.equal(SEQUENTIAL.export(resumed[k], scal3, params),
-                           SEQUENTIAL.export(state_full[k], json.loads(json.dumps(scal3)), params))
+        assert torch.equal(_export(resumed[k], scal3, params),
+                           _export(state_full[k], json.loads(json.dumps(scal3)), params))
 
 
 def test_order_matters_but_norm_is_nu():
@@ -496,13 +506,13 @@ def test_sequential_protocol_errors():
     p = _params()
     x = torch.ones(3, 3, dtype=F64)
     with pytest.raises(ValueError, match="no stored state"):
-        SEQUENTIAL.fold(W, None, x, 2, p)
+        _fold(W, None, x, 2, p)
     with pytest.raises(ValueError, match="stored state at step 1"):
-        SEQUENTIAL.fold(W, x, x, 1, p)
+        _fold(W, x, x, 1, p)
     with pytest.raises(ValueError, match="shape"):
-        SEQUENTIAL.fold(W, torch.ones(3, 2, dtype=F64), x, 2, p)
+        _fold(W, torch.ones(3, 2, dtype=F64), x, 2, p)
     with pytest.raises(ValueError, match="scalars of step 1"):
-        SEQUENTIAL.reduce({"tau_sq": 1.0, "sum_sq": 1.0}, {}, 2, p)
+        FOLD.reduce({"tau_sq": 1.0, "sum_sq": 1.0}, {}, 2, p)
 
 
 # -- projectable rule (B5) --------------------------------------------------------------------------
@@ -559,7 +569,7 @@ def test_embedding_takes_identity_path_in_the_loop():
 
 def test_registered_operator():
     op = registry.get("opcm")
-    assert op is opcm_mod.OPERATOR and op.sequential and op.reads == "deltas" and op.input_kind == "dense"
+    assert op is opcm_mod.OPERATOR and op.fold is not None and op.fold.reduce is not None and not op.merges_one_tensor_alone and op.reads == "deltas" and op.input_kind == "dense"
     assert _params() == {"alpha": 0.5, "zero_diagonal": True, "robust": True, "projectable": None,
                          "svd_dtype": "float32"}
     with pytest.raises(ValueError):
@@ -567,7 +577,7 @@ def test_registered_operator():
     with pytest.raises(ValueError):
         op.resolve_params({"svd_dtype": "float16"})
     task = TensorTask(W, torch.zeros(3, 3), [torch.ones(3, 3)] * 2, _params(), [{}, {}])
-    with pytest.raises(UserError, match="SEQUENTIAL"):
+    with pytest.raises(UserError, match="FOLD"):
         op.fn(task)
 
 

@@ -115,6 +115,33 @@ def test_output_layout_shards_index_config_card_modes(tiny_models, tmp_path, cli
     (tiny_models["base"] / "tokenizer.json").unlink()
 
 
+def test_copy_files_false_writes_the_tensors_and_no_donor_file(tiny_models, tmp_path, cli):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["base"], base)
+    (base / "tokenizer.json").write_text('{"version": "1.0"}')
+    (base / "generation_config.json").write_text("{}")
+    models = [tiny_models["a"], tiny_models["b"]]
+    for copy_files, out in ((True, tmp_path / "with"), (False, tmp_path / "without")):
+        extra = f"output:\n  copy_files: {str(copy_files).lower()}\n"
+        r = write_recipe(tmp_path / f"r{copy_files}.yaml", recipe_text(models, "task_arithmetic", base, extra=extra))
+        code, _, err = cli("run", r, "--out", out)
+        assert code == 0, err
+        donor_files = {f for f in ("config.json", "tokenizer.json", "generation_config.json") if (out / f).exists()}
+        assert donor_files == ({"config.json", "tokenizer.json", "generation_config.json"} if copy_files else set())
+        assert (out / "README.md").is_file()  # our card, not a donor file
+    with_, without = load_dir(tmp_path / "with"), load_dir(tmp_path / "without")
+    assert set(with_) == set(without) and all(torch.equal(with_[k], without[k]) for k in with_)
+    # a tokenizer_source that copy_files: false makes moot is said, in one line
+    r = write_recipe(tmp_path / "rt.yaml", recipe_text(models, "task_arithmetic", base,
+                                                        extra=f"tokenizer_source: {base}\noutput:\n  copy_files: false\n"))
+    code, _, err = cli("run", r, "--out", tmp_path / "t")
+    assert code == 0, err
+    assert "tokenizer_source" in err and "copy_files is false" in err
+    assert not (tmp_path / "t" / "tokenizer.json").exists()
+
+
 def test_non_float_and_excluded_tensors_come_from_base(tmp_path, cli):
     from safetensors.torch import save_file
 
@@ -373,12 +400,12 @@ def test_raw_weight_folds_equal_the_prepared_input_folds(monkeypatch, chunk, met
           for dt in (torch.bfloat16, torch.float16, torch.float32)]
     op = registry.get(method)
     p = op.resolve_params({"normalize": True} if method == "linear" else {"lambda": 0.7})
-    mps = [{"weight": w} for w in (0.37, 1.0, -0.2)]
+    mps = [op.resolve_model_params({"weight": w}) for w in (0.37, 1.0, -0.2)]
     deltas = op.reads == "deltas"
     b = base.float() if deltas else None
     want = op.fn(TensorTask("w", b, [w.float() - base.float() if deltas else w.float() for w in ws], p, mps))
     task = TensorTask("w", base if deltas else None, [], p, mps, dtype=torch.float32, raw_inputs=True)
-    state = op.stream.start(task)
+    state = op.fold.start(task)
     for i, w in enumerate(ws):
-        state = op.stream.step(state, w.clone(), i, task)
-    assert torch.equal(op.stream.finish(state, task), want)
+        state = op.fold.step(state, w.clone(), i, task)
+    assert torch.equal(op.fold.finish(state, task), want)

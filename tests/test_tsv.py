@@ -44,7 +44,7 @@ def _lora_factors(T, m, n, r, seed=0, dtype=F64):
 
 def test_registered_as_dense_deltas_method_without_stream():
     op = _op()
-    assert op.input_kind == "dense" and op.reads == "deltas" and op.needs_base and op.stream is None
+    assert op.input_kind == "dense" and op.reads == "deltas" and op.needs_base and op.fold is None
     assert op.resolve_params({}) == {"lambda": 1.0, "embedding_pattern": tsv_mod.DEFAULT_EMBEDDING_PATTERN}
     assert op.resolve_model_params({}, "m") == {"weight": 1.0}
     assert registry._MODULES.index("tsv") == registry._MODULES.index("widen") + 1
@@ -186,7 +186,7 @@ def test_inputs_are_not_modified():
     xs = [torch.randn(7, 5, generator=g) for _ in range(3)]
     copies = [x.clone() for x in xs]
     op = _op()
-    op.fn(TensorTask(NAME, torch.zeros(7, 5), xs, op.resolve_params({"lambda": 0.3}), [{"weight": 2.0}] * 3))
+    op.fn(TensorTask(NAME, torch.zeros(7, 5), xs, op.resolve_params({"lambda": 0.3}), [op.resolve_model_params({"weight": 2.0})] * 3))
     assert all(torch.equal(a, b) for a, b in zip(xs, copies))
 
 
@@ -220,7 +220,7 @@ def test_merge_run_equals_the_operator_applied_directly(tiny_models, tmp_path, c
     ins = [load_dir(m) for m in models]
     op = _op()
     params = op.resolve_params({"lambda": 0.8})
-    mps = [{"weight": 1.0}, {"weight": 0.5}, {"weight": 1.5}]
+    mps = [op.resolve_model_params({"weight": w}) for w in (1.0, 0.5, 1.5)]
     assert set(merged) == set(base)
     svd_done = 0
     for k, b in base.items():
@@ -319,7 +319,7 @@ def test_merge_run_on_peft_loras_equals_the_operator_on_the_materialised_deltas(
             assert torch.equal(got[k], v), k
             continue
         ins = [src.delta_for(k, v.shape).to(torch.float32) for src in srcs]
-        want = v + op.fn(TensorTask(k, v.clone(), ins, params, [{"weight": 1.0}] * 3))
+        want = v + op.fn(TensorTask(k, v.clone(), ins, params, [op.resolve_model_params({})] * 3))
         torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
 
 

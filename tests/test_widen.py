@@ -296,7 +296,7 @@ def test_params_and_errors():
     p = op.resolve_params({})
     assert p["threshold"] == 1.0 and p["calibration"] == 1.0 and p["temperature"] == 1.0
     assert p["embedding_pattern"] == W.DEFAULT_EMBEDDING_PATTERN and p["transpose_pattern"] == ""
-    assert op.needs_base and op.reads == "deltas" and op.stream.prepass is not None and op.stream.raw_weights
+    assert op.needs_base and op.reads == "deltas" and op.fold.gather is not None and op.fold.raw_weights
     with pytest.raises(ValueError, match="temperature"):
         op.resolve_params({"temperature": 0})
     with pytest.raises(ValueError, match="regular expression"):

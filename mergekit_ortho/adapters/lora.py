@@ -13,7 +13,7 @@ matching modules to base tensors: ``adapters.keymap``.
 A source bound to a base (``adapters.matched.MatchedLora``) adds ``factors_for(base_key)`` /
 ``delta_for(base_key)``.
 
-Canonical factors (the contract with the engine and the operators)
+Canonical factors (the contract with the executor and the operators)
 -------------------------------------------------------------------
 ``factors(m)`` returns float32 ``(A, B)`` with ``A`` (r x cols) and ``B`` (rows x r), always in the
 **layout of the base tensor**, flattened to 2-D: ``rows = base_shape[0]``,

@@ -89,7 +89,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
-from .registry import LoraResult, Operator, Param, TensorTask, generator, register
+from .registry import LoraResult, Operator, Param, Params, TensorTask, generator, register
 from .ties_dare import random_drop, ties
 
 INNER_METHODS = ("task_arithmetic", "mean", "ties", "dare_ties", "tsv")
@@ -258,9 +258,9 @@ def tsv_merge(mats: Sequence[torch.Tensor], keep: Sequence[int] | None = None) -
 
 
 def _ties_task(name: str, inputs: list[torch.Tensor], weights, densities, normalize, trim_rule) -> TensorTask:
-    params = {"lambda": 1.0, "normalize": normalize, "trim_rule": trim_rule, "rescale": False,
-              "int8_mask": False, "seed": 0}
-    mps = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    params = Params({"lambda": 1.0, "normalize": normalize, "trim_rule": trim_rule, "rescale": False,
+                     "int8_mask": False, "seed": 0})
+    mps = [Params(weight=w, density=d) for w, d in zip(weights, densities)]
     return TensorTask(name, None, inputs, params, mps)
 
 

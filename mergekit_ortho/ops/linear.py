@@ -14,7 +14,7 @@ Both are linear, so each has an exact streaming fold: one model tensor in memory
 from __future__ import annotations
 
 from .kernels.convert import fold_input, fold_input_chunks
-from .registry import LoraResult, LoraTask, Operator, Param, StreamFold, TensorTask, register
+from .registry import Fold, LoraResult, LoraTask, Operator, Param, TensorTask, register
 
 _WEIGHT = Param("weight", float, 1.0, "per-model weight")
 
@@ -26,7 +26,7 @@ def _divisor(weights: list[float]) -> float:
 
 
 def _weights(task: TensorTask) -> list[float]:
-    return [mp["weight"] for mp in task.model_params]
+    return [mp.weight for mp in task.model_params]
 
 
 # -- streaming folds: the running weighted sum, scaled at the end -------------------------------
@@ -37,8 +37,8 @@ def _sum_start(task: TensorTask):
 
 
 def _sum_step(acc, x, i, task: TensorTask):
-    w = task.model_params[i]["weight"]
-    if acc is None:  # x is ours (see StreamFold): it becomes the accumulator
+    w = task.model_params[i].weight
+    if acc is None:  # x is ours (see Fold): it becomes the accumulator
         acc = fold_input(x, task)
         return acc.mul_(w) if w != 1.0 else acc
     a = acc.view(-1)
@@ -48,7 +48,7 @@ def _sum_step(acc, x, i, task: TensorTask):
 
 
 def _linear_finish(acc, task: TensorTask):
-    if task.params["normalize"]:
+    if task.params.normalize:
         acc = acc.div_(_divisor(_weights(task)))
     return acc
 
@@ -95,8 +95,8 @@ def _lora_concat(task: LoraTask, coefficients: list[float]) -> LoraResult:
 def linear_lora(task: LoraTask) -> LoraResult:
     from ..errors import UserError
 
-    weights = [mp["weight"] for mp in task.model_params]
-    if not task.params["normalize"]:
+    weights = [mp.weight for mp in task.model_params]
+    if not task.params.normalize:
         raise UserError("linear with normalize: false scales the base weights by the sum of the weights; "
                         "it has no LoRA form - use output format full or task_arithmetic")
     d = _divisor(weights)
@@ -104,8 +104,8 @@ def linear_lora(task: LoraTask) -> LoraResult:
 
 
 def task_arithmetic_lora(task: LoraTask) -> LoraResult:
-    weights = [mp["weight"] for mp in task.model_params]
-    d = _divisor(weights) if task.params["normalize"] else 1.0
+    weights = [mp.weight for mp in task.model_params]
+    d = _divisor(weights) if task.params.normalize else 1.0
     lam = task.params["lambda"]
     return _lora_concat(task, [lam * w / d for w in weights])
 
@@ -121,7 +121,7 @@ register(
         needs_base=False,
         params=(Param("normalize", bool, True, "divide by the sum of the weights"),),
         model_params=(_WEIGHT,),
-        stream=StreamFold(_sum_start, _sum_step, _linear_finish, raw_weights=True),
+        fold=Fold(_sum_start, _sum_step, _linear_finish, raw_weights=True),
         lora_fn=linear_lora,
         details="theta = sum w_i theta_i / sum w_i. Equal weights give the plain mean. "
         "mergekit-compatible; no base model needed (one listed in models is averaged like any other).",
@@ -139,7 +139,7 @@ register(
             Param("normalize", bool, False, "divide the sum by the sum of the weights"),
         ),
         model_params=(_WEIGHT,),
-        stream=StreamFold(_sum_start, _sum_step, _ta_finish, raw_weights=True),
+        fold=Fold(_sum_start, _sum_step, _ta_finish, raw_weights=True),
         lora_fn=task_arithmetic_lora,
         details="theta = theta_0 + lambda * sum w_i (theta_i - theta_0). lambda = 1/T with unit "
         "weights equals simple averaging. mergekit-compatible.",

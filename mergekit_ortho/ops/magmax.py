@@ -20,7 +20,7 @@ C4 (random mix) and D1 (golden numbers); defaults from "Design decisions for thi
 * ``lambda`` defaults to ``None`` = "operator decides": 0.5 for ``magnitude`` (A4), 1.0 for
   ``random`` (A4 / C6).
 
-Both forms are a fold over the models, so the operator has an exact :class:`StreamFold` (one model
+Both forms are a fold over the models, so the operator has an exact :class:`Fold` (one model
 tensor in memory at a time, memory O(1) in the number of models); ``fn`` runs that same fold over
 ``task.inputs``, so batch and streaming results are bit-identical, random draws included.
 """
@@ -31,17 +31,15 @@ import torch
 from .kernels import select
 from .errors import NoInputs, ShapeMismatch
 from .kernels.convert import fold_input
-from .registry import Operator, Param, StreamFold, TensorTask, generator, register
+from .registry import Fold, Operator, Param, Params, TensorTask, generator, register
 
 DEFAULT_LAMBDA = {"magnitude": 0.5, "random": 1.0}
 
 
-def resolved_lambda(params: dict) -> float:
+def resolved_lambda(params: Params) -> float:
     """The scale actually applied: the recipe's ``lambda``, else the selection's default."""
-    lam = params.get("lambda")
-    if lam is None:
-        return DEFAULT_LAMBDA[params.get("selection", "magnitude")]
-    return float(lam)
+    lam = params["lambda"]
+    return DEFAULT_LAMBDA[params.selection] if lam is None else float(lam)
 
 
 def _start(task: TensorTask) -> None:
@@ -51,17 +49,17 @@ def _start(task: TensorTask) -> None:
 def _step(sel: torch.Tensor | None, x: torch.Tensor, i: int, task: TensorTask) -> torch.Tensor:
     """Fold model i (0-based) into the running selection. The state is the selection tensor
     alone, so a continual-merging state can persist it between processes."""
-    if sel is None:  # x is ours (see StreamFold): it becomes the state
+    if sel is None:  # x is ours (see Fold): it becomes the state
         return fold_input(x, task)
     if sel.shape != x.shape:
         raise ShapeMismatch(
             f"magmax: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, expected {tuple(sel.shape)}"
         )
-    if task.params.get("selection", "magnitude") == "random":
+    if task.params.selection == "random":
         # step t = i + 1 replaces with probability 1/t; one generator per (seed, tensor, step) so
         # neither tensor order nor a process restart between steps changes the draws
         x = fold_input(x, task)
-        gen = generator(task.params.get("seed", 0), f"{task.name}\x00{i}", device=x.device)
+        gen = generator(task.params.seed, f"{task.name}\x00{i}", device=x.device)
         take = torch.randint(0, i + 1, x.shape, generator=gen, dtype=torch.int32, device=x.device) == 0
         return torch.where(take, x.to(sel.dtype), sel)
     # where(|tau| >= |sel|, tau, sel) ('>=': the later model wins ties, A9.2), in place
@@ -110,7 +108,7 @@ register(
             ),
             Param("seed", int, 0, "random selection only; draws depend on (seed, tensor name)"),
         ),
-        stream=StreamFold(_start, _step, _finish, raw_weights=True),
+        fold=Fold(_start, _step, _finish, raw_weights=True),
         details="theta = theta_0 + lambda * tau_sel. magnitude: tau_sel[j] = tau_{i*}[j] with "
         "i* = the LAST argmax_i |tau_i[j]| (sign kept; fold m = where(|tau_i| >= |m|, tau_i, m)). "
         "random: tau_sel[j] = tau_i[j] for i uniform per element, drawn by reservoir sampling "

@@ -46,9 +46,10 @@ the result is cast back to the inputs' dtype. Global norms are accumulated in fl
 
 Two entry points share the projection:
 
-* :data:`SEQUENTIAL` - the continual protocol used by ``continual.py`` (``fold`` per tensor,
-  ``reduce`` per model, ``export`` per tensor); state = S_t per tensor (float32 on disk, the shape
-  of the tensor, so memory does not grow with t) plus a few JSON scalars.
+* :data:`FOLD` - the fold form that `merge run` and `merge continual` drive (``step`` per tensor
+  and model, ``reduce`` per model over all tensors, ``finish`` per tensor); state = S_t per tensor
+  (float32 on disk, the shape of the tensor, so memory does not grow with t) plus a few JSON
+  scalars.
 * :func:`opcm_merge` - an in-memory reference that runs the spec's B3 pseudocode literally
   (stores the normalised tau_bar and lambda_prev); tests check that both agree.
 """
@@ -60,7 +61,7 @@ from typing import Any
 import torch
 
 from .errors import NoInputs, NonFiniteInput, ShapeMismatch
-from .registry import Operator, Param, TensorTask, name_matches, register
+from .registry import Fold, Operator, Param, Params, TensorTask, name_matches, register
 
 DEFAULT_ALPHA = 0.5
 #: default embedding-table names (identity path although 2-D and named ``...weight``)
@@ -68,11 +69,12 @@ EMBEDDING_PATTERN = r"(?i)(embed(?!_out)|(^|\.)(wte|wpe|shared)\.weight$|relativ
 _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def is_projectable(name: str, tensor: torch.Tensor, params: dict | None = None) -> bool:
-    """Whether ``name`` is a linear map's weight that OPCM projects (B5); otherwise identity path."""
+def is_projectable(name: str, tensor: torch.Tensor, params: Params | None = None) -> bool:
+    """Whether ``name`` is a linear map's weight that OPCM projects (B5); otherwise identity path.
+    ``params`` None: the default rule."""
     if not tensor.is_floating_point() or tensor.dim() != 2:
         return False
-    override = (params or {}).get("projectable")
+    override = params.projectable if params is not None else None
     if override is not None:
         return name_matches(override, name)
     return name.endswith("weight") and not name_matches(EMBEDDING_PATTERN, name)
@@ -145,13 +147,9 @@ def project(
     return out.to(tau.dtype), {"r": r, "k": k, "rank": rank, "identity": False}
 
 
-def _options(params: dict) -> dict:
-    return {
-        "alpha": float(params.get("alpha", DEFAULT_ALPHA)),
-        "zero_diagonal": bool(params.get("zero_diagonal", True)),
-        "robust": bool(params.get("robust", True)),
-        "svd_dtype": params.get("svd_dtype") or "float32",
-    }
+def _options(params: Params) -> dict:
+    return {"alpha": params.alpha, "zero_diagonal": params.zero_diagonal, "robust": params.robust,
+            "svd_dtype": params.svd_dtype or "float32"}
 
 
 def _sq(t: torch.Tensor) -> float:
@@ -167,78 +165,82 @@ def _lambda(delta_norm: float, nu: float) -> float:
     return 1.0
 
 
-# -- the continual protocol -------------------------------------------------------------------------
+# -- the fold ---------------------------------------------------------------------------------------
+#
+# state = S_t of one tensor; the executor sums each tensor's stats per model and calls ``_reduce``
+# once per model; ``_finish`` writes S_t / lambda_t. See registry.Fold ("reduce").
 
 
-class _Sequential:
-    """OPCM as a sequential fold (the protocol ``continual.py`` drives).
-
-    * ``fold(name, prev, tau, t, params) -> (S_t, stats)``: S_1 = tau_1; S_t = S_{t-1} + P_t(tau_t)
-      with P_t from the SVD of S_{t-1} for projectable tensors, identity otherwise. ``stats`` =
-      {"tau_sq": ||tau||^2, "proj_sq": ||P(tau)||^2, "sum_sq": ||S_t||^2, "projected": 1.0 if the
-      tensor was projected (SVD taken) else 0.0}, in float64, summed by the caller over tensors.
-      The projection needs no scalar of step t-1: U, V and r of S_{t-1} are those of
-      tau_bar_{t-1} = S_{t-1}/lambda_{t-1}.
-    * ``reduce(stats_sum, scalars_prev, t, params) -> scalars``: the new global scalars (below).
-    * ``export(S_t, scalars, params) -> S_t / lambda_t``: the merged delta to add to the base.
-
-    Scalars (JSON): ``t``; ``lambda`` (lambda_t, 1 for t = 1); ``norm_sum`` (sum_i ||tau_i||);
-    ``nu`` (norm_sum / t, the target norm); ``task_norm`` (||tau_t||); ``projected_norm``
-    (||P_t(tau_t)||, global); ``merged_norm`` (||S_t||, the un-normalised sum; equals
-    lambda * nu except when guarded); ``projected_tensors`` (how many tensors were projected).
-    """
-
-    def fold(self, name: str, prev: torch.Tensor | None, tau: torch.Tensor, t: int,
-             params: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        if t < 1:
-            raise ValueError(f"opcm: step t must be >= 1, got {t}")
-        if t == 1:
-            if prev is not None:
-                raise ValueError(f"opcm: tensor '{name}' has a stored state at step 1")
-            sq = _sq(tau)
-            return tau.clone(), {"tau_sq": sq, "proj_sq": sq, "sum_sq": sq, "projected": 0.0}
-        if prev is None:
-            raise ValueError(f"opcm: tensor '{name}' has no stored state at step {t}")
-        if prev.shape != tau.shape:
-            raise ShapeMismatch(f"opcm: tensor '{name}' has shape {tuple(tau.shape)}, its state {tuple(prev.shape)}")
-        projected = 0.0
-        if is_projectable(name, tau, params):
-            ptau, info = project(prev, tau, **_options(params))
-            projected = 0.0 if info["identity"] else 1.0
-        else:
-            ptau = tau
-        new = prev.to(ptau.dtype) + ptau
-        return new, {"tau_sq": _sq(tau), "proj_sq": _sq(ptau), "sum_sq": _sq(new), "projected": projected}
-
-    def reduce(self, stats_sum: dict[str, float], scalars_prev: dict[str, Any], t: int,
-               params: dict) -> dict[str, Any]:
-        task_norm = math.sqrt(max(float(stats_sum.get("tau_sq", 0.0)), 0.0))
-        merged_norm = math.sqrt(max(float(stats_sum.get("sum_sq", 0.0)), 0.0))
-        if t == 1:
-            norm_sum, lam = task_norm, 1.0  # the first model is copied: lambda_1 = 1 (B9.8)
-            if not math.isfinite(task_norm):
-                raise NonFiniteInput("opcm: the first task vector is not finite (NaN or Inf)")
-        else:
-            if not scalars_prev or int(scalars_prev.get("t", -1)) != t - 1:
-                raise ValueError(f"opcm: scalars of step {t - 1} are missing or belong to another step")
-            norm_sum = float(scalars_prev["norm_sum"]) + task_norm
-            lam = _lambda(merged_norm, norm_sum / t)
-        return {
-            "t": t,
-            "lambda": lam,
-            "norm_sum": norm_sum,
-            "nu": norm_sum / t,
-            "task_norm": task_norm,
-            "projected_norm": math.sqrt(max(float(stats_sum.get("proj_sq", 0.0)), 0.0)),
-            "merged_norm": merged_norm,
-            "projected_tensors": int(round(float(stats_sum.get("projected", 0.0)))),
-        }
-
-    def export(self, state: torch.Tensor, scalars: dict[str, Any], params: dict) -> torch.Tensor:
-        return state / float(scalars["lambda"])
+def _start(task: TensorTask) -> None:
+    return None
 
 
-SEQUENTIAL = _Sequential()
+def _step(prev: torch.Tensor | None, tau: torch.Tensor, i: int,
+          task: TensorTask) -> tuple[torch.Tensor, dict[str, float]]:
+    """S_1 = tau_1; S_t = S_{t-1} + P_t(tau_t) (t = i + 1), P_t from the SVD of S_{t-1} for
+    projectable tensors, identity otherwise. The projection needs no scalar of step t-1: U, V and r
+    of S_{t-1} are those of tau_bar_{t-1} = S_{t-1}/lambda_{t-1}. Stats, float64, summed over the
+    tensors by the executor: ``tau_sq`` ||tau||^2, ``proj_sq`` ||P(tau)||^2, ``sum_sq`` ||S_t||^2,
+    ``projected`` 1.0 if the tensor was projected (SVD taken) else 0.0."""
+    name, t = task.name, i + 1
+    if t < 1:
+        raise ValueError(f"opcm: step t must be >= 1, got {t}")
+    if t == 1:
+        if prev is not None:
+            raise ValueError(f"opcm: tensor '{name}' has a stored state at step 1")
+        sq = _sq(tau)
+        return tau.clone(), {"tau_sq": sq, "proj_sq": sq, "sum_sq": sq, "projected": 0.0}
+    if prev is None:
+        raise ValueError(f"opcm: tensor '{name}' has no stored state at step {t}")
+    if prev.shape != tau.shape:
+        raise ShapeMismatch(f"opcm: tensor '{name}' has shape {tuple(tau.shape)}, its state {tuple(prev.shape)}")
+    projected = 0.0
+    if is_projectable(name, tau, task.params):
+        ptau, info = project(prev, tau, **_options(task.params))
+        projected = 0.0 if info["identity"] else 1.0
+    else:
+        ptau = tau
+    new = prev.to(ptau.dtype) + ptau
+    return new, {"tau_sq": _sq(tau), "proj_sq": _sq(ptau), "sum_sq": _sq(new), "projected": projected}
+
+
+def _reduce(stats_sum: dict[str, float], scalars_prev: dict[str, Any], t: int, params: Params) -> dict[str, Any]:
+    """The global scalars after model t (JSON): ``t``; ``lambda`` (lambda_t, 1 for t = 1);
+    ``norm_sum`` (sum_i ||tau_i||); ``nu`` (norm_sum / t, the target norm); ``task_norm``
+    (||tau_t||); ``projected_norm`` (||P_t(tau_t)||, global); ``merged_norm`` (||S_t||, the
+    un-normalised sum; equals lambda * nu except when guarded); ``projected_tensors`` (how many
+    tensors were projected). A stat no tensor reported counts as 0."""
+    def total(key: str) -> float:
+        return max(float(stats_sum.get(key, 0.0)), 0.0)
+
+    task_norm, merged_norm = math.sqrt(total("tau_sq")), math.sqrt(total("sum_sq"))
+    if t == 1:
+        norm_sum, lam = task_norm, 1.0  # the first model is copied: lambda_1 = 1 (B9.8)
+        if not math.isfinite(task_norm):
+            raise NonFiniteInput("opcm: the first task vector is not finite (NaN or Inf)")
+    else:
+        if not scalars_prev or int(scalars_prev.get("t", -1)) != t - 1:
+            raise ValueError(f"opcm: scalars of step {t - 1} are missing or belong to another step")
+        norm_sum = float(scalars_prev["norm_sum"]) + task_norm
+        lam = _lambda(merged_norm, norm_sum / t)
+    return {
+        "t": t,
+        "lambda": lam,
+        "norm_sum": norm_sum,
+        "nu": norm_sum / t,
+        "task_norm": task_norm,
+        "projected_norm": math.sqrt(total("proj_sq")),
+        "merged_norm": merged_norm,
+        "projected_tensors": int(round(total("projected"))),
+    }
+
+
+def _finish(state: torch.Tensor, task: TensorTask) -> torch.Tensor:
+    """The merged delta S_t / lambda_t, to add to the base."""
+    return state / float(task.scalars["lambda"])
+
+
+FOLD = Fold(_start, _step, _finish, reduce=_reduce)
 
 
 # -- in-memory reference (B3 pseudocode, literally) -------------------------------------------------
@@ -319,7 +321,7 @@ def opcm(task: TensorTask) -> torch.Tensor:
 
     raise UserError(
         "opcm cannot merge one tensor on its own: its scale lambda_t is global over all tensors of "
-        "each model, so it runs as a sequential fold (ops.opcm.SEQUENTIAL, registered as Operator.sequential) that "
+        "each model, so it runs as a fold with a reduce across tensors (ops.opcm.FOLD, registered as Operator.fold) that "
         "`merge run` and `merge continual` drive model by model"
     )
 
@@ -331,7 +333,7 @@ OPERATOR = register(
         "update, one adaptive global scale",
         spec="magmax_opcm_baselines.md B1-B9, D2, D3",
         fn=opcm,
-        sequential=SEQUENTIAL,
+        fold=FOLD,
         params=(
             Param("alpha", float, DEFAULT_ALPHA,
                   "singular-value-mass threshold: the top-r x top-r block of the merged update's "

@@ -8,7 +8,7 @@ The contract, checked before any tensor is touched (sd-mecha's habit):
 
 * ``input_kind`` - ``"dense"`` operators receive one tensor per model (LoRA inputs are
   materialised to ``scale·B·A`` first); ``"lora"`` operators receive canonical low-rank factors.
-* ``reads`` - ``"deltas"``: the engine hands task vectors tau_i = theta_i - theta_0 and adds the
+* ``reads`` - ``"deltas"``: the executor hands task vectors tau_i = theta_i - theta_0 and adds the
   base back to the returned merged delta; ``"weights"``: raw weights in, merged weight out.
 * ``params`` / ``model_params`` - the method-level and per-model parameter schemas; recipes are
   validated against them (unknown names, wrong types, choices) before anything is loaded.
@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ..errors import shown
-from .kernels.convert import add_converted_  # noqa: F401  (engine.py adds the base back with it)
+from .kernels.convert import add_converted_  # noqa: F401  (the executor adds the base back with it)
 
 if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
     import torch
@@ -140,10 +140,12 @@ class TensorTask:
     model_names: list[str] = field(default_factory=list)
     # the compute dtype; inputs arrive in it, except raw weights (below)
     dtype: "torch.dtype | None" = None
-    # True when a StreamFold with ``raw_weights`` is handed the models' weights as stored
+    # True when a Fold with ``raw_weights`` is handed the models' weights as stored
     raw_inputs: bool = False
-    # what a two-pass StreamFold's ``prepass`` gathered over every model (see StreamFold)
+    # what a Fold's ``gather`` pre-pass collected over every model (see Fold)
     stats: Any = None
+    # what a Fold's ``reduce`` combined over every tensor of the models so far (see Fold)
+    scalars: Any = None
 
 
 @dataclass
@@ -175,12 +177,14 @@ class LoraResult:
 
 
 @dataclass(frozen=True)
-class StreamFold:
-    """Optional streaming form of a dense operator: one model tensor in memory at a time.
+class Fold:
+    """The fold form of a dense operator: the models folded into a state one at a time, per tensor
+    (one model tensor in memory at a time; continual merging persists the state between models).
 
     ``start(task)`` -> state, where ``task.inputs`` is empty; ``step(state, x, i, task)`` folds
-    model i's tensor x (a delta or a weight, per ``reads``) and returns the new state;
-    ``finish(state, task)`` -> the merged delta / weight. Must equal ``Operator.fn`` exactly.
+    model i's (0-based) tensor x (a delta or a weight, per ``reads``) and returns the new state;
+    ``finish(state, task)`` -> the merged delta / weight. Must equal ``Operator.fn`` exactly where
+    ``fn`` can merge one tensor on its own.
 
     Inputs (``task.inputs`` and each ``x``) belong to the operator: fresh buffers it may modify
     in place.
@@ -192,17 +196,32 @@ class StreamFold:
     the base. The values are exactly those of the prepared input, but no full-size converted
     copy of a weight, of the base or of a task vector is ever allocated (two fp32 tensors less
     at peak for a bf16 model).
+
+    ``gather``: a pre-pass. ``stats = gather(stats, x, i, task)`` over every model first (stats =
+    None before model 0), then ``task.stats = stats`` and start/step/finish over the models again.
+    For operators whose weights depend on all models (WIDEN's ranks across models): each model
+    is read twice, but memory stays one input plus the state, whatever the number of models. A
+    fold with a gather cannot take models one at a time (continual merging refuses it).
+
+    ``reduce``: scalars global over all tensors of each model (OPCM's lambda_t). ``step`` then
+    returns ``(state, stats)``, a dict of floats for that tensor; the executor sums the stats of
+    model t over every tensor and calls ``scalars = reduce(stats_sum, scalars_prev, t, params)``
+    (t 1-based, JSON-safe scalars); ``finish`` reads them as ``task.scalars``. Such a fold cannot
+    merge one tensor on its own: `merge run` folds every model of every tensor in one pass, then
+    finishes each tensor (:mod:`mergekit_ortho.sequential`).
     """
 
     start: Callable[..., Any]
     step: Callable[..., Any]
     finish: Callable[..., Any]
     raw_weights: bool = False
-    # two passes: ``stats = prepass(stats, x, i, task)`` over every model first (stats = None
-    # before model 0), then ``task.stats = stats`` and start/step/finish over the models again.
-    # For operators whose weights depend on all models (WIDEN's ranks across models): each model
-    # is read twice, but memory stays one input plus the state, whatever the number of models.
-    prepass: Callable[..., Any] | None = None
+    gather: Callable[..., Any] | None = None
+    reduce: Callable[..., Any] | None = None
+
+    @property
+    def one_model_at_a_time(self) -> bool:
+        """Each step needs the models before it only: continual merging can drive it."""
+        return self.gather is None
 
 
 @dataclass(frozen=True)
@@ -218,16 +237,13 @@ class Operator:
     # each task vector is extracted by truncated SVD (PT-SVD); None: LoRA inputs only
     dense_rank_param: str | None = None
     reads: Literal["deltas", "weights"] = "deltas"
-    # a sequential fold object (fold / reduce / export, see ops/opcm.py) for methods whose every
-    # model depends on the ones before it; continual merging and `merge run` drive it
-    sequential: Any = None
     needs_base: bool = True
     # how many models besides the base the method merges (slerp: 1); None: any number
     model_count: int | None = None
     params: tuple[Param, ...] = ()
     model_params: tuple[Param, ...] = ()
     aliases: tuple[str, ...] = ()
-    stream: StreamFold | None = None  # when set, the engine folds inputs one at a time
+    fold: Fold | None = None  # the fold form: the executor folds the models one at a time
     details: str = ""  # longer help shown by `merge methods NAME` (tensor rules, defaults, paper)
     # exact low-rank form of a dense operator on LoRA inputs (linear, task_arithmetic): called with a
     # LoraTask listing EVERY recipe model (rank-0 factors for models that do not adapt the module)
@@ -244,9 +260,13 @@ class Operator:
 
     @property
     def folds_one_model_at_a_time(self) -> bool:
-        """True when continual merging can take this method: a sequential fold, or a streaming fold
-        without a pre-pass over every model."""
-        return self.sequential is not None or (self.stream is not None and self.stream.prepass is None)
+        """True when continual merging can take this method: a fold without a pre-pass."""
+        return self.fold is not None and self.fold.one_model_at_a_time
+
+    @property
+    def merges_one_tensor_alone(self) -> bool:
+        """False for a fold with ``reduce`` (its scale is global over every tensor of a model)."""
+        return self.fold is None or self.fold.reduce is None
 
     def resolve_params(self, given: dict[str, Any] | None) -> Params:
         return _resolve(self.params, given or {}, f"method '{self.name}'")

@@ -50,7 +50,7 @@ def slerp_vectors(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
 
 def slerp(task: TensorTask) -> torch.Tensor:
     (model,) = task.inputs  # the plan guarantees one model besides the base (Operator.model_count)
-    return slerp_vectors(task.base, model, task.params["t"])
+    return slerp_vectors(task.base, model, task.params.t)
 
 
 register(

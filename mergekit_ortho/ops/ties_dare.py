@@ -29,8 +29,8 @@ Deviations from mergekit, all deliberate:
 Trimming is per tensor (mergekit), not global over the model as in the TIES reference code:
 streaming one tensor at a time makes a global threshold a second pass we do not pay for.
 
-Speed: the operators work in place on the task vectors the engine hands them (``task.inputs``,
-which the engine computes afresh for each call; an input passed twice or non-contiguous is
+Speed: the operators work in place on the task vectors the executor hands them (``task.inputs``,
+which the executor computes afresh for each call; an input passed twice or non-contiguous is
 copied first) and avoid full-size temporaries, whose page faults cost more than the arithmetic.
 The fast forms live in :mod:`.kernels`: the top-k by radix select (:mod:`.kernels.topk`), the
 DARE mask (:mod:`.kernels.dare_drop`), the sign election and disjoint mean on the float bit
@@ -165,13 +165,13 @@ def _sparsify(task: TensorTask, sparsify: str) -> list[torch.Tensor]:
     """Sparsified, weighted task vectors, computed in place in ``task.inputs``."""
     out = []
     for i, (x, mp) in enumerate(zip(_owned(task.inputs), task.model_params)):
-        d = mp["density"]
+        d = mp.density
         if sparsify == "magnitude":
-            y = _trim_(x, d, task.params["trim_rule"])
+            y = _trim_(x, d, task.params.trim_rule)
         else:
-            gen = generator(task.params["seed"], f"{task.name}\x00{i}")
-            y = _drop_(x, d, gen, task.params["rescale"])
-        w = mp["weight"]
+            gen = generator(task.params.seed, f"{task.name}\x00{i}")
+            y = _drop_(x, d, gen, task.params.rescale)
+        w = mp.weight
         if w != 1.0:
             yf = y.view(-1)
             step = chunk_len(yf)
@@ -194,8 +194,8 @@ def _mix(task: TensorTask, weighted: list[torch.Tensor], consensus: bool) -> tor
     The consensus is :func:`disjoint_merge_plain`, computed in place by
     :func:`.kernels.sign_election.disjoint_merge_`; the plain sum is chunked the same way.
     """
-    weights = [mp["weight"] for mp in task.model_params]
-    normalize = task.params["normalize"]
+    weights = [mp.weight for mp in task.model_params]
+    normalize = task.params.normalize
     lam = task.params["lambda"]
     mixed = weighted[0]
     n = mixed.numel()
@@ -219,7 +219,7 @@ def _mix(task: TensorTask, weighted: list[torch.Tensor], consensus: bool) -> tor
 
 def ties(task: TensorTask) -> torch.Tensor:
     """TIES merge of one tensor. Like every operator here it may modify ``task.inputs`` (the
-    task vectors, which the engine computes fresh for each call) in place and may return one of
+    task vectors, which the executor computes fresh for each call) in place and may return one of
     them as the result; pass copies if the inputs must survive."""
     return _mix(task, _sparsify(task, "magnitude"), consensus=True)
 

@@ -82,11 +82,10 @@ def uses_svd(name: str, shape: tuple[int, ...], n_tasks: int, pattern: str = DEF
 
 
 def _weights(task: TensorTask) -> list[float]:
-    T = len(task.inputs)
-    mps = list(task.model_params) or [{} for _ in range(T)]
+    T, mps = len(task.inputs), task.model_params
     if len(mps) != T:
         raise UserError(f"tsv: tensor '{task.name}': {len(mps)} model parameter sets for {T} models")
-    return [float(mp.get("weight", 1.0)) for mp in mps]
+    return [mp.weight for mp in mps]
 
 
 def weighted_mean(inputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -110,8 +109,7 @@ def tsv(task: TensorTask) -> torch.Tensor:
                 f"tsv: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, model 0 has {tuple(shape)}"
             )
     p = task.params
-    lam = float(p.get("lambda", 1.0))
-    pattern = p.get("embedding_pattern", DEFAULT_EMBEDDING_PATTERN)
+    lam, pattern = p["lambda"], p.embedding_pattern
     w = _weights(task)
     T = len(xs)
     out_dtype = torch.promote_types(xs[0].dtype, torch.float32)

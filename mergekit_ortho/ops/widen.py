@@ -42,7 +42,7 @@ Consequences the tests pin down (A8.6, A10): N = 1 returns the model; zero task 
 base; the result is symmetric in the models; identical models with s = 1 are NOT returned unchanged
 (per-column multipliers on delta are 1, (1 + N s)/2 or N s; {1, 1.5, 2} for N = 2).
 
-Streaming, in two passes (``StreamFold.prepass``): the ranks need every model's statistics
+Streaming, in two passes (``Fold.gather``): the ranks need every model's statistics
 before any delta can be weighted, so pass 1 reads each model once for its per-unit statistics
 (O(N x units) memory) and pass 2 reads each again to add its weighted task vector into one
 accumulator. Peak memory is the base, one model tensor and the accumulator whatever N is, at
@@ -58,7 +58,7 @@ import torch
 
 from .kernels.convert import fold_input, fold_input_chunks
 from .errors import BadParameters, MissingBase, NoInputs, ShapeMismatch
-from .registry import Operator, Param, StreamFold, TensorTask, name_matches, register
+from .registry import Fold, Operator, Param, TensorTask, name_matches, register
 
 DEFAULT_EMBEDDING_PATTERN = (
     r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding|shared)\.weight$"
@@ -188,8 +188,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _rows_are_units(task: TensorTask) -> bool:
     return task.base.dim() == 2 and (
-        name_matches(task.params["embedding_pattern"], task.name)
-        or name_matches(task.params["transpose_pattern"], task.name)
+        name_matches(task.params.embedding_pattern, task.name)
+        or name_matches(task.params.transpose_pattern, task.name)
     )
 
 
@@ -200,7 +200,7 @@ def _check(task: TensorTask, x: torch.Tensor, i: int) -> None:
         raise ShapeMismatch(
             f"widen: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, base has {tuple(task.base.shape)}"
         )
-    if task.params["temperature"] <= 0:
+    if task.params.temperature <= 0:
         raise BadParameters("widen: temperature must be > 0")
 
 
@@ -211,7 +211,7 @@ def _n_models(task: TensorTask) -> int:
 # -- the fold: pass 1 gathers statistics, pass 2 sums the weighted task vectors ---------------------
 
 
-def _prepass(stats, x: torch.Tensor, i: int, task: TensorTask):
+def _gather(stats, x: torch.Tensor, i: int, task: TensorTask):
     """Model i's statistics: per-unit sums (2-D and up) or |delta| (1-D / 0-D)."""
     _check(task, x, i)
     base = task.base
@@ -238,11 +238,11 @@ def _start(task: TensorTask):
     cdt = task.dtype if task.dtype is not None else _compute_dtype(task.base)
     if task.base.dim() <= 1:
         signal = torch.stack(stats)  # (N, d)
-        weights = importance_scores(signal, p["temperature"], p["threshold"], p["calibration"]).to(cdt)
+        weights = importance_scores(signal, p.temperature, p.threshold, p.calibration).to(cdt)
     else:
         d_mag, d_dir = stats.divergences()
-        s_mag = importance_scores(rank01(d_mag), p["temperature"], p["threshold"], p["calibration"])
-        s_dir = importance_scores(rank01(d_dir), p["temperature"], p["threshold"], p["calibration"])
+        s_mag = importance_scores(rank01(d_mag), p.temperature, p.threshold, p.calibration)
+        s_dir = importance_scores(rank01(d_dir), p.temperature, p.threshold, p.calibration)
         weights = ((s_mag + s_dir) * 0.5).to(cdt)
     return weights, torch.zeros(task.base.shape, dtype=cdt, device=task.base.device)
 
@@ -274,11 +274,13 @@ def widen(task: TensorTask) -> torch.Tensor:
         raise NoInputs(f"widen: no input models for tensor '{task.name}'")
     if task.base is None:
         raise MissingBase(f"widen: tensor '{task.name}' needs the base model (theta_0)")
-    mps = task.model_params if len(task.model_params) == len(task.inputs) else [{} for _ in task.inputs]
-    t = replace(task, model_params=mps, dtype=task.dtype or _compute_dtype(task.inputs[0]), stats=None)
+    if len(task.model_params) != len(task.inputs):
+        raise BadParameters(f"widen: tensor '{task.name}': {len(task.model_params)} model parameter sets "
+                            f"for {len(task.inputs)} models")
+    t = replace(task, dtype=task.dtype or _compute_dtype(task.inputs[0]), stats=None)
     stats = None
     for i, x in enumerate(task.inputs):
-        stats = _prepass(stats, x, i, t)
+        stats = _gather(stats, x, i, t)
     t.stats = stats
     state = _start(t)
     for i, x in enumerate(task.inputs):
@@ -293,7 +295,7 @@ register(
         spec="widen_corespace.md A2-A10",
         fn=widen,
         needs_base=True,
-        stream=StreamFold(_start, _step, _finish, raw_weights=True, prepass=_prepass),
+        fold=Fold(_start, _step, _finish, raw_weights=True, gather=_gather),
         params=(
             Param("threshold", float, 1.0, "t (above_average_value_ratio): calibrate units whose "
                   "rank exceeds t * the model's mean rank"),
