@@ -10,6 +10,7 @@ computable from the plan and the input files alone. ``execute`` runs the items.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +51,7 @@ class PlanItem:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -118,7 +116,7 @@ class Plan:
             if m.is_lora:
                 mod = m.source.by_base.get(key)
                 if mod is not None:
-                    n += sum(_prod(s) * 4 for s in m.source.stored_shapes(mod))
+                    n += sum(math.prod(s) * 4 for s in m.source.stored_shapes(mod))
             else:
                 n += m.source.infos[key].nbytes
         return n
@@ -135,7 +133,7 @@ class Plan:
         c = itemsize(self.compute_dtype)
         if self.module_mode:
             dense = self.op.input_kind == "dense" and self.op.lora_fn is None
-            worst = max((_prod(s) for s in self.module_shapes.values()), default=0)
+            worst = max((math.prod(s) for s in self.module_shapes.values()), default=0)
             factors = max((self.module_read_bytes(k) for k in self.module_keys), default=0)
             return _RUNTIME_BYTES + worst * c * ((len(self.models) + 3) if dense else 2) + 4 * factors
         stream = self.op.fold
@@ -171,13 +169,6 @@ class Plan:
             "compute_dtype": self.compute_dtype,
             "device": self.device,
         }
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def open_source(ref: str, label: str):
@@ -299,7 +290,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                 # every input is a LoRA and none touches this tensor: all task vectors are zero
                 it.action, it.reason = "copy", "no LoRA adapts it"
             else:
-                it.read_bytes += sum(sum(_prod(s) * 4 for s in m.source.stored_shapes(m.source.by_base[name]))
+                it.read_bytes += sum(sum(math.prod(s) * 4 for s in m.source.stored_shapes(m.source.by_base[name]))
                                      for m in loras if name in m.source.by_base)
     if not any(i.action == "merge" for i in items.values()):
         raise UserError("no tensor is left to merge (check include/exclude)")

@@ -13,6 +13,7 @@ model file runs. Corrupt or truncated files fail with one line naming the file.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -176,16 +174,21 @@ def _weight_files(d: Path) -> tuple[list[Path], dict | None, str]:
     return [contained(d, f, "weight file") for f in files], wm, fmt
 
 
+def _indexed_shards(d: Path, index: Path) -> tuple[list[Path], dict]:
+    """The shards a shard index names (each inside ``d`` and present) and its weight map."""
+    wm = _read_index(contained(d, index, "shard index"))
+    files = sorted({d / v for v in wm.values()})
+    for f in files:
+        contained(d, f, f"shard named by {index.name}")
+        if not f.is_file():
+            raise UserError(f"{index}: shard '{f.name}' is missing from {d}")
+    return files, wm
+
+
 def _find_weight_files(d: Path) -> tuple[list[Path], dict | None, str]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        wm = _read_index(contained(d, index, "shard index"))
-        files = sorted({d / v for v in wm.values()})
-        for f in files:
-            contained(d, f, f"shard named by {index.name}")
-            if not f.is_file():
-                raise UserError(f"{index}: shard '{f.name}' is missing from {d}")
-        return files, wm, "safetensors"
+        return (*_indexed_shards(d, index), "safetensors")
     if (d / "model.safetensors").is_file():
         return [d / "model.safetensors"], None, "safetensors"
     singles = [f for f in sorted(d.glob("*.safetensors")) if not f.name.startswith("adapter_model")]
@@ -195,13 +198,7 @@ def _find_weight_files(d: Path) -> tuple[list[Path], dict | None, str]:
         raise UserError(f"{d}: several .safetensors files and no model.safetensors.index.json; pass one file")
     bindex = d / "pytorch_model.bin.index.json"
     if bindex.is_file():
-        wm = _read_index(contained(d, bindex, "shard index"))
-        files = sorted({d / v for v in wm.values()})
-        for f in files:
-            contained(d, f, f"shard named by {bindex.name}")
-            if not f.is_file():
-                raise UserError(f"{bindex}: shard '{f.name}' is missing from {d}")
-        return files, wm, "pickle"
+        return (*_indexed_shards(d, bindex), "pickle")
     if (d / "pytorch_model.bin").is_file():
         return [d / "pytorch_model.bin"], None, "pickle"
     raise UserError(
