@@ -178,7 +178,7 @@ def _print_plan(plan) -> None:
     c.print(t)
 
 
-def _progress(total_bytes: int):
+def _progress():
     """A rich progress bar over bytes read; a no-op when quiet or not a terminal."""
     from contextlib import nullcontext
 
@@ -229,7 +229,7 @@ def run(
             return
         for note in plan.notes:  # what the run does not act on, or does differently, is said
             _say(note, "note:", "yellow", err=True)
-        bar = _progress(plan.read_bytes)
+        bar = _progress()
         with bar as p:
             if p is not None:
                 task = p.add_task("merge", total=plan.read_bytes, tensor="")

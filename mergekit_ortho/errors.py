@@ -10,10 +10,6 @@ class UserError(ValueError):
     """Bad input: a recipe, a file or an argument the user can fix."""
 
 
-class Cancelled(UserError):
-    """The user interrupted the run (Ctrl-C); nothing was written."""
-
-
 def shown(value, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters, for messages that quote user input (a value
     can be megabytes long)."""

@@ -125,7 +125,9 @@ def merge_tensor(plan, name: str):
     out = apply_dense(op, task, lambda: (model_tensor(m, name, item.shape, base, op.reads, cdt, plan.device, raw)
                                          for m in plan.models))
     if op.reads == "deltas":
-        out = registry.add_converted_(out, base)  # the base may still be as stored (bf16)
+        from .ops.kernels.convert import add_converted_
+
+        out = add_converted_(out, base)  # the base may still be as stored (bf16)
     return out
 
 

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from conftest import slow_env, write_recipe
 from test_run import load_dir, recipe_text
 
 from mergekit_ortho import continual
-from mergekit_ortho.errors import UserError
 
 CLI = [sys.executable, "-m", "mergekit_ortho.cli"]
 

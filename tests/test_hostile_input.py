@@ -158,7 +158,7 @@ def test_legacy_non_zip_pickle_checkpoint_is_read(tmp_path, cli, tiny_models):
 def test_many_models_are_named_in_linear_time(tmp_path):
     from mergekit_ortho import recipe
 
-    entries = "".join(f"  - model: ./same\n" for _ in range(2500))
+    entries = "".join("  - model: ./same\n" for _ in range(2500))
     r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n{entries}")
     t = time.time()
     labels = recipe.load(r).model_labels()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from conftest import sharded_copy, write_recipe
 from mergekit_ortho import writer

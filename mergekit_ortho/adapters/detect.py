@@ -33,7 +33,6 @@ from ..io import safetensors as safetensors_io
 
 PEFT_PREFIX = "base_model.model."
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
-KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
 
 PEFT_VARIANT_KEYS = {  # adapter_config.json entries whose non-empty value we refuse
     "use_dora": "DoRA (use_dora)",

@@ -24,7 +24,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ..errors import shown
-from .kernels.convert import add_converted_  # noqa: F401  (the executor adds the base back with it)
 
 if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
     import torch

@@ -12,7 +12,6 @@ model file runs. Corrupt or truncated files fail with one line naming the file.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
