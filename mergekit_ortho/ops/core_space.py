@@ -89,7 +89,8 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
-from .registry import LoraResult, Operator, Param, TensorTask, generator, register
+from . import registry
+from .registry import LoraResult, LoraTask, Operator, Param, TensorTask, generator, register
 from .ties_dare import random_drop, ties
 
 INNER_METHODS = ("task_arithmetic", "mean", "ties", "dare_ties", "tsv")
@@ -258,9 +259,12 @@ def tsv_merge(mats: Sequence[torch.Tensor], keep: Sequence[int] | None = None) -
 
 
 def _ties_task(name: str, inputs: list[torch.Tensor], weights, densities, normalize, trim_rule) -> TensorTask:
-    params = {"lambda": 1.0, "normalize": normalize, "trim_rule": trim_rule, "rescale": False,
-              "int8_mask": False, "seed": 0}
-    mps = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    # the cores as a TensorTask of the dense ``ties`` operator, its parameters resolved by its schema
+    op = registry.get("ties")
+    params = op.resolve_params({"lambda": 1.0, "normalize": normalize, "trim_rule": trim_rule,
+                                "rescale": False, "int8_mask": False})
+    mps = [op.resolve_model_params({"weight": w, "density": d}, f"task {t}")
+           for t, (w, d) in enumerate(zip(weights, densities))]
     return TensorTask(name, None, inputs, params, mps)
 
 
@@ -433,37 +437,34 @@ def full_space_merge(
 # ----------------------------------------------------------------------------- the operator
 
 
-def core_space(task: Any) -> LoraResult:
-    """The registered operator: one LoraTask (one adapted module) -> merged low-rank factors."""
-    if hasattr(task, "inputs"):
-        raise UserError(
-            f"core_space: tensor '{task.name}' comes from a full checkpoint; core_space merges LoRA "
-            "adapters only (give LoRA adapters, or use a dense method such as ties)"
-        )
+def core_space(task: LoraTask) -> LoraResult:
+    """The registered operator: one LoraTask (one adapted module) -> merged low-rank factors.
+
+    LoRA inputs only: the plan refuses full checkpoints before any tensor is read."""
     p = task.params
     T = len(task.factors)
-    mps = list(task.model_params) or [{} for _ in range(T)]
+    mps = task.model_params
     if len(mps) != T:
         raise UserError(f"core_space: module '{task.name}': {len(mps)} model parameter sets for {T} tasks")
-    index = list(getattr(task, "model_index", None) or [])
+    index = list(task.model_index)
     A, B, report = core_space_merge(
         task.factors,
-        p.get("inner_method", "task_arithmetic"),
-        lam=p.get("lambda", 1.0),
-        isotropize_result=p.get("isotropize", False),
+        p.inner_method,
+        lam=p["lambda"],
+        isotropize_result=p.isotropize,
         name=task.name,
-        weights=[mp.get("weight", 1.0) for mp in mps],
-        density=p.get("density", 0.3),
-        densities=[mp.get("density") for mp in mps],
-        dare_density=p.get("dare_density", 0.7),
-        rescale=p.get("rescale", True),
-        normalize=p.get("normalize", True),
-        trim_rule=p.get("trim_rule", "kthvalue"),
-        seed=p.get("seed", 0),
+        weights=[mp.weight for mp in mps],
+        density=p.density,
+        densities=[mp.density for mp in mps],
+        dare_density=p.dare_density,
+        rescale=p.rescale,
+        normalize=p.normalize,
+        trim_rule=p.trim_rule,
+        seed=p.seed,
         model_index=index if len(index) == T else None,
-        tsv_keep=p.get("tsv_keep", "uniform"),
+        tsv_keep=p.tsv_keep,
     )
-    names = list(getattr(task, "model_names", None) or [])
+    names = list(task.model_names)
     if len(names) == T:
         report["tasks"] = names
     return LoraResult(A=A, B=B, report=report)
