@@ -84,7 +84,7 @@ import torch
 
 from ..errors import UserError
 from .kernels.kmeans import EMPTY_POLICIES, KMeansResult, kmeans  # noqa: F401  (KMeansResult: lego API)
-from .registry import LoraResult, Operator, Param, generator, register
+from .registry import LoraResult, LoraTask, Operator, Param, generator, register
 
 NORMS = ("inf", "2")
 REF_RULES = ("mean", "max", "min")
@@ -448,31 +448,29 @@ def lego_merge(
 # ----------------------------------------------------------------------------- the operator
 
 
-def lora_lego(task: Any) -> LoraResult:
-    """The registered operator: one LoraTask (one adapted module) -> the merged rank-k factors."""
-    if hasattr(task, "inputs"):
-        raise UserError(
-            f"lora_lego: tensor '{task.name}' comes from a full checkpoint; lora_lego merges LoRA "
-            "adapters only (its `rank` is the merged rank k, not an SVD extraction rank)"
-        )
+def lora_lego(task: LoraTask) -> LoraResult:
+    """The registered operator: one LoraTask (one adapted module) -> the merged rank-k factors.
+
+    LoRA inputs only: the plan refuses full checkpoints before any tensor is read (``rank`` is the
+    merged rank k, not an SVD extraction rank)."""
     p = task.params
-    index = list(getattr(task, "model_index", None) or [])
+    index = list(task.model_index)
     A, B, report = lego_merge(
         task.factors,
-        p.get("rank"),
-        param_reweight=p.get("param_reweight", True),
-        output_reweight=p.get("output_reweight", True),
-        norm=p.get("norm", "inf"),
-        ref_rank=p.get("ref_rank", "mean"),
-        seed=p.get("seed", 0),
-        n_init=p.get("n_init", 10),
-        max_iter=p.get("max_iter", 300),
-        tol=p.get("tol", 1e-4),
-        features=p.get("features", "raw"),
-        sort_pool=p.get("sort_pool", True),
-        canonicalize_sign=p.get("canonicalize_sign", False),
-        balance_msu=p.get("balance_msu", False),
-        empty_clusters=p.get("empty_clusters", "reseed"),
+        p.rank,
+        param_reweight=p.param_reweight,
+        output_reweight=p.output_reweight,
+        norm=p.norm,
+        ref_rank=p.ref_rank,
+        seed=p.seed,
+        n_init=p.n_init,
+        max_iter=p.max_iter,
+        tol=p.tol,
+        features=p.features,
+        sort_pool=p.sort_pool,
+        canonicalize_sign=p.canonicalize_sign,
+        balance_msu=p.balance_msu,
+        empty_clusters=p.empty_clusters,
         name=task.name,
         model_ids=index if len(index) == len(task.factors) else None,
     )
