@@ -133,15 +133,13 @@ def module_result(plan, key: str) -> registry.LoraResult:
     operators their exact low-rank form when they have one, else the dense delta."""
     import torch
 
-    from .inputs import dense_task, lora_task, model_tensor, task_vectors
+    from .inputs import dense_task, lora_task, model_tensor, svd_task
 
     op = plan.op
     if op.input_kind == "lora":
-        if not plan.lora_models:  # full fine-tunes: the operator extracts its factors (PT-SVD)
-            task = dense_task(plan, key, None)
-            task.inputs = task_vectors(plan, key)
-            return op.fn(task)
-        return op.fn(lora_task(plan, key, all_models=False))
+        # full fine-tunes (the plan allows them only with the operator's dense_rank_param): their
+        # task vectors truncated by SVD to factors (PT-SVD); the operator sees factors either way
+        return op.fn(lora_task(plan, key, all_models=False) if plan.lora_models else svd_task(plan, key))
     if op.lora_fn is not None:
         return op.lora_fn(lora_task(plan, key, all_models=True))
     base = plan.base.source.get(key).to(torch.float32)

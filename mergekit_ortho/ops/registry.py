@@ -162,6 +162,9 @@ class LoraTask:
     model_index: list[int] = field(default_factory=list)
     model_names: list[str] = field(default_factory=list)
     base: "torch.Tensor | None" = None  # the base weight, when a base model is given
+    # set when the factors are full fine-tunes' task vectors truncated by SVD to this rank (PT-SVD,
+    # the operator's ``dense_rank_param``); None: the factors are LoRA adapters'
+    svd_rank: int | None = None
 
 
 @dataclass
