@@ -57,8 +57,10 @@ def _check_finite(name: str, value, inputs_hint: str) -> None:
         tensors = [value]
     elif isinstance(value, registry.LoraResult):
         tensors = [value.A, value.B, value.delta]
+    elif isinstance(value, registry.BundleEntry):
+        tensors = list(value.tensors.values())
     else:
-        tensors = list(getattr(value, "tensors", {}).values())
+        tensors = []
     for t in tensors:
         # one reduction first: a NaN/Inf anywhere makes the sum non-finite; only then look closer
         # (a finite tensor whose sum overflows passes the full check)
@@ -175,17 +177,12 @@ def lowrank_result(plan, key: str) -> tuple[registry.LoraResult, dict]:
     return registry.LoraResult(A=A, B=B), rep
 
 
-@dataclass
-class BundleEntry:
-    """One module of a bundle: its tensors (local names) for the bundle file."""
-
-    tensors: dict[str, Any]
-
-
-def bundle_result(plan, key: str) -> tuple[BundleEntry, dict]:
+def bundle_result(plan, key: str) -> tuple[registry.BundleEntry, dict]:
+    """A bundle method's module: its bundle tensors (the result's typed field) and its report."""
     res = module_result(plan, key)
-    report = dict(res.report)
-    return BundleEntry(report.pop("rmm_tensors")), report
+    if res.bundle is None:
+        raise RuntimeError(f"method '{plan.op.name}' writes a bundle but gave no bundle tensors for '{key}'")
+    return res.bundle, dict(res.report)
 
 
 def full_item(plan) -> Callable[[str], tuple[Any, dict | None]]:

@@ -55,7 +55,7 @@ import torch
 from ..errors import UserError
 from .errors import BadParameters
 from .lowrank import TIE_RTOL, canonical_sign  # noqa: F401  (TIE_RTOL: the sign gauge's tie tolerance)
-from .registry import LoraResult, LoraTask, Operator, Param, register
+from .registry import BundleEntry, LoraResult, LoraTask, Operator, Param, register
 
 SIDES = ("left", "right")
 _EPS64 = torch.finfo(torch.float64).eps
@@ -336,10 +336,10 @@ def rmm(task: LoraTask) -> LoraResult:
     """Per-module RMM on a LoraTask: LoRA factors, or full fine-tunes' task vectors truncated by
     SVD to ``rank`` by the executor (PT-SVD, ``task.svd_rank`` set).
 
-    Returns a LoraResult without A/B/delta: RMM's output is a bundle, not one adapter. The report
-    holds the JSON-safe stats plus ``tasks`` (coefficient-row order) and, under ``rmm_tensors``,
-    the module's basis tensors (local names) - the engine pops those and hands them to
-    :func:`mergekit_ortho.bundle.write_bundle`.
+    Returns a LoraResult without A/B/delta: RMM's output is a bundle, not one adapter. ``bundle``
+    holds the module's basis tensors (local names), which the executor hands to
+    :func:`mergekit_ortho.bundle.write_bundle`; the report the JSON-safe stats plus ``tasks``
+    (coefficient-row order).
     """
     p = task.params
     warnings = []
@@ -353,8 +353,8 @@ def rmm(task: LoraTask) -> LoraResult:
         pad_ranks=p.pad_ranks,
     )
     stats["warnings"] = warnings + stats["warnings"]
-    report = {"tasks": task_names(task, len(task.factors)), **stats, "rmm_tensors": tensors}
-    return LoraResult(report=report)
+    report = {"tasks": task_names(task, len(task.factors)), **stats}
+    return LoraResult(report=report, bundle=BundleEntry(tensors))
 
 
 register(
