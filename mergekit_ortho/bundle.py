@@ -91,13 +91,13 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Assemble the manifest from the per-module reports of the ``rmm`` operator.
 
-    ``module_reports[M]`` is the operator's report for module M (``rmm_tensors`` is dropped here
-    if still present). ``tasks`` is the global task order (recipe model names).
+    ``module_reports[M]`` is the operator's report for module M (JSON-safe; its tensors travel
+    in ``LoraResult.bundle``). ``tasks`` is the global task order (recipe model names).
     """
     modules = {}
     stored = full = 0
     for key, rep in module_reports.items():
-        entry = {k: v for k, v in rep.items() if k != "rmm_tensors"}
+        entry = dict(rep)
         missing = [k for k in _MODULE_KEYS if k not in entry]
         if missing:
             raise ValueError(f"RMM module report '{key}' lacks {', '.join(missing)}")

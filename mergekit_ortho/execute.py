@@ -57,8 +57,10 @@ def _check_finite(name: str, value, inputs_hint: str) -> None:
         tensors = [value]
     elif isinstance(value, registry.LoraResult):
         tensors = [value.A, value.B, value.delta]
+    elif isinstance(value, registry.BundleEntry):
+        tensors = list(value.tensors.values())
     else:
-        tensors = list(getattr(value, "tensors", {}).values())
+        tensors = []
     for t in tensors:
         # one reduction first: a NaN/Inf anywhere makes the sum non-finite; only then look closer
         # (a finite tensor whose sum overflows passes the full check)
@@ -136,15 +138,13 @@ def module_result(plan, key: str) -> registry.LoraResult:
     operators their exact low-rank form when they have one, else the dense delta."""
     import torch
 
-    from .inputs import dense_task, lora_task, model_tensor, task_vectors
+    from .inputs import dense_task, lora_task, model_tensor, svd_task
 
     op = plan.op
     if op.input_kind == "lora":
-        if not plan.lora_models:  # full fine-tunes: the operator extracts its factors (PT-SVD)
-            task = dense_task(plan, key, None)
-            task.inputs = task_vectors(plan, key)
-            return op.fn(task)
-        return op.fn(lora_task(plan, key, all_models=False))
+        # full fine-tunes (the plan allows them only with the operator's dense_rank_param): their
+        # task vectors truncated by SVD to factors (PT-SVD); the operator sees factors either way
+        return op.fn(lora_task(plan, key, all_models=False) if plan.lora_models else svd_task(plan, key))
     if op.lora_fn is not None:
         return op.lora_fn(lora_task(plan, key, all_models=True))
     base = plan.base.source.get(key).to(torch.float32)
@@ -180,17 +180,12 @@ def lowrank_result(plan, key: str) -> tuple[registry.LoraResult, dict]:
     return registry.LoraResult(A=A, B=B), rep
 
 
-@dataclass
-class BundleEntry:
-    """One module of a bundle: its tensors (local names) for the bundle file."""
-
-    tensors: dict[str, Any]
-
-
-def bundle_result(plan, key: str) -> tuple[BundleEntry, dict]:
+def bundle_result(plan, key: str) -> tuple[registry.BundleEntry, dict]:
+    """A bundle method's module: its bundle tensors (the result's typed field) and its report."""
     res = module_result(plan, key)
-    report = dict(res.report)
-    return BundleEntry(report.pop("rmm_tensors")), report
+    if res.bundle is None:
+        raise RuntimeError(f"method '{plan.op.name}' writes a bundle but gave no bundle tensors for '{key}'")
+    return res.bundle, dict(res.report)
 
 
 def full_item(plan) -> Callable[[str], tuple[Any, dict | None]]:

@@ -78,9 +78,42 @@ def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
     return registry.LoraTask(key, factors, plan.params, params, index, names, base)
 
 
+def svd_task(plan: "Plan", key: str) -> registry.LoraTask:
+    """One module of full fine-tunes as a low-rank operator sees it (PT-SVD): every model's task
+    vector truncated by SVD to the rank its ``dense_rank_param`` names, as factors."""
+    base = None
+    if plan.op.needs_base and plan.base is not None:
+        import torch
+
+        base = plan.base.source.get(key).to(torch.float32)
+    return lora_task_from_deltas(plan.op, key, task_vectors(plan, key), plan.params,
+                                 [m.params for m in plan.models], [m.label for m in plan.models], base)
+
+
+def lora_task_from_deltas(op: registry.Operator, key: str, deltas: list, params: registry.Params,
+                          model_params: list[registry.Params], model_names: list[str],
+                          base=None) -> registry.LoraTask:
+    """Dense task vectors (one per model, in model order) -> the LoraTask of a low-rank operator
+    that takes full fine-tunes: each truncated by SVD (:func:`.ops.lowrank.factors_from_deltas`)
+    to the rank given by the operator's ``dense_rank_param``."""
+    from .errors import UserError
+    from .ops import lowrank
+
+    if op.dense_rank_param is None:
+        raise RuntimeError(f"method '{op.name}' takes LoRA inputs only; the plan should have refused "
+                           "full checkpoints")
+    rank = params[op.dense_rank_param]
+    if rank is None:
+        raise UserError(f"{op.name}: tensor '{key}' comes from a full fine-tune; set the method parameter "
+                        f"`{op.dense_rank_param}` (truncated-SVD rank of each task vector, PT-SVD)")
+    factors = lowrank.factors_from_deltas(deltas, rank, key, op.name)
+    return registry.LoraTask(key, factors, params, list(model_params), list(range(len(factors))),
+                             list(model_names), base, svd_rank=rank)
+
+
 def task_vectors(plan: "Plan", key: str) -> list:
     """Every model's task vector of ``key`` at once, float32 (full fine-tunes given to a low-rank
-    operator, which extracts its own factors from them)."""
+    operator: :func:`svd_task` extracts their factors)."""
     import torch
 
     base = plan.base.source.get(key).to(torch.float32)

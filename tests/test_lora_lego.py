@@ -12,7 +12,7 @@ import torch
 from mergekit_ortho.errors import UserError
 from mergekit_ortho.ops import lora_lego as L
 from mergekit_ortho.ops import registry
-from mergekit_ortho.ops.registry import LoraTask, TensorTask
+from mergekit_ortho.ops.registry import LoraTask
 
 
 def rand_factors(ranks, d_out=7, d_in=5, seed=0, alphas=None):
@@ -98,7 +98,7 @@ def test_1_concatenation_summation(seed):
     # the operator, through a LoraTask with resolved parameters
     op = registry.get("lora_lego")
     res = op.fn(LoraTask("m.weight", factors, op.resolve_params({"rank": N, "output_reweight": False}),
-                         [{}] * 4, [0, 1, 2, 3]))
+                         [op.resolve_model_params({}, f"m{i}") for i in range(4)], [0, 1, 2, 3]))
     assert rel_err(delta(res.A, res.B), ref) < 1e-5
 
 
@@ -252,7 +252,7 @@ def test_7_peft_adapter_reloads_with_scale_1(tmp_path):
     modules = {}
     for key in ("l1.weight", "l2.weight"):
         factors = [s.factors_for(key, fold="sqrt") for s in srcs]
-        res = op.fn(LoraTask(key, factors, params, [{}, {}], [0, 1]))
+        res = op.fn(LoraTask(key, factors, params, [op.resolve_model_params({}, m) for m in "ab"], [0, 1]))
         assert res.A.shape[0] == 4 == res.report["k"]
         modules[key] = (res.A, res.B)
     tensors, cfg = to_peft(modules, None, shapes=shapes, layouts=layouts_of(srcs))
@@ -419,7 +419,8 @@ def test_registered_with_schema():
 def test_operator_report_uses_model_index():
     factors = clustered_factors(seed=4, n=2)
     op = registry.get("lora_lego")
-    res = op.fn(LoraTask("blk.0.q.weight", factors, op.resolve_params({"rank": 3}), [{}, {}], [5, 7]))
+    res = op.fn(LoraTask("blk.0.q.weight", factors, op.resolve_params({"rank": 3}),
+                         [op.resolve_model_params({}, m) for m in "ab"], [5, 7]))
     assert {i for c in res.report["members"] for i, _ in c} == {5, 7}
     assert res.A.dtype == torch.float32 and res.A.shape == (3, 6) and res.B.shape == (5, 3)
 
@@ -437,7 +438,7 @@ def test_bad_input_names_the_module(factors, match):
     assert "model.layers.3.mlp.up_proj.weight" in str(e.value)
 
 
-def test_bad_parameters_and_full_checkpoints():
+def test_bad_parameters():
     factors, _ = rand_factors([2, 2])
     with pytest.raises(UserError, match="norm"):
         L.lego_merge(factors, norm="l1")
@@ -445,5 +446,14 @@ def test_bad_parameters_and_full_checkpoints():
         L.lego_merge(factors, 0, name="m")
     with pytest.raises(UserError, match="ref_rank"):
         L.lego_merge(factors, ref_rank="avg")
-    with pytest.raises(UserError, match="full checkpoint"):
-        L.lora_lego(TensorTask("w.weight", None, [torch.randn(3, 3)], {"rank": 2}, [{}]))
+
+
+def test_full_checkpoints_are_refused_by_the_plan(tiny_models):
+    # LoRA inputs only: the plan refuses a full checkpoint before the operator (or a tensor read)
+    from mergekit_ortho import plan, recipe
+
+    r = recipe.from_dict({"merge_method": "lora_lego", "base_model": str(tiny_models["base"]),
+                          "models": [{"model": str(tiny_models["a"])}], "parameters": {"rank": 2}})
+    with pytest.raises(UserError, match="full checkpoint") as e:
+        plan.build_plan(r)
+    assert "\n" not in str(e.value) and "lora_lego" in str(e.value)

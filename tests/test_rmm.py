@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from mergekit_ortho import bundle as B
+from mergekit_ortho.inputs import lora_task_from_deltas
+from mergekit_ortho.ops import lowrank
 from mergekit_ortho.ops import rmm as R
-from mergekit_ortho.ops.registry import LoraTask, TensorTask, get
+from mergekit_ortho.ops.registry import LoraTask, get
 
 
 def rand_factors(n=4, d_out=6, d_in=5, r=3, seed=0, dtype=torch.float32):
@@ -231,10 +233,10 @@ def test_bad_shapes():
 def test_svd_factors():
     g = torch.Generator().manual_seed(12)
     d = torch.randn(7, 5, generator=g)
-    A, Bm = R.svd_factors(d, 5)
+    A, Bm = lowrank.svd_factors(d, 5)
     assert A.shape == (5, 5) and Bm.shape == (7, 5) and A.dtype == torch.float32
     assert (Bm @ A - d).abs().max() < 1e-5
-    A2, B2 = R.svd_factors(d, 2)
+    A2, B2 = lowrank.svd_factors(d, 2)
     best = torch.linalg.svdvals(d.double())
     err = float((B2.double() @ A2.double() - d.double()).pow(2).sum())
     assert err == pytest.approx(float(best[2:].pow(2).sum()), rel=1e-5)
@@ -242,12 +244,12 @@ def test_svd_factors():
     assert (B2[idx, torch.arange(2)] > 0).all()  # canonical sign of each u
     # balanced split: ||b_q|| = ||a_q|| = sqrt(sigma_q)
     assert torch.allclose(B2.norm(dim=0), A2.norm(dim=1), atol=1e-5)
-    An, Bn = R.svd_factors(-d, 2)  # sign gauge: u stays canonical, v absorbs the flip
+    An, Bn = lowrank.svd_factors(-d, 2)  # sign gauge: u stays canonical, v absorbs the flip
     assert torch.allclose(Bn, B2, atol=1e-5) and torch.allclose(An, -A2, atol=1e-5)
-    A9, _ = R.svd_factors(d, 9)
+    A9, _ = lowrank.svd_factors(d, 9)
     assert A9.shape[0] == 5  # clamped to min(d_out, d_in)
     with pytest.raises(ValueError, match="2-D"):
-        R.svd_factors(torch.ones(3), 1)
+        lowrank.svd_factors(torch.ones(3), 1)
 
 
 # ----------------------------------------------------------------------------- the operator
@@ -259,14 +261,15 @@ def test_operator_lora_task():
     params = op.resolve_params({"basis_size": 3})
     assert params == {"basis_size": 3, "center": True, "rank": None, "pad_ranks": False}
     f = rand_factors()
-    task = LoraTask(name="l.q.weight", factors=f, params=params, model_params=[{}] * 4,
+    task = LoraTask(name="l.q.weight", factors=f, params=params,
+                    model_params=[op.resolve_model_params({}, m) for m in "abcd"],
                     model_index=[0, 1, 2, 3], model_names=["a", "b", "c", "d"])
     res = op.fn(task)
     assert res.A is None and res.B is None and res.delta is None
     rep = res.report
     assert rep["tasks"] == ["a", "b", "c", "d"] and rep["p"] == 3
-    tensors = rep.pop("rmm_tensors")
-    json.dumps(rep, allow_nan=False)  # the rest is JSON-safe
+    tensors = res.bundle.tensors
+    json.dumps(rep, allow_nan=False)  # the report is JSON-safe (the tensors are in res.bundle)
     assert R.reconstruction_error(f, tensors)["max_abs_delta"] < 1e-5
 
 
@@ -275,16 +278,19 @@ def test_operator_dense_task_ptsvd():
     g = torch.Generator().manual_seed(13)
     ds = [torch.randn(6, 5, generator=g) for _ in range(3)]
     params = op.resolve_params({"rank": 5, "basis_size": 2})
-    task = TensorTask(name="w", base=None, inputs=ds, params=params, model_params=[{}] * 3,
-                      model_names=["x", "y", "z"])
-    rep = op.fn(task).report
-    t = rep["rmm_tensors"]
+    mps = [op.resolve_model_params({}, m) for m in "xyz"]
+    # the executor's PT-SVD: the task vectors truncated to `rank` become the operator's factors
+    task = lora_task_from_deltas(op, "w", ds, params, mps, ["x", "y", "z"])
+    assert task.svd_rank == 5 and task.factors[0][0].shape == (5, 5)
+    res = op.fn(task)
+    rep = res.report
+    assert rep["tasks"] == ["x", "y", "z"] and not any("rank applies" in w for w in rep["warnings"])
+    t = res.bundle.tensors
     for i, d in enumerate(ds):
         A, Bm = R.revert_module(t, i)
         assert (Bm @ A - d).abs().max() < 1e-5
     with pytest.raises(ValueError, match="rank"):
-        op.fn(TensorTask(name="w", base=None, inputs=ds, params=op.resolve_params({}),
-                         model_params=[{}] * 3))
+        lora_task_from_deltas(op, "w", ds, op.resolve_params({}), mps, ["x", "y", "z"])
     with pytest.raises(ValueError, match=">= 0"):
         op.resolve_params({"basis_size": -1})
 

@@ -75,7 +75,8 @@ Toolkit decisions (spec "Design decisions" + choices made here), all deliberate:
   A = V_ref^T form whenever M* is rank deficient or the core is rectangular), and leaves A with
   orthonormal rows (B carries the magnitudes, like the toolkit's other factor outputs).
 
-Public API: :func:`check_factors`, :func:`core_bases`, :func:`core_matrices`, :func:`decompose`
+The inner rules live in :mod:`.core_space_inner` (re-exported here). Public API:
+:func:`check_factors`, :func:`core_bases`, :func:`core_matrices`, :func:`decompose`
 (-> :class:`CoreSpace`), :func:`merge_matrices` (any rule on any list of equal-shape matrices),
 :func:`tsv_merge`, :func:`polar_factor`, :func:`isotropize`, :func:`fold_factors`,
 :func:`core_space_merge` (factors -> (A, B, report)), :func:`full_space_merge` (the same rules on
@@ -89,12 +90,18 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
-from .registry import LoraResult, Operator, Param, Params, TensorTask, generator, register
-from .ties_dare import random_drop, ties
+# the inner rules on the cores (and on dense deltas for the full-space reference); re-exported
+from .core_space_inner import (  # noqa: F401
+    INNER_METHODS,
+    TRIM_RULES,
+    TSV_KEEP,
+    merge_matrices,
+    polar_factor,
+    tsv_keep_counts,
+    tsv_merge,
+)
+from .registry import LoraResult, LoraTask, Operator, Param, register
 
-INNER_METHODS = ("task_arithmetic", "mean", "ties", "dare_ties", "tsv")
-TSV_KEEP = ("uniform", "rank")
-TRIM_RULES = ("kthvalue", "topk")
 _EPS64 = torch.finfo(torch.float64).eps
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -137,15 +144,6 @@ def check_factors(factors: Factors, name: str = "module") -> tuple[int, int, lis
 def _finite(x: torch.Tensor) -> bool:
     # a sum is finite when every entry is (cheap); a huge finite sum can overflow: then check all
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
-def _weights(weights: Sequence[float] | None, T: int, name: str) -> list[float]:
-    if weights is None:
-        return [1.0] * T
-    w = [float(x) for x in weights]
-    if len(w) != T:
-        raise UserError(f"core_space: module '{name}': {len(w)} weights for {T} tasks")
-    return w
 
 
 # ----------------------------------------------------------------------------- bases and cores
@@ -198,15 +196,7 @@ def decompose(factors: Factors, name: str = "module", dtype: torch.dtype = torch
     return CoreSpace(U_ref, V_ref, tuple(core_matrices(factors, U_ref, V_ref)), tuple(ranks))
 
 
-# ----------------------------------------------------------------------------- rules
-
-
-def polar_factor(X: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor U V^T of X's thin SVD (orthonormal columns, or rows if wide)."""
-    if X.numel() == 0:
-        return X.clone()
-    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
-    return U @ Vh
+# ----------------------------------------------------------------------------- isotropization
 
 
 def isotropize(M: torch.Tensor) -> torch.Tensor:
@@ -215,121 +205,6 @@ def isotropize(M: torch.Tensor) -> torch.Tensor:
         return M.clone()
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return (U * S.mean()) @ Vh
-
-
-def tsv_keep_counts(
-    T: int, shape: tuple[int, int], tsv_keep: str = "uniform", ranks: Sequence[int] | None = None
-) -> list[int]:
-    """Triplets kept per task: floor(min(shape)/T) each (``uniform``, the reference), or each
-    task's LoRA rank capped at min(shape) (``rank``)."""
-    k = min(shape)
-    if tsv_keep == "uniform":
-        return [k // T] * T
-    if tsv_keep == "rank":
-        if ranks is None or len(ranks) != T:
-            raise UserError("core_space: tsv_keep 'rank' needs one rank per task")
-        return [min(int(r), k) for r in ranks]
-    raise UserError(f"core_space: tsv_keep must be one of {', '.join(TSV_KEEP)}, got {tsv_keep!r}")
-
-
-def tsv_merge(mats: Sequence[torch.Tensor], keep: Sequence[int] | None = None) -> torch.Tensor:
-    """Task Singular Vectors merge of equal-shape matrices (B2 table, ``tsv``).
-
-    SVD of each matrix, keep its first ``keep[t]`` triplets (default floor(min(shape)/T) each),
-    concatenate the U blocks (columns) and the V blocks (rows), replace both concatenations by
-    their polar factors and rebuild P_U diag(S) P_V. The inputs are not modified."""
-    T = len(mats)
-    shape = tuple(mats[0].shape)
-    if keep is None:
-        keep = tsv_keep_counts(T, shape)
-    Us, Ss, Vhs = [], [], []
-    for M, c in zip(mats, keep):
-        if c <= 0:
-            continue
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        Us.append(U[:, :c])
-        Ss.append(S[:c])
-        Vhs.append(Vh[:c])
-    if not Us:
-        return mats[0].new_zeros(shape)
-    P_U = polar_factor(torch.cat(Us, dim=1))
-    P_V = polar_factor(torch.cat(Vhs, dim=0))
-    return (P_U * torch.cat(Ss)) @ P_V
-
-
-def _ties_task(name: str, inputs: list[torch.Tensor], weights, densities, normalize, trim_rule) -> TensorTask:
-    params = Params({"lambda": 1.0, "normalize": normalize, "trim_rule": trim_rule, "rescale": False,
-                     "int8_mask": False, "seed": 0})
-    mps = [Params(weight=w, density=d) for w, d in zip(weights, densities)]
-    return TensorTask(name, None, inputs, params, mps)
-
-
-def merge_matrices(
-    mats: Sequence[torch.Tensor],
-    inner_method: str = "task_arithmetic",
-    *,
-    weights: Sequence[float] | None = None,
-    density: float = 0.3,
-    densities: Sequence[float | None] | None = None,
-    dare_density: float = 0.7,
-    rescale: bool = True,
-    normalize: bool = True,
-    trim_rule: str = "kthvalue",
-    seed: int = 0,
-    name: str = "module",
-    model_index: Sequence[int] | None = None,
-    tsv_keep: str = "uniform",
-    ranks: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Apply one inner rule to equal-shape matrices (cores, or dense deltas for full space).
-
-    No lambda and no isotropization here. ``mats`` are never modified. ``densities`` (per task,
-    None entries fall back to ``density``) are TIES top-K fractions; ``dare_density`` is DARE's
-    keep probability; DARE masks are drawn per (seed, name, model_index[t]) (default index t)."""
-    T = len(mats)
-    if T == 0:
-        raise UserError(f"core_space: module '{name}' has no task matrices")
-    w = _weights(weights, T, name)
-    if inner_method == "task_arithmetic":
-        out = mats[0] * w[0]
-        for M, wt in zip(mats[1:], w[1:]):
-            out = out.add(M, alpha=wt)
-        return out
-    if inner_method == "mean":
-        total = sum(w)
-        if abs(total) < 1e-12:
-            raise UserError(f"core_space: module '{name}': the weights sum to 0; 'mean' is undefined")
-        return merge_matrices(mats, "task_arithmetic", weights=w, name=name) / total
-    if inner_method in ("ties", "dare_ties"):
-        if trim_rule not in TRIM_RULES:
-            raise UserError(f"core_space: trim_rule must be one of {', '.join(TRIM_RULES)}, got {trim_rule!r}")
-        ds = [density] * T if densities is None else [density if d is None else d for d in densities]
-        if len(ds) != T:
-            raise UserError(f"core_space: module '{name}': {len(ds)} densities for {T} tasks")
-        for d in ds + ([dare_density] if inner_method == "dare_ties" else []):
-            if not 0.0 <= d <= 1.0:
-                raise UserError(f"core_space: module '{name}': densities must lie in [0, 1], got {d}")
-        if inner_method == "ties":
-            inputs = [M.clone(memory_format=torch.contiguous_format) for M in mats]
-        else:
-            idx = list(model_index) if model_index is not None else list(range(T))
-            if len(idx) != T:
-                raise UserError(f"core_space: module '{name}': {len(idx)} model indices for {T} tasks")
-            inputs = [
-                random_drop(M.contiguous(), dare_density, generator(seed, f"{name}\x00{i}", M.device), rescale)
-                for M, i in zip(mats, idx)
-            ]
-        # ties() trims to each density, weights, elects signs and takes the disjoint mean/sum;
-        # it works in place on ``inputs`` (our copies), never on the cached cores
-        return ties(_ties_task(name, inputs, w, ds, normalize, trim_rule))
-    if inner_method == "tsv":
-        keep = tsv_keep_counts(T, tuple(mats[0].shape), tsv_keep, ranks)
-        scaled = [M if wt == 1.0 else M * wt for M, wt in zip(mats, w)]
-        return tsv_merge(scaled, keep)
-    raise UserError(
-        f"core_space: module '{name}': unknown inner_method {inner_method!r} "
-        f"(choose one of {', '.join(INNER_METHODS)})"
-    )
 
 
 # ----------------------------------------------------------------------------- output
@@ -433,37 +308,34 @@ def full_space_merge(
 # ----------------------------------------------------------------------------- the operator
 
 
-def core_space(task: Any) -> LoraResult:
-    """The registered operator: one LoraTask (one adapted module) -> merged low-rank factors."""
-    if hasattr(task, "inputs"):
-        raise UserError(
-            f"core_space: tensor '{task.name}' comes from a full checkpoint; core_space merges LoRA "
-            "adapters only (give LoRA adapters, or use a dense method such as ties)"
-        )
+def core_space(task: LoraTask) -> LoraResult:
+    """The registered operator: one LoraTask (one adapted module) -> merged low-rank factors.
+
+    LoRA inputs only: the plan refuses full checkpoints before any tensor is read."""
     p = task.params
     T = len(task.factors)
-    mps = list(task.model_params) or [{} for _ in range(T)]
+    mps = task.model_params
     if len(mps) != T:
         raise UserError(f"core_space: module '{task.name}': {len(mps)} model parameter sets for {T} tasks")
-    index = list(getattr(task, "model_index", None) or [])
+    index = list(task.model_index)
     A, B, report = core_space_merge(
         task.factors,
-        p.get("inner_method", "task_arithmetic"),
-        lam=p.get("lambda", 1.0),
-        isotropize_result=p.get("isotropize", False),
+        p.inner_method,
+        lam=p["lambda"],
+        isotropize_result=p.isotropize,
         name=task.name,
-        weights=[mp.get("weight", 1.0) for mp in mps],
-        density=p.get("density", 0.3),
-        densities=[mp.get("density") for mp in mps],
-        dare_density=p.get("dare_density", 0.7),
-        rescale=p.get("rescale", True),
-        normalize=p.get("normalize", True),
-        trim_rule=p.get("trim_rule", "kthvalue"),
-        seed=p.get("seed", 0),
+        weights=[mp.weight for mp in mps],
+        density=p.density,
+        densities=[mp.density for mp in mps],
+        dare_density=p.dare_density,
+        rescale=p.rescale,
+        normalize=p.normalize,
+        trim_rule=p.trim_rule,
+        seed=p.seed,
         model_index=index if len(index) == T else None,
-        tsv_keep=p.get("tsv_keep", "uniform"),
+        tsv_keep=p.tsv_keep,
     )
-    names = list(getattr(task, "model_names", None) or [])
+    names = list(task.model_names)
     if len(names) == T:
         report["tasks"] = names
     return LoraResult(A=A, B=B, report=report)

@@ -1,5 +1,5 @@
-"""Low-rank algebra shared by the LoRA paths: exact truncation of a factored product, and
-factorising a dense delta.
+"""Low-rank algebra shared by the LoRA paths: exact truncation of a factored product,
+factorising a dense delta, and PT-SVD (full fine-tunes' task vectors as factors).
 
 Not an operator. ``truncate`` is the exact truncated SVD of ``B @ A`` computed from the factors
 (QR of each factor, SVD of the small R x R core), so a rank-R adapter is never densified:
@@ -13,12 +13,22 @@ seconds -- and reports the error it actually makes (exact: ||D||^2 - sum of the 
 Both split the singular values evenly (B = U sqrt(S), A = sqrt(S) V^T) so the two factors have
 comparable norms, and canonicalise signs (largest-|value| entry of every left singular vector
 positive) so results are reproducible across BLAS builds.
+
+``svd_factors`` / ``factors_from_deltas`` are PT-SVD (lora_lego_rmm.md B2): each task vector of a
+full fine-tune truncated by SVD to a rank r and split evenly into factors, so that a low-rank
+operator that also takes full fine-tunes (``Operator.dense_rank_param``, e.g. ``rmm``) receives
+factors like any LoRA. The executor calls them (:func:`mergekit_ortho.inputs.svd_task`); the
+operator never sees a dense task vector. Their sign gauge is :func:`canonical_sign` (the first
+largest-|value| entry of every u positive, near-ties within ``TIE_RTOL`` counted as tied).
 """
 from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .kernels.randomized_svd import OVERSAMPLE, randomized_svd
+
+TIE_RTOL = 1e-9  # entries within this relative distance of a vector's maximum |entry| count as tied
 
 
 def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,3 +88,54 @@ def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
         err = float((s[k:].double() ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
     A, B = _split(u, s, vh, k, dt)
     return A, B, err
+
+
+# ----------------------------------------------------------------------------- PT-SVD
+
+
+def canonical_sign(U: torch.Tensor, dim: int) -> torch.Tensor:
+    """+-1 per vector of U along ``dim``: makes the first (near-)largest |entry| positive."""
+    a = U.abs()
+    m = a.amax(dim=dim, keepdim=True)
+    cand = (a >= m * (1.0 - TIE_RTOL)) & (m > 0)
+    idx = torch.argmax(cand.to(torch.int8), dim=dim, keepdim=True)  # first True
+    val = torch.gather(U, dim, idx)
+    return torch.where(val < 0, -1.0, 1.0).to(U.dtype)
+
+
+def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of a 2-D task vector: (A (k x d_in), B (d_out x k)), delta ~= B @ A.
+
+    k = min(rank, d_out, d_in). B = U_k S_k^(1/2), A = S_k^(1/2) V_k^T (PT-SVD, PEFT letters),
+    each pair (u_q, v_q) flipped so that u_q's first (near-)largest |entry| is positive.
+    Computed in float64; returned in delta's dtype when that is float32/float64, else float32.
+    """
+    if delta.dim() != 2:
+        raise UserError(f"PT-SVD needs 2-D task vectors, got shape {tuple(delta.shape)}")
+    if rank < 1:
+        raise UserError(f"PT-SVD: rank must be >= 1, got {rank}")
+    out_dtype = delta.dtype if delta.dtype in (torch.float32, torch.float64) else torch.float32
+    k = min(int(rank), *delta.shape)
+    U, S, Vh = torch.linalg.svd(delta.to("cpu", torch.float64), full_matrices=False)
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    sign = canonical_sign(U, dim=0)  # (1, k)
+    U = U * sign
+    Vh = Vh * sign.T
+    root = S.clamp_min(0.0).sqrt()
+    B = (U * root).to(out_dtype).contiguous()
+    A = (root.unsqueeze(1) * Vh).to(out_dtype).contiguous()
+    return A, B
+
+
+def factors_from_deltas(
+    deltas: "list[torch.Tensor]", rank: int, name: str = "tensor", method: str = "PT-SVD"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """PT-SVD every task vector of one tensor (the full fine-tune setting of a low-rank method);
+    ``method`` names the method in the error a tensor that is not 2-D gets."""
+    for d in deltas:
+        if d.dim() != 2:
+            raise UserError(
+                f"{method}: tensor '{name}' is {d.dim()}-D; PT-SVD covers 2-D weights only - "
+                "keep 1-D tensors, embeddings and heads per task"
+            )
+    return [svd_factors(d, rank) for d in deltas]

@@ -163,16 +163,29 @@ class LoraTask:
     model_index: list[int] = field(default_factory=list)
     model_names: list[str] = field(default_factory=list)
     base: "torch.Tensor | None" = None  # the base weight, when a base model is given
+    # set when the factors are full fine-tunes' task vectors truncated by SVD to this rank (PT-SVD,
+    # the operator's ``dense_rank_param``); None: the factors are LoRA adapters'
+    svd_rank: int | None = None
+
+
+@dataclass
+class BundleEntry:
+    """One module of a bundle (a ``result == "bundle"`` method such as rmm): its tensors, keyed by
+    their local names (``left.basis``, ...), for the bundle file."""
+
+    tensors: "dict[str, torch.Tensor]"
 
 
 @dataclass
 class LoraResult:
-    """A LoRA operator's answer for one module: low-rank factors (preferred) or a dense delta."""
+    """A LoRA operator's answer for one module: low-rank factors (preferred) or a dense delta, or,
+    for a method that writes a bundle, the module's bundle tensors."""
 
     A: "torch.Tensor | None" = None  # (r x in)
     B: "torch.Tensor | None" = None  # (out x r); delta = B @ A
     delta: "torch.Tensor | None" = None  # (out x in) when the result is not low rank
-    report: dict[str, Any] = field(default_factory=dict)  # per-module facts for the merge report
+    report: dict[str, Any] = field(default_factory=dict)  # per-module JSON-safe facts for the report
+    bundle: BundleEntry | None = None  # a bundle method's tensors for this module
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,10 @@ Toolkit decisions ([I] in the spec), all deliberate:
 * errors are relative squared Frobenius errors ||X - X^||^2 / ||X||^2 (B6), for the stacked left
   factors, the stacked right factors and each task's delta B_i A_i (computed in low-rank form,
   never densified); a zero reference gives 0.0 when the error is 0 and None otherwise;
-* full fine-tunes (PT-SVD, B2): :func:`svd_factors` gives B = U_r S_r^(1/2), A = S_r^(1/2) V_r^T,
-  each singular pair sign-canonicalised like the basis columns (largest-|value| entry of u positive).
+* full fine-tunes (PT-SVD, B2; the ``rank`` parameter): the executor truncates each task vector
+  by SVD to rank r (:func:`mergekit_ortho.ops.lowrank.svd_factors`: B = U_r S_r^(1/2),
+  A = S_r^(1/2) V_r^T, each singular pair sign-canonicalised like the basis columns) and hands
+  the operator a LoraTask like any LoRA's; the operator never sees a dense task vector.
 """
 from __future__ import annotations
 
@@ -52,10 +54,10 @@ import torch
 
 from ..errors import UserError
 from .errors import BadParameters
-from .registry import LoraResult, Operator, Param, register
+from .lowrank import TIE_RTOL, canonical_sign  # noqa: F401  (TIE_RTOL: the sign gauge's tie tolerance)
+from .registry import BundleEntry, LoraResult, LoraTask, Operator, Param, register
 
 SIDES = ("left", "right")
-TIE_RTOL = 1e-9  # entries within this relative distance of the column maximum count as tied
 _EPS64 = torch.finfo(torch.float64).eps
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -130,16 +132,6 @@ def pad_factors(factors: Factors, r: int) -> list[tuple[torch.Tensor, torch.Tens
 # ----------------------------------------------------------------------------- the PCA
 
 
-def _canonical_sign(U: torch.Tensor, dim: int) -> torch.Tensor:
-    """+-1 per vector of U along ``dim``: makes the first (near-)largest |entry| positive."""
-    a = U.abs()
-    m = a.amax(dim=dim, keepdim=True)
-    cand = (a >= m * (1.0 - TIE_RTOL)) & (m > 0)
-    idx = torch.argmax(cand.to(torch.int8), dim=dim, keepdim=True)  # first True
-    val = torch.gather(U, dim, idx)
-    return torch.where(val < 0, -1.0, 1.0).to(U.dtype)
-
-
 def pca_positions(
     X: torch.Tensor, p: int, center: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +153,7 @@ def pca_positions(
     tol = max(r, n) * _EPS64 * S[:, :1]
     keep = S[:, :p] > tol  # numerically zero directions are arbitrary: store zeros
     U = U * keep.unsqueeze(1).to(U.dtype)
-    U = U * _canonical_sign(U, dim=1)
+    U = U * canonical_sign(U, dim=1)
     coef = U.transpose(1, 2) @ Xc  # (P, p, n)
     discarded = S.pow(2).sum(1) - (S[:, :p].pow(2) * keep).sum(1)
     return mean, U, coef.permute(2, 0, 1).contiguous(), discarded.clamp_min(0.0)
@@ -322,53 +314,13 @@ def reconstruction_error(
     }
 
 
-# ----------------------------------------------------------------------------- PT-SVD inputs
-
-
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD of a 2-D task vector: (A (k x d_in), B (d_out x k)), delta ~= B @ A.
-
-    k = min(rank, d_out, d_in). B = U_k S_k^(1/2), A = S_k^(1/2) V_k^T (spec B2 PT-SVD, PEFT
-    letters), each pair (u_q, v_q) flipped so that u_q's first (near-)largest |entry| is positive.
-    Computed in float64; returned in delta's dtype when that is float32/float64, else float32.
-    """
-    if delta.dim() != 2:
-        raise UserError(f"rmm: PT-SVD needs 2-D task vectors, got shape {tuple(delta.shape)}")
-    if rank < 1:
-        raise UserError(f"rmm: rank must be >= 1, got {rank}")
-    out_dtype = delta.dtype if delta.dtype in (torch.float32, torch.float64) else torch.float32
-    k = min(int(rank), *delta.shape)
-    U, S, Vh = torch.linalg.svd(delta.to("cpu", torch.float64), full_matrices=False)
-    U, S, Vh = U[:, :k], S[:k], Vh[:k]
-    sign = _canonical_sign(U, dim=0)  # (1, k)
-    U = U * sign
-    Vh = Vh * sign.T
-    root = S.clamp_min(0.0).sqrt()
-    B = (U * root).to(out_dtype).contiguous()
-    A = (root.unsqueeze(1) * Vh).to(out_dtype).contiguous()
-    return A, B
-
-
-def factors_from_deltas(
-    deltas: Sequence[torch.Tensor], rank: int, name: str = "tensor"
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """PT-SVD every task vector of one tensor (the full fine-tune setting of RMM)."""
-    for d in deltas:
-        if d.dim() != 2:
-            raise UserError(
-                f"rmm: tensor '{name}' is {d.dim()}-D; RMM covers 2-D weights only (spec B5) - "
-                "keep 1-D tensors, embeddings and heads per task"
-            )
-    return [svd_factors(d, rank) for d in deltas]
-
-
 # ----------------------------------------------------------------------------- the operator
 
 
-def task_names(task: Any, n: int) -> list[str]:
+def task_names(task: LoraTask, n: int) -> list[str]:
     """Names of the n tasks in coefficient-row order (unique; the bundle reverts by name)."""
-    names = list(getattr(task, "model_names", None) or [])
-    index = list(getattr(task, "model_index", None) or [])
+    names = list(task.model_names)
+    index = list(task.model_index)
     if len(names) == n:
         out = names
     elif len(index) == n and names and max(index) < len(names):
@@ -380,38 +332,29 @@ def task_names(task: Any, n: int) -> list[str]:
     return out
 
 
-def rmm(task: Any) -> LoraResult:
-    """Per-module RMM: a LoraTask (LoRA factors) or a TensorTask of deltas (full fine-tunes).
+def rmm(task: LoraTask) -> LoraResult:
+    """Per-module RMM on a LoraTask: LoRA factors, or full fine-tunes' task vectors truncated by
+    SVD to ``rank`` by the executor (PT-SVD, ``task.svd_rank`` set).
 
-    Returns a LoraResult without A/B/delta: RMM's output is a bundle, not one adapter. The report
-    holds the JSON-safe stats plus ``tasks`` (coefficient-row order) and, under ``rmm_tensors``,
-    the module's basis tensors (local names) - the engine pops those and hands them to
-    :func:`mergekit_ortho.bundle.write_bundle`.
+    Returns a LoraResult without A/B/delta: RMM's output is a bundle, not one adapter. ``bundle``
+    holds the module's basis tensors (local names), which the executor hands to
+    :func:`mergekit_ortho.bundle.write_bundle`; the report the JSON-safe stats plus ``tasks``
+    (coefficient-row order).
     """
-    params = task.params
+    p = task.params
     warnings = []
-    if hasattr(task, "inputs"):  # dense task vectors: the paper's PT-SVD setting
-        rank = params.get("rank")
-        if rank is None:
-            raise UserError(
-                f"rmm: tensor '{task.name}' comes from a full fine-tune; set the method "
-                "parameter `rank` (truncated-SVD rank of each task vector, spec B2 PT-SVD)"
-            )
-        factors = factors_from_deltas(task.inputs, rank, task.name)
-    else:
-        factors = task.factors
-        if params.get("rank") is not None:
-            warnings.append("parameter rank applies to full fine-tune inputs only; ignored")
+    if task.svd_rank is None and p.rank is not None:
+        warnings.append("parameter rank applies to full fine-tune inputs only; ignored")
     tensors, stats = build_module_basis(
-        factors,
-        p=params.get("basis_size", 2),
-        center=params.get("center", True),
+        task.factors,
+        p=p.basis_size,
+        center=p.center,
         name=task.name,
-        pad_ranks=params.get("pad_ranks", False),
+        pad_ranks=p.pad_ranks,
     )
     stats["warnings"] = warnings + stats["warnings"]
-    report = {"tasks": task_names(task, len(factors)), **stats, "rmm_tensors": tensors}
-    return LoraResult(report=report)
+    report = {"tasks": task_names(task, len(task.factors)), **stats}
+    return LoraResult(report=report, bundle=BundleEntry(tensors))
 
 
 register(
