@@ -57,6 +57,7 @@ def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
     of dense methods that weigh every model), with the base weight when the operator needs it."""
     import torch
 
+    given = plan.params_for(key)
     factors, index, params, names = [], [], [], []
     shape = plan.module_shapes.get(key) or tuple(plan.items[key].shape)
     rows, cols = shape[0], math.prod(shape[1:])
@@ -70,12 +71,12 @@ def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
             A, B = m.source.factors_for(key, fold=plan.op.factor_fold)
         factors.append((A, B))
         index.append(i)
-        params.append(m.params)
+        params.append(given.models[i])
         names.append(m.label)
     base = None
     if plan.op.needs_base and plan.base is not None:
         base = plan.base.source.get(key).to(torch.float32)
-    return registry.LoraTask(key, factors, plan.params, params, index, names, base)
+    return registry.LoraTask(key, factors, given.method, params, index, names, base)
 
 
 def svd_task(plan: "Plan", key: str) -> registry.LoraTask:
@@ -86,8 +87,9 @@ def svd_task(plan: "Plan", key: str) -> registry.LoraTask:
         import torch
 
         base = plan.base.source.get(key).to(torch.float32)
-    return lora_task_from_deltas(plan.op, key, task_vectors(plan, key), plan.params,
-                                 [m.params for m in plan.models], [m.label for m in plan.models], base)
+    given = plan.params_for(key)
+    return lora_task_from_deltas(plan.op, key, task_vectors(plan, key), given.method,
+                                 list(given.models), [m.label for m in plan.models], base)
 
 
 def lora_task_from_deltas(op: registry.Operator, key: str, deltas: list, params: registry.Params,
@@ -122,6 +124,7 @@ def task_vectors(plan: "Plan", key: str) -> list:
 
 def dense_task(plan: "Plan", name: str, base) -> registry.TensorTask:
     """The operator's view of one tensor; its inputs are read separately (``model_tensor``)."""
-    return registry.TensorTask(name=name, base=base, inputs=[], params=plan.params,
-                               model_params=[m.params for m in plan.models],
+    given = plan.params_for(name)
+    return registry.TensorTask(name=name, base=base, inputs=[], params=given.method,
+                               model_params=list(given.models),
                                model_names=[m.label for m in plan.models])

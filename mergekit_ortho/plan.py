@@ -32,11 +32,20 @@ class ModelInput:
     label: str
     ref: str
     source: Any  # CheckpointSource or LoraSource
-    params: dict[str, Any]
+    params: registry.Params  # its resolved per-model parameters
 
     @property
     def is_lora(self) -> bool:
         return getattr(self.source, "kind", "") == "lora"
+
+
+@dataclass(frozen=True)
+class ItemParams:
+    """The operator's parameters for one output item: the method's and each model's, resolved.
+    Items share one instance while a recipe gives the same values everywhere."""
+
+    method: registry.Params
+    models: tuple[registry.Params, ...]
 
 
 @dataclass
@@ -58,7 +67,7 @@ class PlanItem:
 class Plan:
     recipe: recipe_mod.Recipe
     op: registry.Operator
-    params: dict[str, Any]
+    params: registry.Params  # the method-level parameters (global scalars: a fold's reduce)
     base: ModelInput | None
     models: list[ModelInput]
     items: dict[str, PlanItem]
@@ -76,6 +85,15 @@ class Plan:
     extra_inputs: list[Path] = field(default_factory=list)
     # the recipe's tokenizer_source, resolved to a directory (None: base, else first model)
     tokenizer_dir: Path | None = None
+    # each merged item's parameters (tensor name, or module key for adapter / bundle outputs);
+    # an item not listed takes the plan-level ones. Values that vary by layer or name filter
+    # are resolved into this map, so a unit of work carries everything it needs.
+    item_params: dict[str, ItemParams] = field(default_factory=dict)
+
+    def params_for(self, name: str) -> ItemParams:
+        """The resolved method and model parameters of output item ``name``."""
+        got = self.item_params.get(name)
+        return got if got is not None else ItemParams(self.params, tuple(m.params for m in self.models))
 
     @property
     def lora_models(self) -> list[ModelInput]:
@@ -274,7 +292,8 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         if not keys:
             raise UserError("no LoRA module is left to merge (check include/exclude)")
         plan = Plan(recipe, op, params, base, models, {}, [], compute, device, out_format=out_format,
-                    module_keys=keys, module_shapes=shapes, tokenizer_dir=tokenizer_dir)
+                    module_keys=keys, module_shapes=shapes, tokenizer_dir=tokenizer_dir,
+                    item_params=_item_params(keys, params, models))
         _lora_notes(plan)
         plan.notes += [tokenizer_note] if tokenizer_note else []
         return plan
@@ -302,12 +321,19 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         if not torch.cuda.is_available():
             raise UserError("--device cuda was requested but no CUDA device is available")
     plan = Plan(recipe, op, params, base, models, items, shards, compute, device, out_format="full",
-                tokenizer_dir=tokenizer_dir)
+                tokenizer_dir=tokenizer_dir,
+                item_params=_item_params([n for n, i in items.items() if i.action == "merge"], params, models))
     plan.notes += [tokenizer_note] if tokenizer_note else []
     if loras and dropped:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")
     return plan
+
+
+def _item_params(names: list[str], params: registry.Params, models: list[ModelInput]) -> dict[str, ItemParams]:
+    """Every item's parameters: the recipe's method and per-model values, the same for each item."""
+    shared = ItemParams(params, tuple(m.params for m in models))
+    return {n: shared for n in names}
 
 
 def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput | None,
