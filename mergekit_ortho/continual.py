@@ -286,8 +286,8 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
         version = f"v{t_new:06d}"
         prev = _StateReader(st.tensor_dir) if st.tensor_dir else None
         fold_form = _fold_form(op)
-        method_params = op.resolve_params(st.data["params"])
-        history_params = [op.resolve_model_params(e["params"], e["name"]) for e in st.data["history"]] + [mparams]
+        method_params, history_params = _state_params(op, st)
+        history_params.append(mparams)
         h = hashlib.sha256()
         f32 = torch.float32
 
@@ -357,6 +357,13 @@ class _StateReader:
         return self.src.get(name)
 
 
+def _state_params(op, st: "State") -> tuple:
+    """The state's method parameters and each merged model's, as the operator's typed Params
+    (state.json holds them as plain JSON)."""
+    return (op.resolve_params(st.data["params"]),
+            [op.resolve_model_params(e["params"], e["name"]) for e in st.data["history"]])
+
+
 def _fold_form(op):
     """The operator's fold, which continual merging drives one model at a time."""
     if op.fold is None:
@@ -402,8 +409,7 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
                                  "float32", "cpu")
             plan.models = [plan_mod.ModelInput(h["name"], h["source"], None, h["params"]) for h in st.data["history"]]
             fold_form = _fold_form(op)
-            method_params = op.resolve_params(st.data["params"])
-            history_params = [op.resolve_model_params(e["params"], e["name"]) for e in st.data["history"]]
+            method_params, history_params = _state_params(op, st)
             f32 = torch.float32
 
             def finish(name: str):

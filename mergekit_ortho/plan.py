@@ -154,8 +154,8 @@ class Plan:
             worst = max((math.prod(s) for s in self.module_shapes.values()), default=0)
             factors = max((self.module_read_bytes(k) for k in self.module_keys), default=0)
             return _RUNTIME_BYTES + worst * c * ((len(self.models) + 3) if dense else 2) + 4 * factors
-        stream = self.op.fold
-        raw = stream is not None and stream.raw_weights and not self.lora_models
+        fold = self.op.fold
+        raw = fold is not None and fold.raw_weights and not self.lora_models
         base = self.base is not None and (self.op.reads_base or bool(self.lora_models))
         worst = 0
         for i in self.items.values():
@@ -164,7 +164,7 @@ class Plan:
                 step = i.numel * (stored + out)
             elif raw:  # the state, one input and the base as stored; then the cast of the result
                 step = i.numel * (c + max(stored, out) + (stored if base else 0))
-            elif stream is not None:  # the state, a prepared input (and its stored read), the base
+            elif fold is not None:  # the state, a prepared input (and its stored read), the base
                 step = i.numel * (2 * c + stored + (c if base else 0))
             else:  # every prepared input at once, the base, about one work buffer of the operator
                 step = i.numel * (len(self.models) * c + stored + (c if base else 0) + c)

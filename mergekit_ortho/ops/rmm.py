@@ -54,10 +54,9 @@ import torch
 
 from ..errors import UserError
 from .errors import BadParameters
-from .lowrank import TIE_RTOL, canonical_sign  # noqa: F401  (TIE_RTOL: the sign gauge's tie tolerance)
+from .lowrank import canonical_sign
 from .registry import BundleEntry, LoraResult, LoraTask, Operator, Param, register
 
-SIDES = ("left", "right")
 _EPS64 = torch.finfo(torch.float64).eps
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
