@@ -252,6 +252,14 @@ class Operator:
     needs_base: bool = True
     # how many models besides the base the method merges (slerp: 1); None: any number
     model_count: int | None = None
+    # the fewest models besides the base it merges (model_stock: 2)
+    min_models: int = 1
+    # the base, when the recipe gives one, is one more ordinary input (mergekit's linear, karcher,
+    # passthrough): appended after the listed models unless it is listed; it is not subtracted
+    base_input: bool = False
+    # a weights method that uses the base when one is given and works without (nuslerp, multislerp
+    # slerp the task vectors about it): ``task.base`` is the base tensor or None
+    optional_base: bool = False
     params: tuple[Param, ...] = ()
     model_params: tuple[Param, ...] = ()
     aliases: tuple[str, ...] = ()
@@ -268,7 +276,7 @@ class Operator:
     def reads_base(self) -> bool:
         """Whether the base tensor is read: task vectors are relative to it, or it is one of the
         method's own inputs (slerp's t = 0 end). linear on full checkpoints never reads it."""
-        return self.reads == "deltas" or self.needs_base
+        return self.reads == "deltas" or self.needs_base or self.optional_base
 
     @property
     def folds_one_model_at_a_time(self) -> bool:
