@@ -176,6 +176,32 @@ def _print_plan(plan) -> None:
         t.add_row(_clean(i.name), i.action if i.action == "merge" else f"copy ({i.reason})", "×".join(map(str, i.shape)) or "scalar",
                   f"{i.in_dtype}→{i.out_dtype}")
     c.print(t)
+    _print_resolved(plan, c)
+
+
+def _print_resolved(plan, c, limit: int = 10) -> None:
+    """Where parameters vary by tensor (gradients, filters, slices), the first tensor of each
+    distinct set of values, so a user sees what a gradient or a filter did."""
+    from rich.table import Table
+
+    samples = plan.parameter_samples(limit)
+    sliced = any(i.sources is not None for i in plan.items.values())
+    if len(samples) < 2 and not sliced:
+        return
+    t = Table("tensor", "reads", "method", "models", title="resolved parameters (first tensor of each set)",
+              title_justify="left")
+    for name, given in samples:
+        base, sources = plan.sources_of(name)
+        reads = ", ".join(f"{m.label}:{_clean(n) if n != name else '='}" for m, n in ([base] if base else []) + sources)
+        t.add_row(_clean(name), reads, _short(given.method),
+                  "; ".join(f"{m.label} {_short(p)}" for (m, _), p in zip(sources, given.models)))
+    c.print(t)
+    if plan.distinct_parameter_sets > len(samples):
+        c.print(f"... and {plan.distinct_parameter_sets - len(samples)} more sets")
+
+
+def _short(p) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()) or "-"
 
 
 def _progress():

@@ -180,12 +180,9 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
     from .plan import ModelInput, open_source, plan_items
 
     base = ModelInput("base", base_ref, open_source(base_ref, "base"), {})
-    out_dtype = None
-    if r.out_dtype:
-        from .dtypes import canonical
+    from .plan import output_dtype
 
-        out_dtype = canonical(r.out_dtype)
-    items = plan_items(base, [], r.include, r.exclude, out_dtype)
+    items, _ = plan_items(base, [], r.include, r.exclude, output_dtype(r))
     base.source.close()
     raw = dict(r._raw or {})
     raw["base_model"] = str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref
@@ -383,7 +380,6 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
     import torch
 
     from . import plan as plan_mod
-    from .dtypes import canonical
     from .execute import write_full_model
     from .ops import registry
     from .writer import AtomicDirectory, OutTensor, plan_shards
@@ -402,8 +398,7 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
                                    plan_mod.open_source(st.data["base_model"], "base"), {})
         reader = _StateReader(st.tensor_dir)
         try:
-            out_dtype = canonical(r.out_dtype) if r.out_dtype else None
-            items = plan_mod.plan_items(base, [], r.include, r.exclude, out_dtype)
+            items, _ = plan_mod.plan_items(base, [], r.include, r.exclude, plan_mod.output_dtype(r))
             specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
             plan = plan_mod.Plan(r, op, st.data["params"], base, [], items, plan_shards(specs, r.output.shard_size),
                                  "float32", "cpu")

@@ -119,13 +119,14 @@ def merge_tensor(plan, name: str):
     cdt = getattr(torch, plan.compute_dtype)
     # folds that prepare their inputs chunk by chunk get the weights, and the base, as stored
     raw = op.fold is not None and op.fold.raw_weights and not plan.lora_models
+    base_source, sources = plan.sources_of(name)
     # a weights method (linear) on full checkpoints never reads the base, even when one is given
-    use_base = plan.base is not None and (op.reads_base or bool(plan.lora_models))
-    base = base_tensor(plan, name, None if raw else cdt) if use_base else None
+    use_base = base_source is not None and (op.reads_base or bool(plan.lora_models))
+    base = base_tensor(plan, base_source, None if raw else cdt) if use_base else None
     task = dense_task(plan, name, base)
     task.dtype, task.raw_inputs = cdt, raw
-    out = apply_dense(op, task, lambda: (model_tensor(m, name, item.shape, base, op.reads, cdt, plan.device, raw)
-                                         for m in plan.models))
+    out = apply_dense(op, task, lambda: (model_tensor(m, n, item.shape, base, op.reads, cdt, plan.device, raw)
+                                         for m, n in sources))
     if op.reads == "deltas":
         from .ops.kernels.convert import add_converted_
 
@@ -198,7 +199,8 @@ def full_item(plan) -> Callable[[str], tuple[Any, dict | None]]:
     def compute(name: str):
         item = plan.items[name]
         if item.action == "copy":
-            return reference.source.get(name), None
+            m, n = item.base_source or (item.sources[0] if item.sources else (reference, name))
+            return m.source.get(n), None
         if plan.op.input_kind != "lora":
             return merge_tensor(plan, name), None
         res = module_result(plan, name)
@@ -224,6 +226,7 @@ def full_sink(plan, out: Path, *, card_extra: str = "", overwrite: bool = False,
                       sinks.recipe_yaml(recipe), card_extra)
     return sinks.FullModel(out, plan.shards, sinks.merge_metadata(recipe, plan.op.name), card,
                            donor=donor_dir(plan), config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
+                           config_updates=plan.config_updates,
                            overwrite=overwrite, inputs=inputs, force_replace=force_replace,
                            report_head={"method": plan.op.name})
 

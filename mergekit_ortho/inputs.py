@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .ops import registry
 
 if TYPE_CHECKING:
-    from .plan import ModelInput, Plan
+    from .plan import ModelInput, Plan, Source
 
 
 def operator_input(x, base, cdt):
@@ -45,9 +45,10 @@ def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, devic
     return x if raw else operator_input(x, base if space == "deltas" else None, cdt)
 
 
-def base_tensor(plan: "Plan", name: str, cdt=None):
-    """The base tensor ``name`` on the plan's device, in ``cdt`` (None: as stored)."""
-    t = plan.base.source.get(name).to(plan.device)
+def base_tensor(plan: "Plan", source: "Source", cdt=None):
+    """The base input (a model and its tensor name) on the plan's device, in ``cdt`` (None: as stored)."""
+    m, name = source
+    t = m.source.get(name).to(plan.device)
     return t if cdt is None else t.to(cdt)
 
 
@@ -125,6 +126,7 @@ def task_vectors(plan: "Plan", key: str) -> list:
 def dense_task(plan: "Plan", name: str, base) -> registry.TensorTask:
     """The operator's view of one tensor; its inputs are read separately (``model_tensor``)."""
     given = plan.params_for(name)
+    _, sources = plan.sources_of(name)
     return registry.TensorTask(name=name, base=base, inputs=[], params=given.method,
                                model_params=list(given.models),
-                               model_names=[m.label for m in plan.models])
+                               model_names=[m.label for m, _ in sources])

@@ -54,10 +54,10 @@ def _adapter_dtype(plan):
 
     import torch
 
-    from .dtypes import canonical
+    from .plan import output_dtype
 
-    if plan.recipe.out_dtype:
-        return getattr(torch, canonical(plan.recipe.out_dtype, "out_dtype"))
+    if output_dtype(plan.recipe):
+        return getattr(torch, output_dtype(plan.recipe))
     seen: Counter = Counter()
     for m in plan.lora_models:
         for dt, _shape in m.source._entries.values():

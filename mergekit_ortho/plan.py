@@ -12,265 +12,73 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import recipe as recipe_mod
-from .dtypes import FP8, MERGEABLE, canonical, itemsize
+from .dtypes import FP8, MERGEABLE, canonical
 from .errors import UserError
 from .ops import registry
+from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
+                       _unique_label, check_model_count, open_source, output_dtype, promoted, resolve_items,
+                       tokenizer_donor)
 from .writer import OutTensor, plan_shards
 
-# fixed overhead of the interpreter, torch and the CLI's modules, for the peak-memory estimate
-# (measured: 0.24-0.26 GiB resident after the imports)
-_RUNTIME_BYTES = 260 * 2**20
-
-
-@dataclass
-class ModelInput:
-    label: str
-    ref: str
-    source: Any  # CheckpointSource or LoraSource
-    params: registry.Params  # its resolved per-model parameters
-
-    @property
-    def is_lora(self) -> bool:
-        return getattr(self.source, "kind", "") == "lora"
-
-
-@dataclass(frozen=True)
-class ItemParams:
-    """The operator's parameters for one output item: the method's and each model's, resolved.
-    Items share one instance while a recipe gives the same values everywhere."""
-
-    method: registry.Params
-    models: tuple[registry.Params, ...]
-
-
-@dataclass
-class PlanItem:
-    name: str
-    action: str  # "merge" | "copy"
-    shape: tuple[int, ...]
-    in_dtype: str
-    out_dtype: str
-    read_bytes: int
-    reason: str = ""  # why a tensor is copied
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass
-class Plan:
-    recipe: recipe_mod.Recipe
-    op: registry.Operator
-    params: registry.Params  # the method-level parameters (global scalars: a fold's reduce)
-    base: ModelInput | None
-    models: list[ModelInput]
-    items: dict[str, PlanItem]
-    shards: list[list[OutTensor]]
-    compute_dtype: str
-    device: str
-    notes: list[str] = field(default_factory=list)
-    # what is written: "full" (a model directory), "peft" / "kohya" (a LoRA), "bundle" (RMM)
-    out_format: str = "full"
-    # LoRA / bundle outputs: the base keys merged module by module, with their 2-D delta shapes
-    module_keys: list[str] = field(default_factory=list)
-    module_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    reports: dict[str, Any] = field(default_factory=dict)  # per-module operator reports, when any
-    # paths read outside the models (a continual state, a bundle) that the output must not touch
-    extra_inputs: list[Path] = field(default_factory=list)
-    # the recipe's tokenizer_source, resolved to a directory (None: base, else first model)
-    tokenizer_dir: Path | None = None
-    # each merged item's parameters (tensor name, or module key for adapter / bundle outputs);
-    # an item not listed takes the plan-level ones. Values that vary by layer or name filter
-    # are resolved into this map, so a unit of work carries everything it needs.
-    item_params: dict[str, ItemParams] = field(default_factory=dict)
-
-    def params_for(self, name: str) -> ItemParams:
-        """The resolved method and model parameters of output item ``name``."""
-        got = self.item_params.get(name)
-        return got if got is not None else ItemParams(self.params, tuple(m.params for m in self.models))
-
-    @property
-    def lora_models(self) -> list[ModelInput]:
-        return [m for m in self.models if m.is_lora]
-
-    @property
-    def module_mode(self) -> bool:
-        """True when the output is a LoRA or a bundle, produced module by module."""
-        return self.out_format != "full"
-
-    @property
-    def units(self) -> list[list[str]]:
-        """The output items in execution order, grouped by what they fill: one output shard of a
-        full model each; an adapter or a bundle is one file, so one unit."""
-        if self.module_mode:
-            return [list(self.module_keys)]
-        return [[t.name for t in shard] for shard in self.shards]
-
-    @property
-    def merge_count(self) -> int:
-        if self.module_mode:
-            return len(self.module_keys)
-        return sum(1 for i in self.items.values() if i.action == "merge")
-
-    @property
-    def copy_count(self) -> int:
-        return 0 if self.module_mode else sum(1 for i in self.items.values() if i.action == "copy")
-
-    @property
-    def read_bytes(self) -> int:
-        if self.module_mode:
-            return sum(self.module_read_bytes(k) for k in self.module_keys)
-        return sum(i.read_bytes for i in self.items.values())
-
-    def module_read_bytes(self, key: str) -> int:
-        n = 0
-        for m in self.models:
-            if m.is_lora:
-                mod = m.source.by_base.get(key)
-                if mod is not None:
-                    n += sum(math.prod(s) * 4 for s in m.source.stored_shapes(mod))
-            else:
-                n += m.source.infos[key].nbytes
-        return n
-
-    @property
-    def write_bytes(self) -> int:
-        if self.module_mode:  # an estimate: the output rank is known only after the merge
-            return sum(self.module_read_bytes(k) for k in self.module_keys) // max(1, len(self.models))
-        return sum(t.nbytes for s in self.shards for t in s)
-
-    @property
-    def peak_bytes(self) -> int:
-        """Interpreter + the largest merge step: inputs held at once, work buffers and the cast."""
-        c = itemsize(self.compute_dtype)
-        if self.module_mode:
-            dense = self.op.input_kind == "dense" and self.op.lora_fn is None
-            worst = max((math.prod(s) for s in self.module_shapes.values()), default=0)
-            factors = max((self.module_read_bytes(k) for k in self.module_keys), default=0)
-            return _RUNTIME_BYTES + worst * c * ((len(self.models) + 3) if dense else 2) + 4 * factors
-        fold = self.op.fold
-        raw = fold is not None and fold.raw_weights and not self.lora_models
-        base = self.base is not None and (self.op.reads_base or bool(self.lora_models))
-        worst = 0
-        for i in self.items.values():
-            stored, out = itemsize(i.in_dtype), itemsize(i.out_dtype)
-            if i.action != "merge":
-                step = i.numel * (stored + out)
-            elif raw:  # the state, one input and the base as stored; then the cast of the result
-                step = i.numel * (c + max(stored, out) + (stored if base else 0))
-            elif fold is not None:  # the state, a prepared input (and its stored read), the base
-                step = i.numel * (2 * c + stored + (c if base else 0))
-            else:  # every prepared input at once, the base, about one work buffer of the operator
-                step = i.numel * (len(self.models) * c + stored + (c if base else 0) + c)
-            worst = max(worst, step)
-        return _RUNTIME_BYTES + worst
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "method": self.op.name,
-            "parameters": self.params,
-            "base_model": self.base.ref if self.base else None,
-            "models": [m.ref for m in self.models],
-            "output_format": self.out_format,
-            "tensors_merged": self.merge_count,
-            "tensors_copied": self.copy_count,
-            "bytes_read": self.read_bytes,
-            "bytes_written": self.write_bytes,
-            "shards": len(self.shards),
-            "peak_memory_estimate": self.peak_bytes,
-            "compute_dtype": self.compute_dtype,
-            "device": self.device,
-        }
-
-
-def open_source(ref: str, label: str):
-    """A LoraSource when ``ref`` is a LoRA adapter (detected from its files), else a CheckpointSource."""
-    from .sources.checkpoint import CheckpointSource
-    from .adapters.detect import detect_lora
-    from .adapters.lora import LoraSource
-
-    path = Path(ref)
-    if not path.exists():
-        from .sources import hub
-
-        if hub.looks_like_hub_id(ref):
-            path = hub.resolve(ref)
-    if path.exists() and not path.is_dir():
-        from .sources.paths import require_regular
-
-        require_regular(path, "checkpoint")
-    if path.exists() and detect_lora(path):
-        return LoraSource(path, label)
-    return CheckpointSource(ref, label)
-
-
-def _same_ref(a: str, b: str) -> bool:
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b
-
-
-def tokenizer_donor(recipe: recipe_mod.Recipe) -> tuple[Path | None, str | None]:
-    """The directory named by ``tokenizer_source`` (a path or hub id), and a note when the value is
-    one we do not act on; a path that does not exist is an error, not silently the base's files."""
-    ts = recipe.tokenizer_source
-    if not ts or ts == "base":
-        return None, None
-    if not recipe.output.copy_files:
-        return None, f"tokenizer_source {ts} is not used: output.copy_files is false, so no tokenizer file is copied"
-    if ts == "union":
-        return None, ("tokenizer_source: union (mergekit's merged vocabulary) is not supported yet; the "
-                      "tokenizer files are copied from the base model")
-    ref = recipe_mod.resolve_ref(recipe, ts)
-    path = Path(ref)
-    if not path.exists():
-        from .sources import hub
-
-        if not hub.looks_like_hub_id(ref):
-            raise UserError(f"tokenizer_source {ts}: path not found; name a model directory, a hub id, or 'base'")
-        path = hub.resolve(ref)
-    if not path.is_dir():
-        raise UserError(f"tokenizer_source {ts}: not a model directory (its tokenizer files are copied from one)")
-    return path, None
+__all__ = ["ItemParams", "ModelInput", "Plan", "PlanItem", "Source", "build_plan", "check_model_count",
+           "open_source", "output_dtype", "plan_items", "promoted", "resolve_items", "tokenizer_donor"]
 
 
 def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     op = registry.get(recipe.merge_method)
-    params = op.resolve_params(recipe.parameters)
-    compute = canonical(recipe.dtype, "dtype")
-    out_dtype = canonical(recipe.out_dtype, "out_dtype") if recipe.out_dtype else None
+    params = _plan_params(op, _shared_levels(recipe), "method")
+    compute = canonical(recipe.compute_dtype, "compute_dtype")
+    out_dtype = output_dtype(recipe)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but no CUDA device is available")
+    if recipe.slices:
+        from .plan_slices import slices_plan
+
+        return slices_plan(recipe, op, params, compute, out_dtype, device)
 
     base = None
     if recipe.base_model:
         ref = recipe_mod.resolve_ref(recipe, recipe.base_model)
-        base = ModelInput("base", ref, open_source(ref, "base"), {})
+        base = ModelInput("base", ref, open_source(ref, "base"), registry.Params())
         if base.is_lora:
             raise UserError(f"base_model {ref} is a LoRA adapter; the base must be the full model the "
                             "LoRAs were trained on (list the LoRA under models)")
     models: list[ModelInput] = []
+    levels: dict[str, list[dict]] = {}
+    listed_base = False
     for entry, label in zip(recipe.models, recipe.model_labels()):
         ref = recipe_mod.resolve_ref(recipe, entry.model)
-        if base is not None and op.reads_base and _same_ref(ref, base.ref):
-            continue  # mergekit lists the base among the models; its task vector is zero
-        models.append(ModelInput(label, ref, open_source(ref, label), op.resolve_model_params(entry.parameters, label)))
+        if base is not None and _same_ref(ref, base.ref):
+            listed_base = True
+            if op.reads_base:
+                continue  # mergekit lists the base among the models; its task vector is zero
+        levels[label] = [entry.parameters] + _shared_levels(recipe)
+        models.append(ModelInput(label, ref, open_source(ref, label), _plan_params(op, levels[label], "model")))
+    notes = list(recipe._warnings)
+    if (op.base_input and base is not None and not listed_base and models
+            and not any(m.is_lora for m in models)):
+        # mergekit's linear / karcher / passthrough: a base_model not listed is one more input
+        label = _unique_label(recipe_mod._label_from(base.ref), {m.label for m in models})
+        levels[label] = _shared_levels(recipe)
+        models.append(ModelInput(label, base.ref, base.source, _plan_params(op, levels[label], "model")))
+        notes.append(f"base_model {base.ref} is one of the inputs of '{op.name}' (mergekit's rule), as '{label}'")
     if not models:
         raise UserError("the recipe lists no model other than the base model")
     tokenizer_dir, tokenizer_note = tokenizer_donor(recipe)
+    notes += [tokenizer_note] if tokenizer_note else []
 
     loras = [m for m in models if m.is_lora]
     dense = [m for m in models if not m.is_lora]
     if op.needs_base and base is None and dense:
         raise UserError(f"method '{op.name}' needs 'base_model' (task vectors are relative to it)")
-    if op.model_count is not None and len(models) != op.model_count:
-        raise UserError(f"method '{op.name}' merges the base and exactly {op.model_count} other model(s); "
-                        f"the recipe lists {len(models)} besides the base")
+    check_model_count(op, len(models), "the recipe")
     out_format = _output_format(recipe, op, params, base, models)
     if loras:
         from .adapters.arch import check_compatible
@@ -287,18 +95,22 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
             _align_without_base(loras)
 
     reference = base or models[0]
+    model_levels = [levels[m.label] for m in models]
     if out_format in ("peft", "kohya", "bundle"):
         keys, shapes = _module_keys(op, base, models, recipe.include, recipe.exclude)
         if not keys:
             raise UserError("no LoRA module is left to merge (check include/exclude)")
         plan = Plan(recipe, op, params, base, models, {}, [], compute, device, out_format=out_format,
                     module_keys=keys, module_shapes=shapes, tokenizer_dir=tokenizer_dir,
-                    item_params=_item_params(keys, params, models))
+                    item_params=resolve_items(op, [(k, k, [k] * len(models)) for k in keys], _positions(keys),
+                                              _shared_levels(recipe), model_levels, models))
         _lora_notes(plan)
-        plan.notes += [tokenizer_note] if tokenizer_note else []
+        plan.notes += notes
         return plan
 
-    items = plan_items(reference, dense, recipe.include, recipe.exclude, out_dtype)
+    read_base = base is not None and (op.reads_base or bool(loras))
+    items, config_updates = plan_items(reference, dense, recipe.include, recipe.exclude, out_dtype,
+                                       base=base if read_base else None, all_models=models)
     if loras:
         adapted = set().union(*(m.source.by_base for m in loras))
         dropped = sorted(k for k in adapted if items[k].action == "copy")
@@ -315,25 +127,28 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         raise UserError("no tensor is left to merge (check include/exclude)")
     specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
     shards = plan_shards(specs, recipe.output.shard_size)
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was requested but no CUDA device is available")
+    merged = [n for n, i in items.items() if i.action == "merge"]
+    wanted = [(n, n, [_input_name(items[n], i, n) for i in range(len(models))]) for n in merged]
+    item_params = resolve_items(op, wanted, _positions(merged), _shared_levels(recipe), model_levels, models)
     plan = Plan(recipe, op, params, base, models, items, shards, compute, device, out_format="full",
-                tokenizer_dir=tokenizer_dir,
-                item_params=_item_params([n for n, i in items.items() if i.action == "merge"], params, models))
-    plan.notes += [tokenizer_note] if tokenizer_note else []
+                tokenizer_dir=tokenizer_dir, item_params=item_params, config_updates=config_updates)
+    plan.notes += notes
     if loras and dropped:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")
     return plan
 
 
-def _item_params(names: list[str], params: registry.Params, models: list[ModelInput]) -> dict[str, ItemParams]:
-    """Every item's parameters: the recipe's method and per-model values, the same for each item."""
-    shared = ItemParams(params, tuple(m.params for m in models))
-    return {n: shared for n in names}
+def _positions(names: list[str]) -> dict[str, float]:
+    """t of each tensor of a ``models:`` recipe: its layer's place in its stack (mergekit M4)."""
+    from .layout import layer_counts, t_of
+
+    counts = layer_counts(names)
+    return {n: t_of(n, counts) for n in names}
+
+
+def _input_name(item: PlanItem, i: int, name: str) -> str:
+    return item.sources[i][1] if item.sources is not None else name
 
 
 def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput | None,
@@ -444,17 +259,41 @@ def _lora_notes(plan: Plan) -> None:
                               "a reverted full model takes them from the base")
 
 
+# a head that tied checkpoints do not store, and the embeddings they read it from instead
+TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                                 "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+                                 "embed_tokens.weight", "transformer.word_embeddings.weight")}
+VOCABULARY_TENSORS = {"lm_head.weight", *TIED_HEADS["lm_head.weight"]}
+
+
+def _tied_source(m: ModelInput, head: str) -> str | None:
+    return next((e for e in TIED_HEADS.get(head, ()) if e in m.source.infos), None)
+
+
 def plan_items(reference: ModelInput, models: list[ModelInput], include: list[str], exclude: list[str],
-               out_dtype: str | None) -> dict[str, PlanItem]:
-    """Per tensor of the reference (the base, else the first model): merge or copy, and why.
+               out_dtype: str | None, base: ModelInput | None = None,
+               all_models: list[ModelInput] | None = None) -> tuple[dict[str, PlanItem], dict[str, Any]]:
+    """Per tensor of the reference (the base, else the first model): merge or copy, and why; and
+    the config fields the output changes.
 
     Every merged tensor must exist with the same shape in every model; extra tensors in a model
-    are an error too (they would be silently dropped otherwise).
+    are an error too (they would be silently dropped otherwise). A head stored by some inputs
+    only (tied checkpoints do not store it) is written, and the tied inputs contribute their
+    embeddings as their head (mergekit M5); the output config then says untied. A merged tensor
+    is written in ``out_dtype``, else in its inputs' promoted dtype (mergekit's result dtype).
+    ``models`` are the full checkpoints checked; ``all_models`` every model in plan order (LoRAs
+    too), which an item's ``sources`` follow; ``base`` the base when the operator reads it.
     """
+    ordered = all_models if all_models is not None else models
     include_re = [re.compile(p) for p in include]
     exclude_re = [re.compile(p) for p in exclude]
     items: dict[str, PlanItem] = {}
-    for name, info in reference.source.infos.items():
+    config: dict[str, Any] = {}
+    infos = dict(reference.source.infos)
+    heads = [h for h in TIED_HEADS if h not in infos and any(h in m.source.infos for m in models)]
+    for h in heads:  # the reference is tied, some model stores the head: the head is written
+        infos[h] = next(m.source.infos[h] for m in models if h in m.source.infos)
+    for name, info in infos.items():
         if info.dtype in FP8:
             raise UserError(
                 f"{info.file}: tensor '{name}' is {info.dtype}; FP8 checkpoints need their scale tensors "
@@ -468,34 +307,69 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
         elif any(p.search(name) for p in exclude_re):
             reason = "matched by exclude"
         action = "copy" if reason else "merge"
-        read = info.nbytes
+        read = info.nbytes if name in reference.source.infos else 0
+        sources = None
+        dtypes = [info.dtype]
         if action == "merge":
-            for m in models:
+            named = []
+            for m in ordered:
+                if m.is_lora:
+                    named.append((m, name))
+                    continue
+                src = name
                 other = m.source.infos.get(name)
+                if other is None and name in TIED_HEADS:
+                    src = _tied_source(m, name)
+                    other = m.source.infos.get(src) if src else None
                 if other is None:
                     raise UserError(
                         f"tensor '{name}' is in {reference.ref} but missing from {m.ref}; "
                         "exclude it or use matching checkpoints"
                     )
                 if other.shape != info.shape:
-                    raise UserError(
-                        f"tensor '{name}' has shape {list(info.shape)} in {reference.ref} but "
-                        f"{list(other.shape)} in {m.ref}"
-                    )
+                    raise UserError(_shape_message(name, reference, info, m, other))
                 if other.dtype in FP8 or other.dtype not in MERGEABLE:
                     raise UserError(f"tensor '{name}' is {other.dtype} in {m.ref}, cannot merge it")
                 read += other.nbytes
-        od = out_dtype if (out_dtype and info.dtype in MERGEABLE) else info.dtype
-        items[name] = PlanItem(name, action, info.shape, info.dtype, od, read, reason)
+                dtypes.append(other.dtype)
+                named.append((m, src))
+            base_src = None
+            if base is not None:
+                bname = name if name in base.source.infos else _tied_source(base, name)
+                if bname is None:
+                    raise UserError(f"tensor '{name}' is missing from the base model {base.ref}")
+                base_src = (base, bname)
+                if bname != name:
+                    read += base.source.infos[bname].nbytes
+            if any(src != name for _, src in named) or (base_src is not None and base_src[1] != name):
+                sources = tuple(named)
+            od = out_dtype or promoted(dtypes)
+        else:
+            od = info.dtype
+        item = PlanItem(name, action, info.shape, info.dtype, od, read, reason)
+        if sources is not None:
+            item.sources, item.base_source = sources, base_src
+        items[name] = item
+    if any(items[h].action == "merge" for h in heads):
+        config["tie_word_embeddings"] = False
+    known = set(infos) | {e for es in TIED_HEADS.values() for e in es}
     for m in models:
-        extra = sorted(set(m.source.infos) - set(reference.source.infos))
+        extra = sorted(set(m.source.infos) - known)
         if extra:
             raise UserError(
                 f"tensor '{extra[0]}' is in {m.ref} but not in {reference.ref}"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                 + "; use checkpoints of the same architecture"
             )
-    return items
+    return items, config
+
+
+def _shape_message(name: str, reference: ModelInput, info, m: ModelInput, other) -> str:
+    if name in VOCABULARY_TENSORS and info.shape[1:] == other.shape[1:]:
+        return (f"tensor '{name}' has {info.shape[0]} vocabulary rows in {reference.ref} but {other.shape[0]} "
+                f"in {m.ref} (mergekit: Tensor size mismatch); align the vocabularies with tokenizer_source: "
+                "base, union or a model, or a tokenizer: section")
+    return f"tensor '{name}' has shape {list(info.shape)} in {reference.ref} but {list(other.shape)} in {m.ref}"
 
 
 # --- what a plan reads -------------------------------------------------------------------------

@@ -40,15 +40,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class ModelEntry(_Strict):
-    model: str
-    name: str | None = None
+class _WithParameters(_Strict):
     parameters: dict[str, Any] = {}
 
     @field_validator("parameters", mode="before")
     @classmethod
     def _none_is_empty(cls, v):
         return {} if v is None else v
+
+
+class ModelEntry(_WithParameters):
+    model: str
+    name: str | None = None
+
+
+class SliceSource(_WithParameters):
+    """One source of a slice: layers [a, b) of a model (mergekit's half-open ``layer_range``)."""
+
+    model: str
+    layer_range: tuple[int, int] | None = None
+
+
+class Slice(_WithParameters):
+    sources: list[SliceSource]
+    base_model: str | None = None
+    residual_weight: Any = None  # parsed by mergekit and never used: ignored with a warning
+
+
+class Module(_WithParameters):
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
 
 
 class OutputSpec(_Strict):
@@ -75,13 +96,20 @@ class Recipe(_Strict):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = []
+    slices: list[Slice] | None = None
+    modules: dict[str, Module] | None = None
     parameters: dict[str, Any] = {}
-    dtype: str = "float32"
+    dtype: str | None = None  # mergekit: inputs' dtype; here the output dtype unless out_dtype is set
     out_dtype: str | None = None
+    compute_dtype: str = "float32"  # ours: arithmetic dtype (float32 or float64)
     include: list[str] = []
     exclude: list[str] = []
     output: OutputSpec = OutputSpec()
     tokenizer_source: str | None = None  # mergekit key: which model donates tokenizer files
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
+    name: str | None = None  # mergekit-multi's intermediate name; one document is one merge here
+    embed_slerp: Any = None  # legacy mergekit key (removed in 2024): ignored with a warning
 
     @field_validator("parameters", "output", mode="before")
     @classmethod
@@ -108,6 +136,9 @@ class Recipe(_Strict):
     # filled by load(): where relative paths are resolved from, and the raw text for metadata
     _source_path: Path | None = None
     _raw: dict | None = None
+    # filled by from_dict(): one line per key accepted and not acted on; modules.default.parameters
+    _warnings: list[str] = []
+    _module_parameters: dict[str, Any] = {}
 
     def model_labels(self) -> list[str]:
         """Unique, readable names for the models (the recipe's `name`, else from the path); a
@@ -135,7 +166,16 @@ def _label_from(ref: str) -> str:
 
 
 _TOP_KEYS = list(Recipe.model_fields)
-_SECTION_KEYS = {"models": list(ModelEntry.model_fields), "output": list(OutputSpec.model_fields)}
+_SECTION_KEYS = {"models": list(ModelEntry.model_fields), "output": list(OutputSpec.model_fields),
+                 "slices": list(Slice.model_fields), "sources": list(SliceSource.model_fields),
+                 "modules": list(Module.model_fields)}
+# keys mergekit accepts that change nothing here (or there): each one is named in a warning
+_IGNORED = {
+    "embed_slerp": "a mergekit setting removed in 2024 (mergekit 0.1.5 ignores it too); vocabulary "
+                   "tensors go through the merge method",
+    "residual_weight": "parsed by mergekit and never used",
+    "name": "mergekit-multi's name for an intermediate merge; `merge run` writes one merge",
+}
 
 
 def _unknown_key_message(where: str, key: str, known: list[str]) -> str:
@@ -144,20 +184,57 @@ def _unknown_key_message(where: str, key: str, known: list[str]) -> str:
     return msg + (f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})")
 
 
-def _check_keys(data: dict) -> None:
+def _check_section(mapping: Any, where: str, section: str) -> None:
+    if not isinstance(mapping, dict):
+        return
+    known = _SECTION_KEYS[section]
+    for key in mapping:
+        if key not in known:
+            raise ValueError(_unknown_key_message(f" in {where}", str(key), known))
+
+
+def _check_keys(data: dict) -> list[str]:
+    """Unknown keys are errors with the nearest known key suggested (mergekit ignores them, so a
+    typo such as ``dype`` would silently fall back to a default); keys mergekit accepts and that
+    change nothing give one warning line each, returned."""
+    warnings = []
     for key in data:
         if key not in _TOP_KEYS:
             raise ValueError(_unknown_key_message("", str(key), _TOP_KEYS))
-    for i, entry in enumerate(data.get("models") or []):
-        if isinstance(entry, dict):
-            for key in entry:
-                if key not in _SECTION_KEYS["models"]:
-                    raise ValueError(_unknown_key_message(f" in models[{i}]", str(key), _SECTION_KEYS["models"]))
-    out = data.get("output")
-    if isinstance(out, dict):
-        for key in out:
-            if key not in _SECTION_KEYS["output"]:
-                raise ValueError(_unknown_key_message(" in output", str(key), _SECTION_KEYS["output"]))
+        if key in _IGNORED and data[key] is not None:
+            warnings.append(f"ignored: '{key}' ({_IGNORED[key]})")
+    forms = [k for k in ("models", "slices", "modules") if data.get(k)]
+    if len(forms) > 1:
+        raise ValueError(f"give exactly one of 'models', 'slices' or 'modules', not {' and '.join(forms)}")
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise ValueError("give either tokenizer_source or tokenizer, not both")
+
+    def models(entries, where):
+        for i, entry in enumerate(entries or []):
+            _check_section(entry, f"{where}[{i}]", "models")
+
+    def slices(entries, where):
+        for i, sl in enumerate(entries or []):
+            _check_section(sl, f"{where}[{i}]", "slices")
+            if isinstance(sl, dict):
+                if sl.get("residual_weight") is not None:
+                    warnings.append(f"ignored: '{where}[{i}].residual_weight' ({_IGNORED['residual_weight']})")
+                for j, src in enumerate(sl.get("sources") or []):
+                    _check_section(src, f"{where}[{i}].sources[{j}]", "sources")
+
+    models(data.get("models"), "models")
+    slices(data.get("slices"), "slices")
+    mods = data.get("modules")
+    if isinstance(mods, dict):
+        for name, mod in mods.items():
+            _check_section(mod, f"modules.{name}", "modules")
+            if isinstance(mod, dict):
+                if (mod.get("models") is None) == (mod.get("slices") is None):
+                    raise ValueError(f"modules.{name}: give either models or slices")
+                models(mod.get("models"), f"modules.{name}.models")
+                slices(mod.get("slices"), f"modules.{name}.slices")
+    _check_section(data.get("output"), "output", "output")
+    return warnings
 
 
 def _pydantic_message(err: ValidationError) -> str:
@@ -168,19 +245,107 @@ def _pydantic_message(err: ValidationError) -> str:
     return f"recipe key '{loc}': {msg}{got}"
 
 
+def _unfold_modules(recipe: Recipe) -> None:
+    """``modules: {default: ...}`` (mergekit's form for single-module architectures) is the
+    top-level form with the module's ``parameters`` one precedence level below a slice's."""
+    if recipe.modules is None:
+        return
+    names = list(recipe.modules)
+    if names != ["default"]:
+        other = [n for n in names if n != "default"]
+        raise ValueError(f"modules: '{other[0]}' is not supported; only single-module architectures "
+                         "('default') are merged with modules: - use models: or slices: at the top level")
+    mod = recipe.modules["default"]
+    recipe.models, recipe.slices = list(mod.models or []), mod.slices
+    recipe._module_parameters = dict(mod.parameters)
+
+
 def from_dict(data: Any, origin: str = "<recipe>", require_models: bool = True) -> Recipe:
     if not isinstance(data, dict):
         raise UserError(f"{origin}: a recipe must be a YAML mapping with at least 'merge_method'")
     try:
-        _check_keys(data)
+        warnings = _check_keys(data)
         recipe = Recipe.model_validate(data)
+        _unfold_modules(recipe)
     except ValidationError as e:
         raise UserError(f"{origin}: {_pydantic_message(e)}") from None
     except ValueError as e:
         raise UserError(f"{origin}: {e}") from None
     recipe._raw = data
+    recipe._warnings = warnings
     _check_method(recipe, origin, require_models)
     return recipe
+
+
+def _all_parameter_names() -> dict[str, set[str]]:
+    """Every parameter name of every method -> the methods declaring it."""
+    from .ops import registry
+
+    names: dict[str, set[str]] = {}
+    for op in registry.all_operators():
+        for p in op.params + op.model_params:
+            names.setdefault(p.name, set()).add(op.name)
+    return names
+
+
+def parameter_levels(recipe: Recipe) -> list[tuple[str, dict, bool]]:
+    """Every ``parameters`` mapping of the recipe: (where, mapping, is a model's own entry)."""
+    out = [("parameters", recipe.parameters, False), ("modules.default.parameters", recipe._module_parameters, False)]
+    for i, e in enumerate(recipe.models):
+        out.append((f"models[{i}].parameters", e.parameters, True))
+    for i, sl in enumerate(recipe.slices or []):
+        out.append((f"slices[{i}].parameters", sl.parameters, False))
+        for j, src in enumerate(sl.sources):
+            out.append((f"slices[{i}].sources[{j}].parameters", src.parameters, True))
+    return out
+
+
+def _check_parameters(recipe: Recipe, op) -> list[str]:
+    """Each setting's form and every value in it, against the method's schema. mergekit looks up
+    only the parameters a method declares; here a name another method declares (a recipe copied
+    from one method to another) is named in a warning, a method-level parameter under a model
+    (mergekit ignores it there) too, and any other name is an error with a suggestion."""
+    from .settings import check_form
+
+    shared = {p.name: p for p in op.params}
+    per_model = {p.name: p for p in op.model_params}
+    others = None
+    warnings = []
+    for where, mapping, own in parameter_levels(recipe):
+        for key, value in mapping.items():
+            key = str(key)
+            param = per_model.get(key) or shared.get(key)
+            if param is None:
+                others = others if others is not None else _all_parameter_names()
+                if key in others:
+                    warnings.append(f"ignored: '{where}.{key}' is not a parameter of '{op.name}' "
+                                    f"(it is one of {', '.join(sorted(others[key])[:3])})")
+                    continue
+                hint = difflib.get_close_matches(key, list(shared) + list(per_model), n=1)
+                known = ", ".join(list(shared) + list(per_model)) or "none"
+                raise ValueError(f"unknown parameter {shown(key, 60)} in {where} for method '{op.name}'"
+                                 + (f" (did you mean '{hint[0]}'?)" if hint else f" (known: {known})"))
+            if own and key not in per_model:
+                warnings.append(f"ignored: '{where}.{key}' is a method-level parameter; it is read from "
+                                "the top-level or slice parameters only (mergekit ignores it under a model too)")
+                continue
+            check_form(value, f"{where}.{key}")
+            _check_values(param, value, f"{where}.{key}")
+    return warnings
+
+
+def _check_values(param, value, where: str) -> None:
+    """Coerce every plain value inside a setting now, so a wrong type fails before any I/O."""
+    if isinstance(value, dict):
+        _check_values(param, value["value"], where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_values(param, v, where)
+    else:
+        try:
+            param.coerce(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 def _check_method(recipe: Recipe, origin: str, require_models: bool = True) -> None:
@@ -190,19 +355,25 @@ def _check_method(recipe: Recipe, origin: str, require_models: bool = True) -> N
 
     try:
         op = registry.get(recipe.merge_method)
-        op.resolve_params(recipe.parameters)
-        labels = recipe.model_labels()
-        for entry, label in zip(recipe.models, labels):
-            op.resolve_model_params(entry.parameters, label)
-        canonical(recipe.dtype, "dtype")
-        if recipe.out_dtype is not None:
-            canonical(recipe.out_dtype, "out_dtype")
+        recipe._warnings += _check_parameters(recipe, op)
+        for key in ("dtype", "out_dtype"):
+            if getattr(recipe, key) is not None:
+                canonical(getattr(recipe, key), key)
+        if canonical(recipe.compute_dtype, "compute_dtype") not in ("float32", "float64"):
+            raise ValueError("compute_dtype must be float32 or float64 (outputs take out_dtype / dtype)")
+        for i, sl in enumerate(recipe.slices or []):
+            if not sl.sources:
+                raise ValueError(f"slices[{i}] lists no source")
+            for j, src in enumerate(sl.sources):
+                if src.layer_range is not None and src.layer_range[1] < src.layer_range[0]:
+                    raise ValueError(f"slices[{i}].sources[{j}].layer_range {list(src.layer_range)} is reversed; "
+                                     "it is [start, end) with end >= start")
     except ValueError as e:
         raise UserError(f"{origin}: {e}") from None
-    if require_models and not recipe.models:
+    if require_models and not recipe.models and not recipe.slices:
         raise UserError(f"{origin}: 'models' lists no model to merge")
     # methods with an exact LoRA form merge LoRA-only recipes without a base (checked in the plan)
-    if op.needs_base and not recipe.base_model and op.lora_fn is None:
+    if op.needs_base and not recipe.base_model and op.lora_fn is None and not recipe.slices:
         raise UserError(f"{origin}: method '{op.name}' needs 'base_model' (task vectors are relative to it)")
 
 

@@ -87,7 +87,7 @@ def _revert_full(b, task: str, base_ref: str | None, out: Path, out_dtype: str |
         if base.is_lora:
             raise UserError(f"--base {base_ref} is a LoRA adapter; give the full base model")
         od = canonical(out_dtype, "out_dtype") if out_dtype else None
-        items = plan_mod.plan_items(base, [], [], [], od)
+        items, _ = plan_mod.plan_items(base, [], [], [], od)
         for key in keys:
             if key not in items:
                 raise UserError(f"bundle module '{key}' is not a tensor of the base model {base_ref}")

@@ -36,12 +36,13 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
 
     def fold_all(name: str):
         shape = plan.items[name].shape
-        base = plan.base.source.get(name).to(f32)
+        (bm, bn), sources = plan.sources_of(name)
+        base = bm.source.get(bn).to(f32)
         task = dense_task(plan, name, base)
         task.dtype = f32
         state = fold.start(task)
-        for i, m in enumerate(plan.models):
-            x = model_tensor(m, name, shape, base, plan.op.reads, f32)
+        for i, (m, n) in enumerate(sources):
+            x = model_tensor(m, n, shape, base, plan.op.reads, f32)
             state, st = fold.step(state, x, i, task)
             del x
             acc = stats[i]
@@ -69,7 +70,8 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
         def export(name: str):
             if plan.items[name].action == "copy":
                 return reference.source.get(name), None
-            b = plan.base.source.get(name).to(f32)
+            (bm, bn), _ = plan.sources_of(name)
+            b = bm.source.get(bn).to(f32)
             task = dense_task(plan, name, b)
             task.scalars = scalars
             return b + fold.finish(sums.get(name).to(f32), task), None

@@ -123,11 +123,11 @@ class FullModel(_AtomicDirSink):
     """A model directory: tensors streamed into planned shards, cast to each one's output dtype."""
 
     def __init__(self, target: Path, shards, metadata: dict[str, str], card: Card, *, donor: Path | None = None,
-                 config_dtype: str | None = None, overwrite: bool = False, inputs=(), force_replace: bool = False,
-                 report_head: dict | None = None):
+                 config_dtype: str | None = None, config_updates: dict | None = None, overwrite: bool = False,
+                 inputs=(), force_replace: bool = False, report_head: dict | None = None):
         super().__init__(target, overwrite, inputs, force_replace)
         self.shards, self.metadata, self.card = shards, metadata, card
-        self.donor, self.config_dtype = donor, config_dtype
+        self.donor, self.config_dtype, self.config_updates = donor, config_dtype, dict(config_updates or {})
         self.dtypes = {t.name: t.dtype for s in shards for t in s}
         self.report_head, self.reports = report_head, {}
         self.writer = None
@@ -159,7 +159,7 @@ class FullModel(_AtomicDirSink):
         from .writer import copy_model_files
 
         self.writer.finish()
-        copy_model_files(self.donor, self.tmp, self.config_dtype)
+        copy_model_files(self.donor, self.tmp, self.config_dtype, self.config_updates)
         self.card.write(self.tmp)
         if self.reports:
             write_json(self.tmp / "merge_report.json", {**(self.report_head or {}), "modules": self.reports})

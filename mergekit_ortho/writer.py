@@ -531,8 +531,10 @@ _MODEL_FILES = (
 )
 
 
-def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None) -> list[str]:
-    """Copy config/tokenizer/generation files from the donor; update the dtype in config.json."""
+def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None,
+                     config_updates: dict | None = None) -> list[str]:
+    """Copy config/tokenizer/generation files from the donor; update the dtype in config.json and
+    the fields the merge changed (``config_updates``: layer count, layer_types, tied head)."""
     from .sources.paths import contained
 
     copied: list[str] = []
@@ -545,13 +547,21 @@ def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None) -> li
         contained(donor, src, "model file")  # inside the donor, a regular file
         if not src.is_file():
             continue
-        if name == "config.json" and out_dtype:
+        if name == "config.json" and (out_dtype or config_updates):
             from .io.json_files import read_object
 
             cfg = read_object(src, "model config")
-            keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
-            for k in keys:
-                cfg[k] = out_dtype
+            if out_dtype:
+                keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+                for k in keys:
+                    cfg[k] = out_dtype
+            for k, v in (config_updates or {}).items():
+                target = cfg.get("text_config") if k not in cfg and isinstance(cfg.get("text_config"), dict) else cfg
+                if callable(v):  # a rewrite of a field the donor has (a per-layer list), else nothing
+                    if k in target:
+                        target[k] = v(target[k])
+                else:
+                    target[k] = v
             (out / name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         else:
             shutil.copyfile(src, out / name)

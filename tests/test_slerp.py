@@ -84,7 +84,7 @@ def test_wrong_model_count_and_missing_t_are_one_line_errors(tiny_models, tmp_pa
     base = tiny_models["base"]
     r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models["a"], tiny_models["b"]], "slerp", base, "{t: 0.5}"))
     code, out, err = cli("run", r, "--out", tmp_path / "o")
-    assert code == 2 and "exactly 1 other model" in err and "Traceback" not in err + out
+    assert code == 2 and "exactly 1 model(s) besides the base" in err and "Traceback" not in err + out
     assert not (tmp_path / "o").exists()
     r = write_recipe(tmp_path / "r2.yaml", recipe_text([tiny_models["a"]], "slerp", base))
     code, _, err = cli("validate", r)

@@ -327,7 +327,7 @@ def test_merge_run_on_peft_loras_equals_the_operator_on_the_materialised_deltas(
 
 
 @pytest.mark.parametrize("params,needle", [("{lambda: big}", "'lambda' must be a number"),
-                                           ("{lambda: [1, 2]}", "'lambda' must be a number"),
+                                           ("{lambda: [1, big]}", "'lambda' must be a number"),
                                            ("{lamda: 1.0}", "did you mean 'lambda'")])
 def test_bad_parameters_exit_2_with_one_line(tiny_models, tmp_path, cli, params, needle):
     r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models[k] for k in "ab"], "tsv", tiny_models["base"],

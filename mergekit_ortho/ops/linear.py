@@ -119,12 +119,15 @@ register(
         fn=linear,
         reads="weights",
         needs_base=False,
+        base_input=True,
         params=(Param("normalize", bool, True, "divide by the sum of the weights"),),
         model_params=(_WEIGHT,),
         fold=Fold(_sum_start, _sum_step, _linear_finish, raw_weights=True),
         lora_fn=linear_lora,
         details="theta = sum w_i theta_i / sum w_i. Equal weights give the plain mean. "
-        "mergekit-compatible; no base model needed (one listed in models is averaged like any other).",
+        "mergekit-compatible; no base model needed. A base_model is one of the inputs, listed or not "
+        "(mergekit's rule; give it a weight under the top-level parameters); with LoRA inputs it is the "
+        "model the LoRAs apply to.",
     )
 )
 

@@ -56,23 +56,22 @@ class Param:
         t = self.type
         if value is None and self.default is None:
             return None  # an optional parameter whose default is decided by the operator
+        # pydantic's lax rules, as mergekit reads recipes: "1e-3" is a number, 1 / "true" a bool
         if t is bool:
-            if isinstance(value, bool):
-                out = value
-            else:
+            out = _lax_bool(value)
+            if out is None:
                 raise ValueError(f"parameter '{self.name}' must be true or false, got {shown(value)}")
         elif t is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            out = _lax_number(value)
+            if out is None:
                 raise ValueError(f"parameter '{self.name}' must be a number, got {shown(value)}")
-            out = float(value)
             if out != out:  # NaN passes every comparison below and poisons every tensor
                 raise ValueError(f"parameter '{self.name}' must be a number, got NaN")
         elif t is int:
-            if isinstance(value, bool) or not (
-                isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-            ):
+            out = _lax_number(value)
+            if out is None or isinstance(value, bool) or not float(out).is_integer():
                 raise ValueError(f"parameter '{self.name}' must be an integer, got {shown(value)}")
-            out = int(value)
+            out = int(out)
         elif t is str:
             if not isinstance(value, str):
                 raise ValueError(f"parameter '{self.name}' must be a string, got {shown(value)}")
@@ -93,6 +92,25 @@ class Param:
         if self.maximum is not None and out > self.maximum:
             raise ValueError(f"parameter '{self.name}' must be <= {self.maximum}, got {shown(value)}")
         return out
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "t", "y", "1"}, {"false", "no", "off", "f", "n", "0"}
+
+
+def _lax_bool(value: Any) -> bool | None:
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+        return bool(value)
+    v = value.strip().lower() if isinstance(value, str) else None
+    return True if v in _TRUE else False if v in _FALSE else None
+
+
+def _lax_number(value: Any) -> float | None:
+    if isinstance(value, (bool, int, float)):
+        return float(value) if isinstance(value, (bool, float)) else value
+    try:
+        return float(value.strip()) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 class Params(dict):

@@ -120,3 +120,38 @@ def sharded_copy(src: Path, dst: Path) -> Path:
     (dst / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
     return dst
+
+
+def spec_llama(out: Path, value, tied: bool = False, layers: int = 4, vocab: int = 8,
+               config: dict | None = None) -> Path:
+    """The recipe fixture of ../shared/specs/mergekit_compat.md M0: a tiny LlamaForCausalLM
+    (hidden 4, intermediate 8, 2 heads, fp32) whose every tensor is filled with ``value(name)``
+    (a number, or a tensor of the right shape). ``tied``: no ``lm_head.weight`` stored and
+    ``tie_word_embeddings: true``."""
+    import torch
+
+    shapes = llama_shapes(hidden=4, layers=layers, vocab=vocab, intermediate=8)
+    if tied:
+        shapes.pop("lm_head.weight")
+    tensors = {}
+    for name, shape in shapes.items():
+        v = value(name)
+        tensors[name] = v.reshape(shape).float() if isinstance(v, torch.Tensor) else torch.full(shape, float(v))
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", tensors)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4,
+           "intermediate_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2,
+           "num_hidden_layers": layers, "vocab_size": vocab, "tie_word_embeddings": tied,
+           "rms_norm_eps": 1e-6, "max_position_embeddings": 64, "torch_dtype": "float32"}
+    (out / "config.json").write_text(json.dumps({**cfg, **(config or {})}, indent=2))
+    return out
+
+
+def code_value(k: int):
+    """mergekit spec ``codeK``: layer-l tensors 100K+l, embeddings 100K+50, final norm 100K+60,
+    head 100K+70."""
+    def value(name: str) -> float:
+        if name.startswith("model.layers."):
+            return 100 * k + int(name.split(".")[2])
+        return 100 * k + {"model.embed_tokens.weight": 50, "model.norm.weight": 60}.get(name, 70)
+    return value

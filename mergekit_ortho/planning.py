@@ -1,0 +1,354 @@
+"""The parts every plan is built from: its data model (inputs, items, the plan), opening a source,
+and resolving parameters per item. :mod:`.plan` builds the plan of a ``models:`` recipe,
+:mod:`.plan_slices` that of a ``slices:`` recipe, both from these.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import recipe as recipe_mod
+from .dtypes import canonical, itemsize
+from .errors import UserError
+from .ops import registry
+from .writer import OutTensor
+
+
+# fixed overhead of the interpreter, torch and the CLI's modules, for the peak-memory estimate
+# (measured: 0.24-0.26 GiB resident after the imports)
+_RUNTIME_BYTES = 260 * 2**20
+
+
+@dataclass
+class ModelInput:
+    label: str
+    ref: str
+    source: Any  # CheckpointSource or LoraSource
+    params: registry.Params  # its resolved per-model parameters
+
+    @property
+    def is_lora(self) -> bool:
+        return getattr(self.source, "kind", "") == "lora"
+
+
+@dataclass(frozen=True)
+class ItemParams:
+    """The operator's parameters for one output item: the method's and each of its models',
+    resolved (in the order of the item's sources). Items share one instance while a recipe gives
+    the same values everywhere."""
+
+    method: registry.Params
+    models: tuple[registry.Params, ...]
+
+
+# an input of one output item: a model and the name of its tensor that the item reads
+Source = tuple[ModelInput, str]
+
+
+@dataclass
+class PlanItem:
+    name: str
+    action: str  # "merge" | "copy"
+    shape: tuple[int, ...]
+    in_dtype: str
+    out_dtype: str
+    read_bytes: int
+    reason: str = ""  # why a tensor is copied
+    # where the inputs come from when not every model's tensor of the same name: a slices recipe
+    # (another layer, only the slice's models) or a tied head read from a model's embeddings
+    sources: tuple[Source, ...] | None = None
+    base_source: Source | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Plan:
+    recipe: recipe_mod.Recipe
+    op: registry.Operator
+    params: registry.Params  # the method-level parameters (global scalars: a fold's reduce)
+    base: ModelInput | None
+    models: list[ModelInput]
+    items: dict[str, PlanItem]
+    shards: list[list[OutTensor]]
+    compute_dtype: str
+    device: str
+    notes: list[str] = field(default_factory=list)
+    # what is written: "full" (a model directory), "peft" / "kohya" (a LoRA), "bundle" (RMM)
+    out_format: str = "full"
+    # LoRA / bundle outputs: the base keys merged module by module, with their 2-D delta shapes
+    module_keys: list[str] = field(default_factory=list)
+    module_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)  # per-module operator reports, when any
+    # paths read outside the models (a continual state, a bundle) that the output must not touch
+    extra_inputs: list[Path] = field(default_factory=list)
+    # the recipe's tokenizer_source, resolved to a directory (None: base, else first model)
+    tokenizer_dir: Path | None = None
+    # each merged item's parameters (tensor name, or module key for adapter / bundle outputs);
+    # an item not listed takes the plan-level ones. Values that vary by layer or name filter
+    # are resolved into this map, so a unit of work carries everything it needs.
+    item_params: dict[str, ItemParams] = field(default_factory=dict)
+    # config.json fields the output changes (layer count of a frankenmerge, an untied head)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+    def sources_of(self, name: str) -> tuple[Source | None, list[Source]]:
+        """The base input (None without one) and the model inputs of item ``name``."""
+        item = self.items.get(name)
+        if item is not None and item.sources is not None:
+            return item.base_source, list(item.sources)
+        return ((self.base, name) if self.base is not None else None), [(m, name) for m in self.models]
+
+    def params_for(self, name: str) -> ItemParams:
+        """The resolved method and model parameters of output item ``name``."""
+        got = self.item_params.get(name)
+        return got if got is not None else ItemParams(self.params, tuple(m.params for m in self.models))
+
+    def parameter_samples(self, limit: int) -> list[tuple[str, ItemParams]]:
+        """The first item of each distinct set of resolved parameters (at most ``limit``)."""
+        seen: set[int] = set()
+        out = []
+        for name, given in self.item_params.items():
+            if id(given) not in seen:
+                seen.add(id(given))
+                out.append((name, given))
+                if len(out) == limit:
+                    break
+        return out
+
+    @property
+    def distinct_parameter_sets(self) -> int:
+        return len({id(g) for g in self.item_params.values()})
+
+    @property
+    def lora_models(self) -> list[ModelInput]:
+        return [m for m in self.models if m.is_lora]
+
+    @property
+    def module_mode(self) -> bool:
+        """True when the output is a LoRA or a bundle, produced module by module."""
+        return self.out_format != "full"
+
+    @property
+    def units(self) -> list[list[str]]:
+        """The output items in execution order, grouped by what they fill: one output shard of a
+        full model each; an adapter or a bundle is one file, so one unit."""
+        if self.module_mode:
+            return [list(self.module_keys)]
+        return [[t.name for t in shard] for shard in self.shards]
+
+    @property
+    def merge_count(self) -> int:
+        if self.module_mode:
+            return len(self.module_keys)
+        return sum(1 for i in self.items.values() if i.action == "merge")
+
+    @property
+    def copy_count(self) -> int:
+        return 0 if self.module_mode else sum(1 for i in self.items.values() if i.action == "copy")
+
+    @property
+    def read_bytes(self) -> int:
+        if self.module_mode:
+            return sum(self.module_read_bytes(k) for k in self.module_keys)
+        return sum(i.read_bytes for i in self.items.values())
+
+    def module_read_bytes(self, key: str) -> int:
+        n = 0
+        for m in self.models:
+            if m.is_lora:
+                mod = m.source.by_base.get(key)
+                if mod is not None:
+                    n += sum(math.prod(s) * 4 for s in m.source.stored_shapes(mod))
+            else:
+                n += m.source.infos[key].nbytes
+        return n
+
+    @property
+    def write_bytes(self) -> int:
+        if self.module_mode:  # an estimate: the output rank is known only after the merge
+            return sum(self.module_read_bytes(k) for k in self.module_keys) // max(1, len(self.models))
+        return sum(t.nbytes for s in self.shards for t in s)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Interpreter + the largest merge step: inputs held at once, work buffers and the cast."""
+        c = itemsize(self.compute_dtype)
+        if self.module_mode:
+            dense = self.op.input_kind == "dense" and self.op.lora_fn is None
+            worst = max((math.prod(s) for s in self.module_shapes.values()), default=0)
+            factors = max((self.module_read_bytes(k) for k in self.module_keys), default=0)
+            return _RUNTIME_BYTES + worst * c * ((len(self.models) + 3) if dense else 2) + 4 * factors
+        fold = self.op.fold
+        raw = fold is not None and fold.raw_weights and not self.lora_models
+        base = self.base is not None and (self.op.reads_base or bool(self.lora_models))
+        worst = 0
+        for i in self.items.values():
+            stored, out = itemsize(i.in_dtype), itemsize(i.out_dtype)
+            if i.action != "merge":
+                step = i.numel * (stored + out)
+            elif raw:  # the state, one input and the base as stored; then the cast of the result
+                step = i.numel * (c + max(stored, out) + (stored if base else 0))
+            elif fold is not None:  # the state, a prepared input (and its stored read), the base
+                step = i.numel * (2 * c + stored + (c if base else 0))
+            else:  # every prepared input at once, the base, about one work buffer of the operator
+                step = i.numel * (len(self.models) * c + stored + (c if base else 0) + c)
+            worst = max(worst, step)
+        return _RUNTIME_BYTES + worst
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.op.name,
+            "parameters": self.params,
+            "base_model": self.base.ref if self.base else None,
+            "models": [m.ref for m in self.models],
+            "output_format": self.out_format,
+            "tensors_merged": self.merge_count,
+            "tensors_copied": self.copy_count,
+            "bytes_read": self.read_bytes,
+            "bytes_written": self.write_bytes,
+            "shards": len(self.shards),
+            "peak_memory_estimate": self.peak_bytes,
+            "compute_dtype": self.compute_dtype,
+            "device": self.device,
+        }
+
+
+def open_source(ref: str, label: str):
+    """A LoraSource when ``ref`` is a LoRA adapter (detected from its files), else a CheckpointSource."""
+    from .sources.checkpoint import CheckpointSource
+    from .adapters.detect import detect_lora
+    from .adapters.lora import LoraSource
+
+    path = Path(ref)
+    if not path.exists():
+        from .sources import hub
+
+        if hub.looks_like_hub_id(ref):
+            path = hub.resolve(ref)
+    if path.exists() and not path.is_dir():
+        from .sources.paths import require_regular
+
+        require_regular(path, "checkpoint")
+    if path.exists() and detect_lora(path):
+        return LoraSource(path, label)
+    return CheckpointSource(ref, label)
+
+
+def _same_ref(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def tokenizer_donor(recipe: recipe_mod.Recipe) -> tuple[Path | None, str | None]:
+    """The directory named by ``tokenizer_source`` (a path or hub id), and a note when the value is
+    one we do not act on; a path that does not exist is an error, not silently the base's files."""
+    ts = recipe.tokenizer_source
+    if not ts or ts == "base":
+        return None, None
+    if not recipe.output.copy_files:
+        return None, f"tokenizer_source {ts} is not used: output.copy_files is false, so no tokenizer file is copied"
+    if ts == "union":
+        return None, ("tokenizer_source: union (mergekit's merged vocabulary) is not supported yet; the "
+                      "tokenizer files are copied from the base model")
+    ref = recipe_mod.resolve_ref(recipe, ts)
+    path = Path(ref)
+    if not path.exists():
+        from .sources import hub
+
+        if not hub.looks_like_hub_id(ref):
+            raise UserError(f"tokenizer_source {ts}: path not found; name a model directory, a hub id, or 'base'")
+        path = hub.resolve(ref)
+    if not path.is_dir():
+        raise UserError(f"tokenizer_source {ts}: not a model directory (its tokenizer files are copied from one)")
+    return path, None
+
+
+def output_dtype(recipe: recipe_mod.Recipe) -> str | None:
+    """mergekit's rule: ``out_dtype``, else ``dtype``; None: each tensor's inputs' promoted dtype."""
+    if recipe.out_dtype:
+        return canonical(recipe.out_dtype, "out_dtype")
+    return canonical(recipe.dtype, "dtype") if recipe.dtype else None
+
+
+def _shared_levels(recipe: recipe_mod.Recipe, slice_params: dict | None = None) -> list[dict]:
+    """Where a method-level parameter is looked up, highest precedence first (mergekit M3)."""
+    return [lv for lv in (slice_params, recipe._module_parameters, recipe.parameters) if lv]
+
+
+def _plan_params(op: registry.Operator, levels: list[dict], what: str) -> registry.Params:
+    """The plan-level view of parameters (summary, a fold's global reduce, the continual state):
+    each one's value where the recipe gives it everywhere, else its default (None if required)."""
+    from .settings import is_constant, resolve
+
+    constant = [{k: v for k, v in lv.items() if is_constant(v)} for lv in levels]
+    schema = op.params if what == "method" else op.model_params
+    lax = tuple(registry.Param(p.name, p.type, None if p.required else p.default) for p in schema)
+    try:
+        return resolve(lax, constant, "", 0.0, what)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _unique_label(label: str, taken: set[str]) -> str:
+    out, k = label, 2
+    while out in taken:
+        out, k = f"{label}_{k}", k + 1
+    return out
+
+
+def check_model_count(op: registry.Operator, n: int, where: str) -> None:
+    """The method's input contract (mergekit M6): how many models besides the base it merges."""
+    if op.model_count is not None and n != op.model_count:
+        extra = " (counting the base, an ordinary input of this method)" if op.base_input else " besides the base"
+        raise UserError(f"method '{op.name}' merges exactly {op.model_count} model(s){extra}; {where} "
+                        f"gives {n}")
+    if n < op.min_models:
+        raise UserError(f"method '{op.name}' merges at least {op.min_models} models besides the base; {where} "
+                        f"gives {n}")
+
+
+def resolve_items(op: registry.Operator, wanted, t: dict[str, float] | list, shared: list[dict],
+                  model_levels: list[list[dict]], models: list[ModelInput]) -> dict[str, ItemParams]:
+    """Each output item's parameters (mergekit M3/M4): ``wanted`` lists (item, output name, each
+    model's input name); ``t`` maps an item to its layer position (a list: 0 everywhere). Shared
+    parameters match the output name, per-model ones the model's input name. Items with equal
+    values share one ItemParams."""
+    from .settings import is_constant, resolve
+
+    if all(is_constant(v) for lv in shared + [x for lvs in model_levels for x in lvs] for v in lv.values()):
+        t = {}  # one value everywhere: resolve once
+    cache: dict[tuple, ItemParams] = {}
+    out: dict[str, ItemParams] = {}
+    where = f"method '{op.name}'"
+    try:
+        for item, out_name, in_names in wanted:
+            ti = t.get(item, 0.0) if isinstance(t, dict) else 0.0
+            key = None
+            if not t:
+                key = ("const",)
+                if key in cache:
+                    out[item] = cache[key]
+                    continue
+            method = resolve(op.params, shared, out_name, ti, where)
+            per_model = tuple(resolve(op.model_params, lv, n, ti, f"model '{m.label}'")
+                              for lv, n, m in zip(model_levels, in_names, models))
+            key = key or (tuple(method.items()), tuple(tuple(p.items()) for p in per_model))
+            out[item] = cache.setdefault(key, ItemParams(method, per_model))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return out
+
+
+def promoted(dtypes) -> str:
+    """The dtype torch's type promotion gives a mix of float dtypes (bf16 + fp16 -> float32)."""
+    order = {"float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
+    ds = set(dtypes)
+    if ds == {"float16", "bfloat16"} or (len(ds) > 1 and max(order.get(d, 0) for d in ds) == 1):
+        return "float32"
+    return max(ds, key=lambda d: order.get(d, 0))

@@ -1,0 +1,131 @@
+"""Parameter settings as a recipe writes them, and how one resolves for a tensor.
+
+Spec: ../shared/specs/mergekit_compat.md M3 (forms, scopes, precedence) and M4 (gradients, t).
+
+A *setting* is what a recipe writes for one parameter at one place:
+
+1. a scalar (bool, int, float, str);
+2. a gradient: a list of scalars spread evenly over t in [0, 1], interpolated linearly
+   (``s = t(K-1)``), or a step function when any anchor is a bool or a string;
+3. one ``{filter, value}`` mapping: ``value`` (a scalar or a gradient) where ``filter`` is absent,
+   null, ``"*"`` or a plain case-sensitive substring of the tensor name;
+4. a list of such mappings: the first that matches wins.
+
+A setting that yields nothing for a tensor (a conditional that does not match, an empty list)
+falls through to the next place (``NOTHING``). Places, highest precedence first: the model's own
+entry (per-model parameters only), the slice, the module, the top level; then the method's
+default. No I/O here: the plan calls :func:`resolve` for every output item.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from .errors import shown
+from .ops.registry import REQUIRED, Param, Params
+
+
+class _Nothing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOTHING"
+
+
+NOTHING: Any = _Nothing()
+_SCALARS = (bool, int, float, str)
+
+
+def _is_conditional(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def check_form(value: Any, where: str) -> None:
+    """Raise ValueError unless ``value`` is one of the four forms (mixing scalars and
+    ``{filter, value}`` mappings in one list is refused, as mergekit does)."""
+    if value is None or isinstance(value, _SCALARS):
+        return
+    if isinstance(value, dict):
+        _check_conditional(value, where)
+        return
+    if isinstance(value, list):
+        kinds = {_is_conditional(v) for v in value}
+        if len(kinds) > 1:
+            raise ValueError(f"{where}: a list mixes plain values and {{filter, value}} entries; use one form")
+        for v in value:
+            if isinstance(v, dict):
+                _check_conditional(v, where)
+            elif not isinstance(v, _SCALARS):
+                raise ValueError(f"{where}: a gradient lists plain values only, got {shown(v)}")
+        return
+    raise ValueError(f"{where}: expected a value, a list of values or {{filter, value}} entries, got {shown(value)}")
+
+
+def _check_conditional(entry: dict, where: str) -> None:
+    extra = set(entry) - {"filter", "value"}
+    if extra or "value" not in entry:
+        raise ValueError(f"{where}: a conditional entry is {{filter: <substring>, value: <value>}}, got {shown(entry)}")
+    f, v = entry.get("filter"), entry["value"]
+    if f is not None and not isinstance(f, str):
+        raise ValueError(f"{where}: filter must be a string (a substring of tensor names), got {shown(f)}")
+    if isinstance(v, dict) or (isinstance(v, list) and any(not isinstance(x, _SCALARS) for x in v)):
+        raise ValueError(f"{where}: a conditional's value is a value or a gradient, not {shown(v)}")
+
+
+def filter_matches(f: str | None, name: str) -> bool:
+    return f is None or f == "*" or f in name
+
+
+def _gradient(param: Param, anchors: list, t: float) -> Any:
+    values = [param.coerce(a) for a in anchors]
+    k = len(values)
+    if any(isinstance(v, (bool, str)) for v in values) or k == 1:
+        return values[min(k - 1, max(0, math.floor(t * (k - 1))))]
+    s = t * (k - 1)
+    i0 = max(0, min(k - 1, math.floor(s)))
+    i1 = min(i0 + 1, k - 1)
+    f = s - i0
+    return (1.0 - f) * float(values[i0]) + f * float(values[i1])  # in double, validated after
+
+
+def evaluate(param: Param, setting: Any, name: str, t: float) -> Any:
+    """The value ``setting`` gives ``param`` for tensor ``name`` at layer position ``t``, coerced
+    to the parameter's type; ``NOTHING`` when it gives none there."""
+    if isinstance(setting, dict):
+        return evaluate(param, setting["value"], name, t) if filter_matches(setting.get("filter"), name) else NOTHING
+    if isinstance(setting, list):
+        if not setting:
+            return NOTHING
+        if isinstance(setting[0], dict):
+            for entry in setting:
+                got = evaluate(param, entry, name, t)
+                if got is not NOTHING:
+                    return got
+            return NOTHING
+        return param.coerce(_gradient(param, setting, t))
+    return param.coerce(setting)
+
+
+def is_constant(setting: Any) -> bool:
+    """True when the setting gives one value everywhere (a scalar): nothing to resolve per tensor."""
+    return setting is None or isinstance(setting, _SCALARS)
+
+
+def resolve(schema: Sequence[Param], levels: Sequence[dict[str, Any]], name: str, t: float, where: str) -> Params:
+    """Every parameter of ``schema`` for tensor ``name``: the first of ``levels`` (dicts of
+    settings, highest precedence first) whose setting yields a value there, else the default.
+    A required parameter that no level gives is an error naming ``where`` and the tensor."""
+    out: dict[str, Any] = {}
+    for p in schema:
+        value = NOTHING
+        for level in levels:
+            if p.name in level:
+                value = evaluate(p, level[p.name], name, t)
+                if value is not NOTHING:
+                    break
+        if value is NOTHING:
+            if p.default is REQUIRED:
+                raise ValueError(f"missing required parameter '{p.name}' for {where} at tensor '{name}'")
+            value = p.default
+        out[p.name] = value
+    return Params(out)
