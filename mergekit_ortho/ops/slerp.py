@@ -1,6 +1,10 @@
-"""SLERP: spherical linear interpolation between the base and one model.
+"""The two-model interpolations between the base and one model: SLERP and NearSwap.
 
-Spec: ../shared/specs/mergekit_compat.md M17 (mergekit's ``slerp``, golden numbers from mergekit).
+Spec: ../shared/specs/mergekit_compat.md M17 (mergekit's ``slerp``) and M22 (``nearswap``), golden
+numbers from mergekit. Both read weights, need the base (one end) and exactly one other model.
+
+SLERP
+-----
 
 Each tensor is one flat vector. v0 is the base (t = 0 gives the base), v1 the other model:
 
@@ -14,6 +18,17 @@ coefficients are computed in float32 (float64 for float64 inputs), as mergekit d
 
 Reads weights, needs the base (it is one end of the arc) and exactly one other model; a recipe
 that lists the base among its models (mergekit's style) works too, the base is not counted twice.
+
+NearSwap
+--------
+Elementwise, with a the base and b the model (mergekit's formula, kept literally for its rounding):
+
+    omega = clamp(t / max(|a - b|, 1e-6), 0, 1),   result = omega b + (1 - omega) a
+
+which is a + clamp(b - a, -t, t) wherever |a - b| >= 1e-6: an element takes the model's value
+where the two are within t of each other, otherwise moves t from the base towards it. Below the
+1e-6 guard (and t < 1e-6) it moves t/1e-6 of the gap, never more than t. t <= 0 gives the base.
+Computed in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
@@ -28,6 +43,8 @@ from .registry import Operator, Param, TensorTask, register
 COLINEAR = 0.9995
 #: norms at or below this are replaced by 1 (mergekit's guard against dividing by zero)
 TINY_NORM = 1e-8
+#: nearswap's floor on |a - b| (mergekit): keeps t / |a - b| finite where the models agree
+NEARSWAP_FLOOR = 1e-6
 
 
 def slerp_vectors(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
@@ -67,5 +84,45 @@ register(
         "(norms <= 1e-8 count as 1). |c| > 0.9995: (1-t) base + t model; else "
         "(sin((1-t) theta) base + sin(t theta) model) / sin theta, theta = acos c. Norms and "
         "coefficients in float32. mergekit-compatible (its classic slerp, scalar t).",
+    )
+)
+
+
+def nearswap_tensors(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """NearSwap of base ``a`` towards model ``b`` (same shape); ``b`` is overwritten (it is the
+    operator's own input buffer)."""
+    if a.shape != b.shape:
+        raise ShapeMismatch(f"nearswap: tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    cdt = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    a, b = a.to(cdt), b.to(cdt)
+    if t <= 0:
+        return a.clone()  # omega = 0 everywhere: the base (a copy, the base is not ours to hand out)
+    omega = torch.sub(a, b).abs_().clamp_(min=NEARSWAP_FLOOR)
+    omega.reciprocal_().mul_(t).clamp_(0.0, 1.0)  # t / |a - b| in place, rounded as torch rounds t / x
+    out = b.mul_(omega)
+    return out.add_(omega.neg_().add_(1.0).mul_(a))  # omega b + (1 - omega) a, as mergekit rounds it
+
+
+def nearswap(task: TensorTask) -> torch.Tensor:
+    (model,) = task.inputs  # one model besides the base (Operator.model_count)
+    return nearswap_tensors(task.base, model, task.params.t)
+
+
+register(
+    Operator(
+        name="nearswap",
+        summary="Per element: the model's value where it is within t of the base, else t towards it",
+        spec="mergekit_compat.md M22",
+        fn=nearswap,
+        reads="weights",
+        needs_base=True,
+        model_count=1,
+        params=(Param("t", float, help="the largest move away from the base, per element (<= 0 gives the base)"),),
+        details="Elementwise, base a, model b: omega = clamp(t / max(|a-b|, 1e-6), 0, 1), result "
+        "omega*b + (1-omega)*a, i.e. a + clamp(b-a, -t, t): where base and model differ by at most "
+        "t the element becomes the model's, elsewhere it moves exactly t from the base towards "
+        "the model. t = 0 (or below) gives the base; a large t gives the model. No other "
+        "parameter; every tensor (1-D, embeddings) is treated alike. In float32. "
+        "mergekit-compatible (its nearswap).",
     )
 )
