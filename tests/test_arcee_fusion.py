@@ -78,6 +78,15 @@ def test_identical_model_gives_the_base_and_every_entry_is_base_or_model():
     assert 0 < int((out != base).sum()) < out.numel()
 
 
+def test_entries_at_the_threshold_are_taken():
+    # one row, the same |m - b| everywhere: every importance equals tau, and I >= tau takes them all
+    b = torch.tensor([0.5, -1.0, 2.0, 0.25, 1.5, 0.0])
+    m = b + 0.25 * torch.tensor([1.0, -1, 1, -1, -1, 1])
+    imp = af.importance(m, b)
+    assert bool((imp == af.threshold(imp)).all()) and float(imp[0]) > 0
+    assert torch.equal(run(b, m), b + (m - b))
+
+
 def test_shape_mismatch_is_a_user_error():
     with pytest.raises(UserError, match="arcee_fusion: tensor 'w' has shape"):
         run(B4, M4[:3])
