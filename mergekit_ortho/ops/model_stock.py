@@ -95,7 +95,7 @@ def model_stock(task: TensorTask) -> torch.Tensor:
             cos = (dot / (norms[i] * norms[j]).clamp(min=GUARD)).clamp(-1.0, 1.0)
             pair_sum += cos.double()
     t = _step_size(pair_sum, n)
-    total = vs[0].clone()
+    total = vs[0]  # the inputs are ours and every pair is done: the first becomes the sum
     for v in vs[1:]:
         total.add_(v)
     return _apply(total, t, n, shape)
