@@ -12,7 +12,7 @@ from conftest import write_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DENSE = ["demo", "linear", "task_arithmetic", "dare_ties", "magmax", "widen", "tsv", "opcm", "nearswap", "nuslerp",
-         "multislerp", "karcher"]
+         "multislerp", "karcher", "model_stock", "arcee_fusion", "passthrough", "ram", "ramplus_tl"]
 
 
 @pytest.fixture(scope="module")

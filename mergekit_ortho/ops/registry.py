@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
 REQUIRED = object()
 
 # Operator families, one module each. Order is the order of `merge methods`.
-_MODULES = ("linear", "ties_dare", "magmax", "widen", "tsv", "core_space", "lora_lego", "rmm", "opcm", "slerp", "spherical")
+_MODULES = ("linear", "ties_dare", "magmax", "widen", "tsv", "core_space", "lora_lego", "rmm", "opcm", "slerp",
+            "spherical", "model_stock", "arcee_fusion", "passthrough", "ram")
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,11 @@ class Fold:
     (t 1-based, JSON-safe scalars); ``finish`` reads them as ``task.scalars``. Such a fold cannot
     merge one tensor on its own: `merge run` folds every model of every tensor in one pass, then
     finishes each tensor (:mod:`mergekit_ortho.sequential`).
+
+    ``state_is_tensor``: the state is one tensor of the merged tensor's shape, which a continual
+    state stores between processes. False for a state of several parts (model_stock's two sums
+    and per-row scalars, ram's sum and count): `merge run` folds it in memory, but continual
+    merging cannot persist it (yet) and refuses the method.
     """
 
     start: Callable[..., Any]
@@ -247,6 +253,7 @@ class Fold:
     raw_weights: bool = False
     gather: Callable[..., Any] | None = None
     reduce: Callable[..., Any] | None = None
+    state_is_tensor: bool = True
 
     @property
     def one_model_at_a_time(self) -> bool:
@@ -298,8 +305,9 @@ class Operator:
 
     @property
     def folds_one_model_at_a_time(self) -> bool:
-        """True when continual merging can take this method: a fold without a pre-pass."""
-        return self.fold is not None and self.fold.one_model_at_a_time
+        """True when continual merging can take this method: a fold without a pre-pass whose state
+        is one tensor (what a continual state stores)."""
+        return self.fold is not None and self.fold.one_model_at_a_time and self.fold.state_is_tensor
 
     @property
     def merges_one_tensor_alone(self) -> bool:

@@ -1,0 +1,193 @@
+"""Model Stock: move from the base towards the models' mean by a step set by their angles.
+
+Spec: ../shared/specs/mergekit_compat.md M21 (mergekit's ``model_stock``, golden numbers from
+mergekit 0.1.5); paper: Jang et al. 2024, "Model Stock" (arXiv 2403.19522). mergekit-compatible.
+
+With N >= 2 models besides the base and task vectors tau_i = theta_i - theta_0, per vector v
+(the flat tensor; with ``filter_wise: true`` each row along the last dimension, a 1-D tensor
+being one row and a 0-D scalar a row of one):
+
+    c_ij = clamp(<tau_i, tau_j> / max(|tau_i| |tau_j|, 1e-6), -1, 1)      for i < j
+    c    = mean of the N(N-1)/2 pair cosines
+    t    = N c / (1 + (N-1) c),   t = 0 (the base) where |1 + (N-1) c| < 1e-6
+    theta = theta_0 + t * mean_i(tau_i)      (= t mean(theta_i) + (1-t) theta_0)
+
+t is not clamped: c < 0 gives t < 0, a step away from the models (mergekit's formula, kept).
+The direct form :func:`model_stock` computes every pair, as the spec states it.
+
+Streaming (:data:`FOLD`, one pass, one model tensor in memory at a time). The state holds two
+full-size sums, T = sum tau_i and U = sum u_i with u_i = tau_i/|tau_i| (0 for a zero vector), and
+per vector the running sum of the pair terms and the least and largest nonzero norm so far. Model
+j adds its pairs with every earlier model i in one dot product:
+
+* every earlier product |tau_i||tau_j| >= 1e-6 ("large"): sum_i c_ij = <U, tau_j> / |tau_j|;
+* every earlier product < 1e-6 ("small", the spec's guard): sum_i c_ij = <T, tau_j> / 1e-6;
+* a zero tau_j (or no earlier model) adds 0, as the guard gives.
+
+This equals the direct form up to float32 rounding, with two differences (both documented in
+``details`` and tested):
+
+1. **split vector**: at some step j the earlier nonzero norms lie on both sides of 1e-6/|tau_j|
+   (needs N >= 3 and norms spanning the guard, e.g. 1, 1 and 1e-7). The guard's kernel
+   min(1, |tau_i||tau_j|/1e-6) has no separable form, so an exact answer would keep every model.
+   The fold then uses the unit cosines for all earlier pairs: the large pairs stay exact, each
+   small pair's term is |cos| instead of |cos| * |tau_i||tau_j|/1e-6, an error below 1 per pair
+   in the pair sum (the mean c moves by at most (small pairs)/(all pairs)). N = 2 never splits.
+2. the per-pair clamp is applied to the mean instead (each |c_ij| <= 1 holds exactly, so this
+   moves only rounding), and a c within rounding of the singular point may fall on the other
+   side of the 1e-6 guard.
+
+Deviations from mergekit: none in the formula. The result is formed as theta_0 + t mean(tau)
+rather than t mean(theta) + (1-t) theta_0 (equal up to rounding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BadParameters
+from .registry import Fold, Operator, Param, TensorTask, register
+
+#: the pair guard max(|tau_i||tau_j|, GUARD) and the singular guard |1 + (N-1)c| < GUARD (mergekit)
+GUARD = 1e-6
+
+
+def _rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
+    """The vectors of one tensor as rows of a 2-D view: one row (flat), or the last dimension."""
+    if not filter_wise or x.dim() == 0:
+        return x.reshape(1, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _too_few(task: TensorTask, n: int) -> BadParameters:
+    return BadParameters(f"model_stock: tensor '{task.name}' has {n} model(s) besides the base; it needs "
+                         "at least 2 (base plus two or more others): add a model or pick another method")
+
+
+def _step_size(pair_sum: torch.Tensor, n: int) -> torch.Tensor:
+    """t per vector from the summed pair cosines (float64), with the singular guard."""
+    c = (pair_sum / (n * (n - 1) / 2)).clamp_(-1.0, 1.0)
+    denom = 1.0 + (n - 1) * c
+    return torch.where(denom.abs() < GUARD, torch.zeros_like(c), n * c / denom)
+
+
+def _apply(total: torch.Tensor, t: torch.Tensor, n: int, shape: torch.Size) -> torch.Tensor:
+    """theta - theta_0 = t * mean(tau): ``total`` (rows view of sum tau, scaled in place)."""
+    return total.mul_((t / n).to(total.dtype).unsqueeze(-1)).reshape(shape)
+
+
+def model_stock(task: TensorTask) -> torch.Tensor:
+    """The direct form: every pair cosine, as the spec states it."""
+    n = len(task.inputs)
+    if n == 0:  # the base alone gives the base (mergekit)
+        return torch.zeros_like(task.base)
+    if n < 2:
+        raise _too_few(task, n)
+    shape = task.inputs[0].shape
+    fw = task.params.filter_wise
+    vs = [_rows(x, fw) for x in task.inputs]
+    norms = [torch.linalg.vector_norm(v, dim=-1) for v in vs]
+    pair_sum = torch.zeros(vs[0].shape[0], dtype=torch.float64, device=vs[0].device)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = torch.linalg.vecdot(vs[i], vs[j], dim=-1)
+            cos = (dot / (norms[i] * norms[j]).clamp(min=GUARD)).clamp(-1.0, 1.0)
+            pair_sum += cos.double()
+    t = _step_size(pair_sum, n)
+    total = vs[0]  # the inputs are ours and every pair is done: the first becomes the sum
+    for v in vs[1:]:
+        total.add_(v)
+    return _apply(total, t, n, shape)
+
+
+# -- the one-pass fold ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Stock:
+    """The fold's state for one tensor (rows view: R vectors of length L)."""
+
+    shape: torch.Size
+    total: torch.Tensor  # (R, L) sum of tau_i
+    units: torch.Tensor  # (R, L) sum of tau_i / |tau_i| over nonzero vectors
+    pair_sum: torch.Tensor  # (R,) float64, sum of the pair terms so far
+    lo: torch.Tensor  # (R,) least nonzero norm so far (inf: none yet)
+    hi: torch.Tensor  # (R,) largest norm so far (0: none nonzero yet)
+    count: int
+    split: int = 0  # vectors where some step split (difference 1 of the module docstring)
+
+
+def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products as one batched matrix product (no full-size temporary)."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(-1)
+
+
+def _start(task: TensorTask) -> None:
+    return None
+
+
+def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _Stock:
+    v = _rows(x, task.params.filter_wise)  # x is ours (see Fold): its view becomes the sum
+    norm = torch.linalg.vector_norm(v, dim=-1)
+    nonzero = norm > 0
+    inv = torch.where(nonzero, 1.0 / norm, torch.zeros_like(norm))
+    if state is None:
+        units = v * inv.unsqueeze(-1)
+        lo = torch.where(nonzero, norm, torch.full_like(norm, float("inf")))
+        return _Stock(x.shape, v, units, torch.zeros_like(norm, dtype=torch.float64), lo, norm.clone(), 1)
+    if v.shape != state.total.shape:
+        raise BadParameters(f"model_stock: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, "
+                            f"expected {tuple(state.shape)}")
+    seen = state.hi > 0  # an earlier nonzero vector exists
+    # the same float32 products as the direct form's guard, so the same side is chosen
+    large = (state.lo * norm >= GUARD) & seen
+    small = (state.hi * norm < GUARD) & seen
+    active = nonzero & seen
+    by_units = _dot_rows(state.units, v).double() * inv.double()
+    by_total = _dot_rows(state.total, v).double() / GUARD
+    term = torch.where(small, by_total, by_units)  # lo <= hi: never both small and large
+    state.pair_sum += torch.where(active, term, torch.zeros_like(term))
+    state.split += int((active & ~large & ~small).sum())
+    state.total.add_(v)
+    state.units.addcmul_(v, inv.unsqueeze(-1))
+    state.lo = torch.where(nonzero, torch.minimum(state.lo, norm), state.lo)
+    state.hi = torch.maximum(state.hi, norm)
+    state.count += 1
+    return state
+
+
+def _finish(state: _Stock | None, task: TensorTask) -> torch.Tensor:
+    if state is None:  # the base alone gives the base (mergekit)
+        return torch.zeros_like(task.base)
+    n = state.count
+    if n < 2:
+        raise _too_few(task, n)
+    return _apply(state.total, _step_size(state.pair_sum, n), n, state.shape)
+
+
+FOLD = Fold(_start, _step, _finish, state_is_tensor=False)
+
+register(
+    Operator(
+        name="model_stock",
+        summary="Model Stock: base + t * mean task vector, t from the mean pairwise cosine",
+        spec="mergekit_compat.md M21, M6, M13",
+        fn=model_stock,
+        reads="deltas",
+        needs_base=True,
+        min_models=2,
+        params=(Param("filter_wise", bool, False, "one t per row (last dimension) instead of per tensor"),),
+        fold=FOLD,
+        details="theta = theta_0 + t * mean(tau_i), t = N c / (1 + (N-1) c) with c the mean over pairs "
+        "i < j of clamp(<tau_i, tau_j> / max(|tau_i||tau_j|, 1e-6), -1, 1); t = 0 where "
+        "|1 + (N-1) c| < 1e-6. t is NOT clamped (c < 0 extrapolates away from the models). "
+        "filter_wise: one c and t per row along the last dimension (a 1-D tensor is one row). "
+        "Needs the base and at least 2 other models (mergekit: at least 3 inputs). "
+        "Streams in one pass (sum of tau and of tau/|tau|): equal to the pairwise form up to float32 "
+        "rounding, except a vector whose norms straddle the 1e-6 guard at some step (N >= 3, one "
+        "model's |tau| tiny beside the others'): there the fold uses the true cosine for those pairs. "
+        "Not available to continual merging (its state is more than one tensor). "
+        "mergekit-compatible (0.1.5, with its singular guard); paper arXiv 2403.19522.",
+    )
+)
