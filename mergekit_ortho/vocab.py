@@ -297,19 +297,25 @@ class Vocabulary:
         pos[J] = np.arange(J.size)
         D = torch.zeros((J.size, *rest), dtype=dtype, device=device)
         cJ, dflt = count[J], ~user[J]
-        b = labels.index(self.base) if self.base in rows else None
-        from_base = dflt & (cJ >= 2) & (present[b, J] if b is not None else False)
-        mean = dflt & ~from_base & (cJ >= 1)
-        for i, k in enumerate(labels):  # summed in model order, then divided (mergekit's rounding)
-            sel = np.flatnonzero(mean & present[i, J])
+        # the default rule: the one model that has it; else the base, when merged and has it; else the mean
+        donor = np.full(J.size, -1)
+        one = dflt & (cJ == 1)
+        donor[one] = present[:, J[one]].argmax(0)
+        if self.base in rows:
+            b = labels.index(self.base)
+            donor[dflt & (cJ >= 2) & present[b, J]] = b
+        mean = dflt & (cJ >= 2) & (donor < 0)
+        for i, k in enumerate(labels):
+            E = rows[k].to(dtype)
+            sel = np.flatnonzero(donor == i)
             if sel.size:
-                D[_t(sel, device)] += rows[k].to(dtype)[_t(P[i, J[sel]], device)]
+                D[_t(sel, device)] = E[_t(P[i, J[sel]], device)]
+            sel = np.flatnonzero(mean & present[i, J])
+            if sel.size:  # summed in model order, divided once at the end: mergekit's rounding
+                D[_t(sel, device)] += E[_t(P[i, J[sel]], device)]
         sel = np.flatnonzero(mean)
         if sel.size:
             D[_t(sel, device)] /= torch.as_tensor(cJ[sel], dtype=dtype, device=device).reshape(-1, *([1] * len(rest)))
-        sel = np.flatnonzero(from_base)
-        if sel.size:
-            D[_t(sel, device)] = rows[self.base].to(dtype)[_t(P[b, J[sel]], device)]
         missing = np.flatnonzero(dflt & (cJ == 0))
         if missing.size:
             some = ", ".join(repr(self.tokens[j]) for j in J[missing[:5]])

@@ -125,8 +125,9 @@ def test_source_union(dirs):
 def test_union_of_three(dirs):
     vocab = build(dirs, TokenizerSpec(source="union"), ["tokA", "tokB", "tokC"])
     assert vocab.tokens == BASE_TOKENS + ["x", "y", "<im_start>", "<im_end>"] and vocab.size == 12
-    got, _ = merged(vocab, ["tokA", "tokB", "tokC"])
+    got, aligned = merged(vocab, ["tokA", "tokB", "tokC"])
     close(got, [200, 201, 202, 203, 613 / 3, 614 / 3, 518 / 3, 521 / 3, 206, 207, 308, 309])
+    assert torch.equal(aligned["tokA"][8], embed("tokB")[6])  # one owner: its row, bit for bit
 
 
 def test_union_order_follows_recipe_order(dirs):
