@@ -111,6 +111,7 @@ def merge_tensor(plan, name: str):
     import torch
 
     from .inputs import base_tensor, dense_task, model_tensor
+    from .planning import VOCABULARY_TENSORS
 
     op = plan.op
     if op.input_kind == "lora":
@@ -122,6 +123,15 @@ def merge_tensor(plan, name: str):
     base_source, sources = plan.sources_of(name)
     # a weights method (linear) on full checkpoints never reads the base, even when one is given
     use_base = base_source is not None and (op.reads_base or bool(plan.lora_models))
+    if plan.vocab is not None and name in VOCABULARY_TENSORS:  # rows re-indexed to the output vocabulary
+        from .inputs import aligned_inputs, operator_input
+
+        base, weights = aligned_inputs(plan, name, base_source if use_base else None, sources, cdt)
+        task = dense_task(plan, name, base)
+        task.dtype = cdt
+        space_base = base if op.reads == "deltas" else None
+        out = apply_dense(op, task, lambda: (operator_input(w.clone(), space_base, cdt) for w in weights))
+        return out + base if op.reads == "deltas" else out
     base = base_tensor(plan, base_source, None if raw else cdt) if use_base else None
     task = dense_task(plan, name, base)
     task.dtype, task.raw_inputs = cdt, raw
@@ -226,7 +236,7 @@ def full_sink(plan, out: Path, *, card_extra: str = "", overwrite: bool = False,
                       sinks.recipe_yaml(recipe), card_extra)
     return sinks.FullModel(out, plan.shards, sinks.merge_metadata(recipe, plan.op.name), card,
                            donor=donor_dir(plan), config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
-                           config_updates=plan.config_updates,
+                           config_updates=plan.config_updates, vocab=plan.vocab, chat_template=plan.chat_template,
                            overwrite=overwrite, inputs=inputs, force_replace=force_replace,
                            report_head={"method": plan.op.name})
 

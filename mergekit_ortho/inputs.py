@@ -45,6 +45,18 @@ def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, devic
     return x if raw else operator_input(x, base if space == "deltas" else None, cdt)
 
 
+def aligned_inputs(plan: "Plan", name: str, base_source: "Source | None", sources: "list[Source]", cdt):
+    """A vocabulary tensor's inputs re-indexed to the plan's output vocabulary (mergekit M10):
+    every input's rows read and aligned at once (the default-row rule looks across models), then
+    the base (None when the operator does not read it) and each model's weight, in ``cdt``."""
+    rows = {}
+    for m, n in ([base_source] if base_source is not None else []) + sources:
+        rows.setdefault(m.label, m.source.get(n).to(plan.device, cdt))
+    aligned = plan.vocab.align(name, rows)
+    base = aligned[base_source[0].label] if base_source is not None else None
+    return base, [aligned[m.label] for m, _ in sources]
+
+
 def base_tensor(plan: "Plan", source: "Source", cdt=None):
     """The base input (a model and its tensor name) on the plan's device, in ``cdt`` (None: as stored)."""
     m, name = source

@@ -21,7 +21,7 @@ from .errors import UserError
 from .ops import registry
 from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
                        _unique_label, check_model_count, open_source, output_dtype, promoted, resolve_items,
-                       tokenizer_donor)
+                       tokenizer_donor, vocabulary_for, TIED_HEADS, VOCABULARY_TENSORS)
 from .writer import OutTensor, plan_shards
 
 __all__ = ["ItemParams", "ModelInput", "Plan", "PlanItem", "Source", "build_plan", "check_model_count",
@@ -71,7 +71,8 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         notes.append(f"base_model {base.ref} is one of the inputs of '{op.name}' (mergekit's rule), as '{label}'")
     if not models:
         raise UserError("the recipe lists no model other than the base model")
-    tokenizer_dir, tokenizer_note = tokenizer_donor(recipe)
+    vocab, chat_template = vocabulary_for(recipe, op, base, models)
+    tokenizer_dir, tokenizer_note = (None, None) if vocab is not None else tokenizer_donor(recipe)
     notes += [tokenizer_note] if tokenizer_note else []
 
     loras = [m for m in models if m.is_lora]
@@ -110,7 +111,11 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
 
     read_base = base is not None and (op.reads_base or bool(loras))
     items, config_updates = plan_items(reference, dense, recipe.include, recipe.exclude, out_dtype,
-                                       base=base if read_base else None, all_models=models)
+                                       base=base if read_base else None, all_models=models,
+                                       vocab_rows=vocab.size if vocab is not None else None)
+    if vocab is not None:
+        config_updates["vocab_size"] = vocab.config_vocab_size
+        notes += vocab.notes
     if loras:
         adapted = set().union(*(m.source.by_base for m in loras))
         dropped = sorted(k for k in adapted if items[k].action == "copy")
@@ -131,7 +136,8 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     wanted = [(n, n, [_input_name(items[n], i, n) for i in range(len(models))]) for n in merged]
     item_params = resolve_items(op, wanted, _positions(merged), _shared_levels(recipe), model_levels, models)
     plan = Plan(recipe, op, params, base, models, items, shards, compute, device, out_format="full",
-                tokenizer_dir=tokenizer_dir, item_params=item_params, config_updates=config_updates)
+                tokenizer_dir=tokenizer_dir, item_params=item_params, config_updates=config_updates,
+                vocab=vocab, chat_template=chat_template)
     plan.notes += notes
     if loras and dropped:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
@@ -259,20 +265,13 @@ def _lora_notes(plan: Plan) -> None:
                               "a reverted full model takes them from the base")
 
 
-# a head that tied checkpoints do not store, and the embeddings they read it from instead
-TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
-                                 "transformer.wte.weight", "model.decoder.embed_tokens.weight",
-                                 "embed_tokens.weight", "transformer.word_embeddings.weight")}
-VOCABULARY_TENSORS = {"lm_head.weight", *TIED_HEADS["lm_head.weight"]}
-
-
 def _tied_source(m: ModelInput, head: str) -> str | None:
     return next((e for e in TIED_HEADS.get(head, ()) if e in m.source.infos), None)
 
 
 def plan_items(reference: ModelInput, models: list[ModelInput], include: list[str], exclude: list[str],
-               out_dtype: str | None, base: ModelInput | None = None,
-               all_models: list[ModelInput] | None = None) -> tuple[dict[str, PlanItem], dict[str, Any]]:
+               out_dtype: str | None, base: ModelInput | None = None, all_models: list[ModelInput] | None = None,
+               vocab_rows: int | None = None) -> tuple[dict[str, PlanItem], dict[str, Any]]:
     """Per tensor of the reference (the base, else the first model): merge or copy, and why; and
     the config fields the output changes.
 
@@ -283,6 +282,8 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
     is written in ``out_dtype``, else in its inputs' promoted dtype (mergekit's result dtype).
     ``models`` are the full checkpoints checked; ``all_models`` every model in plan order (LoRAs
     too), which an item's ``sources`` follow; ``base`` the base when the operator reads it.
+    ``vocab_rows``: the aligned vocabulary's row count (a tokenizer setting): vocabulary tensors
+    may then differ in rows between inputs and are written with that many.
     """
     ordered = all_models if all_models is not None else models
     include_re = [re.compile(p) for p in include]
@@ -326,7 +327,8 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
                         f"tensor '{name}' is in {reference.ref} but missing from {m.ref}; "
                         "exclude it or use matching checkpoints"
                     )
-                if other.shape != info.shape:
+                aligned = vocab_rows is not None and name in VOCABULARY_TENSORS
+                if other.shape != info.shape and not (aligned and other.shape[1:] == info.shape[1:]):
                     raise UserError(_shape_message(name, reference, info, m, other))
                 if other.dtype in FP8 or other.dtype not in MERGEABLE:
                     raise UserError(f"tensor '{name}' is {other.dtype} in {m.ref}, cannot merge it")
@@ -346,7 +348,10 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
             od = out_dtype or promoted(dtypes)
         else:
             od = info.dtype
-        item = PlanItem(name, action, info.shape, info.dtype, od, read, reason)
+        shape = info.shape
+        if vocab_rows is not None and name in VOCABULARY_TENSORS and action == "merge":
+            shape = (vocab_rows, *info.shape[1:])
+        item = PlanItem(name, action, shape, info.dtype, od, read, reason)
         if sources is not None:
             item.sources, item.base_source = sources, base_src
         items[name] = item

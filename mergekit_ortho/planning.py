@@ -43,6 +43,13 @@ class ItemParams:
     models: tuple[registry.Params, ...]
 
 
+# a head that tied checkpoints do not store, and the embeddings they read it from instead
+TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                                 "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+                                 "embed_tokens.weight", "transformer.word_embeddings.weight")}
+VOCABULARY_TENSORS = {"lm_head.weight", *TIED_HEADS["lm_head.weight"]}
+
+
 # an input of one output item: a model and the name of its tensor that the item reads
 Source = tuple[ModelInput, str]
 
@@ -94,6 +101,10 @@ class Plan:
     item_params: dict[str, ItemParams] = field(default_factory=dict)
     # config.json fields the output changes (layer count of a frankenmerge, an untied head)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    # the aligned output vocabulary (a tokenizer setting, mergekit M10): vocabulary tensors are
+    # re-indexed to it before merging, and its tokenizer is written; None: rows by index
+    vocab: Any = None
+    chat_template: str | None = None  # the chat template text written with the tokenizer (M11)
 
     def sources_of(self, name: str) -> tuple[Source | None, list[Source]]:
         """The base input (None without one) and the model inputs of item ``name``."""
@@ -352,3 +363,52 @@ def promoted(dtypes) -> str:
     if ds == {"float16", "bfloat16"} or (len(ds) > 1 and max(order.get(d, 0) for d in ds) == 1):
         return "float32"
     return max(ds, key=lambda d: order.get(d, 0))
+
+
+def vocabulary_for(recipe: recipe_mod.Recipe, op: registry.Operator, base: ModelInput | None,
+                   models: list[ModelInput]):
+    """The output vocabulary when the recipe asks for one (``tokenizer_source`` / ``tokenizer:``,
+    mergekit M10), else None; and the chat template text to write (M11), validated now."""
+    from .tokenizer_spec import TokenizerSpec
+
+    spec = TokenizerSpec.from_recipe(recipe.tokenizer_source, recipe.tokenizer)
+    dirs = [Path(d) for d in (getattr(m.source, "directory", None) for m in ([base] if base else []) + models) if d]
+    template = None
+    if recipe.chat_template is not None:
+        from .chat_templates import resolve_chat_template
+
+        template = resolve_chat_template(recipe.chat_template, dirs)
+    if spec is None or any(m.is_lora for m in models):  # adapters carry no vocabulary rows
+        return None, template
+    from .vocab import VocabModel, build_vocabulary
+
+    seen: list[VocabModel] = []
+    entries = ([base] if base is not None and op.reads_base else []) + models
+    for m in entries:
+        d = getattr(m.source, "directory", None)
+        cfg = _config_of(Path(d)) if d else {}
+        size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+        seen.append(VocabModel(m.label, Path(d) if d else None, size, (m.ref,)))
+    base_label = None
+    if base is not None:
+        base_label = next((m.label for m in entries if _same_ref(m.ref, base.ref)), None)
+    source_dir = None
+    if spec.source not in ("base", "union") and not any(spec.source in (v.label, *v.refs) for v in seen):
+        ref = recipe_mod.resolve_ref(recipe, spec.source)
+        if not any(_same_ref(ref, v.refs[0]) for v in seen):
+            source_dir = Path(ref) if Path(ref).is_dir() else None
+            if source_dir is None:
+                from .sources import hub
+
+                if not hub.looks_like_hub_id(ref):
+                    raise UserError(f"tokenizer source {spec.source}: path not found; name a model directory, "
+                                    "a hub id, 'base' or 'union'")
+                source_dir = hub.resolve(ref)
+    return build_vocabulary(spec, seen, base=base_label, source_dir=source_dir), template
+
+
+def _config_of(d: Path) -> dict:
+    from .io.json_files import read_object
+
+    f = d / "config.json"
+    return read_object(f, "model config") if f.is_file() else {}

@@ -124,8 +124,11 @@ class FullModel(_AtomicDirSink):
 
     def __init__(self, target: Path, shards, metadata: dict[str, str], card: Card, *, donor: Path | None = None,
                  config_dtype: str | None = None, config_updates: dict | None = None, overwrite: bool = False,
-                 inputs=(), force_replace: bool = False, report_head: dict | None = None):
+                 inputs=(), force_replace: bool = False, report_head: dict | None = None, vocab=None,
+                 chat_template: str | None = None):
         super().__init__(target, overwrite, inputs, force_replace)
+        # an aligned vocabulary writes its own tokenizer; a chat template is written beside it
+        self.vocab, self.chat_template = vocab, chat_template
         self.shards, self.metadata, self.card = shards, metadata, card
         self.donor, self.config_dtype, self.config_updates = donor, config_dtype, dict(config_updates or {})
         self.dtypes = {t.name: t.dtype for s in shards for t in s}
@@ -159,7 +162,15 @@ class FullModel(_AtomicDirSink):
         from .writer import copy_model_files
 
         self.writer.finish()
-        copy_model_files(self.donor, self.tmp, self.config_dtype, self.config_updates)
+        from .writer import TOKENIZER_FILES
+
+        skip = TOKENIZER_FILES if self.vocab is not None else ()
+        copy_model_files(self.donor, self.tmp, self.config_dtype, self.config_updates, skip=skip)
+        if self.vocab is not None:
+            self.vocab.save(self.tmp, chat_template=self.chat_template)
+        elif self.chat_template is not None:
+            (self.tmp / "chat_template.json").unlink(missing_ok=True)
+            (self.tmp / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
         self.card.write(self.tmp)
         if self.reports:
             write_json(self.tmp / "merge_report.json", {**(self.report_head or {}), "modules": self.reports})

@@ -531,8 +531,12 @@ _MODEL_FILES = (
 )
 
 
+# written by an aligned vocabulary instead of copied (generation_config.json too: it names token ids)
+TOKENIZER_FILES = tuple(n for n in _MODEL_FILES if n not in ("config.json", "preprocessor_config.json"))
+
+
 def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None,
-                     config_updates: dict | None = None) -> list[str]:
+                     config_updates: dict | None = None, skip=()) -> list[str]:
     """Copy config/tokenizer/generation files from the donor; update the dtype in config.json and
     the fields the merge changed (``config_updates``: layer count, layer_types, tied head)."""
     from .sources.paths import contained
@@ -541,6 +545,8 @@ def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None,
     if donor is None or not donor.is_dir():
         return copied
     for name in _MODEL_FILES:
+        if name in skip:
+            continue
         src = donor / name
         if not (src.exists() or src.is_symlink()):
             continue

@@ -285,3 +285,63 @@ def test_m9_dtype_sets_the_output_dtype_unless_out_dtype(cli, tmp_path, fx):
     t, cfg, _ = merge(cli, tmp_path / "x", fx, ta_probe(models=[{"model": "@one@"}], dtype="float32",
                                                          out_dtype="float16"))
     assert t[EMBED].dtype == torch.float16 and cfg["torch_dtype"] == "float16"
+
+
+# --- M10 vocabulary alignment, end to end ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from test_vocab import B_TOKENS, BASE_TOKENS, make_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+
+    def rows(start):
+        def value(name):
+            if name == EMBED:
+                return (start + torch.arange(8.0))[:, None].repeat(1, 4)
+            if name == HEAD:
+                return (start + 0.5 + torch.arange(8.0))[:, None].repeat(1, 4)
+            return start
+        return value
+
+    out = {"tokA": spec_llama(root / "tokA", rows(100.0)), "tokB": spec_llama(root / "tokB", rows(200.0))}
+    make_tokenizer(out["tokA"], BASE_TOKENS, config=False)
+    make_tokenizer(out["tokB"], B_TOKENS, config=False)
+    return out
+
+
+@pytest.mark.parametrize("source, rows, size", [
+    ("base", [150, 151, 152, 153, 154.5, 154.5, 106, 107], 8),
+    ("union", [150, 151, 152, 153, 154.5, 154.5, 106, 107, 206, 207], 10),
+])
+def test_m10_tokenizer_source_aligns_rows_config_and_tokenizer(cli, tmp_path, tok, source, rows, size):
+    from transformers import AutoTokenizer
+
+    t, cfg, _ = merge(cli, tmp_path, tok, {"merge_method": "linear", "base_model": "@tokA@",
+                                           "models": [{"model": "@tokB@"}], "parameters": {"weight": 1},
+                                           "tokenizer_source": source})
+    assert t[EMBED][:, 0].tolist() == pytest.approx(rows)
+    assert t[HEAD][:, 0].tolist() == pytest.approx([r + 0.5 for r in rows])
+    assert cfg["vocab_size"] == size
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(loaded) == size
+    if source == "union":
+        assert loaded.convert_tokens_to_ids(["x", "y"]) == [8, 9]
+
+
+def test_m10_unequal_rows_without_a_tokenizer_setting_is_one_line(cli, tmp_path, fx):
+    big = spec_llama(tmp_path / "big", lambda n: 1, vocab=10)
+    err = merge(cli, tmp_path, {**fx, "big": big}, {"merge_method": "linear", "models": [
+        {"model": "@code1@"}, {"model": "@big@"}]}, expect_code=2)
+    assert "vocabulary rows" in err and "tokenizer_source" in err and len(err.strip().splitlines()) == 1
+
+
+def test_m11_chat_template_is_written_and_loads(cli, tmp_path, tok):
+    from transformers import AutoTokenizer
+
+    merge(cli, tmp_path, tok, {"merge_method": "linear", "models": [{"model": "@tokA@"}, {"model": "@tokB@"}],
+                               "chat_template": "chatml"})
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "<|im_start|>user\nhi<|im_end|>" in text
