@@ -236,7 +236,8 @@ def full_sink(plan, out: Path, *, card_extra: str = "", overwrite: bool = False,
                       sinks.recipe_yaml(recipe), card_extra)
     return sinks.FullModel(out, plan.shards, sinks.merge_metadata(recipe, plan.op.name), card,
                            donor=donor_dir(plan), config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
-                           config_updates=plan.config_updates, vocab=plan.vocab, chat_template=plan.chat_template,
+                           config_updates=plan.config_updates, chat_template=plan.chat_template,
+                           vocab=plan.vocab if recipe.output.copy_files else None,
                            overwrite=overwrite, inputs=inputs, force_replace=force_replace,
                            report_head={"method": plan.op.name})
 

@@ -138,11 +138,21 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     plan = Plan(recipe, op, params, base, models, items, shards, compute, device, out_format="full",
                 tokenizer_dir=tokenizer_dir, item_params=item_params, config_updates=config_updates,
                 vocab=vocab, chat_template=chat_template)
-    plan.notes += notes
+    plan.notes += notes + _filter_notes(recipe, items, models)
     if loras and dropped:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")
     return plan
+
+
+def _filter_notes(recipe: recipe_mod.Recipe, items: dict, models: list[ModelInput]) -> list[str]:
+    from .settings import unmatched_filters
+
+    names = set(items)
+    for m in models:
+        names.update(getattr(m.source, "infos", {}) or {})
+    levels = [(w, mp) for w, mp, _ in recipe_mod.parameter_levels(recipe)]
+    return unmatched_filters(levels, names)
 
 
 def _positions(names: list[str]) -> dict[str, float]:
@@ -397,10 +407,11 @@ def input_paths(plan: Plan) -> list[Path]:
     donor. An output must stay clear of all of them (``writer.refuse_overlap``)."""
     paths: list[Path] = []
     for m in ([plan.base] if plan.base else []) + plan.models:
-        for attr in ("path", "directory"):
-            p = getattr(m.source, attr, None)
-            if p is not None:
-                paths.append(Path(p))
+        for src in (m.source, getattr(getattr(m.source, "lora", None), "source", None)):  # model+lora: both
+            for attr in ("path", "directory"):
+                p = getattr(src, attr, None)
+                if p is not None:
+                    paths.append(Path(p))
         if m.source is None and m.ref:
             paths.append(Path(m.ref))
     if plan.recipe._source_path is not None:

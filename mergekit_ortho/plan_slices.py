@@ -138,7 +138,12 @@ def slices_plan(recipe: recipe_mod.Recipe, op: registry.Operator, params: regist
     plan = Plan(recipe, op, params, base, order, items, plan_shards(specs, recipe.output.shard_size), compute,
                 device, out_format="full", tokenizer_dir=tokenizer_dir, item_params=item_params,
                 config_updates=_config_updates(slices))
-    plan.notes += list(recipe._warnings) + ([tokenizer_note] if tokenizer_note else [])
+    from .settings import unmatched_filters
+
+    names = set(items) | {n for m in opened.values() for n in m.source.infos}
+    levels = [(w, mp) for w, mp, _ in recipe_mod.parameter_levels(recipe)]
+    plan.notes += (list(recipe._warnings) + ([tokenizer_note] if tokenizer_note else [])
+                   + unmatched_filters(levels, names))
     for k, s in enumerate(slices):
         empty = [j for j, (a, b) in enumerate(s["ranges"]) if a == b]
         if empty:

@@ -228,12 +228,37 @@ class Plan:
         }
 
 
+def split_lora_ref(ref: str) -> tuple[str, str | None]:
+    """mergekit's ``model+lora`` reference (M2): (model, lora), or (ref, None). A path that exists
+    as written is never split, so a directory whose name holds a '+' still works."""
+    if "+" not in ref or Path(ref).exists():
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"model reference {ref}: write model+lora with exactly one '+'")
+    return parts[0], parts[1]
+
+
 def open_source(ref: str, label: str):
-    """A LoraSource when ``ref`` is a LoRA adapter (detected from its files), else a CheckpointSource."""
+    """A LoraSource when ``ref`` is a LoRA adapter (detected from its files), else a CheckpointSource;
+    ``model+lora`` is the model with the LoRA applied (in float32, in memory: no cache directory)."""
     from .sources.checkpoint import CheckpointSource
     from .adapters.detect import detect_lora
     from .adapters.lora import LoraSource
 
+    model_ref, lora_ref = split_lora_ref(ref)
+    if lora_ref is not None:
+        from .adapters.keymap import match_to_base
+        from .adapters.matched import AppliedLora, MatchedLora
+
+        model = open_source(model_ref, label)
+        lora = open_source(lora_ref, f"{label} (LoRA)")
+        if getattr(model, "kind", "") == "lora" or getattr(lora, "kind", "") != "lora":
+            raise UserError(f"model reference {ref}: the part after '+' must be a LoRA adapter and the part "
+                            "before it a full checkpoint")
+        shapes = {k: i.shape for k, i in model.infos.items()}
+        matched = MatchedLora(lora, match_to_base(lora, list(model.infos), shapes))
+        return AppliedLora(matched, model, owns_base=True)
     path = Path(ref)
     if not path.exists():
         from .sources import hub
@@ -401,7 +426,8 @@ def vocabulary_for(recipe: recipe_mod.Recipe, op: registry.Operator, base: Model
                 from .sources import hub
 
                 if not hub.looks_like_hub_id(ref):
-                    raise UserError(f"tokenizer source {spec.source}: path not found; name a model directory, "
+                    key = "tokenizer_source" if recipe.tokenizer_source is not None else "tokenizer.source"
+                    raise UserError(f"{key} {spec.source}: path not found; name a model directory, "
                                     "a hub id, 'base' or 'union'")
                 source_dir = hub.resolve(ref)
     return build_vocabulary(spec, seen, base=base_label, source_dir=source_dir), template

@@ -158,6 +158,8 @@ class Recipe(_Strict):
 
 
 def _label_from(ref: str) -> str:
+    if "+" in ref and not Path(ref).exists():  # model+lora
+        return "+".join(_label_from(part) for part in ref.split("+"))
     p = ref.rstrip("/").split("@")[0]
     name = Path(p).name
     for suffix in (".safetensors", ".bin", ".pt"):
@@ -443,9 +445,12 @@ def load(path: str | Path, require_models: bool = True) -> Recipe:
 
 
 def resolve_ref(recipe: Recipe, ref: str) -> str:
-    """Paths in a recipe are relative to the recipe file; hub ids pass through unchanged."""
+    """Paths in a recipe are relative to the recipe file; hub ids pass through unchanged; each part
+    of a ``model+lora`` reference is resolved on its own."""
     if recipe._source_path is None:
         return ref
+    if "+" in ref and not (recipe._source_path.parent / ref).exists() and not Path(ref).exists():
+        return "+".join(resolve_ref(recipe, part) for part in ref.split("+"))
     candidate = Path(ref).expanduser()
     if candidate.is_absolute():
         return str(candidate)
@@ -460,7 +465,11 @@ def input_paths(recipe: Recipe) -> list[Path]:
     """The local paths a recipe reads (itself, the base, the models, the tokenizer donor); hub ids
     are left out. Used to keep outputs clear of their inputs before anything is opened."""
     refs = [recipe.base_model] + [e.model for e in recipe.models]
-    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
+    for sl in recipe.slices or []:
+        refs += [sl.base_model] + [src.model for src in sl.sources]
+    if recipe.tokenizer_source and recipe.tokenizer_source not in ("base", "union"):
         refs.append(recipe.tokenizer_source)
-    paths = [Path(resolve_ref(recipe, r)) for r in refs if r]
+    resolved = [resolve_ref(recipe, r) for r in refs if r]
+    parts = [p for r in resolved for p in ([r] if Path(r).exists() or "+" not in r else r.split("+"))]
+    paths = [Path(p) for p in parts]
     return ([recipe._source_path] if recipe._source_path is not None else []) + paths

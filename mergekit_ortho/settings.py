@@ -129,3 +129,22 @@ def resolve(schema: Sequence[Param], levels: Sequence[dict[str, Any]], name: str
             value = p.default
         out[p.name] = value
     return Params(out)
+
+
+def filters_in(setting: Any) -> list[str]:
+    """The filter strings of a setting (``*`` and absent ones left out)."""
+    items = setting if isinstance(setting, list) else [setting]
+    return [e["filter"] for e in items if isinstance(e, dict) and e.get("filter") not in (None, "*")]
+
+
+def unmatched_filters(levels: list[tuple[str, dict]], names) -> list[str]:
+    """One warning per filter that matches no tensor name (a typo, or another architecture's
+    names): mergekit silently falls through to the next level there."""
+    names = list(names)
+    out = []
+    for where, mapping in levels:
+        for key, setting in mapping.items():
+            for f in filters_in(setting):
+                if not any(f in n for n in names):
+                    out.append(f"filter '{f}' in {where}.{key} matches no tensor; that entry is never used")
+    return out

@@ -121,21 +121,21 @@ def test_tokenizer_source_naming_a_missing_path_is_an_error(tmp_path, cli, tiny_
     assert not (tmp_path / "out").exists()
 
 
-def test_tokenizer_source_union_is_said_not_acted_on(tmp_path, cli, tiny_models):
+def test_tokenizer_source_union_without_tokenizer_files_is_one_line(tmp_path, cli, tiny_models):
     r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {tiny_models['a']}\n"
                      f"  - model: {tiny_models['b']}\ntokenizer_source: union\n")
-    code, out, err = cli("run", r, "--out", tmp_path / "out")
-    assert code == 0 and "union" in err and "not supported yet" in err
+    one_line_error(cli, ["run", r, "--out", tmp_path / "out"], "tokenizer", "tokenizer.json")
+    assert not (tmp_path / "out").exists()
 
 
-def test_tokenizer_source_directory_donates_its_files(tmp_path, cli, tiny_models):
+def test_tokenizer_source_directory_that_is_not_a_tokenizer_is_one_line(tmp_path, cli, tiny_models):
     donor = tmp_path / "donor"
     shutil.copytree(tiny_models["b"], donor)
     (donor / "tokenizer.json").write_text('{"donor": true}')
     r = write_recipe(tmp_path / "r.yaml", f"merge_method: linear\nmodels:\n  - model: {tiny_models['a']}\n"
                      f"  - model: {tiny_models['b']}\ntokenizer_source: {donor}\n")
-    assert cli("run", r, "--out", tmp_path / "out")[0] == 0
-    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == {"donor": True}
+    one_line_error(cli, ["run", r, "--out", tmp_path / "out"], "tokenizer.json")
+    assert not (tmp_path / "out").exists()
 
 
 def test_legacy_non_zip_pickle_checkpoint_is_read(tmp_path, cli, tiny_models):

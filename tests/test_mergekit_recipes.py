@@ -345,3 +345,34 @@ def test_m11_chat_template_is_written_and_loads(cli, tmp_path, tok):
     loaded = AutoTokenizer.from_pretrained(tmp_path / "out")
     text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "<|im_start|>user\nhi<|im_end|>" in text
+
+
+# --- M2 model references ---------------------------------------------------------------------------
+
+
+def test_m2_model_plus_lora_applies_the_lora_before_merging(cli, tmp_path, fx):
+    from mergekit_ortho.testing.loras import write_peft_dir
+
+    A = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]])
+    B = torch.tensor([[0.5, 0], [0, 0.25], [0, 0], [1, 1]])
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    lora = write_peft_dir(tmp_path / "lora1", {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B},
+                          {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    t, _, _ = merge(cli, tmp_path, {**fx, "lora1": lora}, {"merge_method": "linear", "parameters": {"weight": 1},
+                                                           "models": [{"model": "@code1@+@lora1@"}]})
+    expect = torch.tensor([[101, 100, 100, 100], [100, 100.5, 100, 100], [100, 100, 100, 100], [102, 102, 100, 100.]])
+    assert torch.equal(t[L.format(0) + Q], expect)
+    assert value(t[L.format(1) + Q]) == 101  # not adapted
+
+
+def test_a_filter_that_matches_nothing_is_named(cli, tmp_path, fx):
+    t, _, err = merge(cli, tmp_path, fx, ta_probe(models=[{"model": "@one@", "parameters": {
+        "weight": [{"filter": "self_atn", "value": 0.5}, {"value": 1}]}}]))
+    assert "self_atn" in err and "matches no tensor" in err
+    assert value(t[L.format(0) + Q]) == 1
+
+
+def test_slerp_t_outside_0_1_is_refused_in_one_line(cli, tmp_path, fx):
+    err = merge(cli, tmp_path, fx, {"merge_method": "slerp", "base_model": "@one@", "models": [{"model": "@two@"}],
+                                    "parameters": {"t": [0, 1.2]}}, expect_code=2)
+    assert "'t' must be <= 1" in err and len(err.strip().splitlines()) == 1

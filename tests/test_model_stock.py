@@ -199,7 +199,7 @@ def test_contract_and_parameters():
     assert (OP.reads, OP.needs_base, OP.min_models, OP.model_count, OP.base_input) == ("deltas", True, 2, None, False)
     assert OP.resolve_params({}) == {"filter_wise": False}
     with pytest.raises(ValueError, match="filter_wise"):
-        OP.resolve_params({"filter_wise": 1})
+        OP.resolve_params({"filter_wise": "sometimes"})
     assert OP.fold is not None and OP.merges_one_tensor_alone
     assert not OP.folds_one_model_at_a_time  # its state is not one tensor: continual refuses it
 

@@ -133,13 +133,6 @@ def test_copy_files_false_writes_the_tensors_and_no_donor_file(tiny_models, tmp_
         assert (out / "README.md").is_file()  # our card, not a donor file
     with_, without = load_dir(tmp_path / "with"), load_dir(tmp_path / "without")
     assert set(with_) == set(without) and all(torch.equal(with_[k], without[k]) for k in with_)
-    # a tokenizer_source that copy_files: false makes moot is said, in one line
-    r = write_recipe(tmp_path / "rt.yaml", recipe_text(models, "task_arithmetic", base,
-                                                        extra=f"tokenizer_source: {base}\noutput:\n  copy_files: false\n"))
-    code, _, err = cli("run", r, "--out", tmp_path / "t")
-    assert code == 0, err
-    assert "tokenizer_source" in err and "copy_files is false" in err
-    assert not (tmp_path / "t" / "tokenizer.json").exists()
 
 
 def test_non_float_and_excluded_tensors_come_from_base(tmp_path, cli):

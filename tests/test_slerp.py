@@ -170,4 +170,4 @@ def test_nearswap_recipe_runs(tiny_models, tmp_path, cli):
         assert torch.allclose(v, bw[k] + (aw[k] - bw[k]).clamp(-0.01, 0.01), atol=1e-6), k
     r = write_recipe(tmp_path / "r2.yaml", recipe_text([a, tiny_models["b"]], "nearswap", base, "{t: 0.3}"))
     code, _, err = cli("run", r, "--out", tmp_path / "o2")
-    assert code == 2 and "exactly 1 other model" in err
+    assert code == 2 and "exactly 1 model(s) besides the base" in err

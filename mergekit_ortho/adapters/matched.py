@@ -77,10 +77,13 @@ class AppliedLora:
     (float32, so the delta is not rounded to a bf16 base), the base tensor itself for keys the LoRA does not adapt. Lets
     full-checkpoint paths (continual merging) take LoRAs without knowing about them."""
 
-    def __init__(self, lora: MatchedLora, base):
-        self.lora, self.base = lora, base
+    def __init__(self, lora: MatchedLora, base, owns_base: bool = False):
+        self.lora, self.base, self.owns_base = lora, base, owns_base
         self.infos = base.infos
         self.ref = str(lora.path)
+        # config and tokenizer files are the model's (mergekit's model+lora keeps them)
+        self.directory = getattr(base, "directory", None)
+        self.path = getattr(base, "path", None)
 
     def get(self, key: str):
         import torch
@@ -92,3 +95,5 @@ class AppliedLora:
 
     def close(self) -> None:
         self.lora.close()
+        if self.owns_base:
+            self.base.close()

@@ -241,10 +241,8 @@ class Fold:
     merge one tensor on its own: `merge run` folds every model of every tensor in one pass, then
     finishes each tensor (:mod:`mergekit_ortho.sequential`).
 
-    ``state_is_tensor``: the state is one tensor of the merged tensor's shape, which a continual
-    state stores between processes. False for a state of several parts (model_stock's two sums
-    and per-row scalars, ram's sum and count): `merge run` folds it in memory, but continual
-    merging cannot persist it (yet) and refuses the method.
+    ``state_is_tensor``: False for a state of several parts (model_stock's sums, ram's sum and
+    count): `merge run` folds it in memory; a continual state (one tensor per name) refuses it.
     """
 
     start: Callable[..., Any]
@@ -256,8 +254,7 @@ class Fold:
     state_is_tensor: bool = True
 
     @property
-    def one_model_at_a_time(self) -> bool:
-        """Each step needs the models before it only: continual merging can drive it."""
+    def one_model_at_a_time(self) -> bool:  # each step needs the models before it only
         return self.gather is None
 
 

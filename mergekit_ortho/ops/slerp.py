@@ -13,7 +13,8 @@ Each tensor is one flat vector. v0 is the base (t = 0 gives the base), v1 the ot
     otherwise, theta = acos c:             (sin((1 - t) theta) v0 + sin(t theta) v1) / sin theta
 
 on the un-normalised vectors. A zero vector gives c = 0, so theta = pi/2 and the result is
-sin(t pi/2) v1, not a lerp (mergekit's behaviour, kept). ``t`` is not clamped. Norms and
+sin(t pi/2) v1, not a lerp (mergekit's behaviour, kept). ``t`` must lie in [0, 1] (mergekit
+extrapolates; here that is refused as the likely typo it is). Norms and
 coefficients are computed in float32 (float64 for float64 inputs), as mergekit does.
 
 Reads weights, needs the base (it is one end of the arc) and exactly one other model; a recipe
@@ -79,7 +80,10 @@ register(
         reads="weights",
         needs_base=True,
         model_count=1,
-        params=(Param("t", float, help="position on the arc: 0 gives the base, 1 the model (not clamped)"),),
+        # mergekit does not check t; outside [0, 1] slerp leaves the arc between the two models,
+        # which is a typo far more often than an intent, so it is refused here
+        params=(Param("t", float, help="position on the arc: 0 gives the base, 1 the model", minimum=0.0,
+                      maximum=1.0),),
         details="Each tensor is one flat vector; c = cos of the angle between base and model "
         "(norms <= 1e-8 count as 1). |c| > 0.9995: (1-t) base + t model; else "
         "(sin((1-t) theta) base + sin(t theta) model) / sin theta, theta = acos c. Norms and "
