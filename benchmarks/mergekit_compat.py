@@ -637,7 +637,15 @@ def execute(row: dict, rpath: Path, local: dict, args, exe: Path, work: Path) ->
         row.update(status="refused by mergekit", note=f"mergekit: {mk_msg}")
     else:
         row.update(status="both refused", note=f"ours: {ours_msg} / mergekit: {mk_msg}")
+    row["note"] = row["note"].replace(f"{work}/", "")  # paths relative to the work dir, for the table
     return row
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return str(p)
 
 
 def _cell(s: str) -> str:
@@ -728,10 +736,10 @@ def main() -> None:
     meta = [f"date {datetime.date.today().isoformat()}; ours: this checkout "
             f"({subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}), "
             f"python {sys.version.split()[0]}; mergekit venv: {mergekit_versions(args.venv.resolve())}",
-            f"mergekit examples: {where}",
+            f"mergekit examples: {where}".replace(str(work) + "/", ""),
             f"stand-ins: Llama-shaped, hidden {HIDDEN}, intermediate {INTER}, {HEADS} heads, vocab {VOCAB} "
             f"(tokC 10), 4 layers or the recipe's largest layer_range end, fp32 unless bf16-X; hub ids map "
-            f"to randK in order of first appearance (the rewritten recipes are in {work / 'recipes'})",
+            f"to randK in order of first appearance (the rewritten recipes are in {_rel(work / 'recipes')})",
             f"mergekit-yaml (its click command, several recipes per interpreter) run with --random-seed 0 --no-cuda --allow-crimes; per-tool timeout {args.timeout:.0f} s; "
             f"total wall {time.perf_counter() - t0:.0f} s with {args.jobs} jobs",
             "not covered: M2 (base+LoRA references: needs a PEFT adapter and --lora-merge-cache), "
