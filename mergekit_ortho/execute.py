@@ -135,8 +135,8 @@ def merge_tensor(plan, name: str):
     base = base_tensor(plan, base_source, None if raw else cdt) if use_base else None
     task = dense_task(plan, name, base)
     task.dtype, task.raw_inputs = cdt, raw
-    out = apply_dense(op, task, lambda: (model_tensor(m, n, item.shape, base, op.reads, cdt, plan.device, raw)
-                                         for m, n in sources))
+    out = apply_dense(op, task, lambda: (model_tensor(m, n, item.shape, base, op.reads, cdt, plan.device, raw,
+                                                      plan.load_dtype) for m, n in sources))
     if op.reads == "deltas":
         from .ops.kernels.convert import add_converted_
 
@@ -235,7 +235,8 @@ def full_sink(plan, out: Path, *, card_extra: str = "", overwrite: bool = False,
     card = sinks.Card(plan.op.name, plan.base.ref if plan.base else None, [(m.label, m.ref) for m in plan.models],
                       sinks.recipe_yaml(recipe), card_extra)
     return sinks.FullModel(out, plan.shards, sinks.merge_metadata(recipe, plan.op.name), card,
-                           donor=donor_dir(plan), config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
+                           donor=donor_dir(plan),
+                           config_dtype=dtypes.pop() if len(dtypes) == 1 and not plan.keep_config_dtype else None,
                            config_updates=plan.config_updates, chat_template=plan.chat_template,
                            vocab=plan.vocab if recipe.output.copy_files else None,
                            overwrite=overwrite, inputs=inputs, force_replace=force_replace,

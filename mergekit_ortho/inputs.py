@@ -26,7 +26,15 @@ def operator_input(x, base, cdt):
     return x.to(cdt) if base is None else x.to(cdt).sub_(base)
 
 
-def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, device="cpu", raw: bool = False):
+def stored(m: "ModelInput", name: str, load_dtype=None):
+    """Model ``m``'s tensor ``name`` as stored, or rounded to ``load_dtype`` (a recipe's ``dtype``:
+    mergekit loads every input in it, so masks and thresholds see the same values as there)."""
+    x = m.source.get(name)
+    return x.to(load_dtype) if load_dtype is not None and x.is_floating_point() and x.dtype != load_dtype else x
+
+
+def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, device="cpu", raw: bool = False,
+                 load_dtype=None):
     """Model ``m``'s tensor ``name`` as an operator input in ``space`` ("deltas" | "weights").
 
     A full checkpoint's tensor is read as stored (a fresh buffer: bf16 moves to the device at half
@@ -41,7 +49,7 @@ def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, devic
         x = (m.source.delta_for(name, shape).to(device, cdt) if mod is not None
              else torch.zeros(shape, device=device, dtype=cdt))
         return x.add_(base) if space == "weights" else x
-    x = m.source.get(name).to(device)
+    x = stored(m, name, load_dtype).to(device)
     return x if raw else operator_input(x, base if space == "deltas" else None, cdt)
 
 
@@ -51,7 +59,7 @@ def aligned_inputs(plan: "Plan", name: str, base_source: "Source | None", source
     the base (None when the operator does not read it) and each model's weight, in ``cdt``."""
     rows = {}
     for m, n in ([base_source] if base_source is not None else []) + sources:
-        rows.setdefault(m.label, m.source.get(n).to(plan.device, cdt))
+        rows.setdefault(m.label, stored(m, n, plan.load_dtype).to(plan.device, cdt))
     aligned = plan.vocab.align(name, rows)
     base = aligned[base_source[0].label] if base_source is not None else None
     return base, [aligned[m.label] for m, _ in sources]
@@ -60,7 +68,7 @@ def aligned_inputs(plan: "Plan", name: str, base_source: "Source | None", source
 def base_tensor(plan: "Plan", source: "Source", cdt=None):
     """The base input (a model and its tensor name) on the plan's device, in ``cdt`` (None: as stored)."""
     m, name = source
-    t = m.source.get(name).to(plan.device)
+    t = stored(m, name, plan.load_dtype).to(plan.device)
     return t if cdt is None else t.to(cdt)
 
 

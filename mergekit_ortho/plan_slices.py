@@ -22,7 +22,7 @@ from .errors import UserError
 from .layout import LayoutError, frankenmerge, output_layers
 from .ops import registry
 from .planning import (ModelInput, Plan, PlanItem, _plan_params, _same_ref, _shared_levels, check_model_count,
-                       open_source, promoted, resolve_items, tokenizer_donor)
+                       load_dtype, open_source, output_dtype, promoted, resolve_items, tokenizer_donor)
 from .writer import OutTensor, plan_shards
 
 
@@ -142,6 +142,8 @@ def slices_plan(recipe: recipe_mod.Recipe, op: registry.Operator, params: regist
 
     names = set(items) | {n for m in opened.values() for n in m.source.infos}
     levels = [(w, mp) for w, mp, _ in recipe_mod.parameter_levels(recipe)]
+    plan.load_dtype = load_dtype(recipe)
+    plan.keep_config_dtype = output_dtype(recipe) is None
     plan.notes += (list(recipe._warnings) + ([tokenizer_note] if tokenizer_note else [])
                    + unmatched_filters(levels, names))
     for k, s in enumerate(slices):

@@ -105,6 +105,11 @@ class Plan:
     # re-indexed to it before merging, and its tokenizer is written; None: rows by index
     vocab: Any = None
     chat_template: str | None = None  # the chat template text written with the tokenizer (M11)
+    # a recipe's ``dtype``: every input is rounded to it when read (mergekit loads inputs in it);
+    # the arithmetic stays in compute_dtype
+    load_dtype: Any = None
+    # mergekit's rule: config.json's dtype changes only when the recipe sets dtype / out_dtype
+    keep_config_dtype: bool = False
 
     def sources_of(self, name: str) -> tuple[Source | None, list[Source]]:
         """The base input (None without one) and the model inputs of item ``name``."""
@@ -310,6 +315,15 @@ def output_dtype(recipe: recipe_mod.Recipe) -> str | None:
     if recipe.out_dtype:
         return canonical(recipe.out_dtype, "out_dtype")
     return canonical(recipe.dtype, "dtype") if recipe.dtype else None
+
+
+def load_dtype(recipe: recipe_mod.Recipe):
+    """The torch dtype inputs are rounded to on reading (a recipe's ``dtype``), else None."""
+    if not recipe.dtype:
+        return None
+    import torch
+
+    return getattr(torch, canonical(recipe.dtype, "dtype"))
 
 
 def _shared_levels(recipe: recipe_mod.Recipe, slice_params: dict | None = None) -> list[dict]:

@@ -202,6 +202,10 @@ def _check_keys(data: dict) -> list[str]:
     warnings = []
     for key in data:
         if key not in _TOP_KEYS:
+            if str(key) in _all_parameter_names():  # mergekit ignores a method parameter written here
+                warnings.append(f"ignored: top-level '{key}' is a method parameter; mergekit ignores it there "
+                                "too - write it under parameters to use it")
+                continue
             raise ValueError(_unknown_key_message("", str(key), _TOP_KEYS))
         if key in _IGNORED and data[key] is not None:
             warnings.append(f"ignored: '{key}' ({_IGNORED[key]})")
@@ -267,7 +271,7 @@ def from_dict(data: Any, origin: str = "<recipe>", require_models: bool = True) 
         raise UserError(f"{origin}: a recipe must be a YAML mapping with at least 'merge_method'")
     try:
         warnings = _check_keys(data)
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate({k: v for k, v in data.items() if k in _TOP_KEYS})
         _unfold_modules(recipe)
     except ValidationError as e:
         raise UserError(f"{origin}: {_pydantic_message(e)}") from None

@@ -376,3 +376,50 @@ def test_slerp_t_outside_0_1_is_refused_in_one_line(cli, tmp_path, fx):
     err = merge(cli, tmp_path, fx, {"merge_method": "slerp", "base_model": "@one@", "models": [{"model": "@two@"}],
                                     "parameters": {"t": [0, 1.2]}}, expect_code=2)
     assert "'t' must be <= 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_m7_passthrough_frankenmerge(cli, tmp_path, fx):
+    t, cfg, _ = merge(cli, tmp_path, fx, {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "@code1@", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "@code2@", "layer_range": [1, 4]}]},
+        {"sources": [{"model": "@code1@", "layer_range": [3, 4]}]}]})
+    assert [value(t[L.format(i) + Q]) for i in range(6)] == [100, 101, 201, 202, 203, 103]
+    assert (value(t[EMBED]), value(t[NORM]), value(t[HEAD])) == (150, 160, 170)
+    assert cfg["num_hidden_layers"] == 6 and L.format(6) + Q not in t
+
+
+def test_m7_passthrough_scale_gradient_and_global_filter(cli, tmp_path, fx):
+    t, _, _ = merge(cli, tmp_path, fx, {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "@code2@", "layer_range": [0, 2], "parameters": {"scale": [1, 0.5]}}]},
+        {"sources": [{"model": "@code1@", "layer_range": [2, 4]}]}],
+        "parameters": {"scale": [{"filter": "lm_head", "value": 0}]}})
+    assert [value(t[L.format(i) + Q]) for i in range(4)] == [200, 100.5, 102, 103]
+    assert (value(t[EMBED]), value(t[NORM]), value(t[HEAD])) == (250, 160, 0)
+
+
+def test_m6_karcher_averages_the_base_in(cli, tmp_path, fx):
+    t, _, _ = merge(cli, tmp_path, fx, {"merge_method": "karcher", "base_model": "@one@",
+                                        "models": [{"model": "@two@"}]})
+    assert value(t[L.format(0) + Q]) == pytest.approx(1.5) and value(t[HEAD]) == pytest.approx(1.5)
+
+
+def test_m6_passthrough_with_a_base_is_two_inputs(cli, tmp_path, fx):
+    err = merge(cli, tmp_path, fx, {"merge_method": "passthrough", "base_model": "@one@",
+                                    "models": [{"model": "@two@"}]}, expect_code=2)
+    assert "exactly 1 model" in err and "ordinary input" in err
+
+
+def test_a_method_parameter_at_the_top_level_is_ignored_with_a_warning(cli, tmp_path, fx):
+    t, _, err = merge(cli, tmp_path, fx, {**ta_probe(models=[{"model": "@one@"}]), "lambda": 3})
+    assert value(t[L.format(0) + Q]) == 1 and "top-level 'lambda'" in err
+
+
+def test_m9_dtype_rounds_the_inputs_as_mergekit_loads_them(cli, tmp_path, fx):
+    # 1.00390625 is not a bfloat16: mergekit loads it as 1.0 under dtype: bfloat16, so the task
+    # vector is 1 and the result 1 (here too); without dtype the output keeps float32 and the config
+    fine = spec_llama(tmp_path / "fine", lambda n: 1.00390625)
+    t, cfg, _ = merge(cli, tmp_path, {**fx, "fine": fine}, ta_probe(models=[{"model": "@fine@"}], dtype="bfloat16"))
+    assert value(t[EMBED]) == 1.0
+    (tmp_path / "x").mkdir()
+    t, cfg, _ = merge(cli, tmp_path / "x", {**fx, "fine": fine}, ta_probe(models=[{"model": "@fine@"}]))
+    assert value(t[EMBED]) == 1.00390625 and cfg["torch_dtype"] == "float32"
