@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_ortho.ops import ties_dare
+from mergekit_ortho.ops import gta, sparsify
 from mergekit_ortho.ops.kernels import _chunks, convert, dare_drop, kmeans, randomized_svd, select, sign_election, topk
 from mergekit_ortho.ops.registry import TensorTask
 
@@ -49,11 +49,11 @@ def test_radix_top_k_equals_the_stable_sort(chunk, monkeypatch, name, x):
     for k in sorted({1, 2, n // 3 or 1, n // 2 or 1, n - 1 or 1, n}):  # k = n keeps everything
         got, want = x.clone(), x.clone()
         topk.keep_top_k_(got, k)
-        ties_dare.keep_top_k_plain_(want, k)
+        sparsify.keep_top_k_plain_(want, k)
         assert bits_equal(torch.nan_to_num(got), torch.nan_to_num(want)), (name, k)
         assert torch.equal(got.isnan(), want.isnan())
     # k = 0 is not a kernel input: a trim to density 0 keeps max(int(0 * n), 1) = 1 entry
-    assert int((ties_dare.magnitude_trim(x, 0.0) != 0).sum()) <= 1
+    assert int((sparsify.magnitude_trim(x, 0.0) != 0).sum()) <= 1
 
 
 def test_radix_top_k_large_heavy_bucket_takes_the_pivot():
@@ -62,7 +62,7 @@ def test_radix_top_k_large_heavy_bucket_takes_the_pivot():
     for k in (1, 1234, 150_000, 300_001):
         got, want = x.clone(), x.clone()
         topk.keep_top_k_(got, k)
-        ties_dare.keep_top_k_plain_(want, k)
+        sparsify.keep_top_k_plain_(want, k)
         assert bits_equal(got, want)
 
 
@@ -80,7 +80,7 @@ def test_sign_election_equals_the_plain_formulation(chunk, dtype, weights, norma
         ds = [(torch.randint(-4, 5, (n,), generator=g) * w / 4).to(dtype) for w in weights]  # ties
         ds[0][::3] = 0.0
         ds[-1][1::4] = -0.0
-        want = ties_dare.disjoint_merge_plain([d.clone() for d in ds], weights, normalize, lam)
+        want = gta.disjoint_merge_plain([d.clone() for d in ds], weights, normalize, lam)
         got = sign_election.disjoint_merge_([d.clone() for d in ds], weights, normalize, lam)
         assert bits_equal(got, want), (n, dtype)
 
@@ -88,7 +88,7 @@ def test_sign_election_equals_the_plain_formulation(chunk, dtype, weights, norma
 def test_sign_election_nan_only_differs_in_the_sign_of_zero():
     # the stated exception: an entry with a NaN and no agreeing value is -0.0 instead of +0.0
     ds = [torch.tensor([float("nan"), 1.0, float("nan")]), torch.tensor([1.0, -2.0, float("nan")])]
-    want = ties_dare.disjoint_merge_plain([d.clone() for d in ds], [1.0, 1.0], True, 1.0)
+    want = gta.disjoint_merge_plain([d.clone() for d in ds], [1.0, 1.0], True, 1.0)
     got = sign_election.disjoint_merge_([d.clone() for d in ds], [1.0, 1.0], True, 1.0)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
@@ -102,7 +102,7 @@ def test_dare_drop_equals_the_plain_formulation(chunk, dtype, density):
     x = torch.randn(1003, generator=torch.Generator().manual_seed(3)).to(dtype)
     x[:3] = torch.tensor([0.0, -0.0, -1.0])
     for rescale in (True, False):
-        want = ties_dare.random_drop_plain(x, density, torch.Generator().manual_seed(4), rescale)
+        want = sparsify.random_drop_plain(x, density, torch.Generator().manual_seed(4), rescale)
         got = dare_drop.random_drop_(x.clone(), density, torch.Generator().manual_seed(4), rescale)
         assert bits_equal(got, want), (dtype, density, rescale)
 
