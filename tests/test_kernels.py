@@ -187,3 +187,46 @@ def test_randomized_svd_matches_the_exact_top_singular_values():
     assert u.shape == (m, q) and vh.shape == (q, n)
     again = randomized_svd.randomized_svd(A, q)
     assert torch.equal(again[1], sr)  # seeded: the same every run
+
+
+# --- radix rank band == stable sort (breadcrumbs) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,x", VECTORS, ids=[n for n, _ in VECTORS])
+def test_radix_rank_band_equals_the_stable_sort(chunk, monkeypatch, name, x):
+    monkeypatch.setattr(topk, "PIVOT_MIN", 1)
+    n = x.numel()
+    for lo, hi in sorted({(0, 1), (1, n), (n // 3, n // 2 + 1), (n // 4, n), (n - 1, n), (1, 2)}):
+        if not 0 <= lo < hi <= n:
+            continue
+        got, want = x.clone(), x.clone()
+        topk.keep_rank_band_(got, lo, hi)
+        sparsify.keep_rank_band_plain_(want, lo, hi)
+        assert bits_equal(torch.nan_to_num(got), torch.nan_to_num(want)), (name, lo, hi)
+        assert torch.equal(got.isnan(), want.isnan())
+
+
+# --- packed-key row ranks == stable sort; chunked della == della by the definition --------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (7, 5), (40, 333), (2, 4097)])
+def test_row_ranks_equal_the_stable_sort(shape):
+    from mergekit_ortho.ops.kernels import row_rank
+
+    g = torch.Generator().manual_seed(shape[1])
+    for x in (torch.randn(shape, generator=g), (torch.randint(-3, 4, shape, generator=g) / 2).float()):
+        x.view(-1)[::11] = -0.0
+        mag = x.abs()
+        assert torch.equal(row_rank.row_ranks(mag), sparsify.row_ranks_plain(mag))
+    mag = torch.tensor([[float("nan"), 1.0, float("inf"), 0.0, 1e-45]])
+    assert torch.equal(row_rank.row_ranks(mag), sparsify.row_ranks_plain(mag))
+
+
+@pytest.mark.parametrize("shape", [(5,), (1,), (9, 1), (31, 17), (6, 5, 4), (3, 4, 2, 5)])
+def test_della_equals_the_plain_formulation(chunk, shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randint(-4, 5, shape, generator=g) / 4).float()  # equal magnitudes, zeros
+    for d, eps in ((0.5, 0.15), (0.2, 0.19), (0.0, 0.1), (1.0, 0.1)):
+        want = sparsify.della_plain(x, d, eps, torch.Generator().manual_seed(9))
+        got = sparsify.della_(x.clone(), d, eps, torch.Generator().manual_seed(9))
+        assert bits_equal(got, want), (shape, d)

@@ -11,7 +11,7 @@ from test_run import load_dir, recipe_text
 from conftest import write_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DENSE = ["demo", "linear", "task_arithmetic", "dare_ties", "magmax", "widen", "tsv", "opcm"]
+DENSE = ["demo", "linear", "task_arithmetic", "dare_ties", "magmax", "widen", "tsv", "opcm", "della", "breadcrumbs", "sce"]
 
 
 @pytest.fixture(scope="module")
