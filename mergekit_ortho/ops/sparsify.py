@@ -177,7 +177,10 @@ def della_(x: torch.Tensor, density: float, epsilon: float, gen: torch.Generator
     for a in range(0, A, rows):
         blk = v[a:a + rows]  # (b, L, R), contiguous
         mag = blk.abs().transpose(1, 2).reshape(-1, L)  # one row per (a, r)
-        ranks = row_rank.row_ranks(mag) if L > 1 else torch.zeros_like(mag, dtype=torch.int64)
+        if L == 1:
+            ranks = torch.zeros_like(mag, dtype=torch.int64)
+        else:
+            ranks = row_rank.row_ranks(mag) if row_rank.applies(mag) else row_ranks_plain(mag)
         p = della_keep_prob(ranks, L, density, epsilon).view(blk.shape[0], R, L).transpose(1, 2)
         u = torch.rand(blk.shape, generator=gen, dtype=torch.float32, device=x.device)
         blk.masked_fill_(torch.ge(u, p), 0)

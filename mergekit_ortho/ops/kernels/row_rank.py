@@ -14,14 +14,15 @@ import numpy as np
 import torch
 
 
-def row_ranks(mag: torch.Tensor) -> torch.Tensor:
-    """0-based rank of every entry of ``mag`` (2-D, magnitudes) within its row: int64, mag's
-    shape. Non-float32 or non-CPU inputs take the plain sort."""
-    from ..sparsify import row_ranks_plain
+def applies(mag: torch.Tensor) -> bool:
+    """Whether :func:`row_ranks` takes ``mag``: float32 on the CPU (elsewhere torch's sort)."""
+    return mag.device.type == "cpu" and mag.dtype == torch.float32 and mag.numel() > 0
 
+
+def row_ranks(mag: torch.Tensor) -> torch.Tensor:
+    """0-based rank of every entry of ``mag`` (2-D magnitudes, :func:`applies`) within its row:
+    int64, mag's shape."""
     rows, L = mag.shape
-    if mag.device.type != "cpu" or mag.dtype != torch.float32 or rows * L == 0:
-        return row_ranks_plain(mag)
     lbits = max(1, (L - 1).bit_length())  # 31 value bits + lbits < 64 for any row length < 2**32
     key = mag.contiguous().view(torch.int32).numpy().astype(np.int64)
     key &= 0x7FFFFFFF
