@@ -128,10 +128,11 @@ def _owned(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _sparsify_one(x: torch.Tensor, i: int, task: TensorTask, v: Variant) -> torch.Tensor:
-    """Sparsified tau_i in place (steps 1-2), x contiguous and owned."""
+    """u_i = w_i * sparsified, rescaled tau_i in place (steps 1-3), x contiguous and owned."""
     mp = task.model_params[i]
     d = mp.density
     if d >= 1.0:  # every sparsifier leaves tau unchanged (and the L1 ratio would be 1)
+        _scale_(x, 1.0, mp.weight)
         return x
     before = sp.l1_norm(x) if task.params.rescale else 0.0
     if v.sparsifier == "magnitude":
@@ -145,16 +146,22 @@ def _sparsify_one(x: torch.Tensor, i: int, task: TensorTask, v: Variant) -> torc
         else:
             sp.della_(x, d, mp.epsilon, gen)
     if task.params.rescale:
-        _scale_(x, sp.rescale_factor(before, sp.l1_norm(x)))
+        _scale_(x, sp.rescale_factor(before, sp.l1_norm(x)), mp.weight)
+    else:
+        _scale_(x, 1.0, mp.weight)
     return x
 
 
-def _scale_(x: torch.Tensor, s: float) -> None:
-    if s != 1.0:
+def _scale_(x: torch.Tensor, s: float, w: float) -> None:
+    """x *= s, then x *= w (two roundings, as mergekit: tau~ = rescaled mask, u = w tau~), in one
+    chunked pass."""
+    factors = [f for f in (s, w) if f != 1.0]
+    if factors:
         xf = x.view(-1)
         step = chunk_len(xf)
         for lo in range(0, xf.numel(), step):
-            xf[lo:lo + step].mul_(s)
+            for f in factors:
+                xf[lo:lo + step].mul_(f)
 
 
 def _check(task: TensorTask, v: Variant) -> None:
@@ -167,11 +174,7 @@ def merge(task: TensorTask, v: Variant) -> torch.Tensor:
     """The merged delta of one tensor by variant ``v``. Like every operator here it may modify
     ``task.inputs`` (the task vectors, fresh for each call) in place and return one of them."""
     _check(task, v)
-    weighted = []
-    for i, x in enumerate(_owned(task.inputs)):
-        y = _sparsify_one(x, i, task, v)
-        _scale_(y, task.model_params[i].weight)  # a separate rounding, as u_i = w_i * tau~_i
-        weighted.append(y)
+    weighted = [_sparsify_one(x, i, task, v) for i, x in enumerate(_owned(task.inputs))]
     return _mix(task, weighted, v.consensus)
 
 
