@@ -28,7 +28,7 @@ import torch
 
 from mergekit_ortho.ops import registry
 from mergekit_ortho.ops.registry import TensorTask, generator
-from mergekit_ortho.ops.ties_dare import _trim_, magnitude_trim
+from mergekit_ortho.ops.sparsify import magnitude_ as _trim_, magnitude_trim
 
 # --- the previous implementation, kept here only as the baseline being measured ----------------
 

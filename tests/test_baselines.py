@@ -6,7 +6,7 @@ import torch
 
 from mergekit_ortho.ops import registry
 from mergekit_ortho.ops.registry import TensorTask
-from mergekit_ortho.ops.ties_dare import magnitude_trim
+from mergekit_ortho.ops.sparsify import magnitude_trim
 
 
 def run_op(name, inputs, params=None, model_params=None, tensor="t", base=None):
@@ -126,13 +126,17 @@ def test_dare_is_seeded_per_tensor_and_model():
 
 
 def test_dare_rescale_preserves_expectation_and_density():
+    # Changed with the move to mergekit >= 0.1.0's rescale (mergekit_compat.md M15 step 3, B5):
+    # survivors are multiplied by the L1 ratio |tau|_1 / |tau~|_1 = n / kept, not divided by the
+    # density, so they equal n / kept (about 1 / density) and the mean is exactly preserved.
     torch.manual_seed(5)
     tau = torch.ones(200_000)
     out = run_op("dare_linear", [tau], {"seed": 1}, [{"density": 0.25}])
-    kept = (out != 0).float().mean().item()
-    assert abs(kept - 0.25) < 0.01
-    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 4.0))
-    assert abs(out.mean().item() - 1.0) < 0.02
+    n_kept = int((out != 0).sum())
+    assert abs(n_kept / tau.numel() - 0.25) < 0.01
+    ratio = torch.tensor(tau.numel() / n_kept, dtype=torch.float32)
+    assert torch.equal(out[out != 0], torch.full((n_kept,), float(ratio)))
+    assert abs(out.double().sum().item() - tau.numel()) < 1e-3 * tau.numel() * 1e-3
     no_rescale = run_op("dare_linear", [tau], {"seed": 1, "rescale": False}, [{"density": 0.25}])
     assert torch.equal(no_rescale != 0, out != 0) and no_rescale.max().item() == 1.0
 
@@ -163,7 +167,7 @@ import numpy as np  # noqa: E402
 
 from mergekit_ortho.ops.kernels import _chunks, dare_drop, topk  # noqa: E402
 from mergekit_ortho.ops.registry import generator  # noqa: E402
-from mergekit_ortho.ops.ties_dare import random_drop  # noqa: E402
+from mergekit_ortho.ops.sparsify import l1_norm, random_drop  # noqa: E402
 
 
 def brute_order(x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +181,8 @@ def brute_trim(x: torch.Tensor, density: float, order: torch.Tensor | None = Non
     n = x.numel()
     if density >= 1.0 or n == 0:
         return x.clone()
+    if density <= 0.0:  # changed: density 0 keeps nothing (mergekit_compat.md M15.1; it kept one)
+        return torch.zeros_like(x)
     k = max(int(density * n), 1)
     order = brute_order(x) if order is None else order
     keep = torch.zeros(n, dtype=torch.bool)
@@ -288,12 +294,16 @@ DARE_X = torch.linspace(-1.5, 1.25, 12).reshape(3, 4)
 DARE_DROP = [-3.75, 0.0, -2.5, 0.0, 0.0, -0.625, 0.0, 0.0, 0.0, 1.875, 2.5, 3.125]
 DARE_DROP_NO_RESCALE = [-1.5, 0.0, -1.0, 0.0, 0.0, -0.25, 0.0, 0.0, 0.0, 0.75, 1.0, 1.25]
 DARE_XS = [torch.linspace(-1, 1, 10) * (i + 1) * (-1) ** i + 0.1 * i for i in range(3)]
-DARE_LINEAR = [1.2599999904632568, -0.9799999594688416, -0.03999999538064003, -0.059999994933605194,
-               -0.07999999821186066, 0.13999998569488525, -0.11999998986721039, -0.8400000333786011,
-               0.9799999594688416, -1.4399999380111694]
-DARE_TIES = [-3.5, -1.5555555820465088, -1.3737373352050781, -0.7878787517547607,
-             -0.20202018320560455, 0.2222222089767456, 0.9696968793869019, 2.3333334922790527,
-             1.5555555820465088, 4.0]
+# DARE_LINEAR / DARE_TIES changed with the L1 rescale (mergekit >= 0.1.0, mergekit_compat.md M15
+# step 3): the masks are the same draws (DARE_DROP above checks them), the survivors are now
+# multiplied by |tau|_1 / |tau~|_1 instead of divided by the density. Recorded from the new
+# implementation after test_operators_match_plain_reference re-derived it.
+DARE_LINEAR = [1.465116262435913, -0.9074074029922485, 0.11929376423358917, 0.02971579134464264,
+               -0.05986218899488449, 0.12962961196899414, -0.23901809751987457, -0.9767441749572754,
+               0.9074074029922485, -1.6744184494018555]
+DARE_TIES = [-4.069767475128174, -1.4403291940689087, -1.4298889636993408, -0.8156499862670898,
+             -0.2014111578464508, 0.20576129853725433, 1.0270664691925049, 2.7131783962249756,
+             1.4403291940689087, 4.651162624359131]
 
 
 @pytest.mark.parametrize("chunk", [None, 5])
@@ -328,8 +338,13 @@ def reference_merge(taus, mps, params, sparsify, tensor):
         else:
             u = torch.rand(t.shape, generator=generator(params.get("seed", 0), f"{tensor}\x00{i}"))
             y = torch.where(u < dens, t, torch.zeros((), dtype=t.dtype))
-            if params.get("rescale", True) and dens > 0:
-                y = y / dens
+        # the L1 rescale (mergekit >= 0.1.0; this reference divided by the density before)
+        if params.get("rescale", sparsify != "magnitude") and dens < 1.0:
+            # the norms by the library's chunked float64 sum: the scale is then the same float, and
+            # the rest must match bit for bit (test_gta checks l1_norm against abs().sum())
+            before, after = l1_norm(t), l1_norm(y)
+            if before >= 1e-7 and after >= 1e-7:
+                y = y * (before / after)
         ds.append(y * w if w != 1.0 else y)
     weights = [mp.get("weight", 1.0) for mp in mps]
     if sparsify == "magnitude" or params.get("consensus", True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_ortho.ops import ties_dare
+from mergekit_ortho.ops import gta, sparsify
 from mergekit_ortho.ops.kernels import _chunks, convert, dare_drop, kmeans, randomized_svd, select, sign_election, topk
 from mergekit_ortho.ops.registry import TensorTask
 
@@ -49,11 +49,11 @@ def test_radix_top_k_equals_the_stable_sort(chunk, monkeypatch, name, x):
     for k in sorted({1, 2, n // 3 or 1, n // 2 or 1, n - 1 or 1, n}):  # k = n keeps everything
         got, want = x.clone(), x.clone()
         topk.keep_top_k_(got, k)
-        ties_dare.keep_top_k_plain_(want, k)
+        sparsify.keep_top_k_plain_(want, k)
         assert bits_equal(torch.nan_to_num(got), torch.nan_to_num(want)), (name, k)
         assert torch.equal(got.isnan(), want.isnan())
     # k = 0 is not a kernel input: a trim to density 0 keeps max(int(0 * n), 1) = 1 entry
-    assert int((ties_dare.magnitude_trim(x, 0.0) != 0).sum()) <= 1
+    assert int((sparsify.magnitude_trim(x, 0.0) != 0).sum()) <= 1
 
 
 def test_radix_top_k_large_heavy_bucket_takes_the_pivot():
@@ -62,7 +62,7 @@ def test_radix_top_k_large_heavy_bucket_takes_the_pivot():
     for k in (1, 1234, 150_000, 300_001):
         got, want = x.clone(), x.clone()
         topk.keep_top_k_(got, k)
-        ties_dare.keep_top_k_plain_(want, k)
+        sparsify.keep_top_k_plain_(want, k)
         assert bits_equal(got, want)
 
 
@@ -80,7 +80,7 @@ def test_sign_election_equals_the_plain_formulation(chunk, dtype, weights, norma
         ds = [(torch.randint(-4, 5, (n,), generator=g) * w / 4).to(dtype) for w in weights]  # ties
         ds[0][::3] = 0.0
         ds[-1][1::4] = -0.0
-        want = ties_dare.disjoint_merge_plain([d.clone() for d in ds], weights, normalize, lam)
+        want = gta.disjoint_merge_plain([d.clone() for d in ds], weights, normalize, lam)
         got = sign_election.disjoint_merge_([d.clone() for d in ds], weights, normalize, lam)
         assert bits_equal(got, want), (n, dtype)
 
@@ -88,7 +88,7 @@ def test_sign_election_equals_the_plain_formulation(chunk, dtype, weights, norma
 def test_sign_election_nan_only_differs_in_the_sign_of_zero():
     # the stated exception: an entry with a NaN and no agreeing value is -0.0 instead of +0.0
     ds = [torch.tensor([float("nan"), 1.0, float("nan")]), torch.tensor([1.0, -2.0, float("nan")])]
-    want = ties_dare.disjoint_merge_plain([d.clone() for d in ds], [1.0, 1.0], True, 1.0)
+    want = gta.disjoint_merge_plain([d.clone() for d in ds], [1.0, 1.0], True, 1.0)
     got = sign_election.disjoint_merge_([d.clone() for d in ds], [1.0, 1.0], True, 1.0)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
@@ -102,7 +102,7 @@ def test_dare_drop_equals_the_plain_formulation(chunk, dtype, density):
     x = torch.randn(1003, generator=torch.Generator().manual_seed(3)).to(dtype)
     x[:3] = torch.tensor([0.0, -0.0, -1.0])
     for rescale in (True, False):
-        want = ties_dare.random_drop_plain(x, density, torch.Generator().manual_seed(4), rescale)
+        want = sparsify.random_drop_plain(x, density, torch.Generator().manual_seed(4), rescale)
         got = dare_drop.random_drop_(x.clone(), density, torch.Generator().manual_seed(4), rescale)
         assert bits_equal(got, want), (dtype, density, rescale)
 
@@ -187,3 +187,46 @@ def test_randomized_svd_matches_the_exact_top_singular_values():
     assert u.shape == (m, q) and vh.shape == (q, n)
     again = randomized_svd.randomized_svd(A, q)
     assert torch.equal(again[1], sr)  # seeded: the same every run
+
+
+# --- radix rank band == stable sort (breadcrumbs) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,x", VECTORS, ids=[n for n, _ in VECTORS])
+def test_radix_rank_band_equals_the_stable_sort(chunk, monkeypatch, name, x):
+    monkeypatch.setattr(topk, "PIVOT_MIN", 1)
+    n = x.numel()
+    for lo, hi in sorted({(0, 1), (1, n), (n // 3, n // 2 + 1), (n // 4, n), (n - 1, n), (1, 2)}):
+        if not 0 <= lo < hi <= n:
+            continue
+        got, want = x.clone(), x.clone()
+        topk.keep_rank_band_(got, lo, hi)
+        sparsify.keep_rank_band_plain_(want, lo, hi)
+        assert bits_equal(torch.nan_to_num(got), torch.nan_to_num(want)), (name, lo, hi)
+        assert torch.equal(got.isnan(), want.isnan())
+
+
+# --- packed-key row ranks == stable sort; chunked della == della by the definition --------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (7, 5), (40, 333), (2, 4097)])
+def test_row_ranks_equal_the_stable_sort(shape):
+    from mergekit_ortho.ops.kernels import row_rank
+
+    g = torch.Generator().manual_seed(shape[1])
+    for x in (torch.randn(shape, generator=g), (torch.randint(-3, 4, shape, generator=g) / 2).float()):
+        x.view(-1)[::11] = -0.0
+        mag = x.abs()
+        assert row_rank.applies(mag) and torch.equal(row_rank.row_ranks(mag), sparsify.row_ranks_plain(mag))
+    mag = torch.tensor([[float("nan"), 1.0, float("inf"), 0.0, 1e-45]])
+    assert torch.equal(row_rank.row_ranks(mag), sparsify.row_ranks_plain(mag))
+
+
+@pytest.mark.parametrize("shape", [(5,), (1,), (9, 1), (31, 17), (6, 5, 4), (3, 4, 2, 5)])
+def test_della_equals_the_plain_formulation(chunk, shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randint(-4, 5, shape, generator=g) / 4).float()  # equal magnitudes, zeros
+    for d, eps in ((0.5, 0.15), (0.2, 0.19), (0.0, 0.1), (1.0, 0.1)):
+        want = sparsify.della_plain(x, d, eps, torch.Generator().manual_seed(9))
+        got = sparsify.della_(x.clone(), d, eps, torch.Generator().manual_seed(9))
+        assert bits_equal(got, want), (shape, d)

@@ -25,7 +25,8 @@ def test_every_merged_item_has_the_recipes_resolved_parameters(tmp_path, tiny_mo
         assert set(plan.item_params) == set(merged)
         for n in merged:
             got = plan.params_for(n)
-            assert got.method == plan.params and [dict(p) for p in got.models] == [{"weight": 1.0}] * 2
+            # task_arithmetic's per-model parameters: weight and density (declared as in mergekit, M13)
+            assert got.method == plan.params and [dict(p) for p in got.models] == [{"weight": 1.0, "density": 1.0}] * 2
         assert plan.units and sum(len(u) for u in plan.units) == len(plan.items)
     finally:
         plan_mod.close(plan)

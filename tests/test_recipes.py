@@ -12,7 +12,8 @@ from conftest import write_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DENSE = ["demo", "linear", "task_arithmetic", "dare_ties", "magmax", "widen", "tsv", "opcm", "nearswap", "nuslerp",
-         "multislerp", "karcher", "model_stock", "arcee_fusion", "passthrough", "ram", "ramplus_tl"]
+         "multislerp", "karcher", "model_stock", "arcee_fusion", "passthrough", "ram", "ramplus_tl", "della",
+         "breadcrumbs", "sce"]
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def test_one_execution_loop():
 
 OPS = PKG / "ops"
 # the low-rank families converted to registry.Params; widened to every operator module once the
-# dense families (linear, ties_dare, magmax, widen, tsv, slerp, opcm) are converted too
+# dense families (linear, gta, sce, magmax, widen, tsv, slerp, opcm) are converted too
 # every operator module (kernels aside): the checks below hold for all of them
 OPERATOR_MODULES = sorted(p.name for p in OPS.glob("*.py") if p.name != "__init__.py")
 _PARAMS_NAMES = {"params", "p", "mp", "model_params"}
@@ -146,7 +146,7 @@ def test_operator_modules_stay_small(path):
 
 
 def test_operator_module_list_is_current():
-    assert {"linear.py", "ties_dare.py", "opcm.py", "rmm.py", "registry.py"} <= set(OPERATOR_MODULES)
+    assert {"linear.py", "gta.py", "sparsify.py", "sce.py", "opcm.py", "rmm.py", "registry.py"} <= set(OPERATOR_MODULES)
 
 
 def test_one_fold_concept():

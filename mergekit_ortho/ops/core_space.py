@@ -26,9 +26,9 @@ Inner rules (``inner_method``, reference semantics of ``MatrixPerLayerMerger._me
 * ``mean``: sum_t w_t M_t / sum_t w_t (the plain mean for unit weights);
 * ``ties``: per task keep the top ``density`` fraction of |entries| of its core, weight, elect
   the sign of the sum per entry, average the agreeing entries (disjoint mean). This *is*
-  :func:`mergekit_ortho.ops.ties_dare.ties` run on the cores (trimming, sign election and
+  :func:`mergekit_ortho.ops.gta.ties` run on the cores (trimming, sign election and
   disjoint merge are imported, not re-written);
-* ``dare_ties``: DARE (:func:`~mergekit_ortho.ops.ties_dare.random_drop`: keep each core entry
+* ``dare_ties``: DARE (:func:`~mergekit_ortho.ops.sparsify.random_drop`: keep each core entry
   with probability ``dare_density``, rescale by 1/dare_density) then the TIES rule above, top-K
   trimming included (as the reference's ``dare-ties``);
 * ``tsv``: SVD of each (weighted) core, keep each task's first floor(k/T) triplets

@@ -3,8 +3,8 @@
 
 Part of the ``core_space`` operator (:mod:`.core_space`, whose docstring gives the math, the
 paper, the defaults and the spec sections, widen_corespace.md B2/B4/B8): ``task_arithmetic``
-(a sum), ``mean``, ``ties`` and ``dare_ties`` (the dense :func:`~mergekit_ortho.ops.ties_dare.ties`
-and :func:`~mergekit_ortho.ops.ties_dare.random_drop` run on the matrices, not re-written) and
+(a sum), ``mean``, ``ties`` and ``dare_ties`` (the dense :func:`~mergekit_ortho.ops.gta.ties`
+and :func:`~mergekit_ortho.ops.sparsify.random_drop` run on the matrices, not re-written) and
 ``tsv`` (per-matrix SVD, floor(k/T) or r_t triplets per task, polar-orthogonalised U and V
 blocks). No lambda and no isotropization here; the inputs are never modified.
 """
@@ -17,7 +17,8 @@ import torch
 from ..errors import UserError
 from . import registry
 from .registry import TensorTask, generator
-from .ties_dare import random_drop, ties
+from .gta import ties
+from .sparsify import random_drop
 
 INNER_METHODS = ("task_arithmetic", "mean", "ties", "dare_ties", "tsv")
 TSV_KEEP = ("uniform", "rank")

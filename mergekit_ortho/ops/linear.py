@@ -7,7 +7,10 @@ mergekit recipes for these methods give the same tensors (fp32 compute):
 * ``linear``: theta = sum_i w_i theta_i / sum_i w_i (``normalize: true``, the default) or
   sum_i w_i theta_i (``normalize: false``). Reads weights; needs no base model.
 * ``task_arithmetic``: theta = theta_0 + lambda * sum_i w_i tau_i, with ``normalize`` (default
-  false, as mergekit) dividing the sum by sum_i w_i.
+  false, as mergekit) dividing the sum by sum_i w_i (left undivided when |sum_i w_i| < 1e-8). It is
+  the no-sparsifier, no-consensus row of generalized task arithmetic (:mod:`.gta`,
+  mergekit_compat.md M15): like mergekit it accepts per-model ``density`` (1) and ``rescale``
+  (false) / ``int8_mask`` (false), which have no effect without a sparsifier.
 
 Both are linear, so each has an exact streaming fold: one model tensor in memory at a time.
 """
@@ -140,8 +143,13 @@ register(
         params=(
             Param("lambda", float, 1.0, "scale applied to the summed task vector"),
             Param("normalize", bool, False, "divide the sum by the sum of the weights"),
+            Param("rescale", bool, False, "accepted for mergekit compatibility; no effect "
+                  "(task_arithmetic does not sparsify, so there is nothing to rescale)"),
+            Param("int8_mask", bool, False, "accepted for mergekit compatibility; no effect (mergekit's mask dtype)"),
         ),
-        model_params=(_WEIGHT,),
+        model_params=(_WEIGHT, Param("density", float, 1.0, "accepted for mergekit compatibility; no effect "
+                                     "(task_arithmetic does not sparsify; use ties or dare_linear to trim)",
+                                     minimum=0.0, maximum=1.0)),
         fold=Fold(_sum_start, _sum_step, _ta_finish, raw_weights=True),
         lora_fn=task_arithmetic_lora,
         details="theta = theta_0 + lambda * sum w_i (theta_i - theta_0). lambda = 1/T with unit "

@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # torch is imported only where tensors are actually touched
 REQUIRED = object()
 
 # Operator families, one module each. Order is the order of `merge methods`.
-_MODULES = ("linear", "ties_dare", "magmax", "widen", "tsv", "core_space", "lora_lego", "rmm", "opcm", "slerp",
-            "spherical", "model_stock", "arcee_fusion", "passthrough", "ram")
+_MODULES = ("linear", "gta", "magmax", "widen", "tsv", "core_space", "lora_lego", "rmm", "opcm", "slerp", "spherical",
+            "sce", "model_stock", "arcee_fusion", "passthrough", "ram")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """DARE's random drop, in place and chunk by chunk.
 
-Plain formulation (``ties_dare.random_drop_plain``): ``u = torch.rand(x.shape, generator=gen)``
+Plain formulation (``sparsify.random_drop_plain``): ``u = torch.rand(x.shape, generator=gen)``
 (float32), ``y = where(u < density, x, +0)``, divided by density when rescaling. Here the draws
 are taken chunk by chunk from the same generator (on the CPU one draw per entry in order, so the
 same numbers; elsewhere the chunk is the whole tensor) into one chunk-sized buffer, and the keep

@@ -1,6 +1,6 @@
 """TIES sign election and disjoint mean on the float bit patterns, in place, chunk by chunk.
 
-Plain formulation (``ties_dare.disjoint_merge_plain``): elect sign(sum_i d_i) per entry (a zero
+Plain formulation (``gta.disjoint_merge_plain``): elect sign(sum_i d_i) per entry (a zero
 sum counts as positive, a NaN one as negative), keep each d_i only where it is nonzero with that
 sign (NaN never), sum the kept entries in model order and, when normalising, divide by the sum
 of the kept weights (1 where that is 0); then times lambda. The plain form allocates several

@@ -1,12 +1,14 @@
 """Radix top-k: zero all but the k largest magnitudes of a float tensor, in place.
 
-Plain formulation (``ties_dare.keep_top_k_plain_``): a stable descending sort of |x| and keep
+Plain formulation (``sparsify.keep_top_k_plain_``): a stable descending sort of |x| and keep
 the first k, so that among equal magnitudes at the threshold the lowest flat indices win; +0 and
 -0 are equal, NaN is the largest. :func:`keep_top_k_` keeps exactly that set (bit-equal,
 tests/test_kernels.py) without a sort: the k-th largest magnitude comes from a radix select over
 the IEEE bit patterns (:func:`radix_threshold`) and is applied by an in-place ``hardshrink``,
 chunk by chunk. Faster above ~16k entries (``RADIX_MIN_NUMEL``), where the fixed cost of the
-histograms stops dominating; far faster on large tensors.
+histograms stops dominating; far faster on large tensors. :func:`keep_rank_band_` keeps ranks
+lo..hi-1 of the same order (breadcrumbs; plain form ``sparsify.keep_rank_band_plain_``) from two
+such thresholds, in one chunked pass.
 """
 from __future__ import annotations
 
@@ -182,3 +184,45 @@ def keep_top_k_(flat: torch.Tensor, k: int) -> None:
     torch.le(mag_bits[c:], t, out=drop[c:])
     del mag_bits
     flat.masked_fill_(drop, 0)
+
+
+def _cut(src: torch.Tensor, k: int) -> tuple[int, int]:
+    """The top-k set of ``src`` as (t, c): entry i is in it iff |x_i| > t, or |x_i| == t and i < c
+    (bit patterns, sign cleared). 1 <= k <= numel."""
+    t, m, n_eq, c = radix_threshold(src, k)
+    return t, (src.numel() if m == n_eq else c)
+
+
+def _in_top(mag: torch.Tensor, lo: int, cut: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    t, c = cut
+    s = min(max(c - lo, 0), mag.numel())
+    torch.ge(mag[:s], t, out=out[:s])
+    torch.gt(mag[s:], t, out=out[s:])
+    return out
+
+
+def keep_rank_band_(flat: torch.Tensor, lo: int, hi: int) -> None:
+    """Zero, in place, all but the entries of ranks lo..hi-1 (0-based) in :func:`keep_top_k_`'s
+    order (decreasing magnitude, equal magnitudes by increasing index): the top hi minus the top
+    lo. 0 <= lo < hi <= numel; contiguous 1-D, dtype in ``RADIX_DTYPES``."""
+    n = flat.numel()
+    if lo == 0:
+        if hi < n:
+            keep_top_k_(flat, hi)
+        return
+    src = flat if flat.dtype in (torch.float32, torch.float64) else flat.abs().float()
+    upper = _cut(src, hi) if hi < n else None
+    lower = _cut(src, lo)
+    itype = INT_OF[src.element_size()]
+    bits = src.view(itype)
+    step = chunk_len(flat)
+    buf = torch.empty(min(step, n), dtype=itype, device=flat.device)
+    keep = torch.empty(min(step, n), dtype=torch.bool, device=flat.device)
+    drop = torch.empty_like(keep)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        mag = torch.bitwise_and(bits[a:b], torch.iinfo(itype).max, out=buf[:b - a])
+        d = _in_top(mag, a, lower, drop[:b - a])
+        if upper is not None:
+            d.logical_or_(_in_top(mag, a, upper, keep[:b - a]).logical_not_())
+        flat[a:b].masked_fill_(d, 0)

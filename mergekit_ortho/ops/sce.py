@@ -1,0 +1,121 @@
+"""SCE: select by variance, calculate weights from the task vectors' energy, erase by sign.
+
+Spec: ../shared/specs/mergekit_compat.md M16 (mergekit 0.1.5's ``sce``, golden numbers from
+mergekit); FuseChat-2.0, arXiv 2408.07990. mergekit-compatible. Reads task vectors, needs the
+base; no per-model weights. Per tensor, with tau_1..tau_N the task vectors:
+
+1. select (only when kappa = ``select_topk`` < 1): v = the population variance of the tau_i
+   across models, per entry; k = int(count_nonzero(v) * kappa) - non-zero-variance positions
+   only; keep the k positions of largest v over the whole tensor and zero the others in every
+   tau_i (kappa <= 0 or k = 0 zeros everything);
+2. erase: sigma = sign(sum_i tau_i) per entry (a zero sum counts as +), m_i = [sign(tau_i) =
+   sigma] (zeros never count) - the TIES consensus on the unweighted sum;
+3. calculate: omega_i = mean(tau_i^2) after step 1, divided by their sum (1/N each when that
+   sum is < 1e-6);
+4. merged delta = sum_i omega_i m_i tau_i / max(sum_i omega_i m_i, 1e-6), per entry.
+
+``int8_mask`` is accepted and has no numeric effect (mergekit's mask dtype). Deviation: equal
+variances at the selection threshold are kept lowest flat index first (mergekit's topk leaves
+it unspecified). Speed: in place on the task vectors, chunk by chunk (chunk-sized scratch
+only); the selection adds one full-size variance tensor and the radix top-k of
+:mod:`.kernels.topk`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import sparsify as sp
+from .gta import _owned
+from .kernels._chunks import chunk_len
+from .registry import Operator, Param, TensorTask, register
+
+
+def _variance(flats: list[torch.Tensor]) -> torch.Tensor:
+    """Per-entry population variance across the models (two-pass, chunk by chunk)."""
+    n = flats[0].numel()
+    v = torch.empty_like(flats[0])
+    step = chunk_len(v)
+    for lo in range(0, n, step):
+        ts = [f[lo:lo + step] for f in flats]
+        mean = sum(ts[1:], ts[0].clone()).div_(len(ts))
+        out = v[lo:lo + step].zero_()
+        for t in ts:
+            out.add_((t - mean).square_())
+        out.div_(len(ts))
+    return v
+
+
+def _select_(flats: list[torch.Tensor], kappa: float) -> None:
+    """Step 1 in place: zero every tau_i outside the top-k variance positions."""
+    v = _variance(flats) if kappa > 0 else None
+    k = int(int(torch.count_nonzero(v)) * kappa) if v is not None else 0
+    if k == 0:
+        for f in flats:
+            f.zero_()
+        return
+    sp.keep_largest_(v.view(-1), k)
+    step = chunk_len(v)
+    for lo in range(0, v.numel(), step):
+        drop = v[lo:lo + step] == 0  # the kept positions have v > 0 (k <= the non-zero count)
+        for f in flats:
+            f[lo:lo + step].masked_fill_(drop, 0)
+
+
+def _energy_weights(flats: list[torch.Tensor]) -> list[float]:
+    """Step 3: omega_i = mean(tau_i^2), normalised to sum 1 (1/N when the sum is < 1e-6)."""
+    n = max(flats[0].numel(), 1)
+    step = chunk_len(flats[0])
+    omega = [float(sum(torch.sum(f[lo:lo + step].square(), dtype=torch.float64)
+                       for lo in range(0, f.numel(), step))) / n for f in flats]
+    total = sum(omega)
+    if abs(total) < 1e-6:
+        return [1.0 / len(flats)] * len(flats)
+    return [w / total for w in omega]
+
+
+def sce(task: TensorTask) -> torch.Tensor:
+    """The SCE merged delta of one tensor; may modify ``task.inputs`` in place."""
+    if not task.inputs:
+        return torch.zeros_like(task.base)
+    xs = _owned(task.inputs)
+    flats = [x.view(-1) for x in xs]
+    if task.params.select_topk < 1:
+        _select_(flats, task.params.select_topk)
+    omega = _energy_weights(flats)
+    n = flats[0].numel()
+    step = chunk_len(flats[0])
+    total = torch.empty(min(step, n), dtype=flats[0].dtype, device=flats[0].device)
+    div = torch.empty_like(total)
+    for lo in range(0, n, step):
+        ts = [f[lo:lo + step] for f in flats]
+        s = total[:ts[0].numel()].copy_(ts[0])
+        for t in ts[1:]:
+            s += t
+        positive = s >= 0  # NaN elects the negative sign, as in TIES
+        dv = div[:ts[0].numel()].zero_()
+        for i, (t, w) in enumerate(zip(ts, omega)):
+            kept = torch.where(positive, t > 0, t < 0)
+            dv.add_(kept.to(dv.dtype), alpha=w)
+            t.mul_(w).mul_(kept)  # omega_i tau_i where kept, else 0
+            if i:
+                ts[0] += t
+        ts[0].div_(dv.clamp_(min=1e-6))
+    return xs[0]
+
+
+register(
+    Operator(
+        name="sce",
+        summary="SCE: select by variance, weights from the task vectors' energy, sign erase",
+        spec="mergekit_compat.md M16",
+        fn=sce,
+        params=(
+            Param("select_topk", float, 1.0, "fraction of the non-zero-variance positions kept (1: all)"),
+            Param("int8_mask", bool, False, "accepted for mergekit compatibility; no effect (mergekit's mask dtype)"),
+        ),
+        details="Per tensor: keep the select_topk fraction of positions of largest variance across the "
+        "task vectors, weight each task vector by its mean square (normalised), keep the entries agreeing "
+        "with sign(sum tau_i) and take their weighted mean. arXiv 2408.07990; mergekit-compatible. "
+        "No per-model weights.",
+    )
+)
