@@ -423,3 +423,12 @@ def test_m9_dtype_rounds_the_inputs_as_mergekit_loads_them(cli, tmp_path, fx):
     (tmp_path / "x").mkdir()
     t, cfg, _ = merge(cli, tmp_path / "x", {**fx, "fine": fine}, ta_probe(models=[{"model": "@fine@"}]))
     assert value(t[EMBED]) == 1.00390625 and cfg["torch_dtype"] == "float32"
+
+
+def test_linear_weights_that_cancel_are_refused_in_one_line(cli, tmp_path, fx):
+    # mergekit M14: w = [1, -1] writes inf (its A9); here an error naming the tensor, no output
+    err = merge(cli, tmp_path, fx, {"merge_method": "linear", "models": [
+        {"model": "@code1@", "parameters": {"weight": 1}}, {"model": "@code2@", "parameters": {"weight": -1}}]},
+        expect_code=2)
+    assert "sum to 0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -32,6 +32,18 @@ def _weights(task: TensorTask) -> list[float]:
     return [mp.weight for mp in task.model_params]
 
 
+def _average_divisor(weights: list[float], name: str) -> float:
+    """Sum of the weights of a weighted average. Weights that cancel are refused: mergekit divides
+    by the zero sum and writes inf/NaN (its Appendix A9)."""
+    total = float(sum(weights))
+    if abs(total) < 1e-8:
+        from ..errors import UserError
+
+        raise UserError(f"linear: the weights of tensor '{name}' sum to {total:g}, and the weighted average "
+                        "divides by that sum; give weights that do not cancel, or normalize: false")
+    return total
+
+
 # -- streaming folds: the running weighted sum, scaled at the end -------------------------------
 
 
@@ -52,12 +64,13 @@ def _sum_step(acc, x, i, task: TensorTask):
 
 def _linear_finish(acc, task: TensorTask):
     if task.params.normalize:
-        acc = acc.div_(_divisor(_weights(task)))
+        acc = acc.div_(_average_divisor(_weights(task), task.name))
     return acc
 
 
 def _ta_finish(acc, task: TensorTask):
-    acc = _linear_finish(acc, task)
+    if task.params.normalize:
+        acc = acc.div_(_divisor(_weights(task)))
     lam = task.params["lambda"]
     return acc.mul_(lam) if lam != 1.0 else acc
 
@@ -102,7 +115,7 @@ def linear_lora(task: LoraTask) -> LoraResult:
     if not task.params.normalize:
         raise UserError("linear with normalize: false scales the base weights by the sum of the weights; "
                         "it has no LoRA form - use output format full or task_arithmetic")
-    d = _divisor(weights)
+    d = _average_divisor(weights, task.name)
     return _lora_concat(task, [w / d for w in weights])
 
 
