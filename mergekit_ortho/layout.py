@@ -110,7 +110,7 @@ def frankenmerge(slices: list[list[tuple[int, int]]], names_of, sources_of) -> l
             have = layer_counts(names_of(s)).get(prefix, 0)
             if b > have:
                 raise LayoutError(f"slices[{k}]: layer_range [{a}, {b}) goes past the {have} layers of "
-                                  f"source {s}")
+                                  f"{getattr(s, 'ref', s)}")
         for off in range(n):
             a0 = ranges[0][0] + off
             for rest in templates.get(a0, []):

@@ -154,7 +154,10 @@ def _filter_notes(recipe: recipe_mod.Recipe, items: dict, models: list[ModelInpu
     for m in models:
         names.update(getattr(m.source, "infos", {}) or {})
     levels = [(w, mp) for w, mp, _ in recipe_mod.parameter_levels(recipe)]
-    return unmatched_filters(levels, names)
+    from .layout import layer_counts
+    from .settings import long_gradients
+
+    return unmatched_filters(levels, names) + long_gradients(levels, max(layer_counts(items).values(), default=0))
 
 
 def _positions(names: list[str]) -> dict[str, float]:

@@ -144,8 +144,11 @@ def slices_plan(recipe: recipe_mod.Recipe, op: registry.Operator, params: regist
     levels = [(w, mp) for w, mp, _ in recipe_mod.parameter_levels(recipe)]
     plan.load_dtype = load_dtype(recipe)
     plan.keep_config_dtype = output_dtype(recipe) is None
+    from .settings import long_gradients
+
+    span = max((b - a for s in slices for a, b in s["ranges"][:1]), default=0)
     plan.notes += (list(recipe._warnings) + ([tokenizer_note] if tokenizer_note else [])
-                   + unmatched_filters(levels, names))
+                   + unmatched_filters(levels, names) + long_gradients(levels, span))
     for k, s in enumerate(slices):
         empty = [j for j, (a, b) in enumerate(s["ranges"]) if a == b]
         if empty:

@@ -148,3 +148,26 @@ def unmatched_filters(levels: list[tuple[str, dict]], names) -> list[str]:
                 if not any(f in n for n in names):
                     out.append(f"filter '{f}' in {where}.{key} matches no tensor; that entry is never used")
     return out
+
+
+def _gradients_in(setting: Any) -> list[list]:
+    items = setting if isinstance(setting, list) and setting and isinstance(setting[0], dict) else [setting]
+    out = []
+    for e in items:
+        v = e.get("value") if isinstance(e, dict) else e
+        if isinstance(v, list) and len(v) > 1:
+            out.append(v)
+    return out
+
+
+def long_gradients(levels: list[tuple[str, dict]], layers: int) -> list[str]:
+    """One note per gradient with more values than the layers it spreads over: some values then
+    fall between layers and are only interpolated (mergekit does the same, silently)."""
+    out = []
+    for where, mapping in levels:
+        for key, setting in mapping.items():
+            for g in _gradients_in(setting):
+                if layers and len(g) > layers:
+                    out.append(f"{where}.{key}: a gradient of {len(g)} values over {layers} layers; values "
+                               "between layers are interpolated, not used as given")
+    return out

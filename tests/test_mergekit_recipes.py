@@ -432,3 +432,9 @@ def test_linear_weights_that_cancel_are_refused_in_one_line(cli, tmp_path, fx):
         expect_code=2)
     assert "sum to 0" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gradient_longer_than_the_layers_is_named(cli, tmp_path, fx):
+    _, _, err = merge(cli, tmp_path, fx, ta_probe(models=[{"model": "@one@", "parameters": {
+        "weight": [0, 0.2, 0.4, 0.6, 0.8, 1]}}]))
+    assert "6 values over 4 layers" in err

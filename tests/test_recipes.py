@@ -13,7 +13,7 @@ from conftest import write_recipe
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DENSE = ["demo", "linear", "task_arithmetic", "dare_ties", "magmax", "widen", "tsv", "opcm", "nearswap", "nuslerp",
          "multislerp", "karcher", "model_stock", "arcee_fusion", "passthrough", "ram", "ramplus_tl", "della",
-         "breadcrumbs", "sce"]
+         "breadcrumbs", "sce", "slerp_gradient", "frankenmerge"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def demo_tree(tmp_path_factory):
     from mergekit_ortho.demo import build_demo
 
     root = tmp_path_factory.mktemp("demo_tree")
-    build_demo(root / "demo", hidden=16, layers=1, vocab=32)
+    build_demo(root / "demo", hidden=16, layers=2, vocab=32)
     shutil.copytree(RECIPES, root / "recipes")
     return root
 
