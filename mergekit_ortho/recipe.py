@@ -49,9 +49,35 @@ class _WithParameters(_Strict):
         return {} if v is None else v
 
 
+def model_reference(value: Any) -> Any:
+    """mergekit's mapping form of a reference, ``{model: {path, revision}, lora: {path, revision}}``
+    (or ``{path, revision}``), as the string form ``path@revision+lora@revision``."""
+    if not isinstance(value, dict):
+        return value
+
+    def part(v, what: str) -> str:
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, dict) or not isinstance(v.get("path"), str) or set(v) - {"path", "revision"}:
+            raise ValueError(f"model reference: {what} is {{path, revision?}}, got {shown(v)}")
+        if any(c in v["path"] for c in "@+") and not Path(v["path"]).exists():
+            raise ValueError(f"model reference: path {shown(v['path'])} holds '@' or '+'; not supported")
+        return v["path"] + (f"@{v['revision']}" if v.get("revision") else "")
+
+    if "path" in value:
+        return part(value, "model")
+    if set(value) - {"model", "lora"} or "model" not in value:
+        raise ValueError(f"model reference: expected {{model: {{path, revision}}, lora?: {{path, revision}}}}, "
+                         f"got {shown(value)}")
+    ref = part(value["model"], "model")
+    return ref + (f"+{part(value['lora'], 'lora')}" if value.get("lora") else "")
+
+
 class ModelEntry(_WithParameters):
     model: str
     name: str | None = None
+
+    _ref = field_validator("model", mode="before")(classmethod(lambda cls, v: model_reference(v)))
 
 
 class SliceSource(_WithParameters):
@@ -60,10 +86,14 @@ class SliceSource(_WithParameters):
     model: str
     layer_range: tuple[int, int] | None = None
 
+    _ref = field_validator("model", mode="before")(classmethod(lambda cls, v: model_reference(v)))
+
 
 class Slice(_WithParameters):
     sources: list[SliceSource]
     base_model: str | None = None
+
+    _ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: model_reference(v)))
     residual_weight: Any = None  # parsed by mergekit and never used: ignored with a warning
 
 
@@ -110,6 +140,8 @@ class Recipe(_Strict):
     chat_template: str | None = None
     name: str | None = None  # mergekit-multi's intermediate name; one document is one merge here
     embed_slerp: Any = None  # legacy mergekit key (removed in 2024): ignored with a warning
+
+    _ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: model_reference(v)))
 
     @field_validator("parameters", "output", mode="before")
     @classmethod

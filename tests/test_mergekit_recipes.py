@@ -358,11 +358,13 @@ def test_m2_model_plus_lora_applies_the_lora_before_merging(cli, tmp_path, fx):
     key = "base_model.model.model.layers.0.self_attn.q_proj"
     lora = write_peft_dir(tmp_path / "lora1", {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B},
                           {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
-    t, _, _ = merge(cli, tmp_path, {**fx, "lora1": lora}, {"merge_method": "linear", "parameters": {"weight": 1},
-                                                           "models": [{"model": "@code1@+@lora1@"}]})
     expect = torch.tensor([[101, 100, 100, 100], [100, 100.5, 100, 100], [100, 100, 100, 100], [102, 102, 100, 100.]])
-    assert torch.equal(t[L.format(0) + Q], expect)
-    assert value(t[L.format(1) + Q]) == 101  # not adapted
+    for i, ref in enumerate(["@code1@+@lora1@", {"model": {"path": "@code1@"}, "lora": {"path": "@lora1@"}}]):
+        (tmp_path / str(i)).mkdir()
+        t, _, _ = merge(cli, tmp_path / str(i), {**fx, "lora1": lora}, {
+            "merge_method": "linear", "parameters": {"weight": 1}, "models": [{"model": ref}]})
+        assert torch.equal(t[L.format(0) + Q], expect)
+        assert value(t[L.format(1) + Q]) == 101  # not adapted
 
 
 def test_a_filter_that_matches_nothing_is_named(cli, tmp_path, fx):
