@@ -592,6 +592,22 @@ def compare(mk: Path, ours: Path, base: Path | None, random: bool) -> tuple[str,
 # 6. the run and the table
 
 
+def to_fp32(recipe):
+    """The recipe with every dtype float32 and the fp32 stand-ins: the like-for-like comparison
+    (mergekit computes in the inputs' dtype, we in float32, so half-precision runs differ by
+    half-precision rounding, and selection methods keep other entries at ties)."""
+    if isinstance(recipe, dict):
+        out = {k: to_fp32(v) for k, v in recipe.items() if k != "out_dtype"}
+        if "dtype" in out:
+            out["dtype"] = "float32"
+        return out
+    if isinstance(recipe, list):
+        return [to_fp32(v) for v in recipe]
+    if isinstance(recipe, str) and recipe.startswith("bf16-"):
+        return recipe[len("bf16-"):]
+    return recipe
+
+
 def prepare(name, origin, recipe, work) -> tuple[dict, Path | None, dict | None]:
     """The table row, the rewritten recipe's path and content (None where it cannot run).
     Runs in the main thread: it builds stand-ins (transformers' lazy imports are not thread-safe)."""
@@ -697,6 +713,8 @@ def main() -> None:
     ap.add_argument("--mergekit-src", type=Path, help="a mergekit checkout or bare git dir holding examples/")
     ap.add_argument("--torch-index", help="extra pip index for the venv's torch (e.g. a CPU wheel index)")
     ap.add_argument("--out", type=Path, help="where to write the table (default: results_mergekit_compat.md)")
+    ap.add_argument("--fp32", action="store_true", help="every recipe with dtype float32 and fp32 models (the "
+                    "like-for-like comparison; table: results_mergekit_compat_fp32.md)")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -709,6 +727,12 @@ def main() -> None:
         except yaml.YAMLError as e:
             recipes.append((name, origin, f"YAML error: {e}"))
     recipes += our_recipes()
+    if args.fp32:
+        recipes = [(n, o, to_fp32(r)) for n, o, r in recipes]
+        work = work / "fp32"
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / "models").exists():
+            (work / "models").symlink_to(args.work.resolve() / "models")
     if args.only:
         recipes = [r for r in recipes if fnmatch.fnmatch(r[0], args.only) or args.only in r[0]]
     print(f"{len(recipes)} recipes; mergekit examples {where}", flush=True)
@@ -746,7 +770,8 @@ def main() -> None:
             "M12 (multi-document recipes run by mergekit-multi, not mergekit-yaml), non-Llama architectures "
             "(mergekit's gpt2 / granite / LLaVA test models), --unsafe-truncate-embeddings (a CLI flag)"]
     text = table(rows, meta)
-    dest = args.out or (RESULTS if not args.only else work / "results_subset.md")
+    default = RESULTS.with_name(RESULTS.stem + "_fp32.md") if args.fp32 else RESULTS
+    dest = args.out or (default if not args.only else work / "results_subset.md")
     dest.write_text(text)
     print()
     print(text)

@@ -234,6 +234,9 @@ def _check_keys(data: dict) -> list[str]:
     warnings = []
     for key in data:
         if key not in _TOP_KEYS:
+            if key in _IGNORED:  # a mergekit key of another level (residual_weight), ignored there too
+                warnings.append(f"ignored: '{key}' ({_IGNORED[key]})")
+                continue
             if str(key) in _all_parameter_names():  # mergekit ignores a method parameter written here
                 warnings.append(f"ignored: top-level '{key}' is a method parameter; mergekit ignores it there "
                                 "too - write it under parameters to use it")
