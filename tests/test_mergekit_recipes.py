@@ -440,3 +440,22 @@ def test_a_gradient_longer_than_the_layers_is_named(cli, tmp_path, fx):
     _, _, err = merge(cli, tmp_path, fx, ta_probe(models=[{"model": "@one@", "parameters": {
         "weight": [0, 0.2, 0.4, 0.6, 0.8, 1]}}]))
     assert "6 values over 4 layers" in err
+
+
+@pytest.mark.parametrize("method", ["magmax", "ties", "task_arithmetic"])
+def test_per_layer_lambda_serves_our_own_methods(cli, tmp_path, tiny_models, method):
+    """A gradient lambda [0, 1] over two layers: layer 0 is the base, layer 1 the lambda = 1 merge."""
+    from test_run import recipe_text
+
+    models = [tiny_models[k] for k in "ab"]
+    runs = {}
+    for tag, lam in (("grad", "[0, 1]"), ("one", "1.0")):
+        r = write_recipe(tmp_path / f"{tag}.yaml", recipe_text(models, method, tiny_models["base"], f"{{lambda: {lam}}}"))
+        code, _, err = cli("run", r, "--out", tmp_path / tag)
+        assert code == 0, err
+        runs[tag] = load_dir(tmp_path / tag)
+    base = load_dir(tiny_models["base"])
+    k0, k1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(runs["grad"][k0], base[k0].to(runs["grad"][k0].dtype))
+    assert torch.equal(runs["grad"][k1], runs["one"][k1])
+    assert not torch.equal(runs["grad"][k1], base[k1].to(runs["grad"][k1].dtype))
