@@ -10,7 +10,9 @@ On disk (DESIGN.md "Continual state", with versioned tensor directories):
       state.json      format version, method, parameters, base reference, t, scalars, history
                       (name, source, sha256 of its tensors, time, per-model parameters), and
                       ``current``: the tensor directory in force
-      v000003/        the running state tensors (float32 safetensors, sharded)
+      v000003/        the running state tensors (safetensors, sharded): per merged tensor NAME,
+                      ``NAME`` (a one-tensor state, float32) or ``NAME#part`` per part of a
+                      fold's ``StateParts`` (model_stock, ram), in the dtypes the fold lays out
       lock            held (filelock) while a process updates the state
 
 An ``add`` writes ``v000004/`` beside ``v000003/`` (fsynced), then atomically replaces
@@ -23,6 +25,9 @@ What is persisted per method (all exact, see each operator's spec):
 * streaming-fold operators (``linear`` running weighted sum, ``task_arithmetic`` running sum,
   ``magmax`` running selection): the fold's state tensor; export applies the fold's ``finish``
   with the recorded per-model parameters;
+* folds whose state has several parts (``model_stock``: the sums of tau and of tau/|tau| and per
+  row the pair sum and norm bounds; ``ram``: the sum and per-entry count): each part, exactly as
+  in memory, so `add` after `add` equals `merge run` bit for bit;
 * ``opcm``: the un-normalised sum S_t = sum_i P_i(tau_i) per tensor plus the global scalars from
   ``ops.opcm`` (spec B6); export is theta_0 + S_t * scale.
 """
@@ -41,7 +46,9 @@ from typing import Any, Callable
 from .errors import UserError
 from .writer import fsync_path
 
-FORMAT_VERSION = 1
+# 2: a state of parts (``NAME#part`` tensors); one-tensor states are still written as version 1
+FORMAT_VERSION = 2
+PART_SEP = "#"
 STATE_FILE = "state.json"
 
 
@@ -190,7 +197,7 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
                for e, label in zip(r.models, r.model_labels())]
     raw["models"] = []
     data = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if op.fold.parts is not None else 1,
         "method": op.name,
         "params": op.resolve_params(r.parameters),
         "recipe": raw,
@@ -255,7 +262,6 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
     from .inputs import operator_input
     from .ops import registry
     from .sinks import StateVersion
-    from .writer import OutTensor, plan_shards
 
     st = State.load(root)
     _sweep(root, st.data.get("current"))
@@ -276,14 +282,12 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
     try:
         tensors = st.data["tensors"]
         _check_compatible(tensors, model)
-        merged_names = [n for n, i in tensors.items() if i["action"] == "merge"]
-        shards = plan_shards([OutTensor(n, tuple(tensors[n]["shape"]), "float32") for n in merged_names],
-                             2 * 10**9)
+        fold_form = _fold_form(op)
+        method_params, history_params = _state_params(op, st)
+        layout = _StateLayout(fold_form, method_params, tensors)
         t_new = st.t + 1
         version = f"v{t_new:06d}"
         prev = _StateReader(st.tensor_dir) if st.tensor_dir else None
-        fold_form = _fold_form(op)
-        method_params, history_params = _state_params(op, st)
         history_params.append(mparams)
         h = hashlib.sha256()
         f32 = torch.float32
@@ -292,7 +296,6 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
             raw = model.source.get(n)
             _tensor_hash_update(h, n, raw)
             b = base.source.get(n)  # as stored: raw_weights folds convert it chunk by chunk
-            old = prev.get(n) if prev else None
             raw_mode = fold_form.raw_weights  # the weight as stored for folds that prepare it chunk by chunk
             if not raw_mode:
                 b = b.to(f32)
@@ -300,12 +303,15 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
             x = raw if raw_mode else operator_input(raw, b_in, f32)
             task = registry.TensorTask(n, b_in, [], method_params, history_params, dtype=f32,
                                        raw_inputs=raw_mode)
+            old = layout.load(prev, n, task) if prev else None
             out = fold_form.step(old, x, st.t, task)
-            return out if fold_form.reduce else (out, None)  # (state, stats) with a reduce
+            state, stats = out if fold_form.reduce else (out, None)  # (state, stats) with a reduce
+            return layout.stored(n, state), stats
 
-        sink = StateVersion(root, version, shards, {"format": "pt", "mergekit_ortho_state": st.method, "t": str(t_new)})
+        sink = StateVersion(root, version, layout.shards(), {"format": "pt", "mergekit_ortho_state": st.method,
+                                                               "t": str(t_new)})
         with sink:
-            execute([Work(n) for n in sink.order()], fold, sink, check_finite=False)
+            execute([Work(n) for n in layout.tensor_order(sink.order())], fold, sink, check_finite=False)
             sink.finish()
             for n, info in tensors.items():  # hash the tensors that are not merged too
                 if info["action"] != "merge" and n in model.source.infos:
@@ -342,6 +348,73 @@ def _check_compatible(tensors: dict, model) -> None:
     extra = sorted(set(model.source.infos) - set(tensors))
     if extra:
         raise UserError(f"tensor '{extra[0]}' is in {model.ref} but not in the state's base model")
+
+
+class _StateLayout:
+    """Where each merged tensor's state lives in a version directory: under the tensor's own name
+    (a one-tensor state, float32: the layout of every state before parts existed), or, for a fold
+    with ``parts``, as ``NAME#part`` entries kept together, 8-byte parts first."""
+
+    def __init__(self, fold, params, tensors: dict):
+        from .dtypes import itemsize
+        from .writer import OutTensor
+
+        self.fold = fold
+        self.specs: dict[str, list] = {}
+        for n, info in tensors.items():
+            if info["action"] != "merge":
+                continue
+            shape = tuple(info["shape"])
+            if fold.parts is None:
+                self.specs[n] = [OutTensor(n, shape, "float32")]
+            else:
+                laid = fold.parts.layout(shape, params).items()
+                parts = [OutTensor(f"{n}{PART_SEP}{p}", tuple(s), d) for p, (s, d) in laid]
+                self.specs[n] = sorted(parts, key=lambda t: -itemsize(t.dtype))
+        self.owner = {t.name: n for n, specs in self.specs.items() for t in specs}
+        if len(self.owner) != sum(map(len, self.specs.values())):
+            clash = next(n for n in self.specs if PART_SEP in n)
+            raise UserError(f"tensor '{clash}' has '{PART_SEP}' in its name, so its state parts would clash with "
+                            "another tensor's; this method cannot merge this model continually")
+
+    def shards(self, limit: int = 2 * 10**9) -> list:
+        from .dtypes import itemsize
+        from .writer import plan_shards
+
+        if self.fold.parts is None:  # as before parts existed
+            return plan_shards([s[0] for s in self.specs.values()], limit)
+        shards, used = [[]], 0
+        for specs in self.specs.values():  # a tensor's parts stay together: one put writes them all
+            size = sum(t.nbytes for t in specs)
+            if shards[-1] and used + size > limit:
+                shards.append([])
+                used = 0
+            shards[-1].extend(specs)
+            used += size
+        for shard in shards:
+            offset = 0
+            for t in shard:  # as plan_shards: every tensor aligned to its element size
+                if offset % itemsize(t.dtype):
+                    raise RuntimeError(f"state part '{t.name}' would be misaligned: its fold's layout must keep "
+                                       "each tensor's parts a multiple of 8 bytes")
+                offset += t.nbytes
+        return [s for s in shards if s]
+
+    def tensor_order(self, stored_order: list[str]) -> list[str]:
+        return list(dict.fromkeys(self.owner[n] for n in stored_order))
+
+    def stored(self, name: str, state):
+        """What the sink writes for ``name``: the state tensor, or {stored name: part} in order."""
+        if self.fold.parts is None:
+            return state
+        packed = self.fold.parts.pack(state)
+        return {t.name: packed[t.name[len(name) + len(PART_SEP):]] for t in self.specs[name]}
+
+    def load(self, reader: "_StateReader", name: str, task):
+        if self.fold.parts is None:
+            return reader.get(name)
+        cut = len(name) + len(PART_SEP)
+        return self.fold.parts.unpack({t.name[cut:]: reader.get(t.name) for t in self.specs[name]}, task)
 
 
 class _StateReader:
@@ -398,22 +471,22 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
                                    plan_mod.open_source(st.data["base_model"], "base"), {})
         reader = _StateReader(st.tensor_dir)
         try:
+            fold_form = _fold_form(op)
+            method_params, history_params = _state_params(op, st)
+            layout = _StateLayout(fold_form, method_params, st.data["tensors"])
             items, _ = plan_mod.plan_items(base, [], r.include, r.exclude, plan_mod.output_dtype(r))
             specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
             plan = plan_mod.Plan(r, op, st.data["params"], base, [], items, plan_shards(specs, r.output.shard_size),
                                  "float32", "cpu")
             plan.models = [plan_mod.ModelInput(h["name"], h["source"], None, h["params"]) for h in st.data["history"]]
-            fold_form = _fold_form(op)
-            method_params, history_params = _state_params(op, st)
             f32 = torch.float32
 
             def finish(name: str):
                 if items[name].action == "copy":
                     return base.source.get(name), None
-                s = reader.get(name).to(f32)
                 b = base.source.get(name).to(f32)
                 task = registry.TensorTask(name, b, [], method_params, history_params, scalars=st.data["scalars"])
-                merged = fold_form.finish(s, task)
+                merged = fold_form.finish(layout.load(reader, name, task), task)
                 return (b + merged if op.reads == "deltas" else merged), None
 
             extra = f"Continual merge of {st.t} model(s); state scalars: {json.dumps(st.data['scalars'])}"

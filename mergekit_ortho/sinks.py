@@ -263,7 +263,8 @@ class Bundle(_AtomicDirSink):
 
 
 class StateVersion:
-    """One tensor version ``root/version`` of a continual state, float32, sharded. ``put``'s
+    """One tensor version ``root/version`` of a continual state, sharded: a one-tensor state as
+    float32, a state of parts (``put`` of {stored name: tensor}) as its fold lays it out. ``put``'s
     reports (a fold's per-tensor statistics) are summed into ``stats``. ``commit`` moves the
     version into place; the caller then commits ``state.json``, which names it."""
 
@@ -289,7 +290,8 @@ class StateVersion:
     def put(self, name: str, value, report: dict | None = None) -> None:
         import torch
 
-        self.writer.write(name, value.to(torch.float32).contiguous())
+        for stored, t in (value.items() if isinstance(value, dict) else [(name, value.to(torch.float32))]):
+            self.writer.write(stored, t.contiguous())
         for k, v in (report or {}).items():
             self.stats[k] = self.stats.get(k, 0.0) + float(v)
 

@@ -38,7 +38,10 @@ def state_tensors(state: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method,params", [("magmax", ""), ("task_arithmetic", "{lambda: 0.3}"), ("linear", ""),
-                                           ("opcm", ""), ("opcm", "{alpha: 0.9, zero_diagonal: false}")])
+                                           ("opcm", ""), ("opcm", "{alpha: 0.9, zero_diagonal: false}"),
+                                           # states of several parts (StateParts), stored part by part
+                                           ("model_stock", ""), ("model_stock", "{filter_wise: true}"),
+                                           ("ram", ""), ("ram", "{epsilon: 0.05}")])
 def test_resume_equivalence_bit_for_bit(tiny_models, tmp_path, cli, method, params):
     state = init_state(tmp_path, tiny_models, method, params)
     for m in "abc":  # separate adds, as separate server events
@@ -51,6 +54,46 @@ def test_resume_equivalence_bit_for_bit(tiny_models, tmp_path, cli, method, para
     assert cli("run", r, "--out", tmp_path / "batch")[0] == 0
     a, b = load_dir(tmp_path / "exported"), load_dir(tmp_path / "batch")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_state_layout_one_tensor_as_before_and_parts_by_name(tiny_models, tmp_path):
+    # a one-tensor state keeps the layout states had before parts existed (version 1: the tensor's
+    # own name, float32), so older states load and older versions read new magmax/linear states
+    legacy = init_state(tmp_path, tiny_models, "magmax", models="a")
+    merged = {n for n, i in json.loads((legacy / "state.json").read_text())["tensors"].items() if i["action"] == "merge"}
+    old = state_tensors(legacy)
+    assert json.loads((legacy / "state.json").read_text())["format_version"] == 1
+    assert set(old) == merged and all(t.dtype == torch.float32 for t in old.values())
+    # a state of parts: NAME#part in the fold's dtypes (version 2: older versions refuse it cleanly)
+    parts = init_state(tmp_path, tiny_models, "model_stock", "{filter_wise: true}", models="ab")
+    assert json.loads((parts / "state.json").read_text())["format_version"] == 2
+    got = state_tensors(parts)
+    names = ("pair_sum", "count", "split", "total", "units", "lo", "hi")
+    assert set(got) == {f"{n}#{p}" for n in merged for p in names}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert got[f"{q}#pair_sum"].dtype == torch.float64 and got[f"{q}#pair_sum"].shape == old[q].shape[:1]
+    w = {k: load_dir(tiny_models[k])[q] for k in ("base", "a", "b")}
+    assert int(got[f"{q}#count"]) == 2 and got[f"{q}#count"].dtype == torch.int64
+    assert torch.equal(got[f"{q}#total"], (w["a"] - w["base"]) + (w["b"] - w["base"]))  # the sum of tau
+
+
+@pytest.mark.parametrize("method,params", [("model_stock", {"filter_wise": True}), ("model_stock", {}), ("ram", {})])
+def test_state_parts_stay_aligned_for_any_shape(method, params):
+    from mergekit_ortho.dtypes import itemsize
+    from mergekit_ortho.ops import registry
+
+    op = registry.get(method)
+    shapes = [[], [3], [5, 3], [1], [7, 1, 3], [2, 2]]
+    tensors = {f"t{i}": {"shape": s, "action": "merge"} for i, s in enumerate(shapes)}
+    shards = continual._StateLayout(op.fold, op.resolve_params(params), tensors).shards(limit=100)
+    assert len(shards) > 1  # the tensors' parts stay together across shard boundaries
+    for shard in shards:
+        offset = 0
+        for t in shard:
+            assert offset % itemsize(t.dtype) == 0, t.name
+            offset += t.nbytes
+        assert len({t.name.split("#")[0] for t in shard}) * len(op.fold.parts.layout((), op.resolve_params(params))) \
+            == len(shard)
 
 
 def test_init_with_models_status_and_duplicates(tiny_models, tmp_path, cli):
@@ -89,9 +132,11 @@ def _spawn_add(state, model, delay="0.05", preexec=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("kill_after", [0.0, 0.3, 0.9])
-def test_kill9_during_add_leaves_old_or_new_state(tiny_models, tmp_path, kill_after):
-    state = init_state(tmp_path, tiny_models, "task_arithmetic", "{lambda: 0.5}", models="a")
+@pytest.mark.parametrize("method,params,kill_after", [
+    *(("task_arithmetic", "{lambda: 0.5}", k) for k in (0.0, 0.3, 0.9)),
+    ("model_stock", "{filter_wise: true}", 0.3), ("ram", "{epsilon: 0.05}", 0.0)])  # states of parts
+def test_kill9_during_add_leaves_old_or_new_state(tiny_models, tmp_path, method, params, kill_after):
+    state = init_state(tmp_path, tiny_models, method, params, models="a")
     before = state_tensors(state)
     proc = _spawn_add(state, tiny_models["b"])
     end = time.time() + 60
@@ -109,10 +154,9 @@ def test_kill9_during_add_leaves_old_or_new_state(tiny_models, tmp_path, kill_af
     if st.t == 1:
         continual.add(state, str(tiny_models["b"]), name="b")
     continual.add(state, str(tiny_models["c"]), name="c")
-    ref = init_state(tmp_path / "ref", tiny_models,
-                     "task_arithmetic", "{lambda: 0.5}", models="abc")
+    ref = init_state(tmp_path / "ref", tiny_models, method, params, models="abc")
     a, b = state_tensors(state), state_tensors(ref)
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
     assert not list(state.glob(".v*"))  # the killed run's leftovers were swept
 
 

@@ -201,7 +201,7 @@ def test_contract_and_parameters():
     with pytest.raises(ValueError, match="filter_wise"):
         OP.resolve_params({"filter_wise": "sometimes"})
     assert OP.fold is not None and OP.merges_one_tensor_alone
-    assert not OP.folds_one_model_at_a_time  # its state is not one tensor: continual refuses it
+    assert OP.folds_one_model_at_a_time and OP.fold.parts is not None  # continual stores its parts
 
 
 def test_recipe_runs_and_matches_the_pairwise_form(tiny_models, tmp_path, cli):
@@ -219,7 +219,14 @@ def test_recipe_runs_and_matches_the_pairwise_form(tiny_models, tmp_path, cli):
     assert not torch.allclose(out[q], bw[q])
 
 
-def test_continual_refuses_it(tiny_models, tmp_path, cli):
+def test_continual_export_of_one_model_is_the_one_line_error(tiny_models, tmp_path, cli):
+    # continual merging takes model_stock (bit for bit with `merge run`: test_continual); with one
+    # model folded in, export says what is missing
     r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models["a"]], "model_stock", tiny_models["base"]))
     code, out, err = cli("continual", "init", tmp_path / "state", "--recipe", r)
-    assert code == 2 and "'model_stock' is not one of them" in err and "Traceback" not in err + out
+    assert code == 0, err
+    code, out, err = cli("continual", "export", tmp_path / "state", "--out", tmp_path / "o")
+    assert code == 2 and "has 1 model(s) besides the base" in err and "Traceback" not in err + out
+    assert not (tmp_path / "o").exists()
+    assert cli("continual", "add", tmp_path / "state", tiny_models["b"])[0] == 0
+    assert cli("continual", "export", tmp_path / "state", "--out", tmp_path / "o")[0] == 0

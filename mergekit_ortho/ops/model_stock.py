@@ -17,8 +17,9 @@ The direct form :func:`model_stock` computes every pair, as the spec states it.
 
 Streaming (:data:`FOLD`, one pass, one model tensor in memory at a time). The state holds two
 full-size sums, T = sum tau_i and U = sum u_i with u_i = tau_i/|tau_i| (0 for a zero vector), and
-per vector the running sum of the pair terms and the least and largest nonzero norm so far. Model
-j adds its pairs with every earlier model i in one dot product:
+per vector the running sum of the pair terms and the least and largest nonzero norm so far
+(continual merging stores these parts between models as they are, float64 pair sums included).
+Model j adds its pairs with every earlier model i in one dot product:
 
 * every earlier product |tau_i||tau_j| >= 1e-6 ("large"): sum_i c_ij = <U, tau_j> / |tau_j|;
 * every earlier product < 1e-6 ("small", the spec's guard): sum_i c_ij = <T, tau_j> / 1e-6;
@@ -42,12 +43,13 @@ rather than t mean(theta) + (1-t) theta_0 (equal up to rounding).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import BadParameters
-from .registry import Fold, Operator, Param, TensorTask, register
+from .registry import Fold, Operator, Param, StateParts, TensorTask, register
 
 #: the pair guard max(|tau_i||tau_j|, GUARD) and the singular guard |1 + (N-1)c| < GUARD (mergekit)
 GUARD = 1e-6
@@ -166,7 +168,27 @@ def _finish(state: _Stock | None, task: TensorTask) -> torch.Tensor:
     return _apply(state.total, _step_size(state.pair_sum, n), n, state.shape)
 
 
-FOLD = Fold(_start, _step, _finish, state_is_tensor=False)
+def _layout(shape: tuple[int, ...], params) -> dict[str, tuple[tuple[int, ...], str]]:
+    rows = (1,) if not params.filter_wise or not shape else (math.prod(shape[:-1]),)
+    # 4-byte parts in pairs (total/units, lo/hi): a multiple of 8 bytes, so stored parts stay aligned
+    return {"pair_sum": (rows, "float64"), "count": ((), "int64"), "split": ((), "int64"),
+            "total": (tuple(shape), "float32"), "units": (tuple(shape), "float32"),
+            "lo": (rows, "float32"), "hi": (rows, "float32")}
+
+
+def _pack(s: _Stock) -> dict[str, torch.Tensor]:
+    return {"pair_sum": s.pair_sum, "count": torch.tensor(s.count), "split": torch.tensor(s.split),
+            "total": s.total.reshape(s.shape), "units": s.units.reshape(s.shape), "lo": s.lo, "hi": s.hi}
+
+
+def _unpack(parts: dict[str, torch.Tensor], task: TensorTask) -> _Stock:
+    total, fw = parts["total"], task.params.filter_wise
+    return _Stock(total.shape, _rows(total, fw), _rows(parts["units"], fw), parts["pair_sum"], parts["lo"],
+                  parts["hi"], int(parts["count"]), int(parts["split"]))
+
+
+# continual merging stores the state as its parts between models (an exact round trip)
+FOLD = Fold(_start, _step, _finish, parts=StateParts(_layout, _pack, _unpack))
 
 register(
     Operator(
@@ -187,7 +209,7 @@ register(
         "Streams in one pass (sum of tau and of tau/|tau|): equal to the pairwise form up to float32 "
         "rounding, except a vector whose norms straddle the 1e-6 guard at some step (N >= 3, one "
         "model's |tau| tiny beside the others'): there the fold uses the true cosine for those pairs. "
-        "Not available to continual merging (its state is more than one tensor). "
+        "Continual merging stores that state (the two sums and per-row scalars) between models. "
         "mergekit-compatible (0.1.5, with its singular guard); paper arXiv 2403.19522.",
     )
 )

@@ -14,7 +14,7 @@ c[j] is the number of models active at j.
   unique entries are multiplied by lambda_i; shared entries are averaged as in ``ram``.
 
 Streaming. ``ram`` folds one model at a time: the state is the running sum of active entries and
-the per-entry count (so its state is two tensors, which continual merging cannot store yet).
+the per-entry count (two tensors, which continual merging stores as the fold's ``parts``).
 ``ramplus_tl``'s lambda_i needs c over every model before model i's unique entries are known, so
 its fold has a ``gather`` pre-pass that counts c; the second pass adds each model's weighted
 active entries. Either way memory is one input plus two full-size accumulators. The direct
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ShapeMismatch
-from .registry import Fold, Operator, Param, TensorTask, register
+from .registry import Fold, Operator, Param, StateParts, TensorTask, register
 
 
 def _active(x: torch.Tensor, task: TensorTask) -> torch.Tensor:
@@ -128,7 +128,19 @@ def ramplus_tl(task: TensorTask) -> torch.Tensor:
     return _fold_all(PLUS_FOLD, task)
 
 
-RAM_FOLD = Fold(_start, _ram_step, _finish, state_is_tensor=False)
+def _layout(shape: tuple[int, ...], params) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {"total": (tuple(shape), "float32"), "count": (tuple(shape), "int32")}
+
+
+def _pack(state: _Sum) -> dict[str, torch.Tensor]:
+    return {"total": state.total, "count": state.count}
+
+
+def _unpack(parts: dict[str, torch.Tensor], task: TensorTask) -> _Sum:
+    return _Sum(parts["total"], parts["count"])
+
+
+RAM_FOLD = Fold(_start, _ram_step, _finish, parts=StateParts(_layout, _pack, _unpack))
 PLUS_FOLD = Fold(_start, _plus_step, _finish, gather=_count)
 
 _EPSILON = Param("epsilon", float, 1e-5, "an entry of a task vector is active where |tau| > epsilon", minimum=0.0)
@@ -146,7 +158,7 @@ register(
         details="Active: |tau_i| > epsilon; c = number of models active per entry. Merged tau = "
         "sum of the active tau_i / max(c, 1): the single active value where c = 1, their mean where "
         "c > 1, 0 where none. Needs the base; a base alone gives the base. Streams one model at a "
-        "time (sum and count), but continual merging cannot store that two-tensor state yet. "
+        "time (sum and count), so continual merging takes it. "
         "mergekit-compatible; paper arXiv 2601.13572.",
     )
 )

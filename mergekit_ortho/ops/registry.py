@@ -208,6 +208,17 @@ class LoraResult:
 
 
 @dataclass(frozen=True)
+class StateParts:
+    """A fold state of several tensors, stored: ``layout(shape, params)`` -> {part: (shape, dtype
+    name)} for a merged tensor of that shape; ``pack(state)`` -> {part: tensor} as laid out;
+    ``unpack(tensors, task)`` -> the state, owning the (fresh) tensors. An exact round trip."""
+
+    layout: Callable[..., "dict[str, tuple[tuple[int, ...], str]]"]
+    pack: Callable[..., "dict[str, torch.Tensor]"]
+    unpack: Callable[..., Any]
+
+
+@dataclass(frozen=True)
 class Fold:
     """The fold form of a dense operator: the models folded into a state one at a time, per tensor
     (one model tensor in memory at a time; continual merging persists the state between models).
@@ -215,34 +226,25 @@ class Fold:
     ``start(task)`` -> state, where ``task.inputs`` is empty; ``step(state, x, i, task)`` folds
     model i's (0-based) tensor x (a delta or a weight, per ``reads``) and returns the new state;
     ``finish(state, task)`` -> the merged delta / weight. Must equal ``Operator.fn`` exactly where
-    ``fn`` can merge one tensor on its own.
+    ``fn`` can merge one tensor on its own. Inputs (``task.inputs``, each ``x``) belong to the
+    operator: fresh buffers it may modify in place.
 
-    Inputs (``task.inputs`` and each ``x``) belong to the operator: fresh buffers it may modify
-    in place.
+    ``raw_weights``: ``step`` can take model i's *weight as stored* (bf16, ...; ``task.raw_inputs``
+    True, ``task.base`` as stored) and prepare its input chunk by chunk (``kernels.convert``'s
+    ``fold_input_chunks`` / ``fold_input``): in ``task.dtype``, minus ``task.base`` when given; the
+    prepared input's values exactly, with no full-size converted weight, base or task vector.
 
-    ``raw_weights``: ``step`` can also take model i's *weight as stored* (bf16, fp16, ... on the
-    device; ``task.raw_inputs`` is then True, and ``task.base`` is the base as stored too) and
-    prepare its input itself, chunk by chunk with ``kernels.convert.fold_input_chunks`` / ``fold_input``:
-    converted to ``task.dtype`` and, when ``task.base`` is given (``reads == "deltas"``), minus
-    the base. The values are exactly those of the prepared input, but no full-size converted
-    copy of a weight, of the base or of a task vector is ever allocated (two fp32 tensors less
-    at peak for a bf16 model).
-
-    ``gather``: a pre-pass. ``stats = gather(stats, x, i, task)`` over every model first (stats =
-    None before model 0), then ``task.stats = stats`` and start/step/finish over the models again.
-    For operators whose weights depend on all models (WIDEN's ranks across models): each model
-    is read twice, but memory stays one input plus the state, whatever the number of models. A
-    fold with a gather cannot take models one at a time (continual merging refuses it).
+    ``gather``: a pre-pass, ``stats = gather(stats, x, i, task)`` over every model (None before
+    model 0), then ``task.stats = stats`` and start/step/finish over the models again (WIDEN's
+    ranks across models): two reads per model, memory one input plus the state; not one at a time.
 
     ``reduce``: scalars global over all tensors of each model (OPCM's lambda_t). ``step`` then
     returns ``(state, stats)``, a dict of floats for that tensor; the executor sums the stats of
     model t over every tensor and calls ``scalars = reduce(stats_sum, scalars_prev, t, params)``
-    (t 1-based, JSON-safe scalars); ``finish`` reads them as ``task.scalars``. Such a fold cannot
-    merge one tensor on its own: `merge run` folds every model of every tensor in one pass, then
-    finishes each tensor (:mod:`mergekit_ortho.sequential`).
+    (t 1-based, JSON-safe); ``finish`` reads ``task.scalars``. Such a fold cannot merge one tensor
+    alone: `merge run` folds every model of every tensor, then finishes each (``sequential``).
 
-    ``state_is_tensor``: False for a state of several parts (model_stock's sums, ram's sum and
-    count): `merge run` folds it in memory; a continual state (one tensor per name) refuses it.
+    ``parts``: how a state of several tensors is stored (:class:`StateParts`); None: one float32.
     """
 
     start: Callable[..., Any]
@@ -251,7 +253,7 @@ class Fold:
     raw_weights: bool = False
     gather: Callable[..., Any] | None = None
     reduce: Callable[..., Any] | None = None
-    state_is_tensor: bool = True
+    parts: StateParts | None = None
 
     @property
     def one_model_at_a_time(self) -> bool:  # each step needs the models before it only
@@ -301,10 +303,8 @@ class Operator:
         return self.reads == "deltas" or self.needs_base or self.optional_base
 
     @property
-    def folds_one_model_at_a_time(self) -> bool:
-        """True when continual merging can take this method: a fold without a pre-pass whose state
-        is one tensor (what a continual state stores)."""
-        return self.fold is not None and self.fold.one_model_at_a_time and self.fold.state_is_tensor
+    def folds_one_model_at_a_time(self) -> bool:  # what continual merging takes: no pre-pass
+        return self.fold is not None and self.fold.one_model_at_a_time
 
     @property
     def merges_one_tensor_alone(self) -> bool:
