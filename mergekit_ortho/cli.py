@@ -374,7 +374,7 @@ app.add_typer(continual_app, name="continual")
 @handle_errors
 def continual_init(
     state: Path = typer.Argument(..., help="State directory to create."),
-    recipe: Path = typer.Option(..., "--recipe", help="Recipe: method (opcm|magmax|linear|task_arithmetic), base, parameters, optional initial models."),
+    recipe: Path = typer.Option(..., "--recipe", help="Recipe: a method that folds one model at a time (`merge methods`: opcm, magmax, linear, task_arithmetic, model_stock, ram, ...), base, parameters, optional initial models."),
     force: bool = typer.Option(False, "--force", help="Merge a model even if the same tensors were merged before."),
 ):
     """Create a continual-merging state; merge the recipe's models (if any) in order (all or nothing)."""
