@@ -419,6 +419,11 @@ def vocabulary_for(recipe: recipe_mod.Recipe, op: registry.Operator, base: Model
         template = resolve_chat_template(recipe.chat_template, dirs)
     if spec is None or any(m.is_lora for m in models):  # adapters carry no vocabulary rows
         return None, template
+    import importlib.util
+
+    if importlib.util.find_spec("tokenizers") is None:
+        raise UserError("tokenizer alignment (tokenizer_source / tokenizer:) needs the tokenizers library: "
+                        "pip install 'mergekit-ortho[tokenizers]'")
     from .vocab import VocabModel, build_vocabulary
 
     seen: list[VocabModel] = []

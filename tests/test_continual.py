@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -282,10 +283,14 @@ def test_watch_exits_cleanly_on_sigterm(tiny_models, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     proc = subprocess.Popen(CLI + ["continual", "watch", str(state), "--inbox", str(inbox), "--interval", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    # the handler is installed before this line is printed: a fixed sleep raced slow start-ups
+    first = proc.stdout.readline()
+    assert first.startswith("watching"), first
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    rest, err = proc.communicate(timeout=60)
+    out = first + rest
     assert proc.returncode == 0, err
     assert "stopped; 0 model(s) merged" in out
 
