@@ -206,20 +206,25 @@ def test_radix_rank_band_equals_the_stable_sort(chunk, monkeypatch, name, x):
         assert torch.equal(got.isnan(), want.isnan())
 
 
-# --- packed-key row ranks == stable sort; chunked della == della by the definition --------------------
+# --- della's packed-key rank lookup == table[stable-sort ranks]; chunked della == della by the definition
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (7, 5), (40, 333), (2, 4097)])
-def test_row_ranks_equal_the_stable_sort(shape):
-    from mergekit_ortho.ops.kernels import row_rank
+def test_della_rank_lookup_equals_the_stable_sort(shape):
+    from mergekit_ortho.ops.kernels import della_drop
+    import numpy as np
 
     g = torch.Generator().manual_seed(shape[1])
-    for x in (torch.randn(shape, generator=g), (torch.randint(-3, 4, shape, generator=g) / 2).float()):
+    table = torch.rand(shape[1], generator=g)
+    xs = [torch.randn(shape, generator=g), (torch.randint(-3, 4, shape, generator=g) / 2).float()]
+    xs.append(torch.tensor([[float("nan"), 1.0, float("inf"), 0.0, 1e-45, -0.0, -float("nan"), -1.0]]))
+    for x in xs:
         x.view(-1)[::11] = -0.0
-        mag = x.abs()
-        assert row_rank.applies(mag) and torch.equal(row_rank.row_ranks(mag), sparsify.row_ranks_plain(mag))
-    mag = torch.tensor([[float("nan"), 1.0, float("inf"), 0.0, 1e-45]])
-    assert torch.equal(row_rank.row_ranks(mag), sparsify.row_ranks_plain(mag))
+        table = torch.rand(x.shape[1], generator=g)
+        bits = x.view(torch.int32).numpy()
+        keys = della_drop.sorted_keys(bits, np.empty(x.shape + (2,), dtype=np.int32))
+        got = della_drop.rank_lookup(keys, table, torch.empty(x.shape))
+        assert bits_equal(got, table[sparsify.row_ranks_plain(x.abs())])
 
 
 @pytest.mark.parametrize("shape", [(5,), (1,), (9, 1), (31, 17), (6, 5, 4), (3, 4, 2, 5)])
@@ -230,3 +235,45 @@ def test_della_equals_the_plain_formulation(chunk, shape):
         want = sparsify.della_plain(x, d, eps, torch.Generator().manual_seed(9))
         got = sparsify.della_(x.clone(), d, eps, torch.Generator().manual_seed(9))
         assert bits_equal(got, want), (shape, d)
+
+
+def test_della_in_many_blocks_equals_the_plain_formulation(monkeypatch):
+    monkeypatch.setattr(_chunks, "CHUNK", 64)  # 2-row blocks, the last one partial
+    g = torch.Generator().manual_seed(5)
+    for x in (torch.randn(37, 32, generator=g), (torch.randint(-2, 3, (9, 16, 3), generator=g) / 2).float()):
+        want = sparsify.della_plain(x, 0.4, 0.2, torch.Generator().manual_seed(3))
+        got = sparsify.della_(x.clone(), 0.4, 0.2, torch.Generator().manual_seed(3))
+        assert bits_equal(got, want)
+
+
+# --- SCE's erase and merge on the bit patterns == the definition ---------------------------------
+
+
+def _sce_inputs():
+    g = torch.Generator().manual_seed(11)
+    yield [torch.randn(1001, generator=g) for _ in range(3)]
+    rep = [(torch.randint(-2, 3, (333,), generator=g) / 2).float() for _ in range(4)]  # zeros, ties
+    rep[1][::5] = -0.0
+    for t in rep:
+        t[:7] = -0.0  # a -0.0 sum: the plain form's result there is -0.0
+    yield rep
+    yield [torch.tensor([1.0, -2.0, float("inf"), 0.5, -0.0]), torch.tensor([-1.0, 2.0, 1.0, float("nan"), -0.0])]
+    yield [torch.tensor([3e38, -1.0, 2.0]), torch.tensor([3e38, 1.0, -3.0])]  # the sum overflows
+    yield [torch.randn(50, generator=g)]
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("omega", [None, (0.5, 0.3, 0.2, 0.0), (float("nan"),) * 4])
+def test_sce_energy_merge_equals_the_plain_formulation(chunk, case, omega):
+    from mergekit_ortho.ops import sce
+
+    taus = list(_sce_inputs())[case]
+    weights = list(omega[:len(taus)]) if omega else [1.0 / len(taus)] * len(taus)
+    if omega and omega[0] == omega[0]:
+        weights[-1] = 0.0 if len(taus) > 1 else weights[-1]  # a zero weight (an all-zero tau)
+    want = sce.erase_merge_plain([t.clone() for t in taus], weights)
+    got = sign_election.energy_merge_([t.clone() for t in taus], weights)
+    if omega and omega[0] == omega[0] and len(taus) > 1:  # zero weight: zero results may differ in sign
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want)) and torch.equal(got.isnan(), want.isnan())
+    else:
+        assert bits_equal(got, want)

@@ -25,7 +25,7 @@ magnitude. Random masks come from a generator seeded by (seed, tensor name, mode
 same keep probability for every entry as mergekit, not the same draws (M27).
 
 The plain formulations (``*_plain``) are the definitions; the kernels in :mod:`.kernels` (radix
-top-k and rank band, chunked DARE drop, packed-key row ranks) are tested bit-equal to them in
+top-k and rank band, chunked DARE drop, DELLA's packed-key rank lookup) are tested bit-equal to them in
 tests/test_kernels.py.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .kernels import dare_drop, row_rank, topk
+from .kernels import dare_drop, della_drop, topk
 from .kernels._chunks import chunk_len
 
 # ----------------------------------------------------------------------------- plain formulations
@@ -166,22 +166,22 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
 
 def della_(x: torch.Tensor, density: float, epsilon: float, gen: torch.Generator) -> torch.Tensor:
     """DELLA's MAGPRUNE in place (x contiguous), blocks of whole rows at a time: chunk-sized
-    ranks, probabilities and draws, the draws taken in flat order from ``gen``."""
+    keys, probabilities and draws, the draws taken in flat order from ``gen``."""
     if density >= 1.0 or x.numel() == 0:
         return x
     if density <= 0.0:
         return x.zero_()
     v = _rows_view(x)
     A, L, R = v.shape
+    table = della_keep_prob(torch.arange(L, device=x.device), L, density, epsilon)  # p by rank
+    if della_drop.applies(v):
+        della_drop.della_drop_(v, table, gen)  # sorted packed keys -> table scatter, no rank tensor
+        return x
     rows = max(1, chunk_len(x) // max(L * R, 1))
     for a in range(0, A, rows):
         blk = v[a:a + rows]  # (b, L, R), contiguous
         mag = blk.abs().transpose(1, 2).reshape(-1, L)  # one row per (a, r)
-        if L == 1:
-            ranks = torch.zeros_like(mag, dtype=torch.int64)
-        else:
-            ranks = row_rank.row_ranks(mag) if row_rank.applies(mag) else row_ranks_plain(mag)
-        p = della_keep_prob(ranks, L, density, epsilon).view(blk.shape[0], R, L).transpose(1, 2)
+        p = table[row_ranks_plain(mag)].view(blk.shape[0], R, L).transpose(1, 2)
         u = torch.rand(blk.shape, generator=gen, dtype=torch.float32, device=x.device)
         blk.masked_fill_(torch.ge(u, p), 0)
     return x

@@ -2,8 +2,11 @@
 file (or in tests/test_kernels.py) computes, only with less memory traffic.
 
 * :mod:`.topk` - the k largest magnitudes by radix select on float bit patterns (TIES trim);
-* :mod:`.sign_election` - TIES sign election and disjoint mean on the bit patterns, in place;
+* :mod:`.sign_election` - TIES sign election and disjoint mean on the bit patterns, in place
+  (and SCE's erase / weighted merge the same way);
 * :mod:`.dare_drop` - DARE's random keep mask from the sign bit of ``u - density``, chunked;
+* :mod:`.della_drop` - DELLA's keep probabilities by row rank from one sort of packed keys (no
+  rank tensor), then the DARE-style sign-bit mask;
 * :mod:`.convert` - chunked dtype conversion of fold inputs (raw bf16 weights, minus the base);
 * :mod:`.select` - MagMax's in-place chunked ``where(|tau| >= |sel|, tau, sel)``;
 * :mod:`.kmeans` - weighted k-means in kernel form (on the Gram matrix), LoRA-LEGO;

@@ -16,6 +16,8 @@ entry whose inputs hold a NaN and no agreeing value: -0.0 there instead of +0.0.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._chunks import INT_OF, chunk_len
@@ -67,4 +69,73 @@ def disjoint_merge_(flats: list[torch.Tensor], weights: list[float], normalize: 
             ds[0] /= divisor
         if lam != 1.0:
             ds[0].mul_(lam)
+    return mixed
+
+
+def _energy_chunk_plain_(ts: list[torch.Tensor], weights: list[float]) -> None:
+    """:func:`energy_merge_` on one chunk by the definition (``sce.erase_merge_plain``): used
+    where the chunk's sum is not finite, so that inf and NaN propagate as there (x * 0)."""
+    s = ts[0].clone()
+    for t in ts[1:]:
+        s += t
+    positive = s >= 0
+    dv = torch.zeros_like(s)
+    for i, (t, w) in enumerate(zip(ts, weights)):
+        kept = torch.where(positive, t > 0, t < 0)
+        dv.add_(kept.to(dv.dtype), alpha=w)
+        t.mul_(w).mul_(kept)
+        if i:
+            ts[0] += t
+    ts[0].div_(dv.clamp_(min=1e-6))
+
+
+def energy_merge_(flats: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """SCE's erase and merge (``sce.erase_merge_plain``): sign elected on the UNweighted sum
+    (s >= 0: +), m_i = [sign(t_i) = that sign], result sum_i w_i m_i t_i / max(sum_i w_i m_i,
+    1e-6); ``weights`` >= 0. In place on ``flats`` (contiguous 1-D float, owned); returns
+    ``flats[0]``.
+
+    Per chunk, as :func:`disjoint_merge_`: o_i = t_i with the sign bit of s flipped in,
+    ``threshold(o_i, 0, 0)`` = |t_i| where kept, else 0; w_i |t_i| = |w_i t_i| and the kept
+    terms share the elected sign, so the magnitudes' sum with that sign set back is the signed
+    sum, bit for bit. A chunk whose sum is not finite (an inf or NaN input, or overflow) takes
+    the plain path, and so does every chunk when a weight is not finite. Bit-equal (tests/test_kernels.py) except the sign of a zero result where
+    every kept w_i t_i is zero (w_i = 0, or underflow)."""
+    mixed = flats[0]
+    n = mixed.numel()
+    step = chunk_len(mixed)
+    itype = INT_OF[mixed.element_size()]
+    sign_bit = torch.iinfo(itype).min
+    scratch = torch.empty(min(n, step), dtype=mixed.dtype, device=mixed.device)
+    div_buf, kept_buf = torch.empty_like(scratch), torch.empty_like(scratch)
+    finite_weights = all(math.isfinite(w) for w in weights)  # a NaN weight (a NaN input): plain
+    for lo in range(0, n, step):
+        ts = [f[lo:lo + step] for f in flats]
+        total = scratch[:ts[0].numel()]
+        if len(ts) == 1:
+            total.copy_(ts[0])
+        else:
+            torch.add(ts[0], ts[1], out=total)
+            for t in ts[2:]:
+                total += t
+        if not (finite_weights and bool(torch.isfinite(total).all())):
+            _energy_chunk_plain_(ts, weights)
+            continue
+        # finite s: "s >= 0" is a clear sign bit, except s = -0.0, the sum of -0.0s only: no
+        # entry agrees either way, and the flipped-in sign gives the plain form's -0.0 result
+        flip = total.view(itype).bitwise_and_(sign_bit)
+        divisor = div_buf[:ts[0].numel()]
+        for i, (t, w) in enumerate(zip(ts, weights)):
+            t.view(itype).bitwise_xor_(flip)
+            torch.nn.functional.threshold_(t, 0.0, 0.0)  # |t_i| where kept, else +0
+            if i == 0:
+                torch.sign(t, out=divisor).mul_(w)  # 0 + w_0 m_0, exactly
+            else:
+                divisor.add_(torch.sign(t, out=kept_buf[:t.numel()]), alpha=w)
+            if w != 1.0:
+                t.mul_(w)
+            if i:
+                ts[0] += t
+        ts[0].view(itype).bitwise_xor_(flip)
+        ts[0].div_(divisor.clamp_(min=1e-6))
     return mixed

@@ -1,0 +1,77 @@
+"""DELLA's MAGPRUNE drop in place: keep-probability lookup by row rank, then the DARE-style mask.
+
+Plain formulation (``sparsify.della_plain``): ranks r = the inverse of a stable ascending sort of
+|x| along each row, p = ``della_keep_prob(r)``, u = ``torch.rand(x.shape, generator=gen)``,
+``where(u < p, x, +0)``. Here, block by block of whole rows:
+
+* p comes from a table: ``table[r] = della_keep_prob(r)`` for r = 0 .. L-1, computed once by the
+  same float32 operations, so ``table[rank]`` is bit-equal to the elementwise p. No rank tensor
+  is formed: each row's int64 keys (|x|'s bit pattern in the high word - sign cleared, monotone
+  in the magnitude, NaN above +inf - and the column in the low word; distinct, so numpy's
+  unstable vectorised sort orders them as the stable sort does) are sorted, and the table is
+  scattered to the columns the sorted low words name: p[i, col(i, r)] = table[r]. The keys are
+  written in one strided pass from x's bits (no |x|, no shifts); the rank scatter, int64 rank
+  tensor and its float conversion of the previous kernel (``row_rank.row_ranks``) are gone.
+* the draws are taken block by block from ``gen`` in flat order (the same numbers as one
+  full-size draw) and the mask is the sign bit of u - p (:func:`.dare_drop.keep_below_`).
+* the sort is most of the time (~0.2 s of ~0.45 s for 4096 x 4096 on one core; the draws
+  ~0.08 s). Sorting the next blocks on a second thread (numpy's sort releases the GIL) was
+  measured at no gain on the shared 2-core machine (load 5-6) and is not done.
+
+Bit-equal to the plain form (tests/test_kernels.py).
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ._chunks import chunk_len
+from .dare_drop import keep_below_
+
+_HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)  # int32 words of an int64 key
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether :func:`della_drop_` takes ``x`` ((A, L, R)): contiguous float32 on the CPU, rows
+    shorter than 2**31 (the column is an int32 word of the key)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.shape[1] < 2 ** 31
+
+
+def sorted_keys(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Each row's keys (|x| bit pattern << 32 | column) sorted ascending, as an int64 (rows, L)
+    view of ``out`` (an int32 (rows, L, 2) buffer); ``bits`` the (rows, L) int32 bit patterns
+    of x (any strides)."""
+    rows, L = bits.shape
+    np.bitwise_and(bits, 0x7FFFFFFF, out=out[:, :, _HI])
+    out[:, :, _LO] = np.arange(L, dtype=np.int32)
+    keys = out.view(np.int64).reshape(rows, L)
+    keys.sort(axis=1)
+    return keys
+
+
+def rank_lookup(keys: np.ndarray, table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i, c] = table[rank of column c in row i], from :func:`sorted_keys`'s result (consumed:
+    its words become int64 column indices)."""
+    cols = torch.from_numpy(keys).bitwise_and_(0xFFFFFFFF)
+    return out.scatter_(1, cols, table.expand_as(out))
+
+
+def della_drop_(x: torch.Tensor, table: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Keep each entry of x (viewed as (A, L, R), ranks along L; :func:`applies`) iff its draw
+    from ``gen`` is < table[its rank in its row]; in place, returns x. ``table``: float32 (L,)."""
+    A, L, R = x.shape
+    rows = min(A, max(1, chunk_len(x) // max(L * R, 1)))
+    xi = x.view(torch.int32).numpy().transpose(0, 2, 1)  # (A, R, L): one key row per (a, r)
+    key_buf = np.empty((rows * R, L, 2), dtype=np.int32)
+    u_buf = torch.empty((rows, L, R), dtype=torch.float32)
+    p_buf = torch.empty((rows * R, L), dtype=torch.float32)
+    for a in range(0, A, rows):
+        blk = x[a:a + rows]
+        b = blk.shape[0]
+        keys = sorted_keys(xi[a:a + rows].reshape(-1, L), key_buf[:b * R])  # a copy only when R > 1
+        p = rank_lookup(keys, table, p_buf[:b * R]).view(b, R, L).transpose(1, 2)
+        u = torch.rand(blk.shape, generator=gen, dtype=torch.float32, out=u_buf[:b])
+        keep_below_(blk, u, p)
+    return x
