@@ -14,6 +14,14 @@ CLI invocation pays.
     python benchmarks/bench_merge.py --small         # tiny checkpoints, for debugging the script
     python benchmarks/bench_merge.py --methods linear ties --repeat 5
     python benchmarks/bench_merge.py --against ../old-checkout   # before/after, same rounds
+    python benchmarks/bench_merge.py --mergekit-venv DIR --methods linear slerp ties  # vs mergekit-yaml
+
+With ``--mergekit-venv`` every round also runs mergekit's ``DIR/bin/mergekit-yaml RECIPE OUT`` (CPU,
+``--lazy-unpickle --random-seed 0 --quiet``) on the same recipe file for each method mergekit
+registers, alternating the order with ours, timed the same way; after the first round both outputs
+are compared on a few tensors (max relative difference, and the difference relative to the merged
+change from the base; kept fraction and L1 for the random methods). ``--models DIR`` reads the
+checkpoints from another work tree (read-only) so outputs and recipes stay under ``--work``.
 
 Results go to ``benchmarks/results_merge.md`` (or ``--results``) and are printed.
 """
@@ -35,6 +43,56 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "magmax", "widen"]
 OPTIONAL_METHODS = {"magmax", "widen"}  # run only if `merge methods` lists them
+TASKS = ("task_a", "task_b", "task_c")
+# Methods whose masks are random: their outputs are compared by statistics, not values.
+RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
+
+# Benchmark recipes: name -> (merge_method, base_model?, [(model, per-model parameters)], method
+# parameters). No `dtype:`: a recipe's dtype rounds the inputs and sets the output dtype (mergekit's
+# rule), and without it the output stays bf16 like the inputs. Names not listed here get the
+# generic recipe (base + the three tasks, default parameters).
+_W = "weight: 1.0"
+_SPARSE = "weight: 1.0, density: 0.5"
+RECIPES: dict[str, tuple[str, bool, list[tuple[str, str]], str]] = {
+    "linear": ("linear", False, [(t, _W) for t in TASKS], ""),
+    # linear over the same two models slerp interpolates between (slerp's target reference)
+    "linear_2": ("linear", False, [("base", _W), ("task_a", _W)], ""),
+    "task_arithmetic": ("task_arithmetic", True, [(t, _W) for t in TASKS], "lambda: 1.0"),
+    "ties": ("ties", True, [(t, _SPARSE) for t in TASKS], "lambda: 1.0"),
+    "dare_ties": ("dare_ties", True, [(t, _SPARSE) for t in TASKS], "lambda: 1.0"),
+    "dare_linear": ("dare_linear", True, [(t, _SPARSE) for t in TASKS], "lambda: 1.0"),
+    "breadcrumbs": ("breadcrumbs", True, [(t, _SPARSE + ", gamma: 0.01") for t in TASKS], "lambda: 1.0"),
+    "breadcrumbs_ties": ("breadcrumbs_ties", True, [(t, _SPARSE + ", gamma: 0.01") for t in TASKS],
+                         "lambda: 1.0"),
+    "della": ("della", True, [(t, _SPARSE + ", epsilon: 0.1") for t in TASKS], "lambda: 1.0"),
+    "della_linear": ("della_linear", True, [(t, _SPARSE + ", epsilon: 0.1") for t in TASKS], "lambda: 1.0"),
+    "sce": ("sce", True, [(t, "") for t in TASKS], "select_topk: 0.5"),
+    "model_stock": ("model_stock", True, [(t, "") for t in TASKS], ""),
+    # two-model methods: the base and task_a (the base listed as a model too, mergekit's idiom)
+    "slerp": ("slerp", True, [("base", ""), ("task_a", "")], "t: 0.5"),
+    "nearswap": ("nearswap", True, [("base", ""), ("task_a", "")], "t: 0.01"),
+    "nuslerp": ("nuslerp", False, [("task_a", _W), ("task_b", _W)], ""),
+    "multislerp": ("multislerp", False, [(t, _W) for t in TASKS], ""),
+    "karcher": ("karcher", False, [(t, "") for t in TASKS], "max_iter: 10, tol: 1.0e-5"),
+    "passthrough": ("passthrough", False, [("task_a", "")], ""),
+    "arcee_fusion": ("arcee_fusion", True, [("task_a", "")], ""),
+    "ram": ("ram", True, [(t, "") for t in TASKS], ""),
+    "ramplus_tl": ("ramplus_tl", True, [(t, "") for t in TASKS], ""),
+}
+
+# What mergekit 0.1.5 computes in when the recipe has no dtype (read from its source; inputs bf16).
+# Ours always computes in float32 (`compute_dtype`, default float32) and rounds once to bf16.
+MERGEKIT_COMPUTE = {
+    "linear": "fp32 accumulate",
+    "slerp": "fp32 (chunks upcast)",
+    "karcher": "bf16 (norms fp32)",
+    "ties": "bf16 (top-k ranking fp32)",
+    "breadcrumbs": "bf16 (ranking fp32)",
+    "breadcrumbs_ties": "bf16 (ranking fp32)",
+    "della": "bf16", "della_linear": "bf16", "dare_ties": "bf16", "dare_linear": "bf16",
+    "task_arithmetic": "bf16", "sce": "bf16", "model_stock": "bf16", "nuslerp": "bf16",
+    "nearswap": "bf16", "multislerp": "bf16", "ram": "bf16", "ramplus_tl": "bf16",
+}
 
 FULL = dict(hidden=1024, layers=16, vocab=32000, intermediate=2816)
 SMALL = dict(hidden=256, layers=2, vocab=4096, intermediate=704)
@@ -92,24 +150,28 @@ def build_checkpoints(root: Path, dims: dict, rebuild: bool) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- recipes
 
-def recipe_text(method: str, paths: dict[str, Path], out: Path) -> str:
-    models = [paths[n] for n in ("task_a", "task_b", "task_c")]
-    lines = [f"merge_method: {method}"]
-    if method != "linear":
+def recipe_text(method: str, paths: dict[str, Path], out: Path, dtype: str | None = None) -> str:
+    merge_method, with_base, models, params = RECIPES.get(
+        method, (method, True, [(t, "") for t in TASKS], ""))
+    lines = [f"merge_method: {merge_method}"]
+    if with_base:
         lines.append(f"base_model: {json.dumps(str(paths['base']))}")
     lines.append("models:")
-    for m in models:
-        lines.append(f"  - model: {json.dumps(str(m))}")
-        if method in ("ties", "dare_ties"):
-            lines.append("    parameters: {weight: 1.0, density: 0.5}")
-        elif method in ("linear", "task_arithmetic"):
-            lines.append("    parameters: {weight: 1.0}")
-    if method in ("task_arithmetic", "ties", "dare_ties"):
-        lines.append("parameters: {lambda: 1.0}")
-    lines.append("dtype: float32")
+    for name, mparams in models:
+        lines.append(f"  - model: {json.dumps(str(paths[name]))}")
+        if mparams:
+            lines.append(f"    parameters: {{{mparams}}}")
+    if params:
+        lines.append(f"parameters: {{{params}}}")
+    if dtype:
+        lines.append(f"dtype: {dtype}")
     lines.append("output:")
     lines.append(f"  path: {json.dumps(str(out))}")
     return "\n".join(lines) + "\n"
+
+
+def merge_method_of(method: str) -> str:
+    return RECIPES.get(method, (method,))[0]
 
 
 def available_methods(merge_cmd: list[str]) -> set[str] | None:
@@ -129,6 +191,142 @@ def available_methods(merge_cmd: list[str]) -> set[str] | None:
     return names
 
 
+def mergekit_methods(venv: Path) -> set[str] | None:
+    """Merge method names mergekit's registry holds (None if it cannot be asked)."""
+    code = ("from mergekit.merge_methods.registry import registered_methods as r; "
+            "print('\\n'.join(m.spec.name for m in r()))")
+    try:
+        r = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                           timeout=300, env=_mergekit_env())
+    except Exception:
+        return None
+    if r.returncode != 0:
+        return None
+    return {line.strip() for line in r.stdout.splitlines() if line.strip()}
+
+
+def _mergekit_env() -> dict:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def mergekit_version(venv: Path) -> str:
+    try:
+        r = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "from importlib.metadata import version as v; print(v('mergekit'), v('torch'))"],
+                           capture_output=True, text=True, timeout=120, env=_mergekit_env())
+        mk, tv = r.stdout.split()
+        return f"mergekit {mk}, torch {tv}"
+    except Exception:
+        return "mergekit (version unknown)"
+
+
+# --------------------------------------------------------------------------- comparing outputs
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    files = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                files[k] = f
+    return files
+
+
+def _read(files: dict[str, Path], name: str):
+    from safetensors import safe_open
+
+    with safe_open(str(files[name]), framework="pt") as h:
+        return h.get_tensor(name)
+
+
+def _ulp(x, dtype):
+    """One unit in the last place of |x| in ``dtype`` (bf16: 8 significant bits, fp16 11, fp32 24)."""
+    import torch
+
+    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
+    e = torch.floor(torch.log2(x.abs().clamp(min=torch.finfo(dtype).tiny)))
+    return torch.pow(2.0, e - (bits - 1))
+
+
+def compare_outputs(mk: Path, ours: Path, base: Path, layers: int, random: bool) -> dict:
+    """Both tools' outputs on a few tensors (embeddings, first/middle layer projections, a norm,
+    the final norm, the head), plus tensor names over the whole output:
+
+    - rel: max over tensors of max|ours - mk| / max|mk| (the mergekit_compat measure);
+    - ulp: fraction of elements where |ours - mk| exceeds one ulp of the coarser output dtype
+      (so rounding the same value differently does not count, a different choice does);
+    - rel_delta: ||ours - mk|| / ||mk - base||, pooled over the tensors: the difference against
+      the merged change itself;
+    - random methods: the fraction of elements moved off the base, each tool, and the L1 of the
+      change, ours / mk (values cannot match: the masks come from different generators).
+    """
+    import torch
+
+    fa, fb, fr = _tensor_files(mk), _tensor_files(ours), _tensor_files(base)
+    res = {"names_equal": set(fa) == set(fb)}
+    picks = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+             f"model.layers.{layers // 2}.mlp.down_proj.weight",
+             f"model.layers.{layers - 1}.post_attention_layernorm.weight", "model.norm.weight",
+             "lm_head.weight"]
+    picks = [n for n in picks if n in fa and n in fb]
+    res["tensors"] = len(picks)
+    dtypes_mk, dtypes_ours = set(), set()
+    rel, beyond, count, diff2, change2 = 0.0, 0, 0, 0.0, 0.0
+    moved = {"mk": [0, 0, 0.0], "ours": [0, 0, 0.0]}
+    for n in picks:
+        a, b = _read(fa, n), _read(fb, n)
+        dtypes_mk.add(str(a.dtype).replace("torch.", ""))
+        dtypes_ours.add(str(b.dtype).replace("torch.", ""))
+        if a.shape != b.shape:
+            res["shape_mismatch"] = n
+            continue
+        coarse = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
+        a, b = a.double(), b.double()
+        d = (a - b).abs()
+        rel = max(rel, float(d.max()) / max(float(a.abs().max()), 1e-30))
+        beyond += int((d > _ulp(torch.maximum(a.abs(), b.abs()), coarse)).sum())
+        count += d.numel()
+        r = _read(fr, n).double() if n in fr else None
+        if r is not None and r.shape == a.shape:
+            diff2 += float(d.square().sum())
+            change2 += float((a - r).square().sum())
+            if random:
+                for key, x in (("mk", a), ("ours", b)):
+                    dx = x - r
+                    moved[key][0] += int((dx != 0).sum())
+                    moved[key][1] += dx.numel()
+                    moved[key][2] += float(dx.abs().sum())
+    res.update(rel=rel, ulp=beyond / max(count, 1), rel_delta=(diff2 / change2) ** 0.5 if change2 else float("nan"),
+               dtype_mk="/".join(sorted(dtypes_mk)), dtype_ours="/".join(sorted(dtypes_ours)))
+    if random and moved["mk"][1]:
+        res["kept_mk"] = moved["mk"][0] / moved["mk"][1]
+        res["kept_ours"] = moved["ours"][0] / moved["ours"][1]
+        res["l1_ratio"] = moved["ours"][2] / moved["mk"][2] if moved["mk"][2] else float("inf")
+    return res
+
+
+def _agreement_cell(c: dict | None) -> str:
+    if not c:
+        return "not compared"
+    if "error" in c:
+        return "compare failed: " + c["error"]
+    notes = []
+    if not c.get("names_equal", True):
+        notes.append("tensor names differ")
+    if c.get("shape_mismatch"):
+        notes.append(f"shape differs at {c['shape_mismatch']}")
+    if "kept_mk" in c:
+        main = (f"random masks: kept {c['kept_ours']:.3f} ours vs {c['kept_mk']:.3f} mk, "
+                f"L1 of change ours/mk {c['l1_ratio']:.3f}")
+    else:
+        main = (f"max rel {c['rel']:.1e}; {100 * c['ulp']:.2g} % of elements > 1 ulp apart; "
+                f"‖ours − mk‖/‖mk − base‖ {c['rel_delta']:.2g}")
+    return "; ".join([main] + notes)
+
+
 # --------------------------------------------------------------------------- timing
 
 # Runs in a fresh, lean interpreter (``python -I -S``): on Linux a child's ru_maxrss starts from the
@@ -136,25 +334,30 @@ def available_methods(merge_cmd: list[str]) -> set[str] | None:
 # merge from this script -- which imported torch and built GiB-sized checkpoints -- would report
 # this script's peak instead of the merge's. The wrapper's own peak is ~10 MiB.
 _WRAPPER = r"""
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, threading, time
 t0 = time.perf_counter()
-p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+p = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+timer = threading.Timer(float(sys.argv[1]), p.kill)
+timer.start()
 err = p.stderr.read()
 _, status, ru = os.wait4(p.pid, 0)
 wall = time.perf_counter() - t0
+timer.cancel()
 tail = err.decode(errors="replace").strip().splitlines()
 print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall,
                   "maxrss_kib": ru.ru_maxrss, "tail": tail[-1] if tail else ""}))
 """
 
 
-def run_child(cmd: list[str], env: dict | None = None) -> tuple[int, float, float, str]:
+def run_child(cmd: list[str], env: dict | None = None, timeout: float = 1e9) -> tuple[int, float, float, str]:
     """Run ``cmd``; return (exit code, wall seconds, this child's peak RSS in GiB, last stderr line).
 
     ``os.wait4`` in the lean wrapper gives the rusage of exactly that one child (ru_maxrss in KiB
     on Linux), unlike ``RUSAGE_CHILDREN``, which is a maximum over all children reaped so far.
+    The child is killed after ``timeout`` seconds (exit -9).
     """
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, str(timeout), *cmd], capture_output=True,
+                       text=True, env=env)
     if r.returncode != 0:
         return r.returncode, float("nan"), float("nan"), "wrapper failed: " + r.stderr.strip()[-200:]
     res = json.loads(r.stdout)
@@ -204,6 +407,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", type=Path, default=None,
                     help="another checkout of this project (e.g. a git worktree of an earlier commit): each round "
                     "also runs every method with that code, in alternating order, and the results compare the two")
+    ap.add_argument("--mergekit-venv", type=Path, default=None,
+                    help="a venv with mergekit installed: each round also runs its bin/mergekit-yaml on the same "
+                    "recipe for every method mergekit has, in alternating order; outputs compared once")
+    ap.add_argument("--models", type=Path, default=None,
+                    help="read the checkpoints from this directory (a models/ folder built by this script; never "
+                    "written) instead of <work>/<size>/models")
+    ap.add_argument("--recipe-dtype", default=None,
+                    help="add `dtype: X` to every recipe (e.g. float32: both tools then compute and write float32; "
+                    "for an agreement check that bf16 arithmetic does not blur)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: start no further round when the last round's time would take the run past this "
+                    "(the results say how many rounds ran)")
+    ap.add_argument("--keep", action="store_true", help="keep the last round's outputs (<work>/<size>/out/)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is killed (default 900)")
     args = ap.parse_args(argv)
 
     from importlib.metadata import version
@@ -215,7 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work / size
     results = args.results or (args.work / "results_merge_small.md" if args.small else HERE / "results_merge.md")
     load_before = load1()
-    paths = build_checkpoints(work / "models", dims, args.rebuild)
+    if args.models is not None:
+        models_dir = args.models.resolve()
+        paths = {"base": models_dir / "base", **{n: models_dir / n for n in TASKS}}
+        missing = [str(p) for p in paths.values() if not (p / "config.json").is_file()]
+        if missing:
+            ap.error(f"--models {models_dir}: no checkpoint at {', '.join(missing)}")
+        print(f"reading checkpoints from {models_dir} (--models)", flush=True)
+    else:
+        paths = build_checkpoints(work / "models", dims, args.rebuild)
     from mergekit_ortho.testing.checkpoints import llama_shapes
     params = n_params(llama_shapes(dims["hidden"], dims["layers"], dims["vocab"], dims["intermediate"]))
 
@@ -228,12 +453,25 @@ def main(argv: list[str] | None = None) -> int:
     listed = available_methods(merge_cmd)
     print(f"merge command: {' '.join(merge_cmd)}; methods listed: "
           f"{', '.join(sorted(listed)) if listed else '(could not list)'}", flush=True)
+    mk_exe, mk_listed, mk_info = None, None, ""
+    if args.mergekit_venv is not None:
+        venv = args.mergekit_venv.resolve()
+        mk_exe = venv / "bin" / "mergekit-yaml"
+        if not mk_exe.is_file():
+            ap.error(f"--mergekit-venv {venv}: no bin/mergekit-yaml")
+        mk_listed = mergekit_methods(venv)
+        mk_info = mergekit_version(venv)
+        print(f"{mk_info} at {mk_exe}; methods: {', '.join(sorted(mk_listed)) if mk_listed else '(could not list)'}",
+              flush=True)
+    mk_flags = ["--lazy-unpickle", "--random-seed", "0", "--quiet"]
 
     rows: dict[str, dict] = {}
     loads = [load_before]
     recipes: dict[str, tuple[Path, Path]] = {}
+    tools_of: dict[str, list[str]] = {}
     for method in args.methods:
-        if listed is not None and method not in listed:
+        mm = merge_method_of(method)
+        if listed is not None and mm not in listed:
             if method in OPTIONAL_METHODS:
                 rows[method] = {"skip": "not listed by `merge methods` (not implemented yet)"}
                 print(f"{method}: skipped (not listed by `merge methods`)", flush=True)
@@ -242,52 +480,164 @@ def main(argv: list[str] | None = None) -> int:
         rdir.mkdir(parents=True, exist_ok=True)
         out = work / "out" / method
         recipe = rdir / f"{method}.yaml"
-        recipe.write_text(recipe_text(method, paths, out))
+        recipe.write_text(recipe_text(method, paths, out / "this", args.recipe_dtype))
         recipes[method] = (recipe, out)
-        rows[method] = {"walls": [], "rsss": [], "error": "", "against": {"walls": [], "rsss": []}}
+        rows[method] = {"walls": [], "rsss": [], "error": "", "against": {"walls": [], "rsss": []},
+                        "mergekit": {"walls": [], "rsss": [], "error": "", "compare": None}}
+        tools_of[method] = list(envs)
+        if mk_exe is not None:
+            if mk_listed is None or mm in mk_listed:
+                tools_of[method].append("mergekit")
+            else:
+                rows[method]["mergekit"]["error"] = "mergekit has no such method"
 
     # Round-robin: every round runs the bare start-up and then each method once, so a drift in
     # the machine's speed (shared cores) touches all of them alike. Outputs are removed before
     # each run, untimed: the timed command writes a fresh output, as a user's first run does.
     imp = []
+    round_loads = []
+    t_start = time.perf_counter()
+    rounds_done = 0
     for i in range(args.repeat):
+        t_round = time.perf_counter()
+        round_load = [os.getloadavg()]
         rc, wall, rss, _ = run_child([sys.executable, "-c", "import torch"])  # the floor of any `merge`
         imp.append((wall, rss))
         for method, (recipe, out) in recipes.items():
             row = rows[method]
             if row["error"]:
                 continue
-            # alternate which code goes first, so neither always runs on a warmer page cache
-            for which in (list(envs) if i % 2 == 0 else list(envs)[::-1]):
-                shutil.rmtree(out, ignore_errors=True)
+            tools = tools_of[method]
+            # alternate which tool goes first, so neither always runs on a warmer page cache
+            for which in (tools if i % 2 == 0 else tools[::-1]):
+                mk = row["mergekit"]
+                if which == "mergekit" and mk["error"]:
+                    continue
+                dest_dir = out / which
+                shutil.rmtree(dest_dir, ignore_errors=True)
                 loads.append(load1())
-                rc, wall, rss, tail = run_child(merge_cmd + ["-q", "run", str(recipe), "--out", str(out)],
-                                                envs[which])
+                if which == "mergekit":
+                    cmd, env = [str(mk_exe), str(recipe), str(dest_dir), *mk_flags], _mergekit_env()
+                else:
+                    cmd, env = merge_cmd + ["-q", "run", str(recipe), "--out", str(dest_dir)], envs[which]
+                rc, wall, rss, tail = run_child(cmd, env, args.timeout)
                 if rc != 0:
-                    row["error"] = f"{which} exit {rc}: {tail}"
-                    print(f"{method}: FAILED ({row['error']})", flush=True)
-                    break
-                dest = row if which == "this" else row["against"]
+                    err = f"exit {rc}{' (timed out)' if rc == -9 else ''}: {tail}"
+                    if which == "mergekit":
+                        mk["error"] = err
+                    else:
+                        row["error"] = f"{which} {err}"
+                    print(f"{method} ({which}): FAILED ({err})", flush=True)
+                    if which != "mergekit":
+                        break
+                    continue
+                dest = row if which == "this" else row[which]
                 dest["walls"].append(wall)
                 dest["rsss"].append(rss)
                 print(f"round {i + 1}/{args.repeat} {method} ({which}): {wall:.2f} s, peak RSS {rss:.3f} GiB",
                       flush=True)
+            mk = row["mergekit"]
+            if "mergekit" in tools and mk["compare"] is None and not mk["error"] and not row["error"]:
+                try:  # once, on the first round both tools finished
+                    mk["compare"] = compare_outputs(out / "mergekit", out / "this", paths["base"], dims["layers"],
+                                                    merge_method_of(method) in RANDOM_METHODS)
+                except Exception as e:  # a measurement: record and go on
+                    mk["compare"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                print(f"{method}: agreement {_agreement_cell(mk['compare'])}", flush=True)
+        round_load.append(os.getloadavg())
+        round_load.append(time.perf_counter() - t_round)
+        round_loads.append(round_load)
+        rounds_done = i + 1
+        print(f"round {i + 1}: {round_load[2]:.0f} s; load average (1, 5, 15 min) at start "
+              f"{_fmt_load(round_load[0])}, at end {_fmt_load(round_load[1])}", flush=True)
+        elapsed = time.perf_counter() - t_start
+        if args.budget is not None and i + 1 < args.repeat and elapsed + round_load[2] > args.budget:
+            print(f"stopping after {i + 1} of {args.repeat} rounds: {elapsed:.0f} s spent, another round "
+                  f"(~{round_load[2]:.0f} s) would pass --budget {args.budget:.0f} s", flush=True)
+            break
     for _, out in recipes.values():
-        shutil.rmtree(out, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
     import_wall = statistics.median(w for w, _ in imp)
     import_rss = max(r for _, r in imp)
     print(f"python -c 'import torch': median {import_wall:.2f} s, peak RSS {import_rss:.3f} GiB", flush=True)
     loads.append(load1())
 
-    md = render(rows, dims, params, import_wall, import_rss, args.repeat, (load_before, max(loads)), merge_cmd,
+    md = render(rows, dims, params, import_wall, import_rss, rounds_done, (load_before, max(loads)), merge_cmd,
                 torch_version, size)
+    if args.recipe_dtype:
+        md = md.replace("## Results\n", f"## Results\n\n**Every recipe here has `dtype: {args.recipe_dtype}`** (inputs "
+                        f"rounded to it, output written in it, mergekit computing in it).\n", 1)
+    md += render_loads(round_loads, args.repeat)
     if args.against is not None:
         md += render_against(rows, args.against)
+    if mk_exe is not None:
+        md += render_mergekit(rows, mk_info, mk_flags)
     results.write_text(md)
     print()
     print(md)
     print(f"(written to {results})")
     return 0
+
+
+def _fmt_load(t) -> str:
+    return ", ".join(f"{x:.2f}" for x in t)
+
+
+def render_loads(round_loads, requested: int) -> str:
+    out = ["", "## Load average per round\n",
+           f"{len(round_loads)} of {requested} requested rounds ran. `os.getloadavg()` (1, 5, 15 min) at the start "
+           "and end of each round; the benchmark's own child runs up to 2 threads on this machine, the rest is "
+           "other work.\n",
+           "| round | seconds | load at start | load at end |", "|---:|---:|---|---|"]
+    for i, (a, b, t) in enumerate(round_loads):
+        out.append(f"| {i + 1} | {t:.0f} | {_fmt_load(a)} | {_fmt_load(b)} |")
+    return "\n".join(out) + "\n"
+
+
+def render_mergekit(rows, mk_info: str, mk_flags: list[str]) -> str:
+    """Ours against mergekit-yaml on the same recipe files, in the same rounds."""
+    out = ["", f"## Against mergekit-yaml ({mk_info})\n",
+           f"`mergekit-yaml RECIPE OUT {' '.join(mk_flags)}` (CPU) on the same recipe file as ours, in the same "
+           "rounds, alternating which tool runs first; wall = median, RSS = max of the child's own ru_maxrss; "
+           "ratio = median over rounds of mergekit wall / ours. Compute dtype: ours float32 for every method "
+           "(inputs upcast, one rounding to bf16 at the end); mergekit's as in the column (its code, with no "
+           "`dtype:` in the recipe, works on the stored bf16 tensors). Agreement (first round's outputs, a few "
+           "tensors: embeddings, layer-0 q_proj, a middle down_proj, the last post-attention norm, the final "
+           "norm, lm_head): max rel = max|ours − mk| / max|mk|; the share of elements more than one ulp of "
+           "the coarser output dtype apart (a different choice, not a different rounding); and "
+           "‖ours − mk‖ / ‖mk − base‖ pooled over those tensors, the difference against the merged change "
+           "itself (task-vector entries have std 0.01 against weights of std 0.03 and norms of 1.0, so one "
+           "bf16 ulp of a weight is ~1 % of a task-vector entry and of a norm ~80 %). Random methods "
+           "(dare_*, della*) are compared by statistics: the share of elements moved off the base and the "
+           "L1 of the change.\n",
+           "| method | ours s | mergekit s | ratio mk/ours | ours RSS GiB | mergekit RSS GiB | mergekit computes in "
+           "| output dtype ours / mk | agreement |",
+           "|---|---:|---:|---:|---:|---:|---|---|---|"]
+    for m, r in rows.items():
+        if r.get("skip"):
+            continue
+        mk = r.get("mergekit") or {}
+        mm = merge_method_of(m)
+        label = m if m == mm else f"{m} (`{mm}`)"
+        ours_w = f"{statistics.median(r['walls']):.2f}" if r.get("walls") else "—"
+        ours_r = f"{max(r['rsss']):.3f}" if r.get("rsss") else "—"
+        if r.get("error"):
+            ours_w = f"FAILED: `{r['error'].replace('|', '/')[:120]}`"
+        if mk.get("walls"):
+            mk_w, mk_r = f"{statistics.median(mk['walls']):.2f}", f"{max(mk['rsss']):.3f}"
+            pairs = list(zip(r["walls"], mk["walls"]))
+            ratio = f"{statistics.median(y / x for x, y in pairs):.2f}×" if pairs else "—"
+        else:
+            mk_w, mk_r, ratio = "—", "—", "—"
+        if mk.get("error"):
+            mk_w = f"{mk_w} (FAILED: `{mk['error'].replace('|', '/')[:120]}`)" if mk.get("walls") else \
+                f"FAILED: `{mk['error'].replace('|', '/')[:120]}`"
+        c = mk.get("compare") or {}
+        dt = f"{c['dtype_ours']} / {c['dtype_mk']}" if "dtype_ours" in c else "—"
+        out.append(f"| {label} | {ours_w} | {mk_w} | {ratio} | {ours_r} | {mk_r} | {MERGEKIT_COMPUTE.get(mm, '?')} "
+                   f"| {dt} | {_agreement_cell(mk.get('compare'))} |")
+    return "\n".join(out) + "\n"
 
 
 def render_against(rows, against: Path) -> str:
@@ -349,8 +699,12 @@ def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd,
                f"vocab {dims['vocab']}, intermediate {dims['intermediate']}: **{params:,} parameters** "
                f"per model, bf16, 3 safetensors shards ({params * 2 / 2**20:.0f} MiB per model); "
                "task models = base + 0.01·N(0,1) noise")
-    out.append("- recipes: compute dtype float32, output dtype = base's (bf16); ties/dare_ties density 0.5; "
-               "linear without base_model; other methods use their defaults")
+    out.append("- recipes (`RECIPES` in the script; no `dtype:`, so outputs stay bf16 like the inputs; ours "
+               "computes in float32): linear = 3 tasks, weight 1, no base_model; linear_2 = base + task_a; "
+               "task_arithmetic/ties/dare_* λ 1, density 0.5; della* density 0.5, ε 0.1; breadcrumbs* density "
+               "0.5, γ 0.01; sce select_topk 0.5; model_stock and ram* base + 3 tasks; slerp (t 0.5) and "
+               "nearswap (t 0.01) base + task_a; nuslerp task_a + task_b, weights 1, no base; karcher and "
+               "multislerp the 3 tasks, no base; others base + 3 tasks at their defaults")
     out.append(f"- command: `{Path(merge_cmd[-1]).name} -q run RECIPE --out OUT` as a child "
                f"process (OUT removed, untimed, before each run), {repeat} rounds over all methods "
                "(round-robin, so a drift in machine speed touches every method alike) and the bare "
@@ -389,6 +743,19 @@ def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd,
         if t:
             checks.append(("ties wall ≤ 2× linear", t[0] / lin[0] <= TARGET_TIES_WALL_RATIO,
                            f"{t[0] / lin[0]:.2f}×"))
+        ref2 = stats("linear_2") or lin
+        s = stats("slerp")
+        if s:
+            which = "linear_2 (base + task_a)" if stats("linear_2") else "linear (3 models)"
+            checks.append((f"slerp (2 models) wall ≤ {which} wall", s[0] <= ref2[0],
+                           f"{s[0]:.2f} s vs {ref2[0]:.2f} s ({s[0] / ref2[0]:.2f}×)"))
+        s = stats("model_stock")
+        if s:
+            checks.append(("model_stock wall ≤ 1.3× linear", s[0] / lin[0] <= 1.3, f"{s[0] / lin[0]:.2f}×"))
+        for m in ("della", "sce"):
+            s = stats(m)
+            if s and t:
+                checks.append((f"{m} wall ≤ ties", s[0] <= t[0], f"{s[0] / t[0]:.2f}× ties"))
         for m in ("magmax", "widen"):
             s = stats(m)
             if s:
