@@ -21,7 +21,7 @@ from .errors import UserError
 from .ops import registry
 from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
                        _unique_label, check_model_count, open_source, output_dtype, promoted, resolve_items,
-                       tokenizer_donor, vocabulary_for, load_dtype, TIED_HEADS, VOCABULARY_TENSORS)
+                       tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS, VOCABULARY_TENSORS)
 from .writer import OutTensor, plan_shards
 
 __all__ = ["ItemParams", "ModelInput", "Plan", "PlanItem", "Source", "build_plan", "check_model_count",
@@ -139,8 +139,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                 tokenizer_dir=tokenizer_dir, item_params=item_params, config_updates=config_updates,
                 vocab=vocab, chat_template=chat_template)
     plan.notes += notes + _filter_notes(recipe, items, models)
-    plan.load_dtype = load_dtype(recipe)
-    plan.keep_config_dtype = output_dtype(recipe) is None
+    apply_recipe_dtypes(plan)
     if loras and dropped:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")

@@ -19,10 +19,10 @@ from typing import Any
 from . import recipe as recipe_mod
 from .dtypes import FP8, MERGEABLE
 from .errors import UserError
-from .layout import LayoutError, frankenmerge, output_layers
+from .layout import LayoutError, frankenmerge, layer_counts, output_layers
 from .ops import registry
 from .planning import (ModelInput, Plan, PlanItem, _plan_params, _same_ref, _shared_levels, check_model_count,
-                       load_dtype, open_source, output_dtype, promoted, resolve_items, tokenizer_donor)
+                       apply_recipe_dtypes, open_source, promoted, resolve_items, tokenizer_donor)
 from .writer import OutTensor, plan_shards
 
 
@@ -70,8 +70,6 @@ def slices_plan(recipe: recipe_mod.Recipe, op: registry.Operator, params: regist
             if src.layer_range is not None:
                 ranges.append(tuple(src.layer_range))
             else:
-                from .layout import layer_counts
-
                 counts = layer_counts(m.source.infos)
                 ranges.append((0, max(counts.values(), default=0)))
         n_models = len(members) - (1 if base_at is not None else 0)
@@ -142,8 +140,7 @@ def slices_plan(recipe: recipe_mod.Recipe, op: registry.Operator, params: regist
 
     names = set(items) | {n for m in opened.values() for n in m.source.infos}
     levels = [(w, mp) for w, mp, _ in recipe_mod.parameter_levels(recipe)]
-    plan.load_dtype = load_dtype(recipe)
-    plan.keep_config_dtype = output_dtype(recipe) is None
+    apply_recipe_dtypes(plan)
     from .settings import long_gradients
 
     span = max((b - a for s in slices for a, b in s["ranges"][:1]), default=0)

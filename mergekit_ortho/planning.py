@@ -317,13 +317,15 @@ def output_dtype(recipe: recipe_mod.Recipe) -> str | None:
     return canonical(recipe.dtype, "dtype") if recipe.dtype else None
 
 
-def load_dtype(recipe: recipe_mod.Recipe):
-    """The torch dtype inputs are rounded to on reading (a recipe's ``dtype``), else None."""
-    if not recipe.dtype:
-        return None
-    import torch
+def apply_recipe_dtypes(plan: Plan) -> None:
+    """mergekit's dtype rules on a plan built from a recipe: inputs rounded to its ``dtype`` when
+    read, and config.json's dtype left alone unless it sets ``dtype`` / ``out_dtype``."""
+    recipe = plan.recipe
+    if recipe.dtype:
+        import torch
 
-    return getattr(torch, canonical(recipe.dtype, "dtype"))
+        plan.load_dtype = getattr(torch, canonical(recipe.dtype, "dtype"))
+    plan.keep_config_dtype = output_dtype(recipe) is None
 
 
 def _shared_levels(recipe: recipe_mod.Recipe, slice_params: dict | None = None) -> list[dict]:
@@ -363,32 +365,29 @@ def check_model_count(op: registry.Operator, n: int, where: str) -> None:
                         f"gives {n}")
 
 
-def resolve_items(op: registry.Operator, wanted, t: dict[str, float] | list, shared: list[dict],
+def resolve_items(op: registry.Operator, wanted, t: dict[str, float], shared: list[dict],
                   model_levels: list[list[dict]], models: list[ModelInput]) -> dict[str, ItemParams]:
     """Each output item's parameters (mergekit M3/M4): ``wanted`` lists (item, output name, each
-    model's input name); ``t`` maps an item to its layer position (a list: 0 everywhere). Shared
+    model's input name); ``t`` maps an item to its layer position (0 when absent). Shared
     parameters match the output name, per-model ones the model's input name. Items with equal
     values share one ItemParams."""
     from .settings import is_constant, resolve
 
-    if all(is_constant(v) for lv in shared + [x for lvs in model_levels for x in lvs] for v in lv.values()):
-        t = {}  # one value everywhere: resolve once
+    settings = [*shared, *(lv for levels in model_levels for lv in levels)]
+    constant = all(is_constant(v) for lv in settings for v in lv.values())  # then resolve once
     cache: dict[tuple, ItemParams] = {}
     out: dict[str, ItemParams] = {}
     where = f"method '{op.name}'"
     try:
         for item, out_name, in_names in wanted:
-            ti = t.get(item, 0.0) if isinstance(t, dict) else 0.0
-            key = None
-            if not t:
-                key = ("const",)
-                if key in cache:
-                    out[item] = cache[key]
-                    continue
+            if constant and cache:
+                out[item] = next(iter(cache.values()))
+                continue
+            ti = t.get(item, 0.0)
             method = resolve(op.params, shared, out_name, ti, where)
             per_model = tuple(resolve(op.model_params, lv, n, ti, f"model '{m.label}'")
                               for lv, n, m in zip(model_levels, in_names, models))
-            key = key or (tuple(method.items()), tuple(tuple(p.items()) for p in per_model))
+            key = (tuple(method.items()), tuple(tuple(p.items()) for p in per_model))
             out[item] = cache.setdefault(key, ItemParams(method, per_model))
     except ValueError as e:
         raise UserError(str(e)) from None
