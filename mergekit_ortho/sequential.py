@@ -23,7 +23,7 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
 
     from . import sinks
     from .execute import Work, execute, full_sink, full_work, in_order
-    from .inputs import dense_task, model_tensor
+    from .inputs import dense_task, model_tensor, stored
     from .sources.checkpoint import CheckpointSource
     from .writer import OutTensor, plan_shards
 
@@ -37,12 +37,12 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
     def fold_all(name: str):
         shape = plan.items[name].shape
         (bm, bn), sources = plan.sources_of(name)
-        base = bm.source.get(bn).to(f32)
+        base = stored(bm, bn, plan.load_dtype).to(f32)
         task = dense_task(plan, name, base)
         task.dtype = f32
         state = fold.start(task)
         for i, (m, n) in enumerate(sources):
-            x = model_tensor(m, n, shape, base, plan.op.reads, f32)
+            x = model_tensor(m, n, shape, base, plan.op.reads, f32, load_dtype=plan.load_dtype)
             state, st = fold.step(state, x, i, task)
             del x
             acc = stats[i]
@@ -71,7 +71,7 @@ def run_sequential(plan, out: Path, *, on_tensor: Callable[[str, int], None] | N
             if plan.items[name].action == "copy":
                 return reference.source.get(name), None
             (bm, bn), _ = plan.sources_of(name)
-            b = bm.source.get(bn).to(f32)
+            b = stored(bm, bn, plan.load_dtype).to(f32)
             task = dense_task(plan, name, b)
             task.scalars = scalars
             return b + fold.finish(sums.get(name).to(f32), task), None

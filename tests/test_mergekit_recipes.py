@@ -459,3 +459,31 @@ def test_per_layer_lambda_serves_our_own_methods(cli, tmp_path, tiny_models, met
     assert torch.equal(runs["grad"][k0], base[k0].to(runs["grad"][k0].dtype))
     assert torch.equal(runs["grad"][k1], runs["one"][k1])
     assert not torch.equal(runs["grad"][k1], base[k1].to(runs["grad"][k1].dtype))
+
+
+def test_dtype_rounds_the_inputs_of_a_sequential_method_too(cli, tmp_path, tiny_models):
+    """opcm folds every model in one pass of its own (sequential.py): `dtype: bfloat16` over fp32
+    models must give what the same recipe gives on models stored in bf16 already."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from test_run import recipe_text
+
+    bf = {}
+    for k in ("base", "a", "b"):
+        d = tmp_path / f"bf16-{k}"
+        shutil.copytree(tiny_models[k], d)
+        f = d / "model.safetensors"
+        save_file({n: t.to(torch.bfloat16) for n, t in load_file(str(f)).items()}, str(f))
+        bf[k] = d
+    runs = {}
+    for tag, src in (("fp32", tiny_models), ("bf16", bf)):
+        r = write_recipe(tmp_path / f"{tag}.yaml", recipe_text([src["a"], src["b"]], "opcm", src["base"],
+                                                               extra="dtype: bfloat16\n"))
+        code, _, err = cli("run", r, "--out", tmp_path / tag)
+        assert code == 0, err
+        runs[tag] = load_dir(tmp_path / tag)
+    assert set(runs["fp32"]) == set(runs["bf16"])
+    for k, v in runs["fp32"].items():
+        assert torch.equal(v, runs["bf16"][k]), k
