@@ -480,7 +480,22 @@ def main() -> None:
     # 0.46 s passive). On idle cores SVDs are as fast; chunked elementwise methods (ties, dare) pay
     # ~10-15 % for the wake-ups. OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _latch_interrupts()
     app()
+
+
+def _latch_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also recorded, so that a commit point
+    refuses even when the exception was raised inside a finaliser and dropped by Python."""
+    import signal
+
+    from .writer import INTERRUPTED
+
+    def on_interrupt(signum, frame):
+        INTERRUPTED["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
 
 if __name__ == "__main__":

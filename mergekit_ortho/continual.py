@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .writer import fsync_path
+from .writer import fsync_path, refuse_if_interrupted
 
 # 2: a state of parts (``NAME#part`` tensors); one-tensor states are still written as version 1
 FORMAT_VERSION = 2
@@ -328,6 +328,7 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
                  "params": mparams, "t": t_new}
         data = dict(st.data)
         data.update(t=t_new, scalars=scalars, current=version, history=st.data["history"] + [entry])
+        refuse_if_interrupted()
         _write_json_atomic(root / STATE_FILE, data)  # the commit point
         _sweep(root, version)
         return entry

@@ -26,6 +26,17 @@ from .dtypes import TORCH_TO_ST, itemsize
 from .errors import UserError
 
 
+# Set by the CLI's SIGINT/SIGTERM handler. A KeyboardInterrupt raised inside a finaliser or a
+# callback is printed and dropped by Python ("Exception ignored in ..."), and the run would go on
+# to commit; every commit point checks this latch first, so an interrupted run never commits.
+INTERRUPTED = {"signal": None}
+
+
+def refuse_if_interrupted() -> None:
+    if INTERRUPTED["signal"] is not None:
+        raise KeyboardInterrupt
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -486,6 +497,7 @@ class AtomicDirectory:
         fsync_tree(self.tmp)
         if self.target.exists() and not (self.overwrite or self.force_replace):  # appeared while we worked
             raise UserError(f"output {self.target} appeared during the run; pass --overwrite to replace it")
+        refuse_if_interrupted()
         replace_atomically(self.tmp, self.target)
         self._committed = True
 
@@ -517,6 +529,9 @@ class AtomicFile:
             os.chmod(self.tmp, 0o666 & ~_umask())
             with open(self.tmp, "rb") as f:
                 os.fsync(f.fileno())
+            if INTERRUPTED["signal"] is not None:
+                self.tmp.unlink()
+                raise KeyboardInterrupt
             replace_atomically(self.tmp, self.target)
         elif self.tmp.exists():
             self.tmp.unlink()

@@ -350,3 +350,24 @@ def test_cast_check_leaves_non_finite_values_the_input_already_had():
     with pytest.raises(OutOfRange, match="'w'.*float16"):
         cast_checked(torch.tensor([1.0, 7e4]), torch.float16, "w")
     assert cast_checked(torch.tensor([1.0, 7e4]), torch.bfloat16, "w").isfinite().all()
+
+
+
+def test_a_latched_interrupt_stops_every_commit_point(tmp_path, monkeypatch):
+    # A KeyboardInterrupt raised inside a finaliser is dropped by Python and the run goes on; the
+    # CLI's handler also latches the signal, and no output may be committed after it.
+    monkeypatch.setitem(writer.INTERRUPTED, "signal", 2)
+    atomic = writer.AtomicDirectory(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic as tmp:
+            (tmp / "x.txt").write_text("x")
+            atomic.commit()
+    with pytest.raises(KeyboardInterrupt):
+        with writer.AtomicFile(tmp_path / "f.safetensors") as tmp:
+            tmp.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setitem(writer.INTERRUPTED, "signal", None)
+    with atomic as tmp:
+        (tmp / "x.txt").write_text("x")
+        atomic.commit()
+    assert (tmp_path / "out" / "x.txt").read_text() == "x"
