@@ -19,6 +19,7 @@ def describe(path: str) -> dict[str, Any]:
         return describe_lora(p)
     src = CheckpointSource(path, path)
     try:
+        model = _model_facts(src)
         dtypes = Counter()
         total = 0
         for info in src.infos.values():
@@ -35,9 +36,39 @@ def describe(path: str) -> dict[str, Any]:
             "bytes": total,
             "dtypes": dict(dtypes),
             "largest": [(k, list(v.shape), v.dtype) for k, v in largest],
+            **model,
         }
     finally:
         src.close()
+
+
+def _model_facts(src) -> dict[str, Any]:
+    """What the merge rules depend on: family (config.json), layer stacks, the vocabulary tensors
+    and their rows, whether the head is tied and whether it is stored, and any FP8 scheme."""
+    from .fp8 import dequantised
+    from .layout import layer_counts
+    from .planning import TIED_HEADS, VOCABULARY_TENSORS, _config_of
+
+    cfg = _config_of(src.directory) if src.directory is not None else {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    vocab = {k: src.infos[k].shape[0] for k in sorted(VOCABULARY_TENSORS) if k in src.infos}
+    heads_stored = [h for h in TIED_HEADS if h in src.infos]
+    tied = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+    try:
+        scheme = getattr(dequantised(src, cfg), "scheme", "")
+    except Exception as e:  # an FP8 file whose scales do not fit: say why instead of failing inspect
+        scheme = f"FP8, unreadable: {e}"
+    return {
+        "family": ", ".join(cfg.get("architectures") or []) or cfg.get("model_type") or "unknown (no config.json)",
+        "model_type": cfg.get("model_type"),
+        "layers": layer_counts(src.infos),
+        "config_layers": text.get("num_hidden_layers"),
+        "vocabulary_tensors": vocab,
+        "config_vocab_size": text.get("vocab_size"),
+        "tied_head": tied,
+        "head_stored": bool(heads_stored),
+        "quantisation": scheme,
+    }
 
 
 def describe_bundle(path) -> dict[str, Any]:
@@ -85,6 +116,13 @@ def render(info: dict[str, Any]) -> list[str]:
         lines.append(f"{info['path']}: full checkpoint ({info['format']}, {info['files']} file(s))")
         lines.append(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {info['bytes']:,}")
         lines.append("dtypes: " + ", ".join(f"{k} ({v:,} params)" for k, v in info["dtypes"].items()))
+        layers = ", ".join(f"{k}: {v}" for k, v in info["layers"].items()) or "none"
+        lines.append(f"family: {info['family']}   layers: {layers} (config: {info['config_layers']})")
+        vocab = ", ".join(f"{k} ({v} rows)" for k, v in info["vocabulary_tensors"].items()) or "none"
+        lines.append(f"vocabulary tensors: {vocab}   config vocab_size: {info['config_vocab_size']}")
+        lines.append(f"head: tied={info['tied_head']} stored={info['head_stored']}")
+        if info["quantisation"]:
+            lines.append(f"quantisation: {info['quantisation']} (read dequantised)")
         lines.append("largest tensors:")
         for name, shape, dtype in info["largest"]:
             lines.append(f"  {name}  {'x'.join(map(str, shape)) or 'scalar'}  {dtype}")

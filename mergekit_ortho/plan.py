@@ -116,6 +116,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if vocab is not None:
         config_updates["vocab_size"] = vocab.config_vocab_size
         notes += vocab.notes
+    notes += _fp8_notes(([base] if base else []) + models, config_updates)
     if loras:
         adapted = set().union(*(m.source.by_base for m in loras))
         dropped = sorted(k for k in adapted if items[k].action == "copy")
@@ -381,6 +382,22 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
                 + "; use checkpoints of the same architecture"
             )
     return items, config
+
+
+def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
+    """FP8 inputs are read dequantised (fp8.py): the output is not quantised, so its config drops
+    ``quantization_config``; say which inputs were dequantised and what was dropped."""
+    from .writer import REMOVE
+
+    notes = []
+    for m in inputs:
+        scheme = getattr(m.source, "scheme", "")
+        if scheme:
+            config_updates["quantization_config"] = REMOVE
+            dropped = getattr(m.source, "dropped", [])
+            notes.append(f"{m.label}: {scheme} read dequantised; the output is not quantised"
+                         + (f" ({len(dropped)} activation scale(s) dropped, e.g. '{dropped[0]}')" if dropped else ""))
+    return notes
 
 
 def _shape_message(name: str, reference: ModelInput, info, m: ModelInput, other) -> str:

@@ -276,7 +276,10 @@ def open_source(ref: str, label: str):
         require_regular(path, "checkpoint")
     if path.exists() and detect_lora(path):
         return LoraSource(path, label)
-    return CheckpointSource(ref, label)
+    from .fp8 import dequantised
+
+    source = CheckpointSource(ref, label)
+    return dequantised(source, _config_of(source.directory) if source.directory is not None else None)
 
 
 def _same_ref(a: str, b: str) -> bool:

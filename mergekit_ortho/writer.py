@@ -550,6 +550,9 @@ _MODEL_FILES = (
 TOKENIZER_FILES = tuple(n for n in _MODEL_FILES if n not in ("config.json", "preprocessor_config.json"))
 
 
+REMOVE = object()  # a config_updates value: the field is dropped from config.json
+
+
 def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None,
                      config_updates: dict | None = None, skip=()) -> list[str]:
     """Copy config/tokenizer/generation files from the donor; update the dtype in config.json and
@@ -578,7 +581,9 @@ def copy_model_files(donor: Path | None, out: Path, out_dtype: str | None,
                     cfg[k] = out_dtype
             for k, v in (config_updates or {}).items():
                 target = cfg.get("text_config") if k not in cfg and isinstance(cfg.get("text_config"), dict) else cfg
-                if callable(v):  # a rewrite of a field the donor has (a per-layer list), else nothing
+                if v is REMOVE:
+                    target.pop(k, None)
+                elif callable(v):  # a rewrite of a field the donor has (a per-layer list), else nothing
                     if k in target:
                         target[k] = v(target[k])
                 else:
