@@ -370,7 +370,7 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
         if sources is not None:
             item.sources, item.base_source = sources, base_src
         items[name] = item
-    if any(items[h].action == "merge" for h in heads):
+    if any(_head_differs_from_embeddings(items, h) for h in TIED_HEADS if h in items):
         config["tie_word_embeddings"] = False
     known = set(infos) | {e for es in TIED_HEADS.values() for e in es}
     for m in models:
@@ -382,6 +382,19 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
                 + "; use checkpoints of the same architecture"
             )
     return items, config
+
+
+def _head_differs_from_embeddings(items: dict[str, PlanItem], head: str) -> bool:
+    """Whether the written head can differ from the written embeddings, so that the output must
+    say untied (a tied config would make transformers use the embeddings and drop the head, or
+    refuse to tie them): some input contributes its embeddings as its head (it is tied and does
+    not store one), or the head is kept from the base while the embeddings are merged (``exclude:
+    lm_head`` on tied checkpoints)."""
+    it = items[head]
+    if it.action == "merge":
+        return it.sources is not None and (any(src != head for _, src in it.sources)
+                                           or (it.base_source is not None and it.base_source[1] != head))
+    return any(items[e].action == "merge" for e in TIED_HEADS[head] if e in items)
 
 
 def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
