@@ -17,6 +17,7 @@ from typing import Any
 
 from . import recipe as recipe_mod
 from .dtypes import FP8, MERGEABLE, canonical
+from .prefixes import RenamedSource
 from .errors import UserError
 from .ops import registry
 from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
@@ -71,6 +72,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         notes.append(f"base_model {base.ref} is one of the inputs of '{op.name}' (mergekit's rule), as '{label}'")
     if not models:
         raise UserError("the recipe lists no model other than the base model")
+    notes += map_prefixes(recipe, base, models)
     vocab, chat_template = vocabulary_for(recipe, op, base, models)
     tokenizer_dir, tokenizer_note = (None, None) if vocab is not None else tokenizer_donor(recipe)
     notes += [tokenizer_note] if tokenizer_note else []
@@ -316,8 +318,12 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
                 "and are not merged raw - dequantise to bf16/fp16 first"
             )
         reason = ""
+        outside = next((m for m in ordered if isinstance(m.source, RenamedSource) and name not in m.source.infos
+                        and not (name in TIED_HEADS and _tied_source(m, name))), None)
         if info.dtype not in MERGEABLE:
             reason = "not a float tensor"
+        elif outside is not None:  # e.g. a VLM base's vision tower, which a text-only input lacks
+            reason = f"not in {outside.label}, whose language model is mapped onto {reference.label}'s"
         elif include_re and not any(p.search(name) for p in include_re):
             reason = "not matched by include"
         elif any(p.search(name) for p in exclude_re):
@@ -382,6 +388,39 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
                 + "; use checkpoints of the same architecture"
             )
     return items, config
+
+
+def map_prefixes(recipe: recipe_mod.Recipe, base: ModelInput | None, models: list[ModelInput]) -> list[str]:
+    """Inputs whose language model sits under another prefix than the reference's (a text-only
+    fine-tune of a VLM's language tower, or the reverse) are seen under the reference's names
+    (prefixes.py); the recipe's ``prefix_map`` (input prefix -> reference prefix) replaces
+    detection. Returns one note per renamed input."""
+    from .prefixes import RenamedSource, detect
+
+    reference = base or next((m for m in models if not m.is_lora), None)
+    if reference is None:
+        return []
+    names = list(reference.source.infos)
+    given = recipe.prefix_map
+    notes = []
+    for m in models:
+        if m is reference or m.is_lora or m.source is reference.source:
+            continue
+        own = list(m.source.infos)
+        if given is not None:
+            pairs = tuple((ref, mine) for mine, ref in given.items())
+            if not pairs or sum(n in set(names) for n in own) >= 0.5 * len(own):
+                continue
+        else:
+            pairs = detect(names, own)
+            if pairs is None:
+                continue
+        m.source = RenamedSource(m.source, pairs, names)
+        dropped = m.source.dropped
+        notes.append(f"{m.label}: {m.source.describe()} ({m.source.renamed} tensors renamed"
+                     + (f"; {len(dropped)} not in {reference.label} left out, e.g. '{dropped[0]}'" if dropped else "")
+                     + ")" + ("" if given is not None else "; set prefix_map to change this"))
+    return notes
 
 
 def _head_differs_from_embeddings(items: dict[str, PlanItem], head: str) -> bool:

@@ -140,6 +140,8 @@ class Recipe(_Strict):
     chat_template: str | None = None
     name: str | None = None  # an intermediate merge's name in a multi-document recipe (multi.py)
     embed_slerp: Any = None  # legacy mergekit key (removed in 2024): ignored with a warning
+    # ours: an input prefix -> the reference's prefix (a text-only fine-tune into a VLM); {} = off
+    prefix_map: dict[str, str] | None = None
 
     _ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: model_reference(v)))
 

@@ -543,11 +543,13 @@ _MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
     "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json",
 )
 
 
 # written by an aligned vocabulary instead of copied (generation_config.json too: it names token ids)
-TOKENIZER_FILES = tuple(n for n in _MODEL_FILES if n not in ("config.json", "preprocessor_config.json"))
+TOKENIZER_FILES = tuple(n for n in _MODEL_FILES if n not in ("config.json", "preprocessor_config.json",
+                                                              "processor_config.json", "video_preprocessor_config.json"))
 
 
 REMOVE = object()  # a config_updates value: the field is dropped from config.json

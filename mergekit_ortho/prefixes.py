@@ -1,0 +1,82 @@
+"""Language towers under another prefix: a text-only fine-tune merged into a VLM, and back.
+
+A VLM keeps its language model under a prefix (transformers >= 4.52: ``model.language_model.``;
+older LLaVA-style checkpoints: ``language_model.model.`` and ``language_model.lm_head.``), while a
+text-only fine-tune of the same language model stores ``model.*`` and ``lm_head.*``. A
+:class:`RenamedSource` shows an input under the reference's (the base's, else the first model's)
+names: ``pairs`` are (reference prefix, input prefix), longest input prefix first. Names the
+reference does not have (a VLM input's vision tower when the base is text-only) are left out and
+listed in ``dropped``; reference tensors the input lacks (the base's vision tower and projector
+when the input is text-only) are kept from the base by the plan.
+
+Detection (``detect``) tries each known layout in both directions and takes one only when it
+turns a clear mismatch (under half the input's names in the reference) into a match (at least
+90 %); a recipe's ``prefix_map`` replaces detection (``{}`` turns it off).
+"""
+from __future__ import annotations
+
+# (reference prefix, input prefix) for a VLM reference and a text-only input; reversed for a
+# text-only reference and a VLM input
+LAYOUTS = (
+    (("model.language_model.", "model."),),
+    (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+)
+
+
+def _rename(name: str, pairs) -> str | None:
+    for ref_prefix, own_prefix in pairs:
+        if name.startswith(own_prefix):
+            return ref_prefix + name[len(own_prefix):]
+    return None
+
+
+def _renamed(names, reference: set[str], pairs) -> dict[str, str]:
+    """reference name -> input name for every input name that lands in the reference."""
+    out = {}
+    for n in names:
+        r = _rename(n, pairs)
+        r = r if r is not None and r in reference else (n if n in reference else None)
+        if r is not None and r not in out:
+            out[r] = n
+    return out
+
+
+def detect(reference_names, names) -> tuple | None:
+    """The prefix pairs that map an input's ``names`` onto ``reference_names``, or None."""
+    ref, own = set(reference_names), list(names)
+    if not own or sum(n in ref for n in own) >= 0.5 * len(own):
+        return None
+    for layout in LAYOUTS:
+        for pairs in (layout, tuple((b, a) for a, b in layout)):
+            pairs = tuple(sorted(pairs, key=lambda p: -len(p[1])))
+            if len(_renamed(own, ref, pairs)) >= 0.9 * min(len(own), len(ref)):
+                return pairs
+    return None
+
+
+class RenamedSource:
+    """An input seen under the reference's tensor names (``infos``/``get``); everything else is
+    the wrapped source's."""
+
+    def __init__(self, source, pairs, reference_names):
+        self.source = source
+        self.pairs = tuple(sorted(pairs, key=lambda p: -len(p[1])))
+        self.own = _renamed(source.infos, set(reference_names), self.pairs)
+        self.infos = {r: source.infos[n] for r, n in self.own.items()}
+        kept = set(self.own.values())
+        self.dropped = sorted(n for n in source.infos if n not in kept)
+        self.renamed = sum(r != n for r, n in self.own.items())
+
+    def __getattr__(self, name: str):
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def get(self, key: str):
+        return self.source.get(self.own[key])
+
+    def describe(self) -> str:
+        return ", ".join(f"'{own}*' read as '{ref}*'" for ref, own in self.pairs)
+
+    def close(self) -> None:
+        self.source.close()
