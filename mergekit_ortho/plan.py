@@ -420,6 +420,20 @@ def map_prefixes(recipe: recipe_mod.Recipe, base: ModelInput | None, models: lis
         notes.append(f"{m.label}: {m.source.describe()} ({m.source.renamed} tensors renamed"
                      + (f"; {len(dropped)} not in {reference.label} left out, e.g. '{dropped[0]}'" if dropped else "")
                      + ")" + ("" if given is not None else "; set prefix_map to change this"))
+    return notes + _map_expert_layouts(reference, models)
+
+
+def _map_expert_layouts(reference: ModelInput, models: list[ModelInput]) -> list[str]:
+    """MoE inputs storing experts fused (a state dict saved as transformers 5 holds it) against a
+    per-expert reference, or the reverse, are seen in the reference's layout (experts.py)."""
+    from .experts import ExpertLayoutSource, needs_conversion
+
+    notes = []
+    for m in models:
+        if m is reference or m.is_lora or not needs_conversion(reference.source.infos, m.source.infos):
+            continue
+        m.source = ExpertLayoutSource(m.source, reference.source.infos)
+        notes.append(f"{m.label}: {m.source.describe()} (the layout of {reference.label})")
     return notes
 
 
