@@ -543,3 +543,46 @@ def test_inspect_names_the_naming(sdxl, tmp_path, cli):
     code, out, err = cli("inspect", sdxl["kp"])
     assert code == 0, out + err
     assert "UNet LDM/SGM names" in out and "text encoder HF CLIP names" in out
+
+
+def test_kohya_output_of_fused_inputs_writes_the_inputs_modules_back(sdxl, tmp_path, cli):
+    """task_arithmetic of kohya LoRAs on a single-file base writes kohya q/k/v (not a module named
+    after in_proj_weight); applied to the same base it gives the merged delta exactly."""
+    kt, sfx = sdxl["kt"], ".lora_down.weight"
+    mods = {k[: -len(sfx)]: (kt[k[: -len(sfx)] + ".lora_up.weight"].shape[0], v.shape[1], 3)
+            for k, v in kt.items() if k.endswith(sfx)}  # the same modules, rank 3
+    t2 = _kohya(mods, seed=1)
+    p2 = write_safetensors(tmp_path / "two.safetensors", t2, {"ss_base_model_version": "sdxl_base_v1-0"})
+    r = _recipe(tmp_path / "r.yaml", sdxl["bp"], [(sdxl["kp"], 0.5), (p2, 1.0)], out="kohya")
+    code, out, err = cli("run", r, "--out", tmp_path / "merged.safetensors")
+    assert code == 0, out + err
+    keys = set(load_file(str(tmp_path / "merged.safetensors")))
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.lora_up.weight" in keys
+    assert "lora_te2_text_projection.lora_down.weight" in keys
+    assert not any("in_proj" in k or "+" in k for k in keys)
+    base = sdxl["base"]
+    got, one, two = (_matched(p, base) for p in (tmp_path / "merged.safetensors", sdxl["kp"], p2))
+    assert set(got.by_base) == set(one.by_base)
+    for k in one.by_base:
+        want = 0.5 * one.delta_for(k, base[k].shape) + two.delta_for(k, base[k].shape)
+        torch.testing.assert_close(got.delta_for(k, base[k].shape), want, rtol=1e-5, atol=1e-6)
+
+
+def test_kohya_output_of_a_split_bfl_lora_on_a_diffusers_base(tmp_path, cli):
+    real = _tiny_flux().state_dict()
+    base = {k: torch.randn(*v.shape, generator=torch.Generator().manual_seed(7)) for k, v in real.items()}
+    bp = write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", base)
+    mods = {"lora_unet_double_blocks_0_img_attn_qkv": (3 * D, D, 3),
+            "lora_unet_final_layer_adaLN_modulation_1": (2 * D, D, 2)}
+    lp = write_safetensors(tmp_path / "a.safetensors", _kohya(mods), {"ss_base_model_version": "flux1"})
+    r = _recipe(tmp_path / "r.yaml", bp, [(lp, 2.0)], out="kohya")
+    code, out, err = cli("run", r, "--out", tmp_path / "m.safetensors")
+    assert code == 0, out + err
+    keys = {k.split(".")[0] for k in load_file(str(tmp_path / "m.safetensors"))}
+    assert keys == {"lora_unet_transformer_blocks_0_attn_to_q", "lora_unet_transformer_blocks_0_attn_to_k",
+                    "lora_unet_transformer_blocks_0_attn_to_v", "lora_unet_final_layer_adaLN_modulation_1"}
+    got, one = _matched(tmp_path / "m.safetensors", base), _matched(lp, base)
+    assert set(got.by_base) == set(one.by_base)
+    for k in one.by_base:
+        torch.testing.assert_close(got.delta_for(k, base[k].shape), 2.0 * one.delta_for(k, base[k].shape),
+                                   rtol=1e-5, atol=1e-6)
