@@ -586,3 +586,34 @@ def test_kohya_output_of_a_split_bfl_lora_on_a_diffusers_base(tmp_path, cli):
     for k in one.by_base:
         torch.testing.assert_close(got.delta_for(k, base[k].shape), 2.0 * one.delta_for(k, base[k].shape),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_p10_goldens_sd2_openclip_and_double_match(tmp_path):
+    base = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 12),
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (MLP, D)}
+    mods = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (8, 12, 2),
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1": (MLP, D, 2)}
+    ml = _matched(write_safetensors(tmp_path / "a.safetensors", _kohya(mods)), _base(base))
+    assert dict(ml.base_map) == dict(zip(mods, base))  # P10 golden
+    # SD2: OpenCLIP text tower under cond_stage_model.model, fused in_proj fed by lora_te_ q/v
+    sd2 = {"cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight": (3 * D, D),
+           "cond_stage_model.model.transformer.resblocks.3.mlp.c_proj.weight": (D, MLP)}
+    mods = {"lora_te_text_model_encoder_layers_3_self_attn_q_proj": (D, D, 2),
+            "lora_te_text_model_encoder_layers_3_self_attn_v_proj": (D, D, 2),
+            "lora_te_text_model_encoder_layers_3_mlp_fc2": (D, MLP, 2)}
+    t = _kohya(mods)
+    b = _base(sd2)
+    ml = _matched(write_safetensors(tmp_path / "sd2.safetensors", t), b)
+    ip = "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight"
+    want = torch.cat([_d(t, "lora_te_text_model_encoder_layers_3_self_attn_q_proj"), torch.zeros(D, D).double(),
+                      _d(t, "lora_te_text_model_encoder_layers_3_self_attn_v_proj")])
+    torch.testing.assert_close(ml.delta_for(ip, b[ip].shape).double(), want, rtol=1e-6, atol=1e-7)
+    _assert_exact_factors(ml, b)
+    # P19 pitfall: a name that both spellings generate, for two different base tensors, is an error
+    mixed = {"model.diffusion_model.input_blocks.4.1.proj_in.weight": (8, 8),
+             "unet.down_blocks.1.attentions.0.proj_in.weight": (8, 8)}
+    f = write_safetensors(tmp_path / "m.safetensors", _kohya({"lora_unet_down_blocks_1_attentions_0_proj_in": (8, 8, 2)}))
+    with pytest.raises(ValueError, match=r"'lora_unet_down_blocks_1_attentions_0_proj_in' .* matches several base "
+                                         r"tensors: model\.diffusion_model\.input_blocks\.4\.1\.proj_in\.weight, "
+                                         r"unet\.down_blocks"):
+        _matched(f, _base(mixed))

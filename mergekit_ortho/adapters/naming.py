@@ -184,6 +184,7 @@ _OPENCLIP_TE = (  # single-file prefix of an OpenCLIP text tower -> the diffuser
 _HF_TE = (  # single-file prefix of an HF CLIP text model -> diffusers component
     ("conditioner.embedders.0.transformer.text_model.", "text_encoder.text_model."),
     ("cond_stage_model.transformer.text_model.", "text_encoder.text_model."),
+    ("text_encoders.clip_l.transformer.text_model.", "text_encoder.text_model."),  # ComfyUI Flux / SD3
     ("cond_stage_model.transformer.", "text_encoder.text_model."),  # very old SD1 files
 )
 _RESBLOCK = (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
@@ -360,7 +361,7 @@ def detect_naming(keys: Sequence[str]) -> BaseNaming:
             s = _strip(k, (LDM_UNET, FLUX_BFL_PREFIX, "transformer.", ""))
             if s and re.match(r"^(double_blocks|single_blocks)\.\d+\.", s[1]):
                 flux, flux_prefix = "bfl", s[0]
-            elif s and re.match(r"^(single_transformer_blocks\.\d+\.|transformer_blocks\.\d+\.attn\.add_q_proj)", s[1]):
+            elif s and re.match(r"^single_transformer_blocks\.\d+\.", s[1]):  # SD3 has transformer_blocks only
                 flux, flux_prefix = "diffusers", s[0]
     openclip = any(k.endswith("attn.in_proj_weight") and any(k.startswith(p) for p, _ in _OPENCLIP_TE) for k in keys)
     return BaseNaming(unet, flux, openclip, unet_prefix, flux_prefix)
