@@ -37,6 +37,7 @@ def describe(path: str) -> dict[str, Any]:
             "dtypes": dict(dtypes),
             "largest": [(k, list(v.shape), v.dtype) for k, v in largest],
             **model,
+            "naming": _naming(list(src.infos)),
         }
     finally:
         src.close()
@@ -69,6 +70,13 @@ def _model_facts(src) -> dict[str, Any]:
         "head_stored": bool(heads_stored),
         "quantisation": scheme,
     }
+
+
+def _naming(keys: list[str]) -> str | None:
+    from .adapters.naming import detect_naming
+
+    n = detect_naming(keys)
+    return n.describe() if n.recognised else None
 
 
 def describe_bundle(path) -> dict[str, Any]:
@@ -105,6 +113,8 @@ def render(info: dict[str, Any]) -> list[str]:
         lines.append(f"ranks: {info['ranks']}   alphas: {info['alphas']}")
         lines.append(f"scale rule: {info['scale_rule']}   scales: {info['scales']}")
         lines.append(f"targets: {info['targets']}")
+        if info.get("naming"):
+            lines.append(f"module naming: {info['naming']}")
         if info.get("base_model_name_or_path"):
             lines.append(f"base_model_name_or_path: {info['base_model_name_or_path']}")
         for k, v in (info.get("metadata") or {}).items():
@@ -123,6 +133,8 @@ def render(info: dict[str, Any]) -> list[str]:
         lines.append(f"head: tied={info['tied_head']} stored={info['head_stored']}")
         if info["quantisation"]:
             lines.append(f"quantisation: {info['quantisation']} (read dequantised)")
+        if info.get("naming"):
+            lines.append(f"naming: {info['naming']}")
         lines.append("largest tensors:")
         for name, shape, dtype in info["largest"]:
             lines.append(f"  {name}  {'x'.join(map(str, shape)) or 'scalar'}  {dtype}")

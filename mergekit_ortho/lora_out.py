@@ -184,8 +184,57 @@ def _names_from(template) -> dict[str, str]:
         if s.format != "kohya":
             continue
         for key, mod in s.by_base.items():
-            names.setdefault(key, mod)
+            if mod not in s.assemblies:
+                names.setdefault(key, mod)
     return names
+
+
+def _unassemble(modules, names, shapes, template):
+    """Base tensors that the inputs fed through a P19 assembly (q/k/v fused into ``in_proj_weight``,
+    a transposed ``text_projection``, swapped adaLN halves) are written back as the inputs' own
+    modules: module m gets ``down = A`` and ``up`` with ``up[lora_rows] = B[base_rows]`` (all-zero
+    columns dropped), transposed pieces ``down = Bᵀ``, ``up = Aᵀ``: exact. Rows of one fused input
+    module spread over several base tensors (a BFL ``qkv`` LoRA on a diffusers base) keep the
+    base tensor's own name."""
+    if template is None or isinstance(template, Mapping):
+        return modules, names, shapes
+    srcs = [template] if isinstance(template, MatchedLora) else list(template)
+    asm = {}
+    for s in srcs:
+        if s.format == "kohya":
+            for key, mod in s.by_base.items():
+                if mod in s.assemblies:
+                    asm.setdefault(key, s.assemblies[mod])
+    if not asm:
+        return modules, names, shapes
+    modules, names, shapes = dict(modules), dict(names), dict(shapes or {})
+    for key, a in asm.items():
+        if key not in modules:
+            continue
+        A, B = modules[key]
+        by_mod = {}
+        for p in a.pieces:
+            by_mod.setdefault(p.module, []).append(p)
+        if any(p.lora_rows is not None and p.base_rows is None for p in a.pieces):
+            continue  # a split: the base tensor is one row block of a fused input module
+        del modules[key]
+        shapes.pop(key, None)
+        for m, ps in by_mod.items():
+            if ps[0].transpose:
+                down, up = B.t(), A.t()
+            else:
+                total = max(p.lora_rows[1] if p.lora_rows else p.base_rows[1] - p.base_rows[0] for p in ps)
+                up = torch.zeros(total, B.shape[1], dtype=B.dtype)
+                for p in ps:
+                    up[slice(*p.lora_rows) if p.lora_rows else slice(None)] = B[slice(*p.base_rows)]
+                down = A
+            keep = up.abs().sum(0) != 0
+            down, up = down[keep], up[:, keep]
+            pseudo = f"{key}#{m}"
+            modules[pseudo] = (down.contiguous(), up.contiguous())
+            names[pseudo] = m
+            shapes[pseudo] = (up.shape[0], down.shape[1])
+    return modules, names, shapes
 
 
 def _agreed(sources: Sequence[MatchedLora], key: str) -> str | None:
@@ -225,6 +274,7 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     names = _names_from(template)
     if not sources and template is not None and not isinstance(template, Mapping):
         sources = [template] if isinstance(template, MatchedLora) else list(template)
+    modules, names, shapes = _unassemble(modules, names, shapes, template)
     tensors: dict[str, torch.Tensor] = {}
     ranks: list[int] = []
     used: dict[str, str] = {}

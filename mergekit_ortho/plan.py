@@ -93,7 +93,10 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
             keys = list(base.source.infos)
             shapes = {k: i.shape for k, i in base.source.infos.items()}
             for m in loras:
-                m.source = MatchedLora(m.source, match_to_base(m.source, keys, shapes))
+                match = match_to_base(m.source, keys, shapes)
+                m.source = MatchedLora(m.source, match)
+                if set(match.rules) - {"name"} or match.naming.recognised:
+                    notes.append(f"{m.label}: {match.summary()}")
         else:
             _align_without_base(loras)
 

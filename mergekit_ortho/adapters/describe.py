@@ -8,6 +8,7 @@ from typing import Any
 
 from .arch import guess_architecture
 from .lora import LoraSource
+from .naming import lora_naming
 
 
 def describe_lora(path: str | Path) -> dict[str, Any]:
@@ -34,6 +35,7 @@ def describe_lora(path: str | Path) -> dict[str, Any]:
             "scale_rule": src.scale_rule(),
             "layouts": dict(layouts),
             "targets": dict(targets.most_common()),
+            "naming": lora_naming(src.modules),
             "parameters": src.num_params(),
             "base_model_name_or_path": src.config.get("base_model_name_or_path"),
             "metadata": {k: src.metadata[k] for k in keep if k in src.metadata},

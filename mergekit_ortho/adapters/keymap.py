@@ -1,17 +1,26 @@
 """Matching adapter modules to base tensors: a pure function of names and shapes.
 
 ``match_to_base(source, base_keys, base_shapes) -> BaseMatch`` ({module: base weight key}) reads
-only the source's header facts and changes nothing; ``adapters.lora.MatchedLora(source, match)``
+only the source's header facts and changes nothing; ``adapters.matched.MatchedLora(source, match)``
 binds the result. ``kohya_default_name(base_key)`` names a module for kohya output.
+
+Spec: ../shared/specs/adapters.md P10 (kohya prefixes), P19 (key maps). Besides each base key's
+own spelling, the names of the base tensor in the other namings (``naming.base_aliases``) are
+generated too; a base tensor that several LoRA modules feed (q/k/v into a fused ``in_proj`` /
+``qkv`` / ``linear1``), or that takes rows of one fused module, is an ``Assembly`` of ``Piece``s,
+and ``MatchedLora`` builds its delta and exact factors (A stacked, B block-diagonal: rank Σr).
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from ..errors import UserError
 from .detect import PEFT_PREFIX
+from .naming import Alias, base_aliases, detect_naming
 
 if TYPE_CHECKING:
     from .lora import LoraSource
@@ -78,16 +87,61 @@ def _fits(rows: int, cols: int, base_shape: Sequence[int], stored_a: Sequence[in
     return True
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One LoRA module's share of an assembled base tensor (P19): rows ``lora_rows`` of the
+    module's delta (all: None), transposed first when ``transpose``, land on rows ``base_rows``
+    of the base tensor (all: None)."""
+    module: str
+    base_rows: tuple[int, int] | None = None
+    lora_rows: tuple[int, int] | None = None
+    transpose: bool = False
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """A base tensor assembled from pieces of LoRA modules (fused q/k/v, a split fused module,
+    swapped halves, a transpose): its 2-D shape and the pieces, in row order."""
+    key: str
+    rows: int
+    cols: int
+    pieces: tuple[Piece, ...]
+    rule: str
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.module for p in self.pieces))
+
+    @property
+    def name(self) -> str:
+        """The name the match gives it in place of a stored module name."""
+        def one(p: Piece) -> str:
+            rows = f"[{p.lora_rows[0]}:{p.lora_rows[1]}]" if p.lora_rows else ""
+            at = f"->[{p.base_rows[0]}:{p.base_rows[1]}]" if p.base_rows else ""
+            return p.module + rows + (".T" if p.transpose else "") + at
+        return "+".join(one(p) for p in self.pieces)  # never a stored module's name
+
+
 class BaseMatch(Mapping[str, str]):
     """{LoRA module (as stored) -> base weight key}, read-only, plus ``layouts``: the modules whose
     layout the base's shape decided against the config (PEFT sets fan_in_fan_out per layer for
-    GPT-2 ``Conv1D``, so a config without it can still hold transposed modules)."""
+    GPT-2 ``Conv1D``, so a config without it can still hold transposed modules).
 
-    __slots__ = ("_map", "layouts")
+    ``assemblies``: {name: Assembly} for base tensors built from pieces (P19); such a base key
+    maps from the assembly's ``name`` (e.g. ``lora_te2_..._q_proj+lora_te2_..._k_proj``) instead of
+    a stored module. ``naming``: the base's naming (``naming.BaseNaming``); ``rules``: how many
+    LoRA modules each rule mapped ({"name": n, "rename": n, "fuse": n, "split": n, ...})."""
 
-    def __init__(self, mapping: Mapping[str, str], layouts: Mapping[str, str] | None = None):
+    __slots__ = ("_map", "layouts", "assemblies", "naming", "rules")
+
+    def __init__(self, mapping: Mapping[str, str], layouts: Mapping[str, str] | None = None,
+                 assemblies: Mapping[str, Assembly] | None = None, naming=None,
+                 rules: Mapping[str, int] | None = None):
         self._map = dict(sorted(mapping.items()))
         self.layouts = MappingProxyType(dict(layouts or {}))
+        self.assemblies = MappingProxyType(dict(assemblies or {}))
+        self.naming = naming
+        self.rules = MappingProxyType(dict(rules or {}))
 
     def __getitem__(self, module: str) -> str:
         return self._map[module]
@@ -101,6 +155,94 @@ class BaseMatch(Mapping[str, str]):
     def __repr__(self) -> str:
         return f"BaseMatch({self._map!r}, layouts={dict(self.layouts)!r})"
 
+    def summary(self) -> str:
+        """One line for the plan: the base naming and how many modules each rule mapped."""
+        words = {"name": "by name", "rename": "through a naming rule", "fuse": "fused by rows into {t} tensor(s)",
+                 "split": "split by rows over {t} tensor(s)", "swap": "with row halves swapped",
+                 "transpose": "transposed"}
+        tensors = Counter(a.rule for a in self.assemblies.values())
+        parts = [f"{n} {words.get(r, r).format(t=tensors.get(r, 0))}" for r, n in sorted(self.rules.items()) if n]
+        naming = self.naming.describe() if self.naming is not None else "?"
+        return f"base naming: {naming}; LoRA modules mapped: " + ", ".join(parts)
+
+
+def _scan(src: "LoraSource", base_modules: Mapping[str, str], aliases: Sequence[Alias], tiers: int,
+          first_components: Sequence[str]) -> dict[str, list[Alias]]:
+    """{LoRA module: the aliases it matched}, tier by tier (first tier that matches wins)."""
+    todo = set(src.modules)
+    found: dict[str, list[Alias]] = {}
+    entries = [Alias(m, k, "name") for m, k in base_modules.items()] + list(aliases)
+    for tier in range(tiers):
+        if not todo:
+            break
+        table: dict[str, dict[tuple, Alias]] = {}
+        for a in entries:
+            for c in _candidates(src, a.module, tier, first_components):
+                if c in todo:
+                    spec = (a.key, a.base_rows, a.lora_rows, a.transpose)
+                    table.setdefault(c, {}).setdefault(spec, a)
+        for c, hits in table.items():
+            hs = list(hits.values())
+            keys = {a.key for a in hs}
+            pieces = all(a.lora_rows is not None for a in hs)  # row blocks of one fused module
+            if len(hs) > 1 and not pieces:
+                raise UserError(f"LoRA module '{c}' in {src.file} matches several base tensors: "
+                                f"{', '.join(sorted(keys))}")
+            found[c] = hs
+            todo.discard(c)
+    return found
+
+
+def _check_piece(src: "LoraSource", mod: str, a: Alias, shape: Sequence[int]) -> None:
+    (_, cols), (rows, _) = src.factor_shapes(mod)
+    if a.transpose:
+        rows, cols = cols, rows
+    want_rows = a.lora_total if a.lora_rows is not None else (
+        a.base_rows[1] - a.base_rows[0] if a.base_rows is not None else shape[0])
+    ok = cols == math.prod(shape[1:]) and (rows == want_rows if want_rows is not None else
+                                            rows >= a.lora_rows[1])
+    if not ok:
+        raise UserError(
+            f"shape mismatch: LoRA module '{mod}' in {src.file} gives a delta of {rows}x{cols} but its "
+            f"{a.rule} rule onto base tensor '{a.key}' {list(shape)} needs "
+            f"{want_rows if want_rows is not None else '>=' + str(a.lora_rows[1])}x{math.prod(shape[1:])}"
+            " (a LoRA for a different model or model family?)")
+
+
+def _assemble(src: "LoraSource", found: Mapping[str, list[Alias]],
+              base_shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, str], dict[str, Assembly], Counter]:
+    """Plain matches {module: key}, assemblies {name: Assembly} and the modules per rule."""
+    by_key: dict[str, list[tuple[str, Alias]]] = {}
+    rules: Counter = Counter()
+    for mod, hits in found.items():
+        rules[hits[0].rule] += 1
+        for a in hits:
+            by_key.setdefault(a.key, []).append((mod, a))
+    plain: dict[str, str] = {}
+    assemblies: dict[str, Assembly] = {}
+    for key, hs in by_key.items():
+        if len(hs) == 1 and hs[0][1].plain:
+            plain[hs[0][0]] = key
+            continue
+        mods = {m for m, _ in hs}
+        if any(a.plain for _, a in hs):
+            raise UserError(f"LoRA modules {', '.join(sorted(repr(m) for m in mods))} in {src.file} all map to "
+                            f"base tensor '{key}'")
+        shape = tuple(base_shapes[key])
+        spans = []
+        for mod, a in hs:
+            _check_piece(src, mod, a, shape)
+            spans.append(a.base_rows or (0, shape[0]))
+        spans.sort()
+        if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+            raise UserError(f"LoRA modules {', '.join(sorted(repr(m) for m in mods))} in {src.file} overlap "
+                            f"on the rows of base tensor '{key}'")
+        pieces = tuple(Piece(m, a.base_rows, a.lora_rows, a.transpose)
+                       for m, a in sorted(hs, key=lambda h: (h[1].base_rows or (0, 0))))
+        asm = Assembly(key, shape[0], math.prod(shape[1:]), pieces, hs[0][1].rule)
+        assemblies[asm.name] = asm
+    return plain, assemblies, rules
+
 
 def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
                   base_shapes: Mapping[str, Sequence[int]]) -> BaseMatch:
@@ -113,6 +255,10 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
     ``cond_stage_model.transformer.`` -> ``lora_te_``, ``conditioner.embedders.0.transformer.`` ->
     ``lora_te1_``, ``text_encoder[_2].`` -> ``lora_te[12]_``, ...) with dots -> underscores, then bare
     keys under every kohya prefix; diffusers: ``<component>.<key>``.
+    Every tier also generates the names of each base tensor in the other namings of P19
+    (``naming.base_aliases``: LDM <-> diffusers UNet, OpenCLIP <-> HF CLIP, Flux BFL <-> diffusers),
+    so q/k/v LoRAs fuse into ``in_proj_weight`` / ``qkv`` / ``linear1`` and fused LoRAs split into
+    q/k/v; those base keys map from an ``Assembly`` name (``BaseMatch.assemblies``).
     Raises UserError naming the LoRA file for unmatched modules, ambiguous matches and shapes
     that do not fit the base tensor. The source is not modified: bind the result with
     ``MatchedLora(source, match)``."""
@@ -127,23 +273,9 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
         base_modules.setdefault(m, k)
         if ".base_layer" in m:
             base_modules.setdefault(m.replace(".base_layer", ""), k)
-    todo = set(src.modules)
-    found: dict[str, str] = {}
-    tiers = 2 if src.format == "kohya" else 3
-    for tier in range(tiers):
-        if not todo:
-            break
-        table: dict[str, set[str]] = {}
-        for m, k in base_modules.items():
-            for c in _candidates(src, m, tier, first_components):
-                if c in todo:
-                    table.setdefault(c, set()).add(k)
-        for c, ks in table.items():
-            if len(ks) > 1:
-                raise UserError(f"LoRA module '{c}' in {src.file} matches several base tensors: "
-                                f"{', '.join(sorted(ks))}")
-            found[c] = next(iter(ks))
-            todo.discard(c)
+    naming = detect_naming(base_keys)
+    aliases = base_aliases(base_keys, base_shapes, naming)
+    found = _scan(src, base_modules, aliases, 2 if src.format == "kohya" else 3, first_components)
     for ck, cshape in src.base_copies.items():
         m = ck[: -len(".base_layer.weight")]
         m = m[len(PEFT_PREFIX):] if m.startswith(PEFT_PREFIX) else m
@@ -153,18 +285,19 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
                 f"not supported yet: {src.file} carries its own copy of base tensor '{ck}' {list(cshape)} "
                 + (f"but the base has {list(base_shapes[hits[0]])} at '{hits[0]}'" if hits else "that the base lacks")
                 + " (resized vocabulary?)")
-    if todo:
-        miss = sorted(todo)
+    miss = sorted(set(src.modules) - set(found))
+    if miss:
         example = next(iter(base_modules), None)
         ex = _candidates(src, example, 0, first_components)[:1] if example else []
         raise UserError(
             f"{len(miss)} LoRA module(s) in {src.file} match no tensor of the base model: "
             + ", ".join(f"'{x}'" for x in miss[:5]) + (", ..." if len(miss) > 5 else "")
             + (f" (base key '{base_modules[example]}' would be '{ex[0]}')" if ex else "")
-            + "; is this LoRA for this base model?")
+            + f"; base naming: {naming.describe()}; is this LoRA for this base model?")
+    plain, assemblies, rules = _assemble(src, found, base_shapes)
     inv: dict[str, str] = {}
     layouts: dict[str, str] = {}
-    for mod, key in found.items():
+    for mod, key in plain.items():
         if key in inv:
             raise UserError(f"LoRA modules '{inv[key]}' and '{mod}' in {src.file} both map to base tensor '{key}'")
         inv[key] = mod
@@ -183,7 +316,13 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
                 f"shape mismatch: LoRA module '{mod}' in {src.file} gives a delta of {rows}x{cols} "
                 f"(A/down {list(sa)}) but base tensor '{key}' has shape {list(shape)}"
                 " (a LoRA for a different model or model family, e.g. SDXL vs SD1.5?)")
-    return BaseMatch(found, layouts)
+    mapping = dict(plain)
+    for name, asm in assemblies.items():
+        if asm.key in inv:
+            raise UserError(f"LoRA modules '{inv[asm.key]}' and {', '.join(repr(m) for m in asm.modules)} in "
+                            f"{src.file} all map to base tensor '{asm.key}'")
+        mapping[name] = asm.key
+    return BaseMatch(mapping, layouts, assemblies, naming, rules)
 
 
 def kohya_default_name(base_key: str) -> str:

@@ -3,6 +3,15 @@
 ``MatchedLora(source, match)``: ``.base_map`` (module -> base key), ``.by_base`` (base key ->
 module), ``factors_for(base_key)``, ``delta_for(base_key)``; the source is not modified.
 ``AppliedLora(matched, base)``: the full checkpoint base + delta, for paths that take checkpoints.
+
+Assembled base tensors (spec adapters.md P19; ``keymap.Assembly``): a base key fed by pieces of
+several modules (q/k/v into a fused ``in_proj_weight``), or by rows of one fused module (a BFL
+``qkv`` LoRA into diffusers ``to_q``), maps from the assembly's name, which every per-module method
+here accepts like a stored module: ``delta`` places each module's delta rows
+(ΔW[base_rows] = ΔW_m[lora_rows], transposed first where the rule says), ``factors`` gives exact
+factors: A = cat over the distinct modules of A_m (rank Σr), B [rows, Σr] with B_m[lora_rows] in
+rows base_rows of module m's column block (block-diagonal for fused q/k/v; for a split, A shared
+and B sliced by rows), so B @ A == delta exactly. Its scale is folded (alpha = rank, scale 1).
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ class MatchedLora:
     ``factor_shapes``, ``factors`` and ``delta`` follow the layouts the match decided. Everything
     else is the source's."""
 
-    __slots__ = ("source", "base_map", "by_base", "_layouts")
+    __slots__ = ("source", "base_map", "by_base", "_layouts", "assemblies", "match")
 
     def __init__(self, source: LoraSource, base_map: Mapping[str, str]):
         set_ = object.__setattr__
@@ -29,6 +38,8 @@ class MatchedLora:
         set_(self, "base_map", MappingProxyType(dict(sorted(base_map.items()))))
         set_(self, "by_base", MappingProxyType({v: k for k, v in self.base_map.items()}))
         set_(self, "_layouts", MappingProxyType(dict(getattr(base_map, "layouts", {}))))
+        set_(self, "assemblies", MappingProxyType(dict(getattr(base_map, "assemblies", {}))))
+        set_(self, "match", base_map)  # the BaseMatch (naming, rules) or the plain map given
 
     def __getattr__(self, name: str):
         if name == "source":  # not set yet (copy/pickle build the object without __init__)
@@ -39,16 +50,76 @@ class MatchedLora:
         raise AttributeError(f"MatchedLora is read-only (cannot set {name!r})")
 
     def layout(self, module: str) -> str:
+        if module in self.assemblies:
+            return "linear"
         return self._layouts.get(module) or self.source.layout(module)
 
+    # -- per-module facts, for stored modules and assemblies alike --------------------------------
+
+    def rank(self, module: str) -> int:
+        asm = self.assemblies.get(module)
+        if asm is None:
+            return self.source.rank(module)
+        return sum(self.source.rank(m) for m in asm.modules)
+
+    def alpha(self, module: str) -> float:
+        return float(self.rank(module)) if module in self.assemblies else self.source.alpha(module)
+
+    def scale(self, module: str) -> float:
+        return 1.0 if module in self.assemblies else self.source.scale(module)
+
+    def stored_shapes(self, module: str):
+        asm = self.assemblies.get(module)
+        if asm is None:
+            return self.source.stored_shapes(module)
+        r = self.rank(module)
+        return (r, asm.cols), (asm.rows, r)
+
     def factor_shapes(self, module: str, layout: str | None = None):
+        if module in self.assemblies:
+            return self.stored_shapes(module)
         return self.source.factor_shapes(module, layout or self.layout(module))
 
     def factors(self, module: str, fold: str = "B", layout: str | None = None):
-        return self.source.factors(module, fold, layout or self.layout(module))
+        asm = self.assemblies.get(module)
+        if asm is None:
+            return self.source.factors(module, fold, layout or self.layout(module))
+        import torch
+
+        As, cols = [], []
+        for m in asm.modules:
+            A, B = self.factors(m, fold)
+            if any(p.transpose for p in asm.pieces if p.module == m):
+                A, B = B.t().contiguous(), A.t().contiguous()  # (B A)^T = A^T B^T
+            As.append((m, A, B))
+        r = sum(A.shape[0] for _, A, _ in As)
+        out_b = torch.zeros(asm.rows, r, dtype=torch.float32)
+        at = 0
+        for m, A, B in As:
+            k = A.shape[0]
+            for p in asm.pieces:
+                if p.module == m:
+                    src = B[slice(*p.lora_rows)] if p.lora_rows else B
+                    out_b[slice(*p.base_rows) if p.base_rows else slice(None), at:at + k] = src
+            cols.append(A)
+            at += k
+        return torch.cat(cols, 0), out_b
 
     def delta(self, module: str, shape: Sequence[int] | None = None, layout: str | None = None):
-        return self.source.delta(module, shape, layout or self.layout(module))
+        asm = self.assemblies.get(module)
+        if asm is None:
+            return self.source.delta(module, shape, layout or self.layout(module))
+        import torch
+
+        d = torch.zeros(asm.rows, asm.cols, dtype=torch.float32)
+        for m in asm.modules:
+            dm = self.delta(m)
+            dm = dm.reshape(dm.shape[0], -1)
+            for p in asm.pieces:
+                if p.module == m:
+                    x = dm.t() if p.transpose else dm
+                    d[slice(*p.base_rows) if p.base_rows else slice(None)] = x[slice(*p.lora_rows)] if p.lora_rows else x
+        return d.reshape(tuple(shape)) if shape is not None else d
 
     def factors_for(self, base_key: str, fold: str = "B"):
         return self.factors(self._module_for(base_key), fold)
