@@ -45,8 +45,15 @@ def is_fused(names) -> bool:
     return any(_fused_parts(n) for n in names)
 
 
-def _expert_names(prefix: str, parts: tuple, experts: int) -> list[list[str]]:
-    return [[f"{prefix}.experts.{e}.{p}.weight" for p in parts] for e in range(experts)]
+def _expert_names(prefix: str, kind: str, experts: int, present) -> tuple[tuple, list[list[str]]] | None:
+    """The parts and the per-expert names (one row per expert) of a fused ``kind`` under ``prefix``,
+    in the first naming whose every name is in ``present``; None when no naming fits."""
+    for variant in _variants(prefix):
+        for parts in FUSED[kind]:
+            names = [[f"{variant}.experts.{e}.{p}.weight" for p in parts] for e in range(experts)]
+            if all(x in present for row in names for x in row):
+                return parts, names
+    return None
 
 
 class ExpertLayoutSource:
@@ -75,38 +82,29 @@ class ExpertLayoutSource:
             got = _fused_parts(r)
             if got is None or r in infos:
                 continue
-            prefix, kind = got
-            experts = rinfo.shape[0]
-            for variant in _variants(prefix):
-                for parts in FUSED[kind]:
-                    names = _expert_names(variant, parts, experts)
-                    if all(x in own for row in names for x in row):
-                        first = own[names[0][0]]
-                        infos[r] = TensorInfo((experts, first.shape[0] * len(parts), *first.shape[1:]),
-                                              first.dtype, first.file)
-                        self.stack[r] = names
-                        break
-                if r in self.stack:
-                    break
+            found = _expert_names(*got, rinfo.shape[0], own)
+            if found is not None:
+                parts, names = found
+                first = own[names[0][0]]
+                infos[r] = TensorInfo((len(names), first.shape[0] * len(parts), *first.shape[1:]),
+                                      first.dtype, first.file)
+                self.stack[r] = names
         self.infos = infos
         self._last: tuple[str, object] | None = None
 
     def _split(self, n, info, got, ref, infos) -> None:
-        prefix, kind = got
-        experts = info.shape[0]
-        for variant in _variants(prefix):
-            for parts in FUSED[kind]:
-                names = _expert_names(variant, parts, experts)
-                if all(x in ref for row in names for x in row):
-                    rows = info.shape[1]
-                    if rows % len(parts):
-                        raise UserError(f"{info.file}: fused expert tensor '{n}' {list(info.shape)} does not split "
-                                        f"into {len(parts)} equal parts ({', '.join(parts)})")
-                    for e, row in enumerate(names):
-                        for j, x in enumerate(row):
-                            self.split[x] = (n, e, j, len(parts))
-                            infos[x] = TensorInfo((rows // len(parts), *info.shape[2:]), info.dtype, info.file)
-                    return
+        found = _expert_names(*got, info.shape[0], ref)
+        if found is None:
+            return
+        parts, names = found
+        rows = info.shape[1]
+        if rows % len(parts):
+            raise UserError(f"{info.file}: fused expert tensor '{n}' {list(info.shape)} does not split "
+                            f"into {len(parts)} equal parts ({', '.join(parts)})")
+        for e, row in enumerate(names):
+            for j, x in enumerate(row):
+                self.split[x] = (n, e, j, len(parts))
+                infos[x] = TensorInfo((rows // len(parts), *info.shape[2:]), info.dtype, info.file)
 
     def __getattr__(self, name: str):
         if name == "source":
