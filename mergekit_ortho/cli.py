@@ -526,6 +526,22 @@ def continual_watch(state: Path = typer.Argument(..., help="State directory."),
     c.print(f"stopped; {n} model(s) merged")
 
 
+@app.command("serve")
+@handle_errors
+def serve(state: Path = typer.Argument(..., help="State directory (`merge continual init`)."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs "
+                                   "--token-file."),
+          port: int = typer.Option(8321, "--port", help="Port (0: any free one, logged)."),
+          token_file: Optional[Path] = typer.Option(None, "--token-file",
+                                                    help="File holding the bearer token every request must send."),
+          retain: Optional[int] = typer.Option(None, "--retain", help="Versions to keep (tagged ones too)."),
+          log_format: str = typer.Option("json", "--log-format", help="json (one object a line) or text.")):
+    """Serve continual merging over HTTP: a job queue, versions, metrics (needs the [serve] extra)."""
+    from .continual import server
+
+    server.serve(state, host, port, token_file, retain, log_format, read_token=_read_token)
+
+
 def _read_token(path: Path) -> str:
     from .errors import UserError
 

@@ -168,13 +168,21 @@ def open_model(st: State, model_ref: str, label: str, mparams):
     return base, model
 
 
+def model_params(op, params: dict, label: str):
+    """The model's parameters, resolved (a bad one is the user's mistake: one line)."""
+    try:
+        return op.resolve_model_params(params, label)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def validate(state_dir: Path, model_ref: str, name: str | None = None, params: dict | None = None) -> str:
     """Check a model against the state before it is queued (headers only); returns its label."""
     from ..ops import registry
 
     st = State.load(Path(state_dir))
     label = name or Path(model_ref.rstrip("/")).name or model_ref
-    mparams = registry.get(st.method).resolve_model_params(params or {}, label)
+    mparams = model_params(registry.get(st.method), params or {}, label)
     base, model = open_model(st, model_ref, label, mparams)
     base.source.close()
     model.source.close()
@@ -194,7 +202,7 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
     st = State.load(root)
     _sweep(root, versions.keep_names(st.data))
     op = registry.get(st.method)
-    mparams = op.resolve_model_params(params, name or model_ref)
+    mparams = model_params(op, params, name or model_ref)
     label = name or Path(model_ref.rstrip("/")).name or model_ref
     base, model = open_model(st, model_ref, label, mparams)
     rounding = load_dtype(st)
@@ -255,7 +263,8 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
             scalars = (fold_form.reduce(sink.stats, st.data["scalars"], t_new, method_params) if fold_form.reduce
                        else st.data["scalars"])
             entry = {"name": label, "source": model.ref, "sha256": digest,
-                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "params": mparams, "t": t_new}
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "params": mparams, "t": t_new,
+                     "version": version}
             if job:
                 entry["job"] = job
             if gate.norms:
