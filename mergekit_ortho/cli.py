@@ -383,13 +383,17 @@ def continual_init(
     gate_command: Optional[str] = typer.Option(None, "--gate-command",
                                                help="Shell command run on each candidate's export ({path}); the "
                                                "model is merged only if it exits 0."),
+    removable: bool = typer.Option(False, "--removable", help="linear / task_arithmetic: keep the running sum in "
+                                   "float64 so that `continual remove` subtracts a model exactly."),
+    window: Optional[int] = typer.Option(None, "--window", help="linear / task_arithmetic: keep only the last N "
+                                         "models (implies --removable)."),
 ):
     """Create a continual-merging state; merge the recipe's models (if any) in order (all or nothing)."""
     from . import continual
 
     gate = {k: v for k, v in (("max_norm_ratio", gate_ratio), ("command", gate_command)) if v is not None}
     st = continual.init(state, recipe, on_model=lambda e: _console().print(f"merged {e['name']} as model {e['t']}"),
-                        force=force, retain=retain, gate=gate)
+                        force=force, retain=retain, gate=gate, removable=removable, window=window)
     _console().print(f"created {state} ({st.method}, {st.t} model(s) merged)")
 
 
@@ -444,6 +448,17 @@ def continual_export(state: Path = typer.Argument(..., help="State directory."),
 
     result = continual.export(state, out, overwrite, force_replace=force_replace)
     _console().print(f"wrote {result}")
+
+
+@continual_app.command("remove")
+@handle_errors
+def continual_remove(state: Path = typer.Argument(..., help="State directory."),
+                     name: str = typer.Argument(..., help="The model's name in the history, or #t.")):
+    """Subtract one model from a removable linear / task_arithmetic state (exact; a new version)."""
+    from . import continual
+
+    r = continual.remove(state, name)
+    _console().print(f"removed {r['removed']}; {r['t']} model(s) remain (version {r['version']})")
 
 
 @continual_app.command("versions")

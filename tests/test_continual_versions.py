@@ -148,3 +148,64 @@ def test_gate_command_vetoes_the_candidate(tiny_models, tmp_path, cli):
     flag.touch()
     assert cli("continual", "add", state, tiny_models["a"])[0] == 0
     assert continual.State.load(state).t == 1
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", "{lambda: 0.7}"), ("linear", "")])
+def test_add_then_remove_returns_the_previous_state(tiny_models, tmp_path, cli, method, params):
+    r = write_recipe(tmp_path / "i.yaml", f"merge_method: {method}\nbase_model: {tiny_models['base']}\n"
+                     + (f"parameters: {params}\n" if params else ""))
+    state = tmp_path / "s"
+    assert cli("continual", "init", state, "--recipe", r, "--removable")[0] == 0
+    continual.add(state, str(tiny_models["a"]), name="a", params={"weight": 0.3})
+    continual.add(state, str(tiny_models["c"]), name="c", params={"weight": 2.0})
+    before = state_tensors(state)
+    assert all(t.dtype == torch.float64 for t in before.values())
+    continual.add(state, str(tiny_models["b"]), name="b", params={"weight": 1.7})
+    code, out, err = cli("continual", "remove", state, "b")
+    assert code == 0, err
+    after = state_tensors(state)
+    rel = max(float((after[k] - before[k]).norm() / before[k].norm()) for k in before)
+    assert rel < 1e-7, rel
+    st = continual.State.load(state)
+    assert [h["name"] for h in st.data["history"]] == ["a", "c"] and st.t == 2
+    # removing a middle model equals never having added it; the export too (up to float64 rounding)
+    continual.remove(state, "a")
+    ref = tmp_path / "ref"
+    continual.init(ref, r, removable=True)
+    continual.add(ref, str(tiny_models["c"]), name="c", params={"weight": 2.0})
+    x, y = state_tensors(state), state_tensors(ref)
+    assert max(float((x[k] - y[k]).norm() / y[k].norm()) for k in y) < 1e-7
+    continual.export(state, tmp_path / "o1")
+    continual.export(ref, tmp_path / "o2")
+    a, b = load_dir(tmp_path / "o1"), load_dir(tmp_path / "o2")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in b)
+    code, _, err = cli("continual", "remove", state, "zzz")
+    assert code == 2 and "no model named 'zzz'" in err
+
+
+def test_window_keeps_the_last_n_models(tiny_models, tmp_path):
+    r = write_recipe(tmp_path / "i.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n")
+    state = tmp_path / "s"
+    continual.init(state, r, window=2)
+    for m in "abc":
+        continual.add(state, str(tiny_models[m]), name=m)
+    st = continual.State.load(state)
+    assert [h["name"] for h in st.data["history"]] == ["b", "c"] and [h["t"] for h in st.data["history"]] == [1, 2]
+    ref = tmp_path / "ref"
+    continual.init(ref, r, removable=True)
+    for m in "bc":
+        continual.add(ref, str(tiny_models[m]), name=m)
+    x, y = state_tensors(state), state_tensors(ref)
+    assert max(float((x[k] - y[k]).norm() / y[k].norm()) for k in y) < 1e-7
+
+
+def test_methods_that_cannot_remove_say_so(tiny_models, tmp_path, cli):
+    state = init_state(tmp_path, tiny_models, "magmax", models="a")
+    code, _, err = cli("continual", "remove", state, "a")
+    assert code == 2 and "cannot subtract" in err and "promote" in err
+    plain = init_state(tmp_path / "p", tiny_models, "task_arithmetic", models="a")
+    code, _, err = cli("continual", "remove", plain, "a")
+    assert code == 2 and "float32" in err and "--removable" in err
+    r = write_recipe(tmp_path / "o.yaml", f"merge_method: opcm\nbase_model: {tiny_models['base']}\n")
+    code, _, err = cli("continual", "init", tmp_path / "s3", "--recipe", r, "--window", "3")
+    assert code == 2 and "cannot subtract" in err

@@ -9,6 +9,7 @@ The names below are the public API (``from mergekit_ortho import continual``).
 from __future__ import annotations
 
 from .gate import GateRefused
+from .removal import remove
 from .service import _add_locked, _check_compatible, _tensor_hash_update, add, export, init, status, validate
 from .state import (DEFAULT_RETAIN, FORMAT_VERSION, PART_SEP, STATE_FILE, State, _check_state, _fold_form, _lock,
                     _state_params, _StateLayout, _StateReader, _sweep, _write_json_atomic)
@@ -16,4 +17,4 @@ from .versions import list_versions, promote, tag
 from .watch import _entry_signature, _incomplete_reason, poster, watch
 
 __all__ = ["State", "init", "add", "export", "status", "validate", "watch", "poster", "list_versions", "promote",
-           "tag", "GateRefused", "FORMAT_VERSION", "PART_SEP", "STATE_FILE", "DEFAULT_RETAIN"]
+           "tag", "remove", "GateRefused", "FORMAT_VERSION", "PART_SEP", "STATE_FILE", "DEFAULT_RETAIN"]

@@ -23,16 +23,21 @@ from ..writer import refuse_if_interrupted
 from . import gate as gate_mod
 from . import versions
 from .state import (FORMAT_VERSION, STATE_FILE, VERSION_FILE, State, _fold_form, _lock, _state_params, _StateLayout,
-                    _StateReader, _sweep, _write_json_atomic)
+                    _StateReader, _sweep, _write_json_atomic, accumulate_dtype)
+
+REMOVABLE = ("linear", "task_arithmetic")  # folds that are sums: a model's term can be subtracted
 
 # --- init ------------------------------------------------------------------------------------------
 
 
 def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | None = None,
-         force: bool = False, retain: int = versions.DEFAULT_RETAIN, gate: dict | None = None) -> State:
+         force: bool = False, retain: int = versions.DEFAULT_RETAIN, gate: dict | None = None,
+         removable: bool = False, window: int | None = None) -> State:
     """Create a state from a recipe (method, base, parameters); fold in the recipe's models
     (``force``: also models whose tensors equal one already merged). ``retain``: how many versions
-    to keep (tagged ones aside); ``gate``: ``{max_norm_ratio, command}`` (:mod:`.gate`)."""
+    to keep (tagged ones aside); ``gate``: ``{max_norm_ratio, command}`` (:mod:`.gate`);
+    ``removable`` / ``window`` (linear, task_arithmetic): a float64 running sum from which
+    `remove` subtracts a model exactly, and the last ``window`` models kept (:mod:`.removal`)."""
     if retain < 1:
         raise UserError(f"retain must be at least 1, got {retain}")
     gate = gate_mod.check_config(gate or {})
@@ -48,6 +53,12 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
                         f"'{op.name}' is not one of them")
     if not r.base_model:
         raise UserError("continual merging needs 'base_model' in the recipe")
+    if window is not None and window < 1:
+        raise UserError(f"--window must be at least 1, got {window}")
+    removable = removable or window is not None
+    if removable and op.name not in REMOVABLE:
+        raise UserError(f"method '{op.name}' cannot subtract a model from its state, so it has no --removable or "
+                        f"--window (only {', '.join(sorted(REMOVABLE))}); roll back with `merge continual promote`")
     base_ref = recipe_mod.resolve_ref(r, r.base_model)
     from ..plan import ModelInput, open_source, plan_items
 
@@ -79,6 +90,8 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
         "tags": {},
         "next_version": 1,
         "gate": gate,
+        "accumulate": "float64" if removable else "float32",
+        "window": window,
     }
     # the whole state, initial models included, is built in a temporary directory and renamed into
     # place at the end: a failure (a corrupt model, Ctrl-C) leaves no half-built state behind
@@ -111,7 +124,14 @@ def add(state_dir: Path, model_ref: str, name: str | None = None, force: bool = 
     State.load(root)  # clear error before taking the lock
     try:
         with _lock(root).acquire(timeout=lock_timeout):
-            return _add_locked(root, model_ref, name, force, params or {}, job, on_progress)
+            entry = _add_locked(root, model_ref, name, force, params or {}, job, on_progress)
+            window = State.load(root).data.get("window")
+            if window:
+                from .removal import _remove_locked
+
+                while State.load(root).t > window:  # each removal its own commit
+                    _remove_locked(root, 0)
+            return entry
     except Timeout:
         raise UserError(f"{root} is locked by another process; try again later") from None
 
@@ -211,7 +231,8 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
         tensors = st.data["tensors"]
         fold_form = _fold_form(op)
         method_params, history_params = _state_params(op, st)
-        layout = _StateLayout(fold_form, method_params, tensors)
+        layout = _StateLayout(fold_form, method_params, tensors, accumulate_dtype(st))
+        acc = getattr(torch, accumulate_dtype(st))
         t_new = st.t + 1
         version = versions.next_name(st.data)
         prev = _StateReader(st.tensor_dir) if st.tensor_dir else None
@@ -236,7 +257,7 @@ def _add_locked(root: Path, model_ref: str, name: str | None, force: bool, param
             gate.observe(n, raw, b)
             b_in = b if op.reads == "deltas" else None
             x = raw if raw_mode else operator_input(raw, b_in, f32)
-            task = registry.TensorTask(n, b_in, [], method_params, history_params, dtype=f32,
+            task = registry.TensorTask(n, b_in, [], method_params, history_params, dtype=acc,
                                        raw_inputs=raw_mode)
             old = layout.load(prev, n, task) if prev else None
             out = fold_form.step(old, x, st.t, task)
@@ -353,7 +374,7 @@ def _export_state(st: State, out: Path, overwrite: bool = False, on_tensor=None,
     try:
         fold_form = _fold_form(op)
         method_params, history_params = _state_params(op, st)
-        layout = _StateLayout(fold_form, method_params, st.data["tensors"])
+        layout = _StateLayout(fold_form, method_params, st.data["tensors"], accumulate_dtype(st))
         items, _ = plan_mod.plan_items(base, [], r.include, r.exclude, plan_mod.output_dtype(r))
         specs = [OutTensor(i.name, i.shape, i.out_dtype) for i in items.values()]
         plan = plan_mod.Plan(r, op, st.data["params"], base, [], items, plan_shards(specs, r.output.shard_size),

@@ -67,7 +67,8 @@ _STATE_FIELDS = {"format_version": int, "method": str, "params": dict, "recipe":
                  "t": int, "scalars": dict, "history": list, "current": (str, type(None)), "tensors": dict}
 _HISTORY_FIELDS = {"name": str, "source": str, "sha256": str, "time": str, "params": dict, "t": int}
 # optional fields (states written before versions were kept have none of them)
-_VERSION_FIELDS = {"retain": int, "versions": list, "tags": dict, "next_version": int, "gate": dict}
+_VERSION_FIELDS = {"retain": int, "versions": list, "tags": dict, "next_version": int, "gate": dict,
+                   "accumulate": str, "window": (int, type(None))}
 VERSION_FILE = "version.json"
 DEFAULT_RETAIN = 3
 
@@ -98,6 +99,8 @@ def _check_state(data: dict, f: Path) -> None:
     check_fields(data, _VERSION_FIELDS, f)
     if data.get("retain", 1) < 1:
         raise UserError(f"{f}: field 'retain' must be at least 1, got {data['retain']}")
+    if data.get("accumulate", "float32") not in ("float32", "float64"):
+        raise UserError(f"{f}: field 'accumulate' must be float32 or float64, got {data['accumulate']!r}")
     for i, v in enumerate(data.get("versions", [])):
         if not isinstance(v, dict) or not isinstance(v.get("version"), str) or "/" in v["version"]:
             raise UserError(f"{f}: versions[{i}] must be an object naming a version directory")
@@ -181,18 +184,18 @@ class _StateLayout:
     (a one-tensor state, float32: the layout of every state before parts existed), or, for a fold
     with ``parts``, as ``NAME#part`` entries kept together, 8-byte parts first."""
 
-    def __init__(self, fold, params, tensors: dict):
+    def __init__(self, fold, params, tensors: dict, dtype: str = "float32"):
         from ..dtypes import itemsize
         from ..writer import OutTensor
 
-        self.fold = fold
+        self.fold, self.dtype = fold, dtype
         self.specs: dict[str, list] = {}
         for n, info in tensors.items():
             if info["action"] != "merge":
                 continue
             shape = tuple(info["shape"])
             if fold.parts is None:
-                self.specs[n] = [OutTensor(n, shape, "float32")]
+                self.specs[n] = [OutTensor(n, shape, dtype)]
             else:
                 laid = fold.parts.layout(shape, params).items()
                 parts = [OutTensor(f"{n}{PART_SEP}{p}", tuple(s), d) for p, (s, d) in laid]
@@ -232,7 +235,7 @@ class _StateLayout:
     def stored(self, name: str, state):
         """What the sink writes for ``name``: the state tensor, or {stored name: part} in order."""
         if self.fold.parts is None:
-            return state
+            return state if self.dtype == "float32" else {name: state}  # float64: written as it is
         packed = self.fold.parts.pack(state)
         return {t.name: packed[t.name[len(name) + len(PART_SEP):]] for t in self.specs[name]}
 
@@ -258,6 +261,11 @@ def _state_params(op, st: "State") -> tuple:
     (state.json holds them as plain JSON)."""
     return (op.resolve_params(st.data["params"]),
             [op.resolve_model_params(e["params"], e["name"]) for e in st.data["history"]])
+
+
+def accumulate_dtype(st: "State") -> str:
+    """The dtype of a one-tensor state's running sum: float32, or float64 in a removable state."""
+    return st.data.get("accumulate", "float32")
 
 
 def _fold_form(op):
