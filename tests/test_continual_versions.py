@@ -15,7 +15,6 @@ from test_continual import init_state, state_tensors
 from test_run import load_dir, recipe_text
 
 from mergekit_ortho import continual
-from mergekit_ortho.testing.checkpoints import llama_shapes, write_checkpoint
 
 CLI = [sys.executable, "-m", "mergekit_ortho.cli"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .gate import GateRefused
 from .removal import remove
-from .service import _add_locked, _check_compatible, _tensor_hash_update, add, export, init, status, validate
+from .reading import _check_compatible, _tensor_hash_update
+from .service import _add_locked, add, export, init, status, validate
 from .state import (DEFAULT_RETAIN, FORMAT_VERSION, PART_SEP, STATE_FILE, State, _check_state, _fold_form, _lock,
                     _state_params, _StateLayout, _StateReader, _sweep, _write_json_atomic)
 from .versions import list_versions, promote, tag

@@ -53,7 +53,7 @@ def _index(st: State, name: str) -> int:
 
 
 def _removable(st: State) -> None:
-    from .service import REMOVABLE
+    from .reading import REMOVABLE
 
     if st.method not in REMOVABLE:
         raise UserError(f"method '{st.method}' cannot subtract a model from its state (its fold is not a sum); "
@@ -71,7 +71,7 @@ def _remove_locked(root: Path, index: int) -> dict:
     from ..inputs import stored
     from ..ops import registry
     from ..sinks import StateVersion
-    from .service import _tensor_hash_update, load_dtype, model_params, open_model
+    from .reading import _tensor_hash_update, load_dtype, model_params, open_model
 
     st = State.load(root)
     _removable(st)

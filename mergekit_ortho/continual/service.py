@@ -25,7 +25,7 @@ from . import versions
 from .state import (FORMAT_VERSION, STATE_FILE, VERSION_FILE, State, _fold_form, _lock, _state_params, _StateLayout,
                     _StateReader, _sweep, _write_json_atomic, accumulate_dtype)
 
-REMOVABLE = ("linear", "task_arithmetic")  # folds that are sums: a model's term can be subtracted
+from .reading import REMOVABLE, _tensor_hash_update, load_dtype, model_params, open_model
 
 # --- init ------------------------------------------------------------------------------------------
 
@@ -134,66 +134,6 @@ def add(state_dir: Path, model_ref: str, name: str | None = None, force: bool = 
             return entry
     except Timeout:
         raise UserError(f"{root} is locked by another process; try again later") from None
-
-
-def _tensor_hash_update(h, name: str, t) -> None:
-    import torch
-
-    h.update(name.encode())
-    h.update(str(t.dtype).encode())
-    h.update(str(list(t.shape)).encode())
-    t = t.contiguous()
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-
-
-def load_dtype(st: State):
-    """The recipe's ``dtype`` as the torch dtype every input is rounded to when read (None: as stored)."""
-    dtype = st.data["recipe"].get("dtype")
-    if not dtype:
-        return None
-    import torch
-
-    from ..dtypes import canonical
-
-    return getattr(torch, canonical(dtype, "dtype"))
-
-
-def open_model(st: State, model_ref: str, label: str, mparams):
-    """(base, model) inputs for an add: a LoRA arrives as the full model it makes, base + scale * B @ A.
-    Checked against the state's tensors (names, shapes): a mismatch is one line, nothing read."""
-    from .. import plan as plan_mod
-
-    ref = str(Path(model_ref).resolve()) if Path(model_ref).exists() else model_ref
-    base = plan_mod.ModelInput("base", st.data["base_model"], plan_mod.open_source(st.data["base_model"], "base"), {})
-    try:
-        model = plan_mod.ModelInput(label, ref, plan_mod.open_source(ref, label), mparams)
-    except BaseException:
-        base.source.close()
-        raise
-    try:
-        if model.is_lora:
-            from ..adapters.keymap import match_to_base
-            from ..adapters.matched import AppliedLora, MatchedLora
-
-            infos = base.source.infos
-            match = match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()})
-            model = plan_mod.ModelInput(label, ref, AppliedLora(MatchedLora(model.source, match), base.source),
-                                        mparams)
-        _check_compatible(st.data["tensors"], model)
-    except BaseException:
-        base.source.close()
-        model.source.close()
-        raise
-    return base, model
-
-
-def model_params(op, params: dict, label: str):
-    """The model's parameters, resolved (a bad one is the user's mistake: one line)."""
-    try:
-        return op.resolve_model_params(params, label)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def validate(state_dir: Path, model_ref: str, name: str | None = None, params: dict | None = None) -> str:
@@ -319,20 +259,6 @@ def _run_gate_command(root: Path, data: dict, gate, label: str, version: str) ->
         raise
     finally:
         shutil.rmtree(candidate, ignore_errors=True)
-
-
-def _check_compatible(tensors: dict, model) -> None:
-    for n, info in tensors.items():
-        if info["action"] != "merge":
-            continue
-        other = model.source.infos.get(n)
-        if other is None:
-            raise UserError(f"tensor '{n}' of the state's base is missing from {model.ref}")
-        if list(other.shape) != info["shape"]:
-            raise UserError(f"tensor '{n}' has shape {list(other.shape)} in {model.ref}, the state has {info['shape']}")
-    extra = sorted(set(model.source.infos) - set(tensors))
-    if extra:
-        raise UserError(f"tensor '{extra[0]}' is in {model.ref} but not in the state's base model")
 
 
 # --- export, status --------------------------------------------------------------------------------
