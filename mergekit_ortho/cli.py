@@ -451,12 +451,24 @@ def continual_init(
     state: Path = typer.Argument(..., help="State directory to create."),
     recipe: Path = typer.Option(..., "--recipe", help="Recipe: a method that folds one model at a time (`merge methods`: opcm, magmax, linear, task_arithmetic, model_stock, ram, ...), base, parameters, optional initial models."),
     force: bool = typer.Option(False, "--force", help="Merge a model even if the same tensors were merged before."),
+    retain: int = typer.Option(3, "--retain", help="Versions to keep (tagged ones are kept too)."),
+    gate_ratio: Optional[float] = typer.Option(None, "--gate-max-norm-ratio",
+                                               help="Refuse a model whose task-vector norm in some tensor group is "
+                                               "more than this factor from the running median (e.g. 5)."),
+    gate_command: Optional[str] = typer.Option(None, "--gate-command",
+                                               help="Shell command run on each candidate's export ({path}); the "
+                                               "model is merged only if it exits 0."),
+    removable: bool = typer.Option(False, "--removable", help="linear / task_arithmetic: keep the running sum in "
+                                   "float64 so that `continual remove` subtracts a model exactly."),
+    window: Optional[int] = typer.Option(None, "--window", help="linear / task_arithmetic: keep only the last N "
+                                         "models (implies --removable)."),
 ):
     """Create a continual-merging state; merge the recipe's models (if any) in order (all or nothing)."""
     from . import continual
 
+    gate = {k: v for k, v in (("max_norm_ratio", gate_ratio), ("command", gate_command)) if v is not None}
     st = continual.init(state, recipe, on_model=lambda e: _console().print(f"merged {e['name']} as model {e['t']}"),
-                        force=force)
+                        force=force, retain=retain, gate=gate, removable=removable, window=window)
     _console().print(f"created {state} ({st.method}, {st.t} model(s) merged)")
 
 
@@ -513,6 +525,60 @@ def continual_export(state: Path = typer.Argument(..., help="State directory."),
     _console().print(f"wrote {result}")
 
 
+@continual_app.command("remove")
+@handle_errors
+def continual_remove(state: Path = typer.Argument(..., help="State directory."),
+                     name: str = typer.Argument(..., help="The model's name in the history, or #t.")):
+    """Subtract one model from a removable linear / task_arithmetic state (exact; a new version)."""
+    from . import continual
+
+    r = continual.remove(state, name)
+    _console().print(f"removed {r['removed']}; {r['t']} model(s) remain (version {r['version']})")
+
+
+@continual_app.command("versions")
+@handle_errors
+def continual_versions(state: Path = typer.Argument(..., help="State directory."),
+                       as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """The versions kept (oldest first): models merged, time, tags, disk use; * marks the current one."""
+    import json
+
+    from . import continual
+
+    vs = continual.list_versions(state)
+    if as_json:
+        typer.echo(json.dumps(vs, indent=2))
+        return
+    c = _console()
+    for v in vs:
+        tags = f"  tags: {', '.join(v['tags'])}" if v["tags"] else ""
+        c.print(f"{'*' if v['current'] else ' '} {v['version']}  {v['t']:>3} model(s)  {_fmt_bytes(v['disk_bytes'])}"
+                f"  {v['time']}{tags}")
+
+
+@continual_app.command("promote")
+@handle_errors
+def continual_promote(state: Path = typer.Argument(..., help="State directory."),
+                      version: str = typer.Argument(..., help="A kept version: v000003, 3 or a tag.")):
+    """Make a kept version the current one (roll back or forward); later adds continue from it."""
+    from . import continual
+
+    r = continual.promote(state, version)
+    _console().print(f"current version is now {r['version']} ({r['t']} model(s))")
+
+
+@continual_app.command("tag")
+@handle_errors
+def continual_tag(state: Path = typer.Argument(..., help="State directory."),
+                  version: str = typer.Argument(..., help="A kept version: v000003, 3 or a tag."),
+                  name: str = typer.Argument(..., help="The tag; a tagged version is never swept.")):
+    """Tag a kept version so that retention keeps it."""
+    from . import continual
+
+    r = continual.tag(state, version, name)
+    _console().print(f"tagged {r['version']} as {r['tag']}")
+
+
 @continual_app.command("watch")
 @handle_errors
 def continual_watch(state: Path = typer.Argument(..., help="State directory."),
@@ -521,7 +587,12 @@ def continual_watch(state: Path = typer.Argument(..., help="State directory."),
                     incomplete_timeout: float = typer.Option(
                         3600.0, "--incomplete-timeout",
                         help="Seconds to wait for an incomplete checkpoint (missing shards) to change before "
-                        "giving up on it (logged; retried if its files change later).")):
+                        "giving up on it (logged; retried if its files change later)."),
+                    server: Optional[str] = typer.Option(None, "--server",
+                                                         help="Post each checkpoint to this `merge serve` URL's "
+                                                         "queue instead of merging it here."),
+                    token_file: Optional[Path] = typer.Option(None, "--token-file",
+                                                              help="Bearer token for --server.")):
     """Merge each complete checkpoint that appears in the inbox, in arrival order, until SIGTERM/Ctrl-C."""
     import signal
 
@@ -536,9 +607,41 @@ def continual_watch(state: Path = typer.Argument(..., help="State directory."),
     signal.signal(signal.SIGINT, _stop)
     c = _console()
     c.print(f"watching {inbox} for checkpoints (every {interval:g}s); Ctrl-C or SIGTERM to stop")
+    submit = None
+    if server:
+        token = _read_token(token_file) if token_file else None
+        submit = continual.poster(server, token)
     n = continual.watch(state, inbox, interval, log=lambda m: c.print(m), should_stop=lambda: stop["flag"],
-                        incomplete_timeout=incomplete_timeout)
+                        incomplete_timeout=incomplete_timeout, submit=submit)
     c.print(f"stopped; {n} model(s) merged")
+
+
+@app.command("serve")
+@handle_errors
+def serve(state: Path = typer.Argument(..., help="State directory (`merge continual init`)."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs "
+                                   "--token-file."),
+          port: int = typer.Option(8321, "--port", help="Port (0: any free one, logged)."),
+          token_file: Optional[Path] = typer.Option(None, "--token-file",
+                                                    help="File holding the bearer token every request must send."),
+          retain: Optional[int] = typer.Option(None, "--retain", help="Versions to keep (tagged ones too)."),
+          log_format: str = typer.Option("json", "--log-format", help="json (one object a line) or text.")):
+    """Serve continual merging over HTTP: a job queue, versions, metrics (needs the [serve] extra)."""
+    from .continual import server
+
+    server.serve(state, host, port, token_file, retain, log_format, read_token=_read_token)
+
+
+def _read_token(path: Path) -> str:
+    from .errors import UserError
+
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise UserError(f"--token-file {path}: cannot read it ({e.strerror or e})") from None
+    if len(token) < 16:
+        raise UserError(f"--token-file {path}: the token must be at least 16 characters")
+    return token
 
 
 def main() -> None:

@@ -299,6 +299,13 @@ class StateVersion:
         """All tensors written and synced; the version is not yet in place."""
         self.writer.finish()
 
+    def write_json(self, name: str, data: dict) -> None:
+        """A small JSON file beside the tensors (a version's description), synced before ``commit``."""
+        with open(self.tmp / name, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
     def commit(self) -> Path:
         from .writer import fsync_path
 

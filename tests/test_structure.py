@@ -77,7 +77,7 @@ def test_one_execution_loop():
                    for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
 
     callers = {p.stem for p in PKG.rglob("*.py") if p.stem != "execute" and calls_execute(p)}
-    assert callers == {"outputs", "continual", "revert", "sequential"}, callers
+    assert callers == {"outputs", "service", "removal", "revert", "sequential"}, callers
     for p in PKG.rglob("*.py"):
         text = p.read_text(encoding="utf-8")
         if p.stem not in ("execute", "writer", "sinks"):
