@@ -30,7 +30,7 @@ _KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("text_encoder_2.", ("lora_te2_", "lora_te3_")),
     ("text_encoder_3.", ("lora_te3_",)),
 )
-_KOHYA_BARE = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+_KOHYA_BARE = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_")
 
 
 def _strip_first(name: str) -> str | None:
@@ -83,11 +83,13 @@ class BaseMatch(Mapping[str, str]):
     layout the base's shape decided against the config (PEFT sets fan_in_fan_out per layer for
     GPT-2 ``Conv1D``, so a config without it can still hold transposed modules)."""
 
-    __slots__ = ("_map", "layouts")
+    __slots__ = ("_map", "layouts", "shapes")
 
-    def __init__(self, mapping: Mapping[str, str], layouts: Mapping[str, str] | None = None):
+    def __init__(self, mapping: Mapping[str, str], layouts: Mapping[str, str] | None = None,
+                 shapes: Mapping[str, Sequence[int]] | None = None):
         self._map = dict(sorted(mapping.items()))
         self.layouts = MappingProxyType(dict(layouts or {}))
+        self.shapes = MappingProxyType({k: tuple(v) for k, v in (shapes or {}).items()})  # module -> base shape
 
     def __getitem__(self, module: str) -> str:
         return self._map[module]
@@ -116,6 +118,8 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
     Raises UserError naming the LoRA file for unmatched modules, ambiguous matches and shapes
     that do not fit the base tensor. The source is not modified: bind the result with
     ``MatchedLora(source, match)``."""
+    from .grouping import stem_of
+
     src = lora_source
     first_components = sorted({(m[len(PEFT_PREFIX):] if m.startswith(PEFT_PREFIX) else m).split(".", 1)[0]
                                for m in src.modules})
@@ -127,7 +131,7 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
         base_modules.setdefault(m, k)
         if ".base_layer" in m:
             base_modules.setdefault(m.replace(".base_layer", ""), k)
-    todo = set(src.modules)
+    todo = {stem_of(m)[0] for m in src.modules}
     found: dict[str, str] = {}
     tiers = 2 if src.format == "kohya" else 3
     for tier in range(tiers):
@@ -162,13 +166,24 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
             + ", ".join(f"'{x}'" for x in miss[:5]) + (", ..." if len(miss) > 5 else "")
             + (f" (base key '{base_modules[example]}' would be '{ex[0]}')" if ex else "")
             + "; is this LoRA for this base model?")
+    targets: dict[str, str] = {}
+    for mod in src.modules:
+        stem, tgt = stem_of(mod)
+        key = found[stem] if tgt == "weight" else found[stem][: -len("weight")] + tgt
+        if key not in base_shapes:
+            raise UserError(f"{src.file}: module '{stem}' adapts '{key}', which the base model lacks "
+                            f"(a {tgt} delta needs a base with that tensor)")
+        targets[mod] = key
     inv: dict[str, str] = {}
     layouts: dict[str, str] = {}
-    for mod, key in found.items():
+    for mod, key in targets.items():
         if key in inv:
             raise UserError(f"LoRA modules '{inv[key]}' and '{mod}' in {src.file} both map to base tensor '{key}'")
         inv[key] = mod
         shape = tuple(base_shapes[key])
+        if not src.is_factors(mod):
+            _check_part(src, mod, key, shape)
+            continue
         (r, cols), (rows, _) = src.factor_shapes(mod)
         sa, _ = src.stored_shapes(mod)
         if not _fits(rows, cols, shape, sa):
@@ -183,7 +198,20 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
                 f"shape mismatch: LoRA module '{mod}' in {src.file} gives a delta of {rows}x{cols} "
                 f"(A/down {list(sa)}) but base tensor '{key}' has shape {list(shape)}"
                 " (a LoRA for a different model or model family, e.g. SDXL vs SD1.5?)")
-    return BaseMatch(found, layouts)
+    return BaseMatch(targets, layouts, {m: base_shapes[k] for m, k in targets.items()})
+
+
+def _check_part(src: "LoraSource", mod: str, key: str, shape: tuple[int, ...]) -> None:
+    """A part that is not plain factors must give a delta of the base tensor's size (its type's
+    shape rule also validates the stored factors against the base, e.g. LoKr's kron)."""
+    from .typed import delta_shape
+
+    rows, cols = delta_shape(src, mod, shape)
+    want = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (math.prod(shape), 1)
+    if (rows, cols) != want:
+        raise UserError(f"shape mismatch: {src.type_name(mod)} module '{mod}' in {src.file} gives a delta of "
+                        f"{rows}x{cols} but base tensor '{key}' has shape {list(shape)}"
+                        " (an adapter for a different model or model family?)")
 
 
 def kohya_default_name(base_key: str) -> str:
