@@ -117,6 +117,14 @@ class Part:
     keys: dict[str, str]  # role -> stored key
     target: str = "weight"
     epilogues: list[tuple[AdapterType, dict[str, str]]] = field(default_factory=list)
+    also: list["Part"] = field(default_factory=list)  # further deltas on the same tensor, added
+
+    @property
+    def all_keys(self) -> dict[str, str]:
+        out = dict(self.keys)
+        for i, p in enumerate(self.also):
+            out.update({f"{i + 1}:{r}": k for r, k in p.keys.items()})
+        return out
 
     @property
     def factors(self) -> bool:
@@ -124,11 +132,12 @@ class Part:
 
     @property
     def needs_base(self) -> bool:
-        return self.type.needs_base or any(e.needs_base for e, _ in self.epilogues)
+        return (self.type.needs_base or any(e.needs_base for e, _ in self.epilogues)
+                or any(p.needs_base for p in self.also))
 
     @property
     def name(self) -> str:
-        return " + ".join([self.type.name] + [e.name for e, _ in self.epilogues])
+        return " + ".join([self.type.name] + [e.name for e, _ in self.epilogues] + [p.name for p in self.also])
 
 
 def _best(cands: list[AdapterType], present: Mapping[str, str]) -> AdapterType | None:

@@ -77,6 +77,7 @@ def group_keys(entries: Mapping[str, tuple[Any, tuple[int, ...]]], fmt: str, con
             if not trained_bias:
                 raise UserError(f"{file}: tensor '{key}' is a bias but adapter_config.json has bias "
                                 f"{config.get('bias', 'none')!r} (want 'all' or 'lora_only')")
+            stem = stem.removesuffix(".base_layer")  # PEFT saves a wrapped layer's bias under base_layer
             parts[module_id(stem, "bias")] = Part(REPLACEMENT, {"value": key}, "bias")
             continue
         if split is None:
@@ -95,6 +96,9 @@ def group_keys(entries: Mapping[str, tuple[Any, tuple[int, ...]]], fmt: str, con
                    {"module": stem, "file": str(file), "format": "peft" if peft else "lycoris"})
             mid = module_id(stem, p.target)
             if mid in parts:
+                if p.target == "bias" and not p.factors:  # trained bias + lora_bias: PEFT adds both
+                    parts[mid].also.append(p)
+                    continue
                 raise UserError(f"{file}: module '{stem}' has two {p.target} deltas ({parts[mid].name}, {p.name})")
             if p.factors:
                 lora[stem] = dict(p.keys)

@@ -37,7 +37,7 @@ def _replacement(base, t: Mapping[str, Any], hp: Mapping[str, Any]):
 
 LORA_BIAS = AdapterType("lora_bias", {"lora_B.bias": "bias"}, frozenset({"bias"}), _lora_bias, formats=("peft",),
                         notes="PEFT LoraConfig(lora_bias=True) (P1)",
-                        extra={"target": "bias", "shape": lambda s, hp: tuple(s["bias"])})
+                        extra={"target": "bias", "shape": lambda s, hp: tuple(s["bias"]), "peft_type": "LORA"})
 # not classified by suffix: the source builds it for modules_to_save tensors and trained biases
 REPLACEMENT = AdapterType("replacement", {}, frozenset({"value"}), _replacement, needs_base=True,
                           formats=("peft",), notes="PEFT modules_to_save / bias: all | lora_only (P1): W' = stored",

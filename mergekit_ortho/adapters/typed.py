@@ -27,7 +27,7 @@ def type_name(src: "LoraSource", module: str) -> str:
 
 def part_shapes(src: "LoraSource", module: str) -> dict[str, tuple[int, ...]]:
     p = src._parts[module]
-    out = {r: tuple(src._entries[k][1]) for r, k in p.keys.items()}
+    out = {r: tuple(src._entries[k][1]) for r, k in p.all_keys.items()}
     for e, keys in p.epilogues:
         out.update({f"{e.name}:{r}": tuple(src._entries[k][1]) for r, k in keys.items()})
     return out
@@ -114,6 +114,9 @@ def materialise(src: "LoraSource", module: str, shape=None, base=None):
         d = e.materialise(b32 if e.needs_base else None, {r: src._read(k) for r, k in keys.items()},
                           dict(hp, delta=d))
     d = d.to(torch.float32)
+    for q in p.also:  # e.g. a trained bias (replacement) and lora_bias on one bias: PEFT adds both
+        d = d.reshape(-1) + q.type.materialise(b32 if q.type.needs_base else None,
+                                               {r: src._read(k) for r, k in q.keys.items()}, hp).reshape(-1)
     if shape is not None:
         if d.numel() != math.prod(shape):
             raise UserError(f"{src.file}: {p.name} module '{module}' gives a delta of shape {list(d.shape)} but the "
