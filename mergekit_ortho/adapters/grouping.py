@@ -15,6 +15,7 @@ PEFT keys that are not adapter suffixes: ``modules_to_save`` tensors and trained
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +25,14 @@ from .families import Part
 
 BIAS = "|bias"
 PEFT_PREFIX = "base_model.model."
+
+
+def peft_pattern_key(patterns: dict, name: str) -> str | None:
+    """PEFT's get_pattern_key: first key k with re.match(rf"(.*\\.)?({k})$", name)."""
+    for k in patterns:
+        if re.match(rf"(.*\.)?({k})$", name):
+            return k
+    return None
 
 
 def module_id(stem: str, target: str) -> str:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,16 +45,9 @@ from typing import Any, Sequence
 from ..errors import UserError
 from ..io import safetensors as safetensors_io
 from .detect import PEFT_PREFIX, detect_lora, format_from_keys, load_json, weights_in_dir
+from .grouping import peft_pattern_key as _peft_pattern_key
 
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
-
-def _peft_pattern_key(patterns: dict, name: str) -> str | None:
-    """PEFT's get_pattern_key: first key k with re.match(rf"(.*\\.)?({k})$", name)."""
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", name):
-            return k
-    return None
-
 
 class LoraSource:
     """A LoRA adapter opened lazily: the header up front, one module's tensors per ``factors`` call."""

@@ -9,13 +9,12 @@ none is a ``UserError`` (``<file>: <type> needs the base model``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import UserError
-from .grouping import PEFT_PREFIX, stem_of
+from .grouping import PEFT_PREFIX, peft_pattern_key, stem_of
 
-if TYPE_CHECKING:
-    from .lora import LoraSource
+# ``src`` below is an ``adapters.lora.LoraSource`` (not imported: lora imports this module)
 
 
 def type_name(src: "LoraSource", module: str) -> str:
@@ -53,10 +52,8 @@ def part_rank(src: "LoraSource", module: str) -> int | None:
 
 
 def _pattern(src: "LoraSource", field: str, stem: str):
-    from .lora import _peft_pattern_key
-
     pats = (src.config or {}).get(field) or {}
-    k = _peft_pattern_key(pats, src._peft_name(stem))
+    k = peft_pattern_key(pats, src._peft_name(stem))
     return pats[k] if k is not None else None
 
 
