@@ -74,10 +74,12 @@ def base_tensor(plan: "Plan", source: "Source", cdt=None):
     return t if cdt is None else t.to(cdt)
 
 
-def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
+def lora_task(plan: "Plan", key: str, all_models: bool, errors: dict | None = None) -> registry.LoraTask:
     """One adapted module as a low-rank operator sees it: every LoRA's scale-folded factors
     (``all_models``: rank-0 factors for the models that do not adapt it, for exact low-rank forms
-    of dense methods that weigh every model), with the base weight when the operator needs it."""
+    of dense methods that weigh every model), with the base weight when the operator needs it.
+    Modules that are not LoRA factors are truncated by SVD (:func:`approximated_factors`); their
+    relative Frobenius errors go to ``errors`` ({model label: error}) when given."""
     import torch
 
     given = plan.params_for(key)
@@ -91,7 +93,9 @@ def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
                 continue
             A, B = torch.zeros(0, cols), torch.zeros(rows, 0)
         elif not m.source.is_factors(mod):
-            A, B = approximated_factors(plan, m, key, shape, given.method)
+            A, B, err = approximated_factors(plan, m, key, shape, given.method)
+            if errors is not None:
+                errors[m.label] = err
         else:
             A, B = m.source.factors_for(key, fold=plan.op.factor_fold)
         factors.append((A, B))
@@ -107,21 +111,25 @@ def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
 def approximated_factors(plan: "Plan", m: "ModelInput", key: str, shape, params: registry.Params):
     """An adapter module that is not LoRA factors (LoHa, LoKr, DoRA, OFT, ...) as a low-rank
     operator's input: its exact dense delta truncated by SVD to the operator's
-    ``dense_rank_param`` (PT-SVD, as for full fine-tunes); :func:`approximations` reports it."""
+    ``dense_rank_param`` (PT-SVD, as for full fine-tunes), else to ``output.rank``;
+    :func:`approximations` reports it."""
     import torch
 
     from .errors import UserError
     from .ops import lowrank
 
     op = plan.op
-    rank = params[op.dense_rank_param] if op.dense_rank_param else None
+    rank = params[op.dense_rank_param] if op.dense_rank_param else plan.recipe.output.rank
     if rank is None:
         raise UserError(f"{op.name}: '{key}' of {m.ref} is a {m.source.type_name(m.source.by_base[key])} module, not "
-                        "LoRA factors; set the method parameter "
-                        f"{op.dense_rank_param or '(none: use a dense method)'} to approximate it by truncated SVD")
+                        "LoRA factors; set " + (f"the method parameter {op.dense_rank_param}" if op.dense_rank_param
+                                                else "output.rank") + " to approximate it by truncated SVD")
     base = plan.base.source.get(key).to(torch.float32) if plan.base is not None else None
-    d = m.source.delta_for(key, shape, base=base)
-    return lowrank.factors_from_deltas([d.reshape(shape[0], -1)], rank, key, op.name)[0]
+    d = m.source.delta_for(key, shape, base=base).reshape(shape[0], -1)
+    A, B = lowrank.factors_from_deltas([d], rank, key, op.name)[0]
+    total = float(d.double().norm())
+    err = float((d.double() - B.double() @ A.double()).norm()) / total if total > 0 else 0.0
+    return A, B, err
 
 
 def approximations(plan: "Plan", key: str) -> dict:

@@ -229,12 +229,11 @@ def _check_lora_output(recipe, op: registry.Operator, params: dict, loras: list[
                 raise UserError(f"{m.ref}: {m.source.type_name(mod)} tensor(s) of '{mod}' are not a low-rank delta, "
                                 f"which a {op.name} merge with {fmt} output needs; use a dense method with "
                                 "output.format full")
-            rank = recipe.output.rank if op.input_kind != "lora" else (
-                params.get(op.dense_rank_param) if op.dense_rank_param else None)
+            rank = (params.get(op.dense_rank_param) if op.input_kind == "lora" and op.dense_rank_param
+                    else recipe.output.rank)
             if rank is None:
-                what = (f"set output.rank" if op.input_kind != "lora" else
-                        f"set the method parameter {op.dense_rank_param}" if op.dense_rank_param else
-                        "use a dense method")
+                what = (f"set the method parameter {op.dense_rank_param}" if op.input_kind == "lora"
+                        and op.dense_rank_param else "set output.rank")
                 raise UserError(f"{m.ref}: {m.source.type_name(mod)} module '{mod}' is not LoRA factors; {what} to "
                                 "approximate it by truncated SVD (the error is reported per module), or use "
                                 "output.format full")

@@ -255,3 +255,43 @@ def test_inspect_names_types_and_hyperparameters(mix, cli):
     assert "LoHa" in out and "LoKr" in out and "full" in out
     code, out, err = cli("inspect", mix["lora"])
     assert code == 0 and "lora_bias" in out
+
+
+def test_low_rank_operator_truncates_non_lora_inputs_and_reports_the_error(mix, tmp_path, cli):
+    t = {k: v for k, v in load_file(str(mix["lyco"])).items() if "head" not in k and "conv" not in k}
+    lyc = write_safetensors(tmp_path / "loha.safetensors", t)  # LoHa on lin (rank <= 4)
+    models = [("lyco", lyc, {"weight": 1.0}), ("lora", mix["lora"], {"weight": 1.0})]
+    r = _run_recipe(tmp_path / "r.yaml", models, mix["base"], method="core_space",
+                    params={"inner_method": "mean"}, output={"format": "peft"})
+    code, out, err = cli("run", r, "--out", tmp_path / "o1")
+    assert code == 2 and "output.rank" in out + err and not (tmp_path / "o1").exists()
+    r = _run_recipe(tmp_path / "r2.yaml", models, mix["base"], method="core_space",
+                    params={"inner_method": "mean"}, output={"format": "peft", "rank": 4})
+    code, out, err = cli("run", r, "--out", tmp_path / "o2")
+    assert code == 2 and "lora_bias" in out + err and "not a low-rank delta" in out + err, out + err
+    assert not (tmp_path / "o2").exists()  # the LoRA's bias has no LoRA form
+    lora = tmp_path / "plain"
+    import shutil
+
+    shutil.copytree(mix["lora"], lora)
+    sd = {k: v for k, v in load_file(str(lora / "adapter_model.safetensors")).items() if "bias" not in k}
+    write_safetensors(lora / "adapter_model.safetensors", sd)
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    cfg["lora_bias"] = False
+    (lora / "adapter_config.json").write_text(json.dumps(cfg))
+    r = _run_recipe(tmp_path / "r3.yaml", [models[0], ("lora", lora, {"weight": 1.0})], mix["base"],
+                    method="core_space", params={"inner_method": "mean"}, output={"format": "peft", "rank": 4})
+    code, out, err = cli("run", r, "--out", tmp_path / "o3")
+    assert code == 0, out + err
+    rep = json.loads((tmp_path / "o3" / "merge_report.json").read_text())["modules"]["lin.weight"]
+    a = rep["approximated_inputs"]["lyco"]
+    assert a["type"] == "LoHa" and 0 <= a["relative_error"] < 1e-5  # rank(LoHa r=2) <= 4: exact at rank 4
+
+
+def test_model_plus_lycoris_reference_applies_the_delta(mix):
+    from mergekit_ortho.planning import open_source
+
+    src = open_source(f"{mix['base']}+{mix['lyco']}", "x")
+    for k, d in mix["deltas"]["lyco"].items():
+        torch.testing.assert_close(src.get(k), mix["b"][k] + d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(src.get("lin.bias"), mix["b"]["lin.bias"])
