@@ -112,7 +112,7 @@ def peft_config_check(cfg: dict, file: Path) -> None:
         raise_unsupported(ptype, file, f"peft_type {ptype}; {_HINT}")
     for key, what in PEFT_VARIANT_KEYS.items():
         v = cfg.get(key)
-        if key == "use_dora" and any("lora_magnitude_vector" in t.roles for t in families.all_types()):
+        if key == "use_dora" and any("lora_magnitude_vector" in families.roles_of(t) for t in families.all_types()):
             continue
         if v not in (None, False, [], {}, ""):
             raise_unsupported(what, file, f"adapter_config.json has {key}={json.dumps(v)}; {_HINT}")

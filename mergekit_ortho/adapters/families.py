@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from ..errors import UserError
 from .types import AdapterType
 
-FAMILIES = ("lycoris", "peft_extras", "dora", "orthogonal", "ia3")
+FAMILIES = ("lycoris", "peft_extras", "dora", "orthogonal", "orthogonal_lycoris", "ia3")
 
 
 def _lora_delta(base, t, hp):  # a plain LoRA module as a dense delta (its factors are preferred)
@@ -67,8 +67,72 @@ def all_types() -> tuple[AdapterType, ...]:
             if e.name != f"{__package__}.{fam}":
                 raise
             continue
-        types += list(getattr(mod, "ADAPTER_TYPES", []))
+        types += [t for t in getattr(mod, "ADAPTER_TYPES", []) if all(t is not u for u in types)]
+        if fam == "dora":
+            types += _lycoris_dora(mod, types)
     return tuple(types) + (LORA, LORA_EMBEDDING)
+
+
+def _lycoris_dora(mod, types: list[AdapterType]) -> list[AdapterType]:
+    """LyCORIS ``dora_scale`` as an epilogue on the delta of the module's LoCon/LoHa/LoKr part
+    (dora.py gives the function ``lycoris_dora_delta(base, delta, dora_scale, hp)``, P14)."""
+    fn = getattr(mod, "lycoris_dora_delta", None)
+    if fn is None or any("dora_scale" in roles_of(t) for t in types):
+        return []
+
+    def materialise(base, t, hp):
+        return fn(base, hp["delta"], t["dora_scale"], hp)
+
+    return [AdapterType("DoRA (dora_scale)", {"dora_scale": "dora_scale"}, frozenset({"dora_scale"}), materialise,
+                        needs_base=True, formats=("lycoris",), notes="LyCORIS dora_wd (P14)",
+                        extra={"epilogue": True})]
+
+
+def peft_type_of(t: AdapterType) -> tuple[str, ...]:
+    """The adapter_config.json peft_type(s) whose files hold type ``t``: ``extra['peft_type']``,
+    else the first word of its name (``OFT (peft 0.14-0.15)`` -> OFT; DoRA is a LORA option)."""
+    p = t.extra.get("peft_type")
+    if p is not None:
+        return (p,) if isinstance(p, str) else tuple(p)
+    if "peft" not in t.formats:
+        return ()
+    word = t.name.split()[0].upper()
+    return ("LORA",) if word == "DORA" else (word,)
+
+
+def roles_of(t: AdapterType) -> dict[str, str]:
+    """{stored suffix without a leading dot: role}: families may write ``.hra_u`` or ``hra_u``."""
+    got = _ROLES.get(id(t))
+    if got is None or got[0] is not t:
+        got = _ROLES[id(t)] = (t, {k.lstrip("."): v for k, v in t.roles.items()})
+    return got[1]
+
+
+_ROLES: dict[int, tuple[AdapterType, dict[str, str]]] = {}
+
+
+def derived_bias(t: AdapterType) -> AdapterType:
+    """The bias part of a type whose ``extra['bias']`` (``fn(base_bias, tensors, hp)`` -> delta or
+    None) changes the module's bias too (PEFT IA3 on attention-type modules, P8). Optional: a
+    module whose base has no bias has no bias part."""
+    got = _DERIVED.get(id(t))
+    if got is not None and got[0] is t:
+        return got[1]
+    fn = t.extra["bias"]
+
+    def materialise(base, tensors, hp):
+        import torch
+
+        d = fn(base, tensors, hp)
+        return torch.zeros(base.shape, dtype=torch.float32) if d is None else d
+
+    d = AdapterType(f"{t.name} (bias)", {}, frozenset(), materialise, needs_base=True, formats=t.formats,
+                    notes=t.notes, extra={"target": "bias", "optional": True})
+    _DERIVED[id(t)] = (t, d)
+    return d
+
+
+_DERIVED: dict[int, tuple[AdapterType, AdapterType]] = {}
 
 
 def target(t: AdapterType) -> str:
@@ -80,7 +144,7 @@ def suffix_table() -> dict[str, list[AdapterType]]:
     """{stored suffix: types that read it}, registered types only."""
     out: dict[str, list[AdapterType]] = {}
     for t in all_types():
-        for suf in t.roles:
+        for suf in roles_of(t):
             out.setdefault(suf, []).append(t)
     return out
 
@@ -96,8 +160,9 @@ def peft_types() -> dict[str, list[AdapterType]]:
     """{PEFT peft_type: the registered types that read its tensors} ("LORA" always)."""
     out: dict[str, list[AdapterType]] = {"LORA": [LORA, LORA_EMBEDDING]}
     for t in all_types():
-        for p in ([t.extra["peft_type"]] if isinstance(t.extra.get("peft_type"), str) else t.extra.get("peft_type", ())):
-            out.setdefault(p, []).append(t)
+        for p in peft_type_of(t):
+            if t not in out.setdefault(p, []):
+                out[p].append(t)
     return out
 
 
@@ -143,10 +208,10 @@ class Part:
 def _best(cands: list[AdapterType], present: Mapping[str, str]) -> AdapterType | None:
     best, score = None, 0
     for t in cands:
-        got = {t.roles[s] for s in present if s in t.roles}
+        got = {roles_of(t)[s] for s in present if s in roles_of(t)}
         if not got or not t.required <= got:
             continue
-        n = sum(1 for s in present if s in t.roles)
+        n = sum(1 for s in present if s in roles_of(t))
         if n > score:
             best, score = t, n
     return best
@@ -160,7 +225,7 @@ def classify(stem: str, suffixes: Mapping[str, str], fmt: str, file: Any,
     pool = [t for t in (allowed if allowed is not None else all_types()) if fam in t.formats]
     left = {s: k for s, k in suffixes.items() if s != "alpha"}
     for s, k in left.items():
-        if s not in suffix_table() or not any(s in t.roles for t in pool):
+        if s not in suffix_table() or not any(s in roles_of(t) for t in pool):
             what = UNSUPPORTED_SUFFIXES.get(s)
             if what:
                 raise UserError(f"not supported yet: {what} in {file} (key '{k}')")
@@ -172,26 +237,26 @@ def classify(stem: str, suffixes: Mapping[str, str], fmt: str, file: Any,
         t = _best(cands, left)
         if t is None:
             continue
-        keys = {t.roles[s]: k for s, k in left.items() if s in t.roles}
+        keys = {roles_of(t)[s]: k for s, k in left.items() if s in roles_of(t)}
         parts.append(Part(t, keys, tgt))
-        left = {s: k for s, k in left.items() if s not in t.roles}
+        left = {s: k for s, k in left.items() if s not in roles_of(t)}
     for e in [t for t in pool if t.extra.get("epilogue")]:
-        got = {e.roles[s] for s in left if s in e.roles}
+        got = {roles_of(e)[s] for s in left if s in roles_of(e)}
         if got and e.required <= got:
             host = next((p for p in parts if p.target == target(e)), None)
             if host is None:
                 raise UserError(f"{file}: module '{stem}' has {e.name} tensors but no delta they re-weight")
-            host.epilogues.append((e, {e.roles[s]: k for s, k in left.items() if s in e.roles}))
-            left = {s: k for s, k in left.items() if s not in e.roles}
+            host.epilogues.append((e, {roles_of(e)[s]: k for s, k in left.items() if s in roles_of(e)}))
+            left = {s: k for s, k in left.items() if s not in roles_of(e)}
     if left:
         k = next(iter(left.values()))
-        owners = [t for t in pool if any(s in t.roles for s in left)]
-        owners.sort(key=lambda t: (-sum(1 for s in left if s in t.roles),
-                                   len(t.required - {t.roles[s] for s in left if s in t.roles})))
+        owners = [t for t in pool if any(s in roles_of(t) for s in left)]
+        owners.sort(key=lambda t: (-sum(1 for s in left if s in roles_of(t)),
+                                   len(t.required - {roles_of(t)[s] for s in left if s in roles_of(t)})))
         owner = owners[0] if owners else None
         if owner is not None:
-            have = {owner.roles[s] for s in left if s in owner.roles}
-            miss = sorted(s for s, r in owner.roles.items() if r in owner.required - have)
+            have = {roles_of(owner)[s] for s in left if s in roles_of(owner)}
+            miss = sorted(s for s, r in roles_of(owner).items() if r in owner.required - have)
             if owner.extra.get("factors"):
                 lacks = "no A (down)" if not have & {"A", "eA"} else "no B (up)"
                 raise UserError(f"LoRA file {file}: module '{stem}' has {lacks} tensor")

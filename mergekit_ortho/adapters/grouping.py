@@ -111,8 +111,20 @@ def group_keys(entries: Mapping[str, tuple[Any, tuple[int, ...]]], fmt: str, con
                 raise UserError(f"{file}: module '{stem}' has two {p.target} deltas ({parts[mid].name}, {p.name})")
             if p.factors:
                 lora[stem] = dict(p.keys)
-            else:
-                parts[mid] = p
-                if p.type.extra.get("factors"):
-                    lora[stem] = dict(p.keys)  # scale and rank of a LoRA that an epilogue re-weights
+                continue
+            parts[mid] = p
+            # the LoRA factors inside a part (an epilogue's host, PEFT DoRA): the source's LoRA
+            # scale rules (alpha / r, rsLoRA, patterns) give the part's hp['scale']
+            lora_keys = {families.roles_of(families.LORA).get(s) or families.roles_of(families.LORA_EMBEDDING).get(s): k
+                         for s, k in sufs.items() if s in families.roles_of(families.LORA)
+                         or s in families.roles_of(families.LORA_EMBEDDING)}
+            if {"A", "B"} <= set(lora_keys) or {"eA", "eB"} <= set(lora_keys):
+                lora[stem] = lora_keys
+            if p.target == "weight" and callable(p.type.extra.get("bias")):
+                b = Part(families.derived_bias(p.type), dict(p.keys), "bias")
+                bid = module_id(stem, "bias")
+                if bid in parts:
+                    parts[bid].also.append(b)
+                else:
+                    parts[bid] = b
     return lora, parts, alpha, base_copies

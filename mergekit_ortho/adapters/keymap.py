@@ -171,6 +171,8 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
         stem, tgt = stem_of(mod)
         key = found[stem] if tgt == "weight" else found[stem][: -len("weight")] + tgt
         if key not in base_shapes:
+            if src.optional(mod):
+                continue
             raise UserError(f"{src.file}: module '{stem}' adapts '{key}', which the base model lacks "
                             f"(a {tgt} delta needs a base with that tensor)")
         targets[mod] = key

@@ -197,6 +197,11 @@ class LoraSource:
         return (p.target == "bias" or p.type.name == "replacement"
                 or all(len(s) <= 1 for s in part_shapes(self, module).values()))
 
+    def optional(self, module: str) -> bool:
+        """A part that exists only where the base has its tensor (IA3's bias change)."""
+        p = self._parts.get(module)
+        return p is not None and bool(p.type.extra.get("optional"))
+
     def needs_base(self, module: str) -> bool:
         return module in self._parts and self._parts[module].needs_base
 

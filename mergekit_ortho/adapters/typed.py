@@ -105,15 +105,19 @@ def materialise(src: "LoraSource", module: str, shape=None, base=None):
         raise UserError(f"{src.file}: {p.name} needs the base model (it depends on W0); pass base_model")
     hp = hyperparameters(src, module, shape if shape is not None else (base.shape if base is not None else None))
     b32 = base.to(torch.float32) if base is not None else None
-    tensors = {r: src._read(k) for r, k in p.keys.items()}
-    d = p.type.materialise(b32 if p.type.needs_base else None, tensors, hp)
+    def read(keys):  # the stored tensors by role, float32 (the contract of adapters.types)
+        out = {}
+        for r, k in keys.items():
+            t = src._read(k)
+            out[r] = t.to(torch.float32) if t.is_floating_point() else t
+        return out
+
+    d = p.type.materialise(b32 if p.type.needs_base else None, read(p.keys), hp)
     for e, keys in p.epilogues:
-        d = e.materialise(b32 if e.needs_base else None, {r: src._read(k) for r, k in keys.items()},
-                          dict(hp, delta=d))
+        d = e.materialise(b32 if e.needs_base else None, read(keys), dict(hp, delta=d))
     d = d.to(torch.float32)
     for q in p.also:  # e.g. a trained bias (replacement) and lora_bias on one bias: PEFT adds both
-        d = d.reshape(-1) + q.type.materialise(b32 if q.type.needs_base else None,
-                                               {r: src._read(k) for r, k in q.keys.items()}, hp).reshape(-1)
+        d = d.reshape(-1) + q.type.materialise(b32 if q.type.needs_base else None, read(q.keys), hp).reshape(-1)
     if shape is not None:
         if d.numel() != math.prod(shape):
             raise UserError(f"{src.file}: {p.name} module '{module}' gives a delta of shape {list(d.shape)} but the "
