@@ -57,7 +57,7 @@ _UNSUPPORTED_ANYWHERE = (
 )
 KOHYA_PREFIXES = ("lora_unet_", "lora_te", "lycoris_")
 # suffixes that full checkpoints use too: adapter evidence only under a kohya/LyCORIS prefix
-_GENERIC_SUFFIXES = {"weight", "bias", "alpha", "diff", "diff_b", "w_norm", "b_norm", "on_input", "scale"}
+_GENERIC_SUFFIXES = {"weight", "bias", "alpha", "diff", "diff_b", "w_norm", "b_norm", "on_input", "scale", "rescale"}
 _HINT = "merge it into its base with the library that made it, or convert it to a plain LoRA, then merge that"
 
 
