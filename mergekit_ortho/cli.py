@@ -227,23 +227,68 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output that mergekit-ortho wrote."),
     force_replace: bool = typer.Option(False, "--force-replace",
                                        help="Replace an existing output even if mergekit-ortho did not write it."),
+    intermediates: Optional[Path] = typer.Option(
+        None, "--intermediates",
+        help="Multi-document recipes: where the named (intermediate) merges go (default: <out>.intermediates)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
-    """Merge the models of a recipe into a new model directory."""
+    """Merge the models of a recipe into a new model directory.
+
+    A file of several YAML documents (mergekit-multi's form) runs every merge in dependency order:
+    a document with `name: X` is written to INTERMEDIATES/X and read wherever a model is `X`."""
     _state["quiet"] = _state["quiet"] or quiet
     _state["verbose"] = _state["verbose"] or verbose
-    from . import outputs
-    from . import plan as plan_mod
     from . import recipe as recipe_mod
+
+    docs = recipe_mod.load_all(recipe)
+    if len(docs) == 1:
+        r = docs[0]
+        _run_recipe(r, _output_of(r, out, recipe), device, dry_run, overwrite, force_replace)
+        return
+    from . import multi
+
+    final = next((d for d in docs if d.name is None), None)
+    target = _output_of(final, out, recipe) if final is not None else None
+    merges = multi.schedule(recipe, target, intermediates)
+    if not dry_run and target is not None:
+        from .writer import check_output
+
+        check_output(target, overwrite, recipe_mod.input_paths(final), force_replace)
+    for m in merges:
+        label = m.name or "final merge"
+        for note in m.notes:
+            _say(note, "note:", "yellow", err=True)
+        if m.name is not None and m.recipe.output.path:
+            _say(f"{label}: output.path is not used; an intermediate merge is written to {m.target}",
+                 "note:", "yellow", err=True)
+        if m.name is not None and not overwrite and multi.is_complete(m.target):
+            _say(f"{label}: reusing {m.target}, written by an earlier run (--overwrite recomputes it)",
+                 "note:", "yellow", err=True)
+            continue
+        if dry_run and any(not multi.is_complete(x.target) for x in merges if x.name in m.depends):
+            _console().print(f"{label}: planned once {', '.join(m.depends)} is written")
+            continue
+        _console().print(f"{label}:")
+        _run_recipe(m.recipe, m.target, device, dry_run, overwrite, force_replace)
+
+
+def _output_of(r, out: Optional[Path], recipe: Path) -> Path:
     from .errors import UserError
 
-    r = recipe_mod.load(recipe)
     target = out or (Path(r.output.path) if r.output.path else None)
     if target is None:
         raise UserError(f"{recipe}: no output path; set output.path in the recipe or pass --out")
     if r.output.path and out is None and r._source_path is not None and not Path(r.output.path).is_absolute():
         target = r._source_path.parent / r.output.path
+    return target
+
+
+def _run_recipe(r, target: Path, device: str, dry_run: bool, overwrite: bool, force_replace: bool) -> None:
+    from . import outputs
+    from . import plan as plan_mod
+    from . import recipe as recipe_mod
+
     if not dry_run:
         from .writer import check_output
 
@@ -276,17 +321,47 @@ def run(
 
 @app.command()
 @handle_errors
-def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
-    """Check a recipe: schema, method parameters, sources, tensor names and shapes (no tensor data read)."""
-    from . import plan as plan_mod
+def validate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Multi-document recipes: the final output."),
+    intermediates: Optional[Path] = typer.Option(None, "--intermediates",
+                                                 help="Multi-document recipes: where the named merges go."),
+):
+    """Check a recipe: schema, method parameters, sources, tensor names and shapes (no tensor data read).
+
+    Every document of a multi-document recipe is checked; one that reads an intermediate merge not
+    written yet is checked up to its schema and parameters."""
     from . import recipe as recipe_mod
 
-    r = recipe_mod.load(recipe)
+    docs = recipe_mod.load_all(recipe)
+    if len(docs) == 1:
+        _validate_one(docs[0], str(recipe))
+        return
+    from . import multi
+
+    final = next((d for d in docs if d.name is None), None)
+    if out is None and final is not None and final.output.path:
+        out = _output_of(final, None, recipe)
+    # validation writes nothing: without an output, intermediates are looked for beside ./out
+    merges = multi.schedule(recipe, out or Path.cwd() / "out", intermediates)
+    for m in merges:
+        label = f"{recipe} [{m.name or 'final merge'}]"
+        pending = [x.name for x in merges if x.name in m.depends and not multi.is_complete(x.target)]
+        if pending:
+            _say(f"{label}: {m.recipe.merge_method}; schema and parameters checked, tensors checked once "
+                 f"{', '.join(pending)} is written", "ok", "green")
+        else:
+            _validate_one(m.recipe, label)
+
+
+def _validate_one(r, label: str) -> None:
+    from . import plan as plan_mod
+
     plan = plan_mod.build_plan(r)
     try:
         s = plan.summary()
         _say(
-            f"{recipe}: {s['method']} over {len(plan.models)} model(s); "
+            f"{label}: {s['method']} over {len(plan.models)} model(s); "
             f"{s['tensors_merged']} tensors to merge, {s['tensors_copied']} to copy; "
             f"estimated peak memory {_fmt_bytes(s['peak_memory_estimate'])}", "ok", "green"
         )

@@ -138,7 +138,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None  # mergekit key: which model donates tokenizer files
     tokenizer: dict[str, Any] | None = None
     chat_template: str | None = None
-    name: str | None = None  # mergekit-multi's intermediate name; one document is one merge here
+    name: str | None = None  # an intermediate merge's name in a multi-document recipe (multi.py)
     embed_slerp: Any = None  # legacy mergekit key (removed in 2024): ignored with a warning
 
     _ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: model_reference(v)))
@@ -208,7 +208,7 @@ _IGNORED = {
     "embed_slerp": "a mergekit setting removed in 2024 (mergekit 0.1.5 ignores it too); vocabulary "
                    "tensors go through the merge method",
     "residual_weight": "parsed by mergekit and never used",
-    "name": "mergekit-multi's name for an intermediate merge; `merge run` writes one merge",
+    "name": "it names an intermediate merge of a multi-document recipe; this file holds one merge",
 }
 
 
@@ -455,12 +455,11 @@ def _check_size(data: Any, origin: str) -> None:
             stack.extend(node)
 
 
-def load(path: str | Path, require_models: bool = True) -> Recipe:
+def _read_documents(p: Path) -> list:
     import yaml
 
     from .sources.paths import require_regular
 
-    p = Path(path)
     if not p.is_file():
         raise UserError(f"recipe not found: {p}")
     require_regular(p, "recipe")
@@ -468,7 +467,7 @@ def load(path: str | Path, require_models: bool = True) -> Recipe:
         raise UserError(f"{p}: {p.stat().st_size:,} bytes is not a recipe (at most {MAX_RECIPE_BYTES:,})")
     try:
         text = p.read_text(encoding="utf-8")
-        data = yaml.load(text, Loader=_loader())  # a SafeLoader: no Python objects
+        docs = list(yaml.load_all(text, Loader=_loader()))  # a SafeLoader: no Python objects
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -477,10 +476,35 @@ def load(path: str | Path, require_models: bool = True) -> Recipe:
         raise UserError(f"{p}: not a UTF-8 text file") from None
     except RecursionError:
         raise UserError(f"{p}: the YAML is nested too deeply to be a recipe") from None
-    _check_size(data, str(p))
-    recipe = from_dict(data, str(p), require_models)
+    docs = [d for d in docs if d is not None] or [None]  # a trailing '---' makes an empty document
+    for d in docs:
+        _check_size(d, str(p))
+    return docs
+
+
+def load(path: str | Path, require_models: bool = True) -> Recipe:
+    p = Path(path)
+    docs = _read_documents(p)
+    if len(docs) > 1:
+        raise UserError(f"{p} holds {len(docs)} merges (a multi-document recipe, mergekit-multi's form); "
+                        "`merge run` and `merge validate` take it - here give a file with one merge")
+    recipe = from_dict(docs[0], str(p), require_models)
     recipe._source_path = p.resolve()
     return recipe
+
+
+def load_all(path: str | Path) -> list[Recipe]:
+    """Every merge of a recipe file (one per YAML document), in file order."""
+    p = Path(path)
+    docs = _read_documents(p)
+    out = []
+    for i, d in enumerate(docs):
+        r = from_dict(d, str(p) if len(docs) == 1 else f"{p} (document {i + 1})")
+        if len(docs) > 1:  # here a name is meaningful: it names an intermediate merge
+            r._warnings = [w for w in r._warnings if not w.startswith("ignored: 'name'")]
+        r._source_path = p.resolve()
+        out.append(r)
+    return out
 
 
 def resolve_ref(recipe: Recipe, ref: str) -> str:

@@ -487,3 +487,60 @@ def test_dtype_rounds_the_inputs_of_a_sequential_method_too(cli, tmp_path, tiny_
     assert set(runs["fp32"]) == set(runs["bf16"])
     for k, v in runs["fp32"].items():
         assert torch.equal(v, runs["bf16"][k]), k
+
+
+# --- M12 multi-document recipes ------------------------------------------------------------------------
+
+
+def _multi(tmp_path, fx, *docs) -> object:
+    text = "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
+    for name, path in fx.items():
+        text = text.replace(f"@{name}@", str(path))
+    return write_recipe(tmp_path / "mm.yaml", text)
+
+
+M12_STEP1 = {"name": "step1", "merge_method": "linear",
+             "models": [{"model": "@code1@", "parameters": {"weight": 1}}, {"model": "@code2@", "parameters": {"weight": 1}}]}
+M12_FINAL = {"merge_method": "task_arithmetic", "base_model": "@code1@",
+             "models": [{"model": "step1", "parameters": {"weight": 2}}]}
+
+
+def test_m12_multi_document_recipe_runs_in_dependency_order_and_reuses_intermediates(cli, tmp_path, fx):
+    r = _multi(tmp_path, fx, M12_FINAL, M12_STEP1)  # the final merge first: order comes from references
+    code, out, err = cli("validate", r, "--out", tmp_path / "out")
+    assert code == 0 and "checked once step1 is written" in out + err, (out, err)
+    code, out, err = cli("run", r, "--out", tmp_path / "out")
+    assert code == 0, err
+    t = load_dir(tmp_path / "out")
+    code2 = load_dir(fx["code2"])
+    assert set(t) == set(code2)
+    assert value(t[L.format(0) + Q]) == 200 and value(t[EMBED]) == 250
+    assert all(torch.equal(t[k], code2[k]) for k in t)  # 100 + 2 * (150 - 100): exactly code2
+    assert (tmp_path / "out.intermediates" / "step1" / "config.json").is_file()
+    # a second run reuses the finished intermediate (mergekit-multi's --lazy) and says so
+    code, out, err = cli("run", r, "--out", tmp_path / "out", "--overwrite")
+    assert code == 0 and "reusing" not in err  # --overwrite recomputes every merge
+    code, out, err = cli("run", r, "--out", tmp_path / "out2", "--intermediates", tmp_path / "mid")
+    code, out, err = cli("run", r, "--out", tmp_path / "out3", "--intermediates", tmp_path / "mid")
+    assert code == 0 and "reusing" in err and "step1" in err
+    assert torch.equal(load_dir(tmp_path / "out3")[EMBED], t[EMBED])
+    code, out, err = cli("validate", r, "--out", tmp_path / "out3", "--intermediates", tmp_path / "mid")
+    assert code == 0 and out.count("ok") == 2, out
+
+
+@pytest.mark.parametrize("docs,message", [
+    ([M12_STEP1, M12_STEP1], "two documents are named 'step1'"),
+    ([M12_FINAL, M12_FINAL], "have no 'name'"),
+    ([{**M12_STEP1, "models": [{"model": "step2", "parameters": {"weight": 1}}]},
+      {**M12_STEP1, "name": "step2", "models": [{"model": "step1", "parameters": {"weight": 1}}]}, M12_FINAL],
+     "in a circle: step1 -> step2 -> step1"),
+])
+def test_m12_bad_multi_document_recipes_are_one_line(cli, tmp_path, fx, docs, message):
+    code, out, err = cli("run", _multi(tmp_path, fx, *docs), "--out", tmp_path / "out")
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.intermediates").exists()
+
+
+def test_m12_final_merge_needs_an_output(cli, tmp_path, fx):
+    code, out, err = cli("run", _multi(tmp_path, fx, M12_STEP1, M12_FINAL))
+    assert code == 2 and "no output path" in err, err
