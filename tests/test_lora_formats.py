@@ -308,8 +308,7 @@ def _kohya_like(tmp_path, extra: dict[str, torch.Tensor], name="x.safetensors"):
 
 
 @pytest.mark.parametrize("extra,algo", [
-    ({"lora_unet_c.oft_blocks": torch.zeros(2, 2, 2)}, "OFT"),
-    ({"lora_unet_a_b.dora_scale": torch.zeros(1, 4)}, "DoRA"),
+    ({"lora_unet_c.vera_lambda_b": torch.zeros(4), "lora_unet_c.vera_lambda_d": torch.zeros(2)}, "VeRA"),
     ({"lora_unet_c.a1.weight": torch.zeros(4, 2), "lora_unet_c.a2.weight": torch.zeros(2, 4)}, "GLoRA"),
 ])
 def test_unsupported_kohya_types(tmp_path, extra, algo):

@@ -74,8 +74,8 @@ def group_keys(entries: Mapping[str, tuple[Any, tuple[int, ...]]], fmt: str, con
             base_copies[key] = tuple(entries[key][1])  # save_embedding_layers: a frozen base copy
             continue
         split = families.split_key(key)
-        adapter_suffix = split is not None and split[1] in families.suffix_table() or (
-            split is not None and split[1] in families.UNSUPPORTED_SUFFIXES)
+        adapter_suffix = split is not None and split[1] not in ("weight", "bias") and (
+            split[1] in families.suffix_table() or split[1] in families.UNSUPPORTED_SUFFIXES)
         stem, last = key.rsplit(".", 1) if "." in key else (key, "")
         if peft and mts and _saved_module(stem, mts) and not adapter_suffix:
             if last not in ("weight", "bias"):
