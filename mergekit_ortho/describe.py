@@ -110,8 +110,14 @@ def render(info: dict[str, Any]) -> list[str]:
         lines.append(f"{info['path']}: LoRA ({info['format']}), base architecture guess: "
                      f"{info['architecture']}")
         lines.append(f"modules: {info['modules']}   parameters: {info['parameters']:,}")
-        lines.append(f"ranks: {info['ranks']}   alphas: {info['alphas']}")
-        lines.append(f"scale rule: {info['scale_rule']}   scales: {info['scales']}")
+        lines.append(f"module types: {info.get('types', {})}")
+        if info["ranks"]:
+            lines.append(f"LoRA ranks: {info['ranks']}   alphas: {info['alphas']}")
+            lines.append(f"scale rule: {info['scale_rule']}   scales: {info['scales']}")
+        for name, hp in (info.get("hyperparameters") or {}).items():
+            lines.append(f"{name}: {hp['modules']} module(s)   ranks: {hp['ranks']}   alphas: {hp['alphas']}   "
+                         f"targets: {hp['targets']}" + ("   needs the base model" if hp["needs_base"] else "")
+                         + (f"   ({hp['notes']})" if hp.get("notes") else ""))
         lines.append(f"targets: {info['targets']}")
         if info.get("naming"):
             lines.append(f"module naming: {info['naming']}")

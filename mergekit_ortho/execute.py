@@ -151,12 +151,22 @@ def module_result(plan, key: str) -> registry.LoraResult:
 
     from .inputs import dense_task, lora_task, model_tensor, svd_task
 
+    from .inputs import approximations
+
     op = plan.op
+    approx = approximations(plan, key)
     if op.input_kind == "lora":
         # full fine-tunes (the plan allows them only with the operator's dense_rank_param): their
-        # task vectors truncated by SVD to factors (PT-SVD); the operator sees factors either way
-        return op.fn(lora_task(plan, key, all_models=False) if plan.lora_models else svd_task(plan, key))
-    if op.lora_fn is not None:
+        # task vectors truncated by SVD to factors (PT-SVD); the operator sees factors either way.
+        # Adapter modules that are not LoRA factors are truncated the same way (inputs.approximated_factors)
+        errors: dict = {}
+        res = op.fn(lora_task(plan, key, all_models=False, errors=errors) if plan.lora_models else svd_task(plan, key))
+        if approx:
+            res.report["approximated_inputs"] = {
+                k: {"type": v, "how": f"dense delta truncated by SVD to {op.dense_rank_param or 'output.rank'}",
+                    "relative_error": errors.get(k)} for k, v in approx.items()}
+        return res
+    if op.lora_fn is not None and not approx:
         return op.lora_fn(lora_task(plan, key, all_models=True))
     base = plan.base.source.get(key).to(torch.float32)
     task = dense_task(plan, key, base)
@@ -164,7 +174,12 @@ def module_result(plan, key: str) -> registry.LoraResult:
                                          for m in plan.models))
     if op.reads == "weights":
         out = out - base
-    return registry.LoraResult(delta=out.reshape(base.shape[0], -1))
+    res = registry.LoraResult(delta=out.reshape(base.shape[0], -1))
+    if approx:  # merged exactly as dense deltas; the LoRA output extracts the result by SVD
+        res.report["approximated_inputs"] = {
+            k: {"type": v, "how": "merged as its exact dense delta; the result is extracted by SVD at output.rank "
+                "(extraction_relative_error)"} for k, v in approx.items()}
+    return res
 
 
 def lowrank_result(plan, key: str) -> tuple[registry.LoraResult, dict]:

@@ -46,7 +46,9 @@ def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, devic
 
     if m.is_lora:
         mod = m.source.by_base.get(name)
-        x = (m.source.delta_for(name, shape).to(device, cdt) if mod is not None
+        # LoRA factors give scale * B @ A; other adapter types their materialised delta (against
+        # the base tensor where the type needs it: DoRA, OFT, modules_to_save replacements)
+        x = (m.source.delta_for(name, shape, base=base).to(device, cdt) if mod is not None
              else torch.zeros(shape, device=device, dtype=cdt))
         return x.add_(base) if space == "weights" else x
     x = stored(m, name, load_dtype).to(device)
@@ -72,10 +74,12 @@ def base_tensor(plan: "Plan", source: "Source", cdt=None):
     return t if cdt is None else t.to(cdt)
 
 
-def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
+def lora_task(plan: "Plan", key: str, all_models: bool, errors: dict | None = None) -> registry.LoraTask:
     """One adapted module as a low-rank operator sees it: every LoRA's scale-folded factors
     (``all_models``: rank-0 factors for the models that do not adapt it, for exact low-rank forms
-    of dense methods that weigh every model), with the base weight when the operator needs it."""
+    of dense methods that weigh every model), with the base weight when the operator needs it.
+    Modules that are not LoRA factors are truncated by SVD (:func:`approximated_factors`); their
+    relative Frobenius errors go to ``errors`` ({model label: error}) when given."""
     import torch
 
     given = plan.params_for(key)
@@ -88,6 +92,10 @@ def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
             if not all_models:
                 continue
             A, B = torch.zeros(0, cols), torch.zeros(rows, 0)
+        elif not m.source.is_factors(mod):
+            A, B, err = approximated_factors(plan, m, key, shape, given.method)
+            if errors is not None:
+                errors[m.label] = err
         else:
             A, B = m.source.factors_for(key, fold=plan.op.factor_fold)
         factors.append((A, B))
@@ -98,6 +106,39 @@ def lora_task(plan: "Plan", key: str, all_models: bool) -> registry.LoraTask:
     if plan.op.needs_base and plan.base is not None:
         base = plan.base.source.get(key).to(torch.float32)
     return registry.LoraTask(key, factors, given.method, params, index, names, base)
+
+
+def approximated_factors(plan: "Plan", m: "ModelInput", key: str, shape, params: registry.Params):
+    """An adapter module that is not LoRA factors (LoHa, LoKr, DoRA, OFT, ...) as a low-rank
+    operator's input: its exact dense delta truncated by SVD to the operator's
+    ``dense_rank_param`` (PT-SVD, as for full fine-tunes), else to ``output.rank``;
+    :func:`approximations` reports it."""
+    import torch
+
+    from .errors import UserError
+    from .ops import lowrank
+
+    op = plan.op
+    rank = params[op.dense_rank_param] if op.dense_rank_param else plan.recipe.output.rank
+    if rank is None:
+        raise UserError(f"{op.name}: '{key}' of {m.ref} is a {m.source.type_name(m.source.by_base[key])} module, not "
+                        "LoRA factors; set " + (f"the method parameter {op.dense_rank_param}" if op.dense_rank_param
+                                                else "output.rank") + " to approximate it by truncated SVD")
+    base = plan.base.source.get(key).to(torch.float32) if plan.base is not None else None
+    d = m.source.delta_for(key, shape, base=base).reshape(shape[0], -1)
+    A, B = lowrank.factors_from_deltas([d], rank, key, op.name)[0]
+    total = float(d.double().norm())
+    err = float((d.double() - B.double() @ A.double()).norm()) / total if total > 0 else 0.0
+    return A, B, err
+
+
+def approximations(plan: "Plan", key: str) -> dict:
+    """{model label: type} of the inputs whose module ``key`` reached a low-rank result by SVD."""
+    out = {}
+    for m in plan.models:
+        if m.is_lora and key in m.source.by_base and not m.source.is_factors_for(key):
+            out[m.label] = m.source.type_name(m.source.by_base[key])
+    return out
 
 
 def svd_task(plan: "Plan", key: str) -> registry.LoraTask:

@@ -94,7 +94,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
             shapes = {k: i.shape for k, i in base.source.infos.items()}
             for m in loras:
                 match = match_to_base(m.source, keys, shapes)
-                m.source = MatchedLora(m.source, match)
+                m.source = MatchedLora(m.source, match, base.source)
                 if set(match.rules) - {"name"} or match.naming.recognised:
                     notes.append(f"{m.label}: {match.summary()}")
         else:
@@ -193,6 +193,8 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
                     if op.dense_rank_param else "")
             raise UserError(f"method '{op.name}' merges LoRA adapters, but {dense[0].ref} is a full checkpoint"
                             + hint)
+    if op.input_kind == "lora":
+        _check_lora_output(recipe, op, params, loras, fmt if fmt != "auto" else op.result)
     if op.result == "bundle":
         if fmt not in ("auto", "bundle"):
             raise UserError(f"{op.name} writes a bundle (output.format bundle), not {fmt}; "
@@ -206,9 +208,11 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
                         "the model the LoRAs were trained on")
     low_rank = op.input_kind == "lora" or op.lora_fn is not None
     if fmt == "auto":
-        if dense or not low_rank:
-            return "full"
+        if dense or not low_rank or any(m.source.dense_modules() for m in loras):
+            return "full"  # full is exact; other adapter types reach a LoRA output only by SVD (P24)
         fmt = "kohya" if all(m.source.format == "kohya" for m in loras) else "peft"
+    if fmt in ("peft", "kohya") and op.input_kind != "lora":
+        _check_lora_output(recipe, op, params, loras, fmt)
     if fmt in ("peft", "kohya"):
         if dense:
             raise UserError(f"output.format {fmt} needs every input to be a LoRA; {dense[0].ref} is a full "
@@ -222,6 +226,25 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
     return "full"
 
 
+def _check_lora_output(recipe, op: registry.Operator, params: dict, loras: list[ModelInput], fmt: str) -> None:
+    """Parts that are not LoRA factors reach a LoRA output (or a LoRA operator) only through a
+    truncated SVD; 1-D deltas and replacement tensors not at all (adapters.md P24)."""
+    for m in loras:
+        for mod in m.source.dense_modules():
+            if m.source.one_dimensional(mod):
+                raise UserError(f"{m.ref}: {m.source.type_name(mod)} tensor(s) of '{mod}' are not a low-rank delta, "
+                                f"which a {op.name} merge with {fmt} output needs; use a dense method with "
+                                "output.format full")
+            rank = (params.get(op.dense_rank_param) if op.input_kind == "lora" and op.dense_rank_param
+                    else recipe.output.rank)
+            if rank is None:
+                what = (f"set the method parameter {op.dense_rank_param}" if op.input_kind == "lora"
+                        and op.dense_rank_param else "set output.rank")
+                raise UserError(f"{m.ref}: {m.source.type_name(mod)} module '{mod}' is not LoRA factors; {what} to "
+                                "approximate it by truncated SVD (the error is reported per module), or use "
+                                "output.format full")
+
+
 def _align_without_base(loras: list[ModelInput]) -> None:
     """No base model: LoRAs are aligned by their own module names, so they must share one format.
 
@@ -230,6 +253,11 @@ def _align_without_base(loras: list[ModelInput]) -> None:
     from .adapters.detect import PEFT_PREFIX
     from .adapters.matched import MatchedLora
 
+    for m in loras:
+        dense = m.source.dense_modules()
+        if dense:
+            raise UserError(f"{m.ref} has {m.source.type_name(dense[0])} modules (e.g. '{dense[0]}'), which are "
+                            "materialised against their base tensors; set base_model")
     fmts = {m.source.format for m in loras}
     if len(fmts) > 1:
         raise UserError(f"LoRAs in different formats ({', '.join(sorted(fmts))}) can only be aligned through "

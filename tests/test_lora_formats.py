@@ -308,12 +308,8 @@ def _kohya_like(tmp_path, extra: dict[str, torch.Tensor], name="x.safetensors"):
 
 
 @pytest.mark.parametrize("extra,algo", [
-    ({"lora_unet_c.hada_w1_a": torch.zeros(4, 2), "lora_unet_c.hada_w1_b": torch.zeros(2, 4)}, "LoHa"),
-    ({"lora_unet_c.lokr_w1": torch.zeros(2, 2), "lora_unet_c.lokr_w2": torch.zeros(2, 2)}, "LoKr"),
-    ({"lora_unet_c.lora_mid.weight": torch.zeros(2, 2, 3, 3)}, "lora_mid"),
-    ({"lora_unet_c.oft_blocks": torch.zeros(2, 2, 2)}, "OFT"),
-    ({"lora_unet_a_b.dora_scale": torch.zeros(1, 4)}, "DoRA"),
-    ({"lora_unet_c.diff": torch.zeros(4, 4)}, "diff"),
+    ({"lora_unet_c.vera_lambda_b": torch.zeros(4), "lora_unet_c.vera_lambda_d": torch.zeros(2)}, "VeRA"),
+    ({"lora_unet_c.a1.weight": torch.zeros(4, 2), "lora_unet_c.a2.weight": torch.zeros(2, 4)}, "GLoRA"),
 ])
 def test_unsupported_kohya_types(tmp_path, extra, algo):
     f = _kohya_like(tmp_path, extra)
@@ -324,37 +320,36 @@ def test_unsupported_kohya_types(tmp_path, extra, algo):
         assert msg.startswith("not supported yet: ") and algo in msg and str(f) in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("extra,what", [
+    ({"lora_unet_c.hada_w1_a": torch.zeros(4, 2), "lora_unet_c.hada_w1_b": torch.zeros(2, 4)}, "LoHa"),
+    ({"lora_unet_c.lokr_w1": torch.zeros(2, 2)}, "LoKr"),
+    ({"lora_unet_c.lora_mid.weight": torch.zeros(2, 2, 3, 3)}, "lora_mid"),
+])
+def test_incomplete_lycoris_modules_are_one_line_errors(tmp_path, extra, what):
+    f = _kohya_like(tmp_path, extra)
+    for call in (detect_lora, LoraSource):
+        with pytest.raises(ValueError) as e:
+            call(f)
+        msg = str(e.value)
+        assert str(f) in msg and "lora_unet_c" in msg and "\n" not in msg and what.lower() in msg.lower()
+
+
 def test_unsupported_peft_types(peft_cases, tmp_path):
     c = peft_cases["plain"]
-    for field, value, algo in [("use_dora", True, "DoRA"), ("peft_type", "LOHA", "LOHA"),
-                               ("lora_bias", True, "lora_bias")]:
-        d = tmp_path / field
+    for field, value, algo in [("peft_type", "VERA", "VERA"), ("peft_type", "ADALORA", "ADALORA"),
+                               ("target_parameters", ["experts.gate_up_proj"], "target_parameters")]:
+        d = tmp_path / (field + str(value)[:8])
         shutil.copytree(c["adapter"], d)
         cfg = json.loads((d / "adapter_config.json").read_text())
         cfg[field] = value
         (d / "adapter_config.json").write_text(json.dumps(cfg))
         with pytest.raises(ValueError, match=rf"^not supported yet: {algo}.* in .*adapter_config\.json"):
             detect_lora(d)
-    # a DoRA tensor without a config
-    t = {"base_model.model.x.lora_A.weight": torch.zeros(2, 4), "base_model.model.x.lora_B.weight": torch.zeros(4, 2),
-         "base_model.model.x.lora_magnitude_vector": torch.ones(4)}
-    f = write_safetensors(tmp_path / "dora.safetensors", t)
-    with pytest.raises(ValueError, match=r"^not supported yet: DoRA in .*dora\.safetensors"):
+    # a VeRA tensor without a config
+    t = {"base_model.model.x.vera_lambda_b": torch.zeros(4), "base_model.model.x.vera_lambda_d": torch.zeros(2)}
+    f = write_safetensors(tmp_path / "vera.safetensors", t)
+    with pytest.raises(ValueError, match=r"^not supported yet: VeRA in .*vera\.safetensors"):
         detect_lora(f)
-    # modules_to_save tensors
-    d = tmp_path / "mts"
-    shutil.copytree(c["adapter"], d)
-    from safetensors.torch import load_file
-
-    t = load_file(str(d / "adapter_model.safetensors"))
-    t["base_model.model.lm_head.weight"] = torch.zeros(64, 32)
-    write_safetensors(d / "adapter_model.safetensors", t)
-    cfg = json.loads((d / "adapter_config.json").read_text())
-    cfg["modules_to_save"] = ["lm_head"]
-    (d / "adapter_config.json").write_text(json.dumps(cfg))
-    assert detect_lora(d) == "peft"
-    with pytest.raises(ValueError, match=r"^not supported yet: modules_to_save.*lm_head"):
-        LoraSource(d)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ from .naming import lora_naming
 def describe_lora(path: str | Path) -> dict[str, Any]:
     """Facts for ``merge inspect`` (reads only the header plus the scalar .alpha tensors)."""
     with LoraSource(path) as src:
-        ranks = Counter(src.rank(m) for m in src.modules)
-        alphas = Counter(src.alpha(m) for m in src.modules)
-        scales = Counter(round(src.scale(m), 6) for m in src.modules)
-        layouts = Counter(src.layout(m) for m in src.modules)
+        lora = [m for m in src.modules if src.is_factors(m)]
+        ranks = Counter(src.rank(m) for m in lora)
+        alphas = Counter(src.alpha(m) for m in lora)
+        scales = Counter(round(src.scale(m), 6) for m in lora)
+        layouts = Counter(src.layout(m) for m in lora)
+        types = Counter(src.type_name(m) for m in src.modules)
         targets = Counter(_kohya_target(m) if src.format == "kohya" else m.rsplit(".", 1)[-1]
                           for m in src.modules)
         keep = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
@@ -39,8 +41,35 @@ def describe_lora(path: str | Path) -> dict[str, Any]:
             "parameters": src.num_params(),
             "base_model_name_or_path": src.config.get("base_model_name_or_path"),
             "metadata": {k: src.metadata[k] for k in keep if k in src.metadata},
+            "types": dict(sorted(types.items())),
+            "hyperparameters": _type_hyperparameters(src),
             "warnings": list(src.warnings),
         }
+
+
+def _type_hyperparameters(src: LoraSource) -> dict[str, dict[str, Any]]:
+    """Per type other than plain LoRA: its module count, ranks, alphas, targets and what needs the base."""
+    from .typed import part_alpha, part_rank
+
+    out: dict[str, dict[str, Any]] = {}
+    for m in src.dense_modules():
+        name = src.type_name(m)
+        d = out.setdefault(name, {"modules": 0, "ranks": Counter(), "alphas": Counter(), "targets": Counter(),
+                                  "needs_base": src.needs_base(m), "notes": src._parts[m].type.notes})
+        d["modules"] += 1
+        r, a = part_rank(src, m), part_alpha(src, m)
+        if r is not None:
+            d["ranks"][r] += 1
+        if a is not None:
+            d["alphas"][a] += 1
+        d["targets"][src._parts[m].target] += 1
+    for d in out.values():
+        for k in ("ranks", "alphas", "targets"):
+            d[k] = dict(sorted(d[k].items()))
+    if src.format == "peft" and src.config.get("peft_type", "LORA") != "LORA":
+        for d in out.values():
+            d["peft_type"] = src.config.get("peft_type")
+    return out
 
 
 _KOHYA_TARGET_RE = re.compile(

@@ -17,16 +17,18 @@ Formats read
   ``<module>.alpha`` tensors, else from the ``lora_adapter_metadata`` JSON metadata entry, else
   alpha = r.
 
-Everything else that is a LoRA-like file (LoHa, LoKr, OFT/BOFT, Tucker ``lora_mid``, DoRA, GLoRA,
-(IA)^3, LyCORIS full/norm, ``lora_bias``, ``modules_to_save`` tensors, non-LORA PEFT types, old
-diffusers ``.lora.down.weight`` names) raises ``UserError`` (a ``ValueError``) with one line
-``not supported yet: <what> in <file> (...)``.
+Modules of every registered type (``adapters.families``: LyCORIS LoCon/LoHa/LoKr/full/norm, PEFT
+LoHa/LoKr, ``lora_bias``, ``modules_to_save``, trained biases, and the families installed beside
+them) are classified per module from their key suffixes (adapters.md P10, P26); PEFT directories
+dispatch on ``peft_type``. Types not supported yet (GLoRA, VeRA, FourierFT, unknown peft types,
+old diffusers ``.lora.down.weight`` names, ...) raise ``UserError`` (a ``ValueError``) with one
+line ``not supported yet: <what> in <file> (...)``.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from ..errors import UserError
 from ..io import safetensors as safetensors_io
@@ -36,7 +38,6 @@ DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_
 
 PEFT_VARIANT_KEYS = {  # adapter_config.json entries whose non-empty value we refuse
     "use_dora": "DoRA (use_dora)",
-    "lora_bias": "lora_bias",
     "use_qalora": "QALoRA (use_qalora)",
     "kasa_config": "KaSA (kasa_config)",
     "target_parameters": "target_parameters (LoRA on nn.Parameter)",
@@ -48,24 +49,16 @@ PEFT_VARIANT_KEYS = {  # adapter_config.json entries whose non-empty value we re
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
     "monteclora_config": "MonteCLoRA (monteclora_config)",
 }
-# key substring -> algorithm (checked anywhere in a key; all are LoRA-only names)
+# key substring -> what it is (old diffusers names, refused with the conversion to do)
 _UNSUPPORTED_ANYWHERE = (
-    ("hada_w1_a", "LoHa"), ("hada_w2_a", "LoHa"), ("hada_t1", "LoHa"),
-    ("lokr_w1", "LoKr"), ("lokr_w2", "LoKr"), ("lokr_t2", "LoKr"),
-    ("oft_blocks", "OFT/BOFT"), ("oft_diag", "OFT/BOFT"), ("boft_", "OFT/BOFT"),
-    (".lora_mid.", "LoCon with Tucker core (lora_mid)"),
-    (".dora_scale", "DoRA"), (".lora_magnitude_vector", "DoRA"),
-    (".lora_B.bias", "lora_bias (bias on lora_B)"),
     (".lora.down.weight", "old diffusers LoRA names (.lora.down.weight)"),
     ("_lora.down.weight", "old diffusers attention-processor LoRA names (_lora.down.weight)"),
     (".lora_linear_layer.", "old diffusers LoRA names (lora_linear_layer)"),
 )
-# key suffix -> algorithm, only for keys under a kohya/LyCORIS prefix
-_UNSUPPORTED_KOHYA_SUFFIX = (
-    (".a1.weight", "GLoRA"), (".b1.weight", "GLoRA"),
-    (".on_input", "(IA)^3"), (".diff", "LyCORIS full/diff"), (".diff_b", "LyCORIS full/diff"),
-    (".w_norm", "LyCORIS norm"), (".b_norm", "LyCORIS norm"),
-)
+KOHYA_PREFIXES = ("lora_unet_", "lora_te", "lycoris_")
+# suffixes that full checkpoints use too: adapter evidence only under a kohya/LyCORIS prefix
+_GENERIC_SUFFIXES = {"weight", "bias", "alpha", "diff", "diff_b", "w_norm", "b_norm", "on_input", "scale", "rescale"}
+_HINT = "merge it into its base with the library that made it, or convert it to a plain LoRA, then merge that"
 
 
 def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -75,46 +68,54 @@ def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
     return {k: (e.st_dtype, e.shape) for k, e in h.entries.items()}, dict(h.metadata)
 
 
-def _unsupported_in_keys(keys: Iterable[str]) -> tuple[str, str] | None:
-    for k in keys:
-        for sub, algo in _UNSUPPORTED_ANYWHERE:
-            if sub in k:
-                return algo, k
-        if k.startswith(("lora_unet_", "lora_te", "lycoris_")):
-            for suf, algo in _UNSUPPORTED_KOHYA_SUFFIX:
-                if k.endswith(suf):
-                    return algo, k
-    return None
-
-
 def raise_unsupported(algo: str, file: Path, detail: str = "") -> None:
     raise UserError(f"not supported yet: {algo} in {file}" + (f" ({detail})" if detail else ""))
 
 
 def format_from_keys(keys: Sequence[str], file: Path) -> str | None:
-    hit = _unsupported_in_keys(keys)
-    if hit:
-        raise_unsupported(hit[0], file, f"key '{hit[1]}'")
-    peft_like = [k for k in keys if k.endswith((".lora_A.weight", ".lora_A.default.weight", ".lora_embedding_A"))]
-    if peft_like:
-        if all(k.startswith(PEFT_PREFIX) for k in peft_like):
-            return "peft"
-        if all(k.split(".", 1)[0] in DIFFUSERS_COMPONENTS for k in peft_like):
-            return "diffusers"
-        return "peft"  # bare PEFT names (no base_model.model.); matched against the base as-is
-    if any(k.endswith(".lora_down.weight") for k in keys):
+    """"peft" | "kohya" | "diffusers" from the key names, or None when no key is an adapter tensor."""
+    from . import families
+
+    for k in keys:
+        for sub, what in _UNSUPPORTED_ANYWHERE:
+            if sub in k:
+                raise_unsupported(what, file, f"key '{k}'; {_HINT}")
+    adapter = []
+    for k in keys:
+        sp = families.split_key(k)
+        if sp is None or (sp[1] in _GENERIC_SUFFIXES and not k.startswith(KOHYA_PREFIXES)):
+            continue
+        adapter.append(k)
+    if not adapter:
+        return None
+    if any(k.startswith(KOHYA_PREFIXES) for k in adapter):
         return "kohya"
-    return None
+    if all(k.startswith(PEFT_PREFIX) for k in adapter):
+        return "peft"
+    if all(k.split(".", 1)[0] in DIFFUSERS_COMPONENTS for k in adapter):
+        return "diffusers"
+    return "peft"  # bare PEFT names (no base_model.model.); matched against the base as-is
+
+
+def check_modules(entries: dict, fmt: str, config: dict, file: Path) -> None:
+    """Classify every module (header only): refuses unsupported types and incomplete modules."""
+    from .grouping import group_keys
+
+    group_keys(entries, fmt, config, file)
 
 
 def peft_config_check(cfg: dict, file: Path) -> None:
+    from . import families
+
     ptype = str(cfg.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise_unsupported(ptype, file, "only plain LoRA adapters are supported")
+    if ptype not in families.peft_types():
+        raise_unsupported(ptype, file, f"peft_type {ptype}; {_HINT}")
     for key, what in PEFT_VARIANT_KEYS.items():
         v = cfg.get(key)
+        if key == "use_dora" and any("lora_magnitude_vector" in families.roles_of(t) for t in families.all_types()):
+            continue
         if v not in (None, False, [], {}, ""):
-            raise_unsupported(what, file, f"adapter_config.json has {key}={json.dumps(v)}")
+            raise_unsupported(what, file, f"adapter_config.json has {key}={json.dumps(v)}; {_HINT}")
 
 
 def weights_in_dir(d: Path) -> Path | None:
@@ -145,7 +146,8 @@ def detect_lora(path: str | Path) -> str | None:
                 entries, _ = read_header(w)
                 fmt = format_from_keys(list(entries), w)
                 if fmt is None:
-                    raise UserError(f"{w} holds no LoRA tensors (no *.lora_A.weight keys)")
+                    raise UserError(f"{w} holds no adapter tensors (no *.lora_A.weight keys or other adapter names)")
+                check_modules(entries, "peft", cfg, w)
             return "peft"
         w = p / "pytorch_lora_weights.safetensors"
         if w.is_file():
@@ -156,8 +158,12 @@ def detect_lora(path: str | Path) -> str | None:
     if p.suffix == ".safetensors":
         entries, _ = read_header(p)
         fmt = format_from_keys(list(entries), p)
+        cfg: dict = {}
         if fmt == "peft" and (p.parent / "adapter_config.json").is_file():
-            peft_config_check(load_json(p.parent / "adapter_config.json"), p.parent / "adapter_config.json")
+            cfg = load_json(p.parent / "adapter_config.json")
+            peft_config_check(cfg, p.parent / "adapter_config.json")
+        if fmt is not None:
+            check_modules(entries, fmt, cfg, p)
         return fmt
     if p.name == "adapter_model.bin" and (p.parent / "adapter_config.json").is_file():
         peft_config_check(load_json(p.parent / "adapter_config.json"), p.parent / "adapter_config.json")

@@ -39,7 +39,7 @@ _KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("text_encoder_2.", ("lora_te2_", "lora_te3_")),
     ("text_encoder_3.", ("lora_te3_",)),
 )
-_KOHYA_BARE = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+_KOHYA_BARE = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_")
 
 
 def _strip_first(name: str) -> str | None:
@@ -130,18 +130,20 @@ class BaseMatch(Mapping[str, str]):
     ``assemblies``: {name: Assembly} for base tensors built from pieces (P19); such a base key
     maps from the assembly's ``name`` (e.g. ``lora_te2_..._q_proj+lora_te2_..._k_proj``) instead of
     a stored module. ``naming``: the base's naming (``naming.BaseNaming``); ``rules``: how many
-    LoRA modules each rule mapped ({"name": n, "rename": n, "fuse": n, "split": n, ...})."""
+    LoRA modules each rule mapped ({"name": n, "rename": n, "fuse": n, "split": n, ...});
+    ``shapes``: {module or assembly name -> its base tensor's shape}."""
 
-    __slots__ = ("_map", "layouts", "assemblies", "naming", "rules")
+    __slots__ = ("_map", "layouts", "assemblies", "naming", "rules", "shapes")
 
     def __init__(self, mapping: Mapping[str, str], layouts: Mapping[str, str] | None = None,
                  assemblies: Mapping[str, Assembly] | None = None, naming=None,
-                 rules: Mapping[str, int] | None = None):
+                 rules: Mapping[str, int] | None = None, shapes: Mapping[str, Sequence[int]] | None = None):
         self._map = dict(sorted(mapping.items()))
         self.layouts = MappingProxyType(dict(layouts or {}))
         self.assemblies = MappingProxyType(dict(assemblies or {}))
         self.naming = naming
         self.rules = MappingProxyType(dict(rules or {}))
+        self.shapes = MappingProxyType({k: tuple(v) for k, v in (shapes or {}).items()})  # module -> base shape
 
     def __getitem__(self, module: str) -> str:
         return self._map[module]
@@ -168,8 +170,10 @@ class BaseMatch(Mapping[str, str]):
 
 def _scan(src: "LoraSource", base_modules: Mapping[str, str], aliases: Sequence[Alias], tiers: int,
           first_components: Sequence[str]) -> dict[str, list[Alias]]:
-    """{LoRA module: the aliases it matched}, tier by tier (first tier that matches wins)."""
-    todo = set(src.modules)
+    """{LoRA module stem: the aliases it matched}, tier by tier (first tier that matches wins)."""
+    from .grouping import stem_of
+
+    todo = {stem_of(m)[0] for m in src.modules}  # a module's bias part matches through its weight
     found: dict[str, list[Alias]] = {}
     entries = [Alias(m, k, "name") for m, k in base_modules.items()] + list(aliases)
     for tier in range(tiers):
@@ -262,6 +266,8 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
     Raises UserError naming the LoRA file for unmatched modules, ambiguous matches and shapes
     that do not fit the base tensor. The source is not modified: bind the result with
     ``MatchedLora(source, match)``."""
+    from .grouping import stem_of
+
     src = lora_source
     first_components = sorted({(m[len(PEFT_PREFIX):] if m.startswith(PEFT_PREFIX) else m).split(".", 1)[0]
                                for m in src.modules})
@@ -285,7 +291,7 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
                 f"not supported yet: {src.file} carries its own copy of base tensor '{ck}' {list(cshape)} "
                 + (f"but the base has {list(base_shapes[hits[0]])} at '{hits[0]}'" if hits else "that the base lacks")
                 + " (resized vocabulary?)")
-    miss = sorted(set(src.modules) - set(found))
+    miss = sorted({stem_of(m)[0] for m in src.modules} - set(found))
     if miss:
         example = next(iter(base_modules), None)
         ex = _candidates(src, example, 0, first_components)[:1] if example else []
@@ -294,14 +300,41 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
             + ", ".join(f"'{x}'" for x in miss[:5]) + (", ..." if len(miss) > 5 else "")
             + (f" (base key '{base_modules[example]}' would be '{ex[0]}')" if ex else "")
             + f"; base naming: {naming.describe()}; is this LoRA for this base model?")
-    plain, assemblies, rules = _assemble(src, found, base_shapes)
+    weights: dict[str, list] = {}  # weight modules -> their matches, for _assemble
+    targets: dict[str, str] = {}  # other targets (biases) -> base key
+    for mod in src.modules:
+        stem, tgt = stem_of(mod)
+        hits = found[stem]
+        plain_hit = len(hits) == 1 and hits[0].plain
+        if tgt == "weight":
+            if not plain_hit and not src.is_factors(mod):
+                raise UserError(f"not supported yet: {src.type_name(mod)} module '{mod}' in {src.file} maps onto "
+                                f"part of base tensor '{hits[0].key}' ({hits[0].rule}); only plain LoRA factors "
+                                "are assembled across fused tensors - merge into a base of the LoRA's own naming")
+            weights[mod] = hits
+            continue
+        if not plain_hit:
+            raise UserError(f"not supported yet: a {tgt} delta of '{stem}' in {src.file} onto a fused base tensor "
+                            f"'{hits[0].key}' ({hits[0].rule})")
+        key = hits[0].key[: -len("weight")] + tgt
+        if key not in base_shapes:
+            if src.optional(mod):
+                continue
+            raise UserError(f"{src.file}: module '{stem}' adapts '{key}', which the base model lacks "
+                            f"(a {tgt} delta needs a base with that tensor)")
+        targets[mod] = key
+    plain, assemblies, rules = _assemble(src, weights, base_shapes)
+    targets.update(plain)
     inv: dict[str, str] = {}
     layouts: dict[str, str] = {}
-    for mod, key in plain.items():
+    for mod, key in targets.items():
         if key in inv:
             raise UserError(f"LoRA modules '{inv[key]}' and '{mod}' in {src.file} both map to base tensor '{key}'")
         inv[key] = mod
         shape = tuple(base_shapes[key])
+        if not src.is_factors(mod):
+            _check_part(src, mod, key, shape)
+            continue
         (r, cols), (rows, _) = src.factor_shapes(mod)
         sa, _ = src.stored_shapes(mod)
         if not _fits(rows, cols, shape, sa):
@@ -316,13 +349,26 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
                 f"shape mismatch: LoRA module '{mod}' in {src.file} gives a delta of {rows}x{cols} "
                 f"(A/down {list(sa)}) but base tensor '{key}' has shape {list(shape)}"
                 " (a LoRA for a different model or model family, e.g. SDXL vs SD1.5?)")
-    mapping = dict(plain)
+    mapping = dict(targets)
     for name, asm in assemblies.items():
         if asm.key in inv:
             raise UserError(f"LoRA modules '{inv[asm.key]}' and {', '.join(repr(m) for m in asm.modules)} in "
                             f"{src.file} all map to base tensor '{asm.key}'")
         mapping[name] = asm.key
-    return BaseMatch(mapping, layouts, assemblies, naming, rules)
+    return BaseMatch(mapping, layouts, assemblies, naming, rules, {m: base_shapes[k] for m, k in mapping.items()})
+
+
+def _check_part(src: "LoraSource", mod: str, key: str, shape: tuple[int, ...]) -> None:
+    """A part that is not plain factors must give a delta of the base tensor's size (its type's
+    shape rule also validates the stored factors against the base, e.g. LoKr's kron)."""
+    from .typed import delta_shape
+
+    rows, cols = delta_shape(src, mod, shape)
+    want = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (math.prod(shape), 1)
+    if (rows, cols) != want:
+        raise UserError(f"shape mismatch: {src.type_name(mod)} module '{mod}' in {src.file} gives a delta of "
+                        f"{rows}x{cols} but base tensor '{key}' has shape {list(shape)}"
+                        " (an adapter for a different model or model family?)")
 
 
 def kohya_default_name(base_key: str) -> str:

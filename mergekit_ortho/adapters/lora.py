@@ -38,33 +38,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
 from ..io import safetensors as safetensors_io
-from .detect import PEFT_PREFIX, detect_lora, format_from_keys, load_json, raise_unsupported, weights_in_dir
+from .detect import PEFT_PREFIX, detect_lora, format_from_keys, load_json, weights_in_dir
+from .grouping import peft_pattern_key as _peft_pattern_key
 
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
-
-_PEFT_SUFFIXES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B",
-    ".lora_A.default.weight": "A", ".lora_B.default.weight": "B",
-    ".lora_embedding_A": "eA", ".lora_embedding_B": "eB",
-    ".alpha": "alpha",
-}
-_KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
-
-
-def _peft_pattern_key(patterns: dict, name: str) -> str | None:
-    """PEFT's get_pattern_key: first key k with re.match(rf"(.*\\.)?({k})$", name)."""
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", name):
-            return k
-    return None
-
 
 class LoraSource:
     """A LoRA adapter opened lazily: the header up front, one module's tensors per ``factors`` call."""
@@ -117,49 +100,24 @@ class LoraSource:
     # -- keys ---------------------------------------------------------------------------------
 
     def _parse_keys(self) -> None:
-        suffixes = _KOHYA_SUFFIXES if self.format == "kohya" else _PEFT_SUFFIXES
-        mods: dict[str, dict[str, str]] = {}
-        self.base_copies: dict[str, tuple[int, ...]] = {}
-        modules_to_save = self.config.get("modules_to_save") or []
-        for key in self._entries:
-            for suf, role in suffixes.items():
-                if key.endswith(suf):
-                    mods.setdefault(key[: -len(suf)], {})[role] = key
-                    break
-            else:
-                if self.format == "peft" and key.endswith(".base_layer.weight"):
-                    # save_embedding_layers: a full copy of a (frozen) base tensor; checked against
-                    # the base's shape in match_to_base, never applied
-                    self.base_copies[key] = self._entries[key][1]
-                    continue
-                if modules_to_save:
-                    raise_unsupported("modules_to_save (full replacement tensors)", self.file, f"key '{key}'")
-                if self.config.get("bias", "none") != "none" and key.endswith(".bias"):
-                    raise_unsupported(f"bias={self.config.get('bias')!r} (trained bias tensors)", self.file, f"key '{key}'")
-                raise UserError(f"not supported yet: unrecognised tensor '{key}' in {self.file} "
-                                f"(not a {self.format} LoRA factor)")
-        self._keys: dict[str, dict[str, str]] = {}
-        self._alpha_keys: dict[str, str] = {}
-        for m, roles in mods.items():
-            if set(roles) == {"alpha"}:
-                raise UserError(f"LoRA file {self.file}: '{m}.alpha' has no matching down/up (A/B) tensors")
+        from .grouping import group_keys
+
+        lora, parts, alpha, self.base_copies = group_keys(self._entries, self.format, self.config, self.file)
+        for m, roles in lora.items():
             a = roles.get("A") or roles.get("eA")
             b = roles.get("B") or roles.get("eB")
-            if a is None or b is None:
-                raise UserError(f"LoRA file {self.file}: module '{m}' has "
-                                f"{'no A (down)' if a is None else 'no B (up)'} tensor")
-            if ("eA" in roles) != ("eB" in roles):
-                raise UserError(f"LoRA file {self.file}: module '{m}' mixes embedding and linear factor names")
             sa, sb = self._entries[a][1], self._entries[b][1]
             if len(sa) not in (2, 4) or len(sb) not in (2, 4) or sb[1] != sa[0]:
                 raise UserError(f"LoRA file {self.file}: module '{m}' has factors of incompatible shapes "
                                 f"{list(sa)} (A/down) and {list(sb)} (B/up)")
             if len(sb) == 4 and tuple(sb[2:]) != (1, 1):
                 raise UserError(f"not supported yet: a {sb[2]}x{sb[3]} up/B kernel for '{m}' in {self.file}")
-            self._keys[m] = roles
-            if "alpha" in roles:
-                self._alpha_keys[m] = roles["alpha"]
-        self.modules: list[str] = sorted(self._keys)
+            if m in alpha:
+                roles["alpha"] = alpha[m]
+        self._keys: dict[str, dict[str, str]] = lora  # every LoRA weight part (scale, rank, alpha)
+        self._parts = parts  # every other part, by module id (``adapters.typed``)
+        self._alpha_keys: dict[str, str] = alpha
+        self.modules: list[str] = sorted(set(lora) | set(parts))
 
     def _adapter_metadata(self) -> dict[str, dict]:
         raw = self.metadata.get("lora_adapter_metadata")
@@ -198,27 +156,74 @@ class LoraSource:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def rank(self, module: str) -> int:
+        if module in self._parts:
+            from .typed import part_rank
+
+            return part_rank(self, module)
+        return self.stored_shapes(module)[0][0]
+
     def _check(self, module: str) -> dict[str, str]:
         try:
             return self._keys[module]
         except KeyError:
             raise KeyError(f"no LoRA module '{module}' in {self.file}") from None
 
+    # -- module kinds (``adapters.typed`` materialises the parts that are not plain factors) ---------
+
+    def is_factors(self, module: str) -> bool:
+        """True for a plain LoRA module (exact factors), False for a part materialised dense."""
+        if module in self._parts:
+            return False
+        self._check(module)
+        return True
+
+    def type_name(self, module: str) -> str:
+        from .typed import type_name
+
+        return type_name(self, module)
+
+    def dense_modules(self) -> list[str]:
+        """The modules that are not plain LoRA factors (materialised to dense deltas)."""
+        return sorted(self._parts)
+
+    def one_dimensional(self, module: str) -> bool:
+        """A bias / norm delta or a replacement tensor: nothing a LoRA output can hold."""
+        p = self._parts.get(module)
+        if p is None:
+            return False
+        from .typed import part_shapes
+
+        return (p.target == "bias" or p.type.name == "replacement"
+                or all(len(s) <= 1 for s in part_shapes(self, module).values()))
+
+    def optional(self, module: str) -> bool:
+        """A part that exists only where the base has its tensor (IA3's bias change)."""
+        p = self._parts.get(module)
+        return p is not None and bool(p.type.extra.get("optional"))
+
+    def needs_base(self, module: str) -> bool:
+        return module in self._parts and self._parts[module].needs_base
+
     # -- per-module facts ---------------------------------------------------------------------------
 
     def stored_shapes(self, module: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of the stored (A/down, B/up) tensors, as in the file."""
+        """Shapes of the stored (A/down, B/up) tensors, as in the file (every stored tensor of a
+        part that is not plain factors)."""
+        if module in self._parts:
+            from .typed import part_shapes
+
+            return tuple(part_shapes(self, module).values())
         roles = self._check(module)
         a = roles.get("A") or roles["eA"]
         b = roles.get("B") or roles["eB"]
         return self._entries[a][1], self._entries[b][1]
 
-    def rank(self, module: str) -> int:
-        return self.stored_shapes(module)[0][0]
-
     def layout(self, module: str) -> str:
         """"linear" | "conv" | "transposed" (fan_in_fan_out) | "embedding", as the file and config
         say; matching to a base may decide otherwise per module (see ``MatchedLora``)."""
+        if module in self._parts:
+            return "dense"
         roles = self._check(module)
         if "eA" in roles:
             return "embedding"
@@ -284,6 +289,11 @@ class LoraSource:
     def factor_shapes(self, module: str, layout: str | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
         """((r, cols), (rows, r)) of the canonical factors, from the header only; ``layout``
         overrides ``layout(module)``."""
+        if module in self._parts:
+            from .typed import delta_shape
+
+            rows, cols = delta_shape(self, module)
+            return (min(rows, cols), cols), (rows, min(rows, cols))
         sa, sb = self.stored_shapes(module)
         r = sa[0]
         if (layout or self.layout(module)) in ("transposed", "embedding"):
@@ -296,6 +306,8 @@ class LoraSource:
         fold="B": B carries s; fold="sqrt": A and B each carry sqrt(|s|) (sign of s on B)."""
         import torch
 
+        if module in self._parts:
+            raise RuntimeError(f"'{module}' of {self.file} is a {self.type_name(module)} module, not LoRA factors")
         roles = self._check(module)
         a = self._read(roles.get("A") or roles["eA"]).to(torch.float32)
         b = self._read(roles.get("B") or roles["eB"]).to(torch.float32)
@@ -314,14 +326,24 @@ class LoraSource:
             raise ValueError(f"fold must be 'B' or 'sqrt', not {fold!r}")
         return A, B
 
-    def delta(self, module: str, shape: Sequence[int] | None = None, layout: str | None = None):
-        """s * B @ A in the base layout, float32, reshaped to ``shape`` (the base tensor's shape)."""
+    def delta(self, module: str, shape: Sequence[int] | None = None, layout: str | None = None, base=None):
+        """s * B @ A in the base layout, float32, reshaped to ``shape`` (the base tensor's shape); a
+        part that is not plain factors is materialised by its type (``base``: the base tensor, for
+        the types that need it)."""
+        if module in self._parts:
+            from .typed import materialise
+
+            return materialise(self, module, shape, base)
         A, B = self.factors(module, layout=layout)
         d = B @ A
         return d.reshape(tuple(shape)) if shape is not None else d
 
     def num_params(self) -> int:
         return sum(math.prod(s) for m in self.modules for s in self.stored_shapes(m))
+
+    def read(self, key: str):
+        """One stored tensor, as stored."""
+        return self._read(key)
 
     def __repr__(self) -> str:
         return f"LoraSource({self.label!r}, format={self.format}, modules={len(self.modules)})"

@@ -1,7 +1,9 @@
 """A LoRA bound to a base model: read-only views over a LoraSource and a match.
 
-``MatchedLora(source, match)``: ``.base_map`` (module -> base key), ``.by_base`` (base key ->
-module), ``factors_for(base_key)``, ``delta_for(base_key)``; the source is not modified.
+``MatchedLora(source, match, base=None)``: ``.base_map`` (module -> base key), ``.by_base`` (base
+key -> module), ``factors_for(base_key)``, ``delta_for(base_key)``; the source is not modified.
+``base`` (a checkpoint source) is read for the modules whose type needs W0 (DoRA, OFT, ...,
+``modules_to_save`` replacements), unless the caller passes the base tensor itself.
 ``AppliedLora(matched, base)``: the full checkpoint base + delta, for paths that take checkpoints.
 
 Assembled base tensors (spec adapters.md P19; ``keymap.Assembly``): a base key fed by pieces of
@@ -15,6 +17,7 @@ and B sliced by rows), so B @ A == delta exactly. Its scale is folded (alpha = r
 """
 from __future__ import annotations
 
+import math
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
@@ -30,9 +33,9 @@ class MatchedLora:
     ``factor_shapes``, ``factors`` and ``delta`` follow the layouts the match decided. Everything
     else is the source's."""
 
-    __slots__ = ("source", "base_map", "by_base", "_layouts", "assemblies", "match")
+    __slots__ = ("source", "base_map", "by_base", "_layouts", "assemblies", "match", "_shapes", "base")
 
-    def __init__(self, source: LoraSource, base_map: Mapping[str, str]):
+    def __init__(self, source: LoraSource, base_map: Mapping[str, str], base=None):
         set_ = object.__setattr__
         set_(self, "source", source)
         set_(self, "base_map", MappingProxyType(dict(sorted(base_map.items()))))
@@ -40,6 +43,8 @@ class MatchedLora:
         set_(self, "_layouts", MappingProxyType(dict(getattr(base_map, "layouts", {}))))
         set_(self, "assemblies", MappingProxyType(dict(getattr(base_map, "assemblies", {}))))
         set_(self, "match", base_map)  # the BaseMatch (naming, rules) or the plain map given
+        set_(self, "_shapes", MappingProxyType(dict(getattr(base_map, "shapes", {}))))
+        set_(self, "base", base)
 
     def __getattr__(self, name: str):
         if name == "source":  # not set yet (copy/pickle build the object without __init__)
@@ -52,6 +57,9 @@ class MatchedLora:
     def layout(self, module: str) -> str:
         if module in self.assemblies:
             return "linear"
+        if not self.source.is_factors(module):  # a dense part: the base tensor's own layout
+            shape = self._shapes.get(module)
+            return "conv" if shape is not None and len(shape) == 4 else "linear"
         return self._layouts.get(module) or self.source.layout(module)
 
     # -- per-module facts, for stored modules and assemblies alike --------------------------------
@@ -78,6 +86,10 @@ class MatchedLora:
     def factor_shapes(self, module: str, layout: str | None = None):
         if module in self.assemblies:
             return self.stored_shapes(module)
+        shape = self._shapes.get(module)
+        if shape is not None and not self.source.is_factors(module):
+            rows, cols = shape[0], math.prod(shape[1:])
+            return (min(rows, cols), cols), (rows, min(rows, cols))
         return self.source.factor_shapes(module, layout or self.layout(module))
 
     def factors(self, module: str, fold: str = "B", layout: str | None = None):
@@ -105,10 +117,17 @@ class MatchedLora:
             at += k
         return torch.cat(cols, 0), out_b
 
-    def delta(self, module: str, shape: Sequence[int] | None = None, layout: str | None = None):
+    def delta(self, module: str, shape: Sequence[int] | None = None, layout: str | None = None, base=None):
         asm = self.assemblies.get(module)
-        if asm is None:
-            return self.source.delta(module, shape, layout or self.layout(module))
+        if asm is not None:
+            return self._assembled_delta(asm, shape)
+        if not self.source.is_factors(module):
+            if base is None and self.source.needs_base(module) and self.base is not None:
+                base = self.base.get(self.base_map[module])
+            return self.source.delta(module, shape or self._shapes.get(module), base=base)
+        return self.source.delta(module, shape, layout or self.layout(module))
+
+    def _assembled_delta(self, asm, shape):
         import torch
 
         d = torch.zeros(asm.rows, asm.cols, dtype=torch.float32)
@@ -121,11 +140,25 @@ class MatchedLora:
                     d[slice(*p.base_rows) if p.base_rows else slice(None)] = x[slice(*p.lora_rows)] if p.lora_rows else x
         return d.reshape(tuple(shape)) if shape is not None else d
 
+    # assemblies are built from plain LoRA factors only (keymap refuses other types there)
+    def is_factors(self, module: str) -> bool:
+        return module in self.assemblies or self.source.is_factors(module)
+
+    def needs_base(self, module: str) -> bool:
+        return module not in self.assemblies and self.source.needs_base(module)
+
+    def type_name(self, module: str) -> str:
+        return "LoRA" if module in self.assemblies else self.source.type_name(module)
+
     def factors_for(self, base_key: str, fold: str = "B"):
         return self.factors(self._module_for(base_key), fold)
 
-    def delta_for(self, base_key: str, shape: Sequence[int] | None = None):
-        return self.delta(self._module_for(base_key), shape)
+    def delta_for(self, base_key: str, shape: Sequence[int] | None = None, base=None):
+        """The module's delta on ``base_key``; ``base``: that base tensor, when the caller has it."""
+        return self.delta(self._module_for(base_key), shape, base=base)
+
+    def is_factors_for(self, base_key: str) -> bool:
+        return self.is_factors(self._module_for(base_key))
 
     def _module_for(self, base_key: str) -> str:
         try:
@@ -162,7 +195,8 @@ class AppliedLora:
         t = self.base.get(key)
         if key not in self.lora.by_base:
             return t
-        return t.to(torch.float32) + self.lora.delta_for(key, t.shape)
+        t = t.to(torch.float32)
+        return t + self.lora.delta_for(key, t.shape, base=t)
 
     def close(self) -> None:
         self.lora.close()

@@ -14,6 +14,16 @@ suffixes and calls ``materialise``. No type knows about files, key prefixes or t
     (int or None), ``scale`` (the LoRA-style scale the format defines, or None), ``metadata``
     (the safetensors metadata). Returns the dense delta that the reference library's own merge
     adds to ``base``, float32, in the base's layout and shape.
+
+Optional entries (backward compatible: every one may be absent)
+    ``hp`` may also carry ``shape`` (the base tensor's shape when known, also for types that do
+    not need the base), ``file`` and ``key`` (for error lines) and, for an epilogue, ``delta``.
+    ``extra`` may carry ``target`` ("weight" default, or "bias": the part adapts the module's
+    bias), ``shape`` (``fn(role -> stored shape, hp) -> delta shape``, checked against the base at
+    plan time; may raise UserError), ``peft_type`` (the adapter_config.json peft_type(s) whose
+    files hold this type), ``epilogue`` (True: the type re-weights another part's delta, which
+    its materialise gets as ``hp['delta']``, and returns the new delta: DoRA) and ``factors``
+    (True: plain LoRA, kept as exact factors).
 """
 from __future__ import annotations
 
