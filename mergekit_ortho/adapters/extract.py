@@ -158,7 +158,7 @@ def extract(base: str | Path, finetune: str | Path, out: str | Path, opts: Extra
     from ..sinks import Adapter, json_safe
     from ..sources.checkpoint import CheckpointSource
     from .detect import detect_lora
-    from .resize import _write_json_atomic, report_path, summarize
+    from .resize import _write_json_atomic, report_path, summarize, tool_metadata
 
     opts.check()
     base, finetune, out = Path(base), Path(finetune), Path(out)
@@ -201,10 +201,11 @@ def extract(base: str | Path, finetune: str | Path, out: str | Path, opts: Extra
         if opts.format == "peft":
             layouts = {k: ("conv" if len(shapes[k]) == 4 else "linear") for k in mods}
             t, cfg = to_peft(mods, str(base), shapes=shapes, layouts=layouts, dtype=dtype)
-            return t, {"format": "pt"}, cfg
+            return t, {"format": "pt", **tool_metadata("extract")}, cfg
         extra = {"ss_training_comment": f"extracted by mergekit-ortho: {finetune.name} - {base.name}, rank {opts.rank}"
                  + (f", conv rank {opts.conv_rank}" if opts.conv_rank else "")}
         extra.update(_agreed_metadata(metas))
+        extra.update(tool_metadata("extract"))
         t, meta = to_kohya(mods, shapes=shapes, dtype=dtype, metadata=extra, hashes=False)
         if opts.conv_rank:
             meta["ss_network_args"] = '{"conv_dim": "%d", "conv_alpha": "%s"}' % (opts.conv_rank, meta["ss_network_alpha"])

@@ -151,6 +151,13 @@ def resize_module(A, B, scale: float, cap: int | None, rule: str | None, thresho
     return ModuleResize(A2, B2, float(scale), report)
 
 
+def tool_metadata(command: str) -> dict[str, str]:
+    """The marker that lets ``--overwrite`` replace our own output (``writer.written_by_us``)."""
+    from .. import __version__
+
+    return {"merge_tool": f"mergekit-ortho {__version__}", "merge_method": command}
+
+
 def _comment(opts: ResizeOptions, meta: dict) -> str:
     old = meta.get("ss_network_dim")
     comment = meta.get("ss_training_comment", "")
@@ -187,6 +194,7 @@ def _kohya_pack(src, mods: dict, opts: ResizeOptions, dtype):
         tensors[f"{m}.lora_up.weight"] = _out(up, dtype, f"{m}.lora_up.weight")
         tensors[f"{m}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     meta = {k: v for k, v in src.metadata.items() if not k.startswith("sshs_")}
+    meta.update(tool_metadata("resize"))
     meta["ss_training_comment"] = _comment(opts, src.metadata)
     if opts.rule is None:
         meta["ss_network_dim"] = str(opts.rank)
@@ -218,7 +226,7 @@ def _peft_pack(src, mods: dict, dtype):
                               task_type=keep.get("task_type"), prefix=prefix)
     if "revision" in keep:
         config["revision"] = keep["revision"]
-    return tensors, {"format": "pt"}, config
+    return tensors, {"format": "pt", **tool_metadata("resize")}, config
 
 
 def report_path(target: Path) -> Path:
