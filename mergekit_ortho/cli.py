@@ -394,7 +394,8 @@ def _print_lowrank_report(report: dict, limit: int = 20) -> None:
 def resize(
     adapter: Path = typer.Argument(..., help="kohya .safetensors or PEFT adapter directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Output (same format as the input; kohya: a .safetensors file)."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="New rank (with --rule: the cap)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="New rank (with --rule: the cap; none by default, "
+                                       "where sd-scripts caps at 4)."),
     rule: Optional[str] = typer.Option(None, "--rule", help="Dynamic rank: sv_ratio | sv_fro | sv_cumulative (kohya)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="The rule's parameter."),
     conv_rank: Optional[int] = typer.Option(None, "--conv-rank", help="Rank (cap) for conv modules (default --rank)."),

@@ -293,15 +293,30 @@ def test_extract_skips_unchanged_and_kxk_without_conv_rank(sd15_pair, tmp_path, 
 
 # ------------------------------------------------------------------------------- diffusers
 
-def test_kohya_output_with_mixed_ranks_loads_exactly_in_diffusers(tmp_path):
-    pytest.importorskip("diffusers")
+def _tiny_unet():
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
                                 norm_num_groups=4, attention_head_dim=4)
+
+
+def _diffusers_deltas(unet, path: Path) -> dict[str, torch.Tensor]:
+    """{base key: fused - original} after diffusers' own kohya loader and fuse_lora."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    sd = {k: v.clone() for k, v in unet.state_dict().items()}
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path))
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet, adapter_name="x")
+    unet.fuse_lora()
+    after = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    return {k: after[k] - sd[k] for k in sd if k in after}
+
+
+def test_kohya_output_with_mixed_ranks_loads_exactly_in_diffusers(tmp_path):
+    pytest.importorskip("diffusers")
+    unet = _tiny_unet()
     sd = {k: v.clone() for k, v in unet.state_dict().items()}
     keys = [k for k, v in sd.items() if v.dim() in (2, 4) and ".attentions.0." in k and k.endswith("weight")][:12]
     gen = torch.Generator().manual_seed(0)
@@ -314,17 +329,37 @@ def test_kohya_output_with_mixed_ranks_loads_exactly_in_diffusers(tmp_path):
     assert {float(v) for n, v in tensors.items() if n.endswith(".alpha")} == {4.0}  # the most common rank
     assert meta["ss_network_alpha"] == "4.0" and meta["ss_network_dim"] == "Dynamic"
     f = write_safetensors(tmp_path / "mixed.safetensors", tensors, meta)
-    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(f))
-    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet, adapter_name="x")
-    unet.fuse_lora()
-    after = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    got = _diffusers_deltas(unet, f)
     for k, (A, B) in mods.items():
         want = (B @ A).reshape(shapes[k])
-        got = after[k] - sd[k]
-        assert float((got - want).norm() / want.norm()) < 1e-5, k
+        assert float((got[k] - want).norm() / want.norm()) < 1e-5, k
     ours = LoraSource(f)  # and our own reader agrees
     for k, (A, B) in mods.items():
         torch.testing.assert_close(ours.delta(kohya_default_name(k)), B @ A, rtol=1e-5, atol=1e-7)
+
+
+def test_dynamic_resize_output_loads_exactly_in_diffusers(tmp_path, cli):
+    pytest.importorskip("diffusers")
+    unet = _tiny_unet()
+    keys = [k for k, v in unet.state_dict().items() if v.dim() == 2 and ".attentions.0." in k][:10]
+    gen = torch.Generator().manual_seed(5)
+    t = {}
+    for i, k in enumerate(keys):  # per-module alphas 1, 2, 4, 8 and decaying spectra: ranks differ after resize
+        o, n = unet.state_dict()[k].shape
+        name = kohya_default_name(k)
+        t[name + ".lora_down.weight"] = torch.randn(4, n, generator=gen)
+        t[name + ".lora_up.weight"] = 0.1 * torch.randn(o, 4, generator=gen) * (0.3 + 0.2 * i) ** torch.arange(4.0)
+        t[name + ".alpha"] = torch.tensor(float(2 ** (i % 4)))
+    src = write_safetensors(tmp_path / "in.safetensors", t)
+    out = tmp_path / "dyn.safetensors"
+    assert cli("resize", src, "--out", out, "--rule", "sv_fro", "--threshold", "0.95")[0] == 0
+    ranks = {r["rank_out"] for r in json.loads(out.with_suffix(".report.json").read_text())["modules"].values()}
+    assert len(ranks) > 1
+    ours = LoraSource(out)
+    got = _diffusers_deltas(unet, out)
+    for k in keys:
+        want = ours.delta(kohya_default_name(k))
+        assert float((got[k] - want).norm() / want.norm()) < 1e-5, k
 
 
 # ------------------------------------------------------------------------------- bad input
