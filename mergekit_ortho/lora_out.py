@@ -23,11 +23,17 @@ task_type=None, prefix="base_model.model.", extra_config=None) -> (tensors, adap
     "transposed" | "embedding"``, see ``layouts_of``) default from ``shapes``: 4-D -> conv.
 ``to_kohya(modules, template=None, *, shapes, dtype=torch.float32, sources=(), metadata=None,
 merged_from=None, hashes=True) -> (tensors, metadata)``
-    ``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (alpha = r, 0-d), names from
+    ``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-d), names from
     ``template`` (a ``{base_key: kohya module name}`` dict, or MatchedLora(s) - so the output
     keeps the input's key layout), else ``kohya_default_name``;
     conv modules restored to ``[r, in, kh, kw]`` / ``[out, r, 1, 1]`` from ``shapes``. Metadata
-    values are all ``str``.
+    values are all ``str``. **One alpha for every module** (issue 19): diffusers 0.42 fails to match
+    the alpha keys of attention and text-encoder modules and gives them the most common alpha, so
+    a file whose modules have different alpha/rank ratios renders wrong there. The file's alpha is
+    the most common rank; a module of another rank r carries the ratio r / alpha folded into its
+    factors (``fold_alpha``), which is exact for every reader (kohya, A1111, ComfyUI, diffusers).
+``common_alpha(alphas)``, ``fold_alpha(down, up, alpha, common)``: that rule, shared with
+    ``adapters.resize`` / ``adapters.extract``.
 ``layouts_of(sources) -> {base_key: layout}``; ``kohya_hashes(tensors, metadata) -> dict``.
 """
 from __future__ import annotations
@@ -258,6 +264,33 @@ def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     }
 
 
+def common_alpha(alphas: Iterable[float]) -> float:
+    """The alpha written for every module: the most common one (ties: the largest)."""
+    counts = Counter(float(a) for a in alphas)
+    if not counts:
+        return 1.0
+    return max(counts, key=lambda a: (counts[a], a))
+
+
+def stored_alpha(alpha: float, dtype: torch.dtype) -> float:
+    """``alpha`` as a reader sees it after it is stored in ``dtype`` (bf16 rounds 12.3 to 12.25)."""
+    return float(torch.tensor(float(alpha), dtype=dtype).float())
+
+
+def fold_alpha(down: torch.Tensor, up: torch.Tensor, alpha: float, common: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors that give under ``common`` the delta that (down, up) give under ``alpha``.
+
+    The delta is (alpha / r) up @ down, so the stored product is multiplied by c = alpha / common,
+    sqrt(|c|) into each factor (the sign of c into up) to keep their magnitudes comparable."""
+    if common == 0:
+        raise LoraFactorError("a kohya file cannot be written with alpha 0 for every module")
+    c = float(alpha) / float(common)
+    if c == 1.0:
+        return down, up
+    q = abs(c) ** 0.5
+    return down * q, up * (q if c > 0 else -q)
+
+
 def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
              template: Mapping[str, str] | MatchedLora | Iterable[MatchedLora] | None = None, *,
              shapes: Mapping[str, Sequence[int]] | None = None,
@@ -266,7 +299,8 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
              metadata: Mapping[str, Any] | None = None,
              merged_from: Sequence[str] | None = None,
              hashes: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """kohya-ss LoRA tensors (alpha = r, scale 1) and ``__metadata__`` (all values str).
+    """kohya-ss LoRA tensors (one alpha for all modules, see the module docstring) and
+    ``__metadata__`` (all values str).
 
     ``sources``: the input LoRAs whose ``ss_base_model_version`` / ``ss_v2`` /
     ``modelspec.architecture`` are copied when they agree (template MatchedLoras are used when
@@ -278,6 +312,7 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     tensors: dict[str, torch.Tensor] = {}
     ranks: list[int] = []
     used: dict[str, str] = {}
+    shaped: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
     for key in sorted(modules):
         A, B = modules[key]
         r = _rank(A, B, key)
@@ -297,15 +332,19 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                     raise LoraFactorError(f"LoRA factors for '{key}' ({list(B.shape)} @ {list(A.shape)}) do not fit "
                                           f"the base tensor {list(shp)}")
             down, up = A, B
+        shaped.append((name, r, down, up))
+        ranks.append(r)
+    alpha = stored_alpha(common_alpha(ranks), dtype)  # scale 1 everywhere: each module's alpha is r
+    for name, r, down, up in shaped:
+        down, up = fold_alpha(down.float(), up.float(), r, alpha)
         tensors[f"{name}.lora_down.weight"] = _out(down, dtype, f"{name}.lora_down.weight")
         tensors[f"{name}.lora_up.weight"] = _out(up, dtype, f"{name}.lora_up.weight")
-        tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=dtype)
-        ranks.append(r)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
     dims = set(ranks)
     meta: dict[str, str] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dims.pop()) if len(set(ranks)) == 1 else "Dynamic",
-        "ss_network_alpha": str(float(ranks[0])) if len(set(ranks)) == 1 else "Dynamic",
+        "ss_network_alpha": str(alpha),
     }
     srcs = list(sources)
     for k in ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.sai_model_spec"):
