@@ -230,6 +230,10 @@ def run(
     intermediates: Optional[Path] = typer.Option(
         None, "--intermediates",
         help="Multi-document recipes: where the named (intermediate) merges go (default: <out>.intermediates)."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="Compute only unit i of N (i from 0; whole output shards) into --stage; "
+        "then `merge finalize`."),
+    stage: Optional[Path] = typer.Option(None, "--stage", help="Staging directory of a --shard run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
@@ -242,6 +246,9 @@ def run(
     from . import recipe as recipe_mod
 
     docs = recipe_mod.load_all(recipe)
+    if shard is not None or stage is not None:
+        _run_unit(docs, shard, stage, device, dry_run)
+        return
     if len(docs) == 1:
         r = docs[0]
         _run_recipe(r, _output_of(r, out, recipe), device, dry_run, overwrite, force_replace)
@@ -271,6 +278,71 @@ def run(
             continue
         _console().print(f"{label}:")
         _run_recipe(m.recipe, m.target, device, dry_run, overwrite, force_replace)
+
+
+def _single(docs, what: str):
+    from .errors import UserError
+
+    if len(docs) != 1:
+        raise UserError(f"{what} takes a recipe of one merge; run the documents of a multi-document recipe "
+                        "one by one")
+    return docs[0]
+
+
+def _run_unit(docs, shard: Optional[str], stage: Optional[Path], device: str, dry_run: bool) -> None:
+    from . import plan as plan_mod
+    from . import schedule
+    from .errors import UserError
+
+    if shard is None or stage is None:
+        raise UserError("--shard and --stage go together: --shard i/N --stage DIR computes unit i of N into DIR")
+    i, n = schedule.parse_shard(shard)
+    plan = plan_mod.build_plan(_single(docs, "--shard"), device=device)
+    try:
+        schedule.check_shardable(plan, n)
+        est = schedule.unit_estimate(plan, i, n)
+        shards = schedule.unit_shards(plan, i, n)
+        if dry_run:
+            _print_plan(plan)
+            _console().print(f"unit {i}/{n}: output shard(s) {shards[0] + 1}..{shards[-1] + 1} of {len(plan.shards)}; "
+                             f"read {_fmt_bytes(est.read_bytes)}, write {_fmt_bytes(est.write_bytes)}")
+            return
+        with _progress() as p:
+            cb = None
+            if p is not None:
+                task = p.add_task("merge", total=est.read_bytes, tensor="")
+                cb = lambda name, k: p.update(task, advance=k, tensor=_clean(name))  # noqa: E731
+            result = schedule.run_unit(plan, i, n, stage, on_tensor=cb)
+        _console().print(f"wrote unit {i}/{n} to {result} (output shard(s) {shards[0] + 1}..{shards[-1] + 1} of "
+                         f"{len(plan.shards)})")
+    finally:
+        plan_mod.close(plan)
+
+
+@app.command()
+@handle_errors
+def finalize(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (the one the units ran)."),
+    stage: Path = typer.Option(..., "--stage", help="Staging directory the --shard units wrote."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (overrides output.path)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output that mergekit-ortho wrote."),
+    force_replace: bool = typer.Option(False, "--force-replace",
+                                       help="Replace an existing output even if mergekit-ortho did not write it."),
+):
+    """Verify every unit of a --shard run against the plan and commit the output atomically."""
+    from . import plan as plan_mod
+    from . import recipe as recipe_mod
+    from . import schedule
+
+    r = _single(recipe_mod.load_all(recipe), "merge finalize")
+    target = _output_of(r, out, recipe)
+    plan = plan_mod.build_plan(r)
+    try:
+        result = schedule.finalize(plan, stage, target, overwrite=overwrite, force_replace=force_replace)
+    finally:
+        plan_mod.close(plan)
+    _console().print(f"wrote {result} ({len(plan.shards)} shard(s), {plan.merge_count} tensors merged, "
+                     f"{plan.copy_count} copied)")
 
 
 def _output_of(r, out: Optional[Path], recipe: Path) -> Path:

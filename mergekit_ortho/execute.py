@@ -240,8 +240,9 @@ def full_item(plan) -> Callable[[str], tuple[Any, dict | None]]:
 
 
 def full_sink(plan, out: Path, *, card_extra: str = "", overwrite: bool = False, inputs=(),
-              force_replace: bool = False):
-    """The model directory a plan's full output goes to (merge run, continual export, revert)."""
+              force_replace: bool = False, staged: dict[str, Path] | None = None):
+    """The model directory a plan's full output goes to (merge run, continual export, revert);
+    ``staged``: its shards already written by the units of a sharded run (`merge finalize`)."""
     from . import sinks
     from .plan import donor_dir
 
@@ -255,7 +256,7 @@ def full_sink(plan, out: Path, *, card_extra: str = "", overwrite: bool = False,
                            config_updates=plan.config_updates, chat_template=plan.chat_template,
                            vocab=plan.vocab if recipe.output.copy_files else None,
                            overwrite=overwrite, inputs=inputs, force_replace=force_replace,
-                           report_head={"method": plan.op.name})
+                           report_head={"method": plan.op.name}, staged=staged)
 
 
 def full_work(plan, merged_read: bool = True) -> dict[str, Work]:
@@ -271,6 +272,12 @@ def write_full_model(plan, out: Path, compute, *, card_extra: str = "", on_tenso
     sink = full_sink(plan, out, card_extra=card_extra, overwrite=overwrite, inputs=inputs,
                      force_replace=force_replace)
     with sink:
-        execute(in_order(sink, full_work(plan)), compute, sink, peak_bytes=plan.peak_bytes,
-                inputs_hint=", ".join(m.ref for m in plan.models), on_item=on_tensor)
+        fill_full(plan, sink, compute, on_tensor)
         return sink.commit()
+
+
+def fill_full(plan, sink, compute, on_tensor=None) -> None:
+    """The loop over the items ``sink`` orders (a full model: all; a unit of a sharded run: its
+    shards' items) of a full-model plan."""
+    execute(in_order(sink, full_work(plan)), compute, sink, peak_bytes=plan.peak_bytes,
+            inputs_hint=", ".join(m.ref for m in plan.models), on_item=on_tensor)

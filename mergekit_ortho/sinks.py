@@ -5,13 +5,16 @@ and a failure (an error, Ctrl-C) leaves no partial output behind.
 * ``Adapter``: a LoRA as PEFT (directory) or kohya (directory, or one ``.safetensors`` file);
 * ``Bundle``: an RMM bundle (basis tensors + manifest);
 * ``StateVersion``: one tensor version of a continual state (the state's ``state.json`` is the
-  commit point, written by ``continual`` after the version is in place).
+  commit point, written by ``continual`` after the version is in place);
+* ``UnitShards``: one unit's shards of a sharded run, each tensor's receipt entry recorded (the
+  unit's directory and receipt are :mod:`.stage`'s, its commit :mod:`.schedule`'s).
 
 Usage: ``with sink: execute(...); sink.commit()``. ``put(name, value, report)`` takes one item in
 execution order; ``report`` is the item's JSON facts (None: nothing to report). Sinks know no math.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -120,13 +123,16 @@ class _AtomicDirSink:
 
 
 class FullModel(_AtomicDirSink):
-    """A model directory: tensors streamed into planned shards, cast to each one's output dtype."""
+    """A model directory: tensors streamed into planned shards, cast to each one's output dtype.
+    ``staged`` (shard file name -> verified file, from `merge finalize`): the shards are already
+    written; they are linked (else copied) into the output and nothing is ``put``."""
 
     def __init__(self, target: Path, shards, metadata: dict[str, str], card: Card, *, donor: Path | None = None,
                  config_dtype: str | None = None, config_updates: dict | None = None, overwrite: bool = False,
                  inputs=(), force_replace: bool = False, report_head: dict | None = None, vocab=None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, staged: dict[str, Path] | None = None):
         super().__init__(target, overwrite, inputs, force_replace)
+        self.staged = staged
         # an aligned vocabulary writes its own tokenizer; a chat template is written beside it
         self.vocab, self.chat_template = vocab, chat_template
         self.shards, self.metadata, self.card = shards, metadata, card
@@ -141,6 +147,10 @@ class FullModel(_AtomicDirSink):
     def _opened(self) -> None:
         from .writer import ShardedWriter
 
+        if self.staged is not None:
+            for name, src in self.staged.items():
+                _link_or_copy(src, self.tmp / name)
+            return
         self.writer = ShardedWriter(self.tmp, self.shards, self.metadata)
 
     def put(self, name: str, value, report: dict | None = None) -> None:
@@ -159,9 +169,12 @@ class FullModel(_AtomicDirSink):
         super().__exit__(exc_type, exc, tb)
 
     def commit(self) -> Path:
-        from .writer import copy_model_files
+        from .writer import copy_model_files, shard_names, write_index
 
-        self.writer.finish()
+        if self.staged is None:
+            self.writer.finish()
+        elif len(self.shards) > 1:
+            write_index(self.tmp, self.shards, shard_names(len(self.shards)))
         from .writer import TOKENIZER_FILES
 
         skip = TOKENIZER_FILES if self.vocab is not None else ()
@@ -175,6 +188,14 @@ class FullModel(_AtomicDirSink):
         if self.reports:
             write_json(self.tmp / "merge_report.json", {**(self.report_head or {}), "modules": self.reports})
         return self._commit()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where ``src`` is on the same file system (no bytes copied), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 class Adapter:
@@ -260,6 +281,61 @@ class Bundle(_AtomicDirSink):
             raise UserError(f"cannot write the bundle into {self.atomic.target}: {e.strerror or e}") from None
         self.card.write(self.tmp, self.describe(written))
         return self._commit()
+
+
+def tensor_record(name: str, t) -> dict:
+    """The receipt entry of one tensor as written (bytes hashed exactly as the writer stores them)."""
+    import torch
+
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    finite = bool(torch.isfinite(flat).all()) if flat.is_floating_point() and flat.numel() else True
+    return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": flat.numel() * flat.element_size(),
+            "finite": finite}
+
+
+class UnitShards:
+    """One unit of a sharded run (`merge run --shard`, :mod:`.schedule`): its planned shards, each
+    tensor cast to its output dtype, written under their names in the whole output; each tensor's
+    receipt entry (:func:`tensor_record`) recorded as it is written."""
+
+    def __init__(self, directory: Path, shards, names: list[str], metadata: dict[str, str]):
+        self.directory, self.shards, self.names, self.metadata = Path(directory), shards, names, metadata
+        self.dtypes = {t.name: t.dtype for s in shards for t in s}
+        self.records: dict[str, dict] = {}
+        self.reports: dict[str, dict] = {}
+        self.writer = None
+
+    def order(self) -> list[str]:
+        return [t.name for s in self.shards for t in s]
+
+    def __enter__(self):
+        from .writer import ShardedWriter
+
+        self.writer = ShardedWriter(self.directory, self.shards, self.metadata, names=self.names, index=False)
+        return self
+
+    def put(self, name: str, value, report: dict | None = None) -> None:
+        import torch
+
+        from .dtypes import cast_checked
+
+        dtype = getattr(torch, self.dtypes[name])
+        value = value if value.dtype == dtype else cast_checked(value, dtype, name)
+        self.records[name] = tensor_record(name, value)
+        self.writer.write(name, value)
+        if report is not None:
+            self.reports[name] = json_safe(report)
+
+    def finish(self) -> list[dict]:
+        """All shards written and synced: the receipt's ``files``."""
+        self.writer.finish()
+        return [{"name": fname, "bytes": (self.directory / fname).stat().st_size,
+                 "tensors": [self.records[t.name] for t in shard]} for fname, shard in zip(self.names, self.shards)]
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.writer is not None:
+            self.writer.abort()
 
 
 class StateVersion:

@@ -108,6 +108,11 @@ def shard_names(n: int, prefix: str = "model") -> list[str]:
     return [f"{prefix}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
+def shard_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> bytes:
+    """The exact header bytes (length prefix included) the writer puts before a shard's data."""
+    return _header(tensors, metadata)
+
+
 def _header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> bytes:
     header: dict = {}
     if metadata:
@@ -162,16 +167,28 @@ class _BackgroundSync:
 _SYNC_EVERY = 64 * 2**20
 
 
+def write_index(directory: Path, shards: list[list[OutTensor]], names: list[str], prefix: str = "model") -> None:
+    """``PREFIX.safetensors.index.json`` of planned ``shards`` stored under ``names``."""
+    total = sum(t.nbytes for shard in shards for t in shard)
+    params = sum(t.nbytes // itemsize(t.dtype) for shard in shards for t in shard)
+    weight_map = {t.name: names[si] for si, shard in enumerate(shards) for t in shard}
+    index = {"metadata": {"total_size": total, "total_parameters": params}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(directory) / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 class ShardedWriter:
-    """Writes planned shards into ``directory``; tensors must arrive in ``order()``."""
+    """Writes planned shards into ``directory``; tensors must arrive in ``order()``. ``names``: the
+    shards' file names (default: numbered over ``shards``; a unit of a sharded run passes its
+    shards' names in the whole output); ``index``: write the index (several shards only)."""
 
     def __init__(self, directory: Path, shards: list[list[OutTensor]], metadata: dict[str, str] | None = None,
-                 prefix: str = "model"):
+                 prefix: str = "model", names: list[str] | None = None, index: bool = True):
         self.directory = Path(directory)
         self.shards = shards
         self.metadata = metadata or {}
-        self.names = shard_names(len(shards), prefix)
+        self.names = names if names is not None else shard_names(len(shards), prefix)
         self.prefix = prefix
+        self._index = index
         self._queue = [(si, t) for si, shard in enumerate(shards) for t in shard]
         self._pos = 0
         self._fh = None
@@ -223,15 +240,8 @@ class ShardedWriter:
         if self._pos != len(self._queue):
             raise RuntimeError(f"writer finished after {self._pos} of {len(self._queue)} tensors")
         self._close_current()
-        if len(self.shards) > 1:
-            total = sum(t.nbytes for shard in self.shards for t in shard)
-            params = sum(t.nbytes // itemsize(t.dtype) for shard in self.shards for t in shard)
-            index = {
-                "metadata": {"total_size": total, "total_parameters": params},
-                "weight_map": {t.name: self.names[si] for si, shard in enumerate(self.shards) for t in shard},
-            }
-            index["weight_map"] = dict(sorted(index["weight_map"].items()))
-            (self.directory / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self._index and len(self.shards) > 1:
+            write_index(self.directory, self.shards, self.names, self.prefix)
 
     def abort(self) -> None:
         self._sync.join(raise_error=False)  # never close a file a sync thread still uses

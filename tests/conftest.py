@@ -24,7 +24,7 @@ def _slowed(put, delay):
         time.sleep(delay)
     return slow_put
 
-for _cls in (sinks.FullModel, sinks.Adapter, sinks.Bundle, sinks.StateVersion):
+for _cls in (sinks.FullModel, sinks.Adapter, sinks.Bundle, sinks.StateVersion, sinks.UnitShards):
     _cls.put = _slowed(_cls.put, {delay})
 """
 
