@@ -598,7 +598,8 @@ def continual_init(
     state: Path = typer.Argument(..., help="State directory to create."),
     recipe: Path = typer.Option(..., "--recipe", help="Recipe: a method that folds one model at a time (`merge methods`: opcm, magmax, linear, task_arithmetic, model_stock, ram, ...), base, parameters, optional initial models."),
     force: bool = typer.Option(False, "--force", help="Merge a model even if the same tensors were merged before."),
-    retain: int = typer.Option(3, "--retain", help="Versions to keep (tagged ones are kept too)."),
+    retain: Optional[int] = typer.Option(None, "--retain", help="Versions to keep (tagged ones are kept too; "
+                                         "default: the recipe's retain, else 3)."),
     gate_ratio: Optional[float] = typer.Option(None, "--gate-max-norm-ratio",
                                                help="Refuse a model whose task-vector norm in some tensor group is "
                                                "more than this factor from the running median (e.g. 5)."),

@@ -62,7 +62,9 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                 continue  # mergekit lists the base among the models; its task vector is zero
         levels[label] = [entry.parameters] + _shared_levels(recipe)
         models.append(ModelInput(label, ref, open_source(ref, label), _plan_params(op, levels[label], "model")))
-    notes = list(recipe._warnings)
+    notes = list(recipe._warnings) + [
+        f"ignored: '{k}' applies to continual states (`merge continual init`) only"
+        for k in ("retain", "window", "gate") if getattr(recipe, k) is not None]
     if (op.base_input and base is not None and not listed_base and models
             and not any(m.is_lora for m in models)):
         # mergekit's linear / karcher / passthrough: a base_model not listed is one more input

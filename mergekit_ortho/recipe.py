@@ -142,6 +142,11 @@ class Recipe(_Strict):
     embed_slerp: Any = None  # legacy mergekit key (removed in 2024): ignored with a warning
     # ours: an input prefix -> the reference's prefix (a text-only fine-tune into a VLM); {} = off
     prefix_map: dict[str, str] | None = None
+    # ours, continual states only (`merge continual init`; its flags win): versions kept, the
+    # sliding window of a linear/task_arithmetic state, the outlier gate {max_norm_ratio, command}
+    retain: int | None = None
+    window: int | None = None
+    gate: dict[str, Any] | None = None
 
     _ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: model_reference(v)))
 

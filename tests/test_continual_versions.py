@@ -208,3 +208,21 @@ def test_methods_that_cannot_remove_say_so(tiny_models, tmp_path, cli):
     r = write_recipe(tmp_path / "o.yaml", f"merge_method: opcm\nbase_model: {tiny_models['base']}\n")
     code, _, err = cli("continual", "init", tmp_path / "s3", "--recipe", r, "--window", "3")
     assert code == 2 and "cannot subtract" in err
+
+
+def test_window_gate_and_retain_given_in_the_recipe(tiny_models, tmp_path, cli):
+    r = write_recipe(tmp_path / "i.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
+                                          "window: 2\nretain: 2\ngate: {max_norm_ratio: 5}\n")
+    state = tmp_path / "s"
+    assert cli("continual", "init", state, "--recipe", r)[0] == 0
+    for m in "abc":
+        continual.add(state, str(tiny_models[m]), name=m)
+    st = continual.State.load(state)
+    assert [h["name"] for h in st.data["history"]] == ["b", "c"]
+    code, _, err = cli("continual", "add", state, _diverged(tiny_models, tmp_path / "big", 50.0), "--name", "big")
+    assert code == 2 and "max_norm_ratio 5" in err, err
+    # a merge run of the same recipe names the keys it does not act on
+    r2 = write_recipe(tmp_path / "r.yaml", (tmp_path / "i.yaml").read_text()
+                      + f"models:\n  - model: {tiny_models['a']}\n")
+    code, _, err = cli("run", r2, "--out", tmp_path / "out")
+    assert code == 0 and "ignored: 'window' applies to continual states" in err, err

@@ -31,21 +31,25 @@ from .reading import REMOVABLE, _tensor_hash_update, load_dtype, model_params, o
 
 
 def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | None = None,
-         force: bool = False, retain: int = versions.DEFAULT_RETAIN, gate: dict | None = None,
+         force: bool = False, retain: int | None = None, gate: dict | None = None,
          removable: bool = False, window: int | None = None) -> State:
     """Create a state from a recipe (method, base, parameters); fold in the recipe's models
     (``force``: also models whose tensors equal one already merged). ``retain``: how many versions
     to keep (tagged ones aside); ``gate``: ``{max_norm_ratio, command}`` (:mod:`.gate`);
     ``removable`` / ``window`` (linear, task_arithmetic): a float64 running sum from which
     `remove` subtracts a model exactly, and the last ``window`` models kept (:mod:`.removal`)."""
-    if retain < 1:
-        raise UserError(f"retain must be at least 1, got {retain}")
-    gate = gate_mod.check_config(gate or {})
     from .. import recipe as recipe_mod
     from ..ops import registry
     from ..writer import AtomicDirectory
 
     r = recipe_mod.load(recipe_path, require_models=False)
+    # the recipe's retain / window / gate, unless a flag of `continual init` says otherwise
+    retain = r.retain if retain is None and r.retain is not None else (retain or versions.DEFAULT_RETAIN)
+    window = window if window is not None else r.window
+    gate = {**(r.gate or {}), **(gate or {})}
+    if retain < 1:
+        raise UserError(f"retain must be at least 1, got {retain}")
+    gate = gate_mod.check_config(gate)
     op = registry.get(r.merge_method)
     if not op.folds_one_model_at_a_time:
         able = ", ".join(o.name for o in registry.all_operators() if o.folds_one_model_at_a_time)
