@@ -16,16 +16,7 @@ from mergekit_ortho.testing.goldens import base, base_bias, g, tensor
 
 peft = pytest.importorskip("peft")
 
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(6, 8)
-        self.conv = nn.Conv2d(4, 6, 3, padding=1)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.lin(x))
+from test_adapter_peft import Tiny  # noqa: E402  (the same tiny Linear/Conv/head model)
 
 
 def _recipe(path: Path, models, base_file: Path) -> Path:

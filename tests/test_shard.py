@@ -13,20 +13,14 @@ from pathlib import Path
 import pytest
 
 from conftest import slow_env, write_recipe
+from test_run import recipe_text
 
 CLI = [sys.executable, "-m", "mergekit_ortho.cli"]
 SHARD = "output:\n  shard_size: 3000\n"  # the tiny models' ~30 tensors in about ten shards
 
 
 def recipe(path: Path, method: str, models, base=None, params: str = "", model_params=None) -> Path:
-    lines = [f"merge_method: {method}"] + ([f"base_model: {base}"] if base else []) + ["models:"]
-    for i, m in enumerate(models):
-        lines.append(f"  - model: {m}")
-        if model_params:
-            lines.append(f"    parameters: {model_params[i]}")
-    if params:
-        lines.append(f"parameters: {params}")
-    return write_recipe(path, "\n".join(lines) + "\n" + SHARD)
+    return write_recipe(path, recipe_text(models, method, base, params, model_params, extra=SHARD))
 
 
 def tree(d: Path) -> dict[str, bytes]:
