@@ -237,8 +237,12 @@ def test_della_equals_the_plain_formulation(chunk, shape):
         assert bits_equal(got, want), (shape, d)
 
 
-def test_della_in_many_blocks_equals_the_plain_formulation(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_della_in_many_blocks_equals_the_plain_formulation(monkeypatch, threads):
+    from mergekit_ortho.ops.kernels import della_drop
+
     monkeypatch.setattr(_chunks, "CHUNK", 64)  # 2-row blocks, the last one partial
+    monkeypatch.setattr(della_drop, "workers", lambda: threads)  # serial path, and blocks on the pool
     g = torch.Generator().manual_seed(5)
     for x in (torch.randn(37, 32, generator=g), (torch.randint(-2, 3, (9, 16, 3), generator=g) / 2).float()):
         want = sparsify.della_plain(x, 0.4, 0.2, torch.Generator().manual_seed(3))

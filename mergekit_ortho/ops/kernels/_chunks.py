@@ -20,3 +20,25 @@ INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer 
 def chunk_len(t: torch.Tensor) -> int:
     """Entries per chunk for tensor t: ``CHUNK`` on the CPU, the whole tensor elsewhere."""
     return CHUNK if t.device.type == "cpu" else max(t.numel(), 1)
+
+
+# Passes that torch runs on one thread (numpy's sort, torch.bincount, draws from a generator)
+# are spread over the cores by splitting them between Python threads: numpy and torch release
+# the GIL inside their kernels. One pool for the process, as many workers as torch's intra-op
+# threads (``merge --threads``), created on first use; with one thread nothing is submitted.
+_POOL = None
+
+
+def workers() -> int:
+    """How many threads a kernel may split a serial pass over (torch's intra-op thread count)."""
+    return max(1, torch.get_num_threads())
+
+
+def pool():
+    """The shared worker pool (``workers()`` threads)."""
+    global _POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL is None or _POOL._max_workers != workers():
+        _POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="kernels")
+    return _POOL

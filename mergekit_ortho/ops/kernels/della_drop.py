@@ -15,19 +15,21 @@ Plain formulation (``sparsify.della_plain``): ranks r = the inverse of a stable 
 * the draws are taken block by block from ``gen`` in flat order (the same numbers as one
   full-size draw) and the mask is the sign bit of u - p (:func:`.dare_drop.keep_below_`).
 * the sort is most of the time (~0.2 s of ~0.45 s for 4096 x 4096 on one core; the draws
-  ~0.08 s). Sorting the next blocks on a second thread (numpy's sort releases the GIL) was
-  measured at no gain on the shared 2-core machine (load 5-6) and is not done.
+  ~0.08 s). Both are serial passes (numpy's sort, torch's generator), so the blocks' sorts run
+  on the kernel worker pool (numpy's sort releases the GIL) while the calling thread draws the
+  next blocks' u in order: the same draws, the same result, both cores busy.
 
 Bit-equal to the plain form (tests/test_kernels.py).
 """
 from __future__ import annotations
 
 import sys
+from collections import deque
 
 import numpy as np
 import torch
 
-from ._chunks import chunk_len
+from ._chunks import chunk_len, pool, workers
 from .dare_drop import keep_below_
 
 _HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)  # int32 words of an int64 key
@@ -58,20 +60,49 @@ def rank_lookup(keys: np.ndarray, table: torch.Tensor, out: torch.Tensor) -> tor
     return out.scatter_(1, cols, table.expand_as(out))
 
 
+def _block_(blk: torch.Tensor, bits: np.ndarray, u: torch.Tensor, table: torch.Tensor, key_buf: np.ndarray,
+            p_buf: torch.Tensor) -> None:
+    """One block of whole rows (``blk`` (b, L, R), its bits as (b*R, L)): keys, sort, lookup, mask."""
+    b, L, R = blk.shape
+    keys = sorted_keys(bits, key_buf[:b * R])  # a copy only when R > 1
+    p = rank_lookup(keys, table, p_buf[:b * R]).view(b, R, L).transpose(1, 2)
+    keep_below_(blk, u, p)
+
+
 def della_drop_(x: torch.Tensor, table: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Keep each entry of x (viewed as (A, L, R), ranks along L; :func:`applies`) iff its draw
-    from ``gen`` is < table[its rank in its row]; in place, returns x. ``table``: float32 (L,)."""
+    from ``gen`` is < table[its rank in its row]; in place, returns x. ``table``: float32 (L,).
+
+    The calling thread draws every block's u from ``gen`` in flat order (the draws are serial);
+    the blocks' keys, sorts, lookups and masks run on the worker pool (:func:`._chunks.pool`),
+    each block on its own buffers, so the sorts of two blocks and the next draws overlap."""
     A, L, R = x.shape
     rows = min(A, max(1, chunk_len(x) // max(L * R, 1)))
     xi = x.view(torch.int32).numpy().transpose(0, 2, 1)  # (A, R, L): one key row per (a, r)
-    key_buf = np.empty((rows * R, L, 2), dtype=np.int32)
-    u_buf = torch.empty((rows, L, R), dtype=torch.float32)
-    p_buf = torch.empty((rows * R, L), dtype=torch.float32)
-    for a in range(0, A, rows):
-        blk = x[a:a + rows]
-        b = blk.shape[0]
-        keys = sorted_keys(xi[a:a + rows].reshape(-1, L), key_buf[:b * R])  # a copy only when R > 1
-        p = rank_lookup(keys, table, p_buf[:b * R]).view(b, R, L).transpose(1, 2)
-        u = torch.rand(blk.shape, generator=gen, dtype=torch.float32, out=u_buf[:b])
-        keep_below_(blk, u, p)
+    starts = range(0, A, rows)
+    lanes = 1 if len(starts) == 1 else workers() + 1  # blocks in flight, each with its buffers
+    free = [(np.empty((rows * R, L, 2), dtype=np.int32), torch.empty((rows, L, R), dtype=torch.float32),
+             torch.empty((rows * R, L), dtype=torch.float32)) for _ in range(lanes)]
+    if lanes == 1 or workers() == 1:
+        key_buf, u_buf, p_buf = free[0]
+        for a in starts:
+            blk = x[a:a + rows]
+            u = torch.rand(blk.shape, generator=gen, dtype=torch.float32, out=u_buf[:blk.shape[0]])
+            _block_(blk, xi[a:a + rows].reshape(-1, L), u, table, key_buf, p_buf)
+        return x
+    running: deque = deque()
+    try:
+        for a in starts:
+            if not free:
+                fut, bufs = running.popleft()
+                fut.result()
+                free.append(bufs)
+            bufs = free.pop()
+            blk = x[a:a + rows]
+            u = torch.rand(blk.shape, generator=gen, dtype=torch.float32, out=bufs[1][:blk.shape[0]])
+            fut = pool().submit(_block_, blk, xi[a:a + rows].reshape(-1, L), u, table, bufs[0], bufs[2])
+            running.append((fut, bufs))
+    finally:
+        for fut, _ in running:  # every block finished (or failed) before x is handed back
+            fut.result()
     return x
