@@ -26,13 +26,6 @@ class Merge:
     notes: list[str] = field(default_factory=list)
 
 
-def documents(path: Path) -> list:
-    """The recipe documents of a file (``---``-separated), each checked like a single recipe."""
-    from . import recipe as recipe_mod
-
-    return recipe_mod.load_all(path)
-
-
 def _redirect(ref: str | None, dirs: dict[str, Path], used: list[str], notes: list[str]) -> str | None:
     """``X``, ``X@rev`` or ``X+lora`` with X an intermediate's name -> its directory (+lora)."""
     if not ref:
@@ -73,7 +66,9 @@ def schedule(path: Path, out: Path | None, intermediates: Path | None) -> list[M
 
     ``out``: the final (unnamed) merge's output; ``intermediates``: where named merges are written
     (default: beside the final output, ``<out>.intermediates``)."""
-    docs = documents(path)
+    from . import recipe as recipe_mod
+
+    docs = recipe_mod.load_all(path)
     names = [d.name for d in docs]
     seen: set[str] = set()
     for n in names:
