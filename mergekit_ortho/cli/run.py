@@ -169,7 +169,7 @@ def _run_unit(docs, shard: Optional[str], stage: Optional[Path], device: str, dr
     if shard is None or stage is None:
         raise UserError("--shard and --stage go together: --shard i/N --stage DIR computes unit i of N into DIR")
     i, n = schedule.parse_shard(shard)
-    plan = plan_mod.build_plan(_single(docs, "--shard"), device=device)
+    plan = _plan(_single(docs, "--shard"), device) if dry_run else plan_mod.build_plan(_single(docs, "--shard"), device=device)
     try:
         schedule.check_shardable(plan, n)
         est = schedule.unit_estimate(plan, i, n)
@@ -237,7 +237,7 @@ def _run_recipe(r, target: Path, device: str, dry_run: bool, overwrite: bool, fo
         from ..writer import check_output
 
         check_output(target, overwrite, recipe_mod.input_paths(r), force_replace)
-    plan = plan_mod.build_plan(r, device=device)
+    plan = _plan(r, device, dry_run)
     try:
         if dry_run:
             _print_plan(plan)
@@ -298,10 +298,22 @@ def validate(
             _validate_one(m.recipe, label)
 
 
+def _plan(r, device: str = "cpu", headers_only: bool = True):
+    """The plan of ``r``; hub models: from their safetensors headers alone (``headers_only``), or
+    downloading only the weight files the plan reads."""
+    from .. import plan as plan_mod
+    from ..sources import hub_plan, hub_remote
+
+    if not headers_only:
+        return hub_plan.build_plan(r, device=device)
+    with hub_remote.headers_only():
+        return plan_mod.build_plan(r, device=device)
+
+
 def _validate_one(r, label: str) -> None:
     from .. import plan as plan_mod
 
-    plan = plan_mod.build_plan(r)
+    plan = _plan(r)
     try:
         s = plan.summary()
         say(
