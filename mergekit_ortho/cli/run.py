@@ -225,6 +225,8 @@ def _run_ray(docs, recipe: Path, out, stage, executor, address, device: str, dry
 
     own_stage = stage is None
     stage = Path(stage) if stage is not None else target.parent / f".{target.name}.stage"
+    if own_stage:
+        shutil.rmtree(stage, ignore_errors=True)  # a crashed earlier run's units, perhaps of another N
     plan = plan_mod.build_plan(r, device=device)
     try:
         with _progress(units=True) as p:
