@@ -262,6 +262,9 @@ def test_scaled_lora_sqrt_fold_keeps_the_product_and_the_sign():
         def delta_for(self, key, shape=None, base=None):
             return torch.ones(4, 3)
 
+        def exact_factors_for(self, key):
+            return (torch.ones(2, 3), torch.ones(4, 2)) if key == "k" else None
+
     s = ScaledLora(Fake(), {"k": -4.0})
     A, B = s.factors_for("k", "sqrt")
     torch.testing.assert_close(B @ A, -4.0 * torch.full((4, 3), 4.0))
@@ -269,3 +272,6 @@ def test_scaled_lora_sqrt_fold_keeps_the_product_and_the_sign():
     torch.testing.assert_close(B @ A, -4.0 * torch.full((4, 3), 4.0))
     torch.testing.assert_close(s.delta_for("other"), torch.ones(4, 3))
     torch.testing.assert_close(s.delta_for("k"), -4.0 * torch.ones(4, 3))
+    A, B = s.exact_factors_for("k")  # the exact low-rank forms (LoHa, LoKr, Tucker) are scaled too
+    torch.testing.assert_close(B @ A, -4.0 * torch.full((4, 3), 2.0))
+    assert s.exact_factors_for("none") is None

@@ -138,6 +138,11 @@ class ScaledLora:
             return A * r, B * (math.copysign(r, s))
         return A, B * s
 
+    def exact_factors_for(self, base_key: str):
+        got = self.lora.exact_factors_for(base_key)
+        s = self.strengths.get(base_key)
+        return got if got is None or s is None else (got[0], got[1] * s)
+
     def delta_for(self, base_key: str, shape=None, base=None):
         d = self.lora.delta_for(base_key, shape, base=base)
         s = self.strengths.get(base_key)
