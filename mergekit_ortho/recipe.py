@@ -365,7 +365,7 @@ def _check_parameters(recipe: Recipe, op) -> list[str]:
         for key, value in mapping.items():
             key = str(key)
             if key in STRENGTH_KEYS and key not in per_model and key not in shared:
-                if where.startswith("slices"):
+                if where.startswith("slices") or recipe.slices:
                     raise ValueError(f"{where}.{key}: LoRA strengths (te_weight, unet_weight, block_weights) "
                                      "apply to a models: recipe; list the LoRAs under models")
                 check_setting(key, value, f"{where}.{key}")

@@ -275,3 +275,12 @@ def test_scaled_lora_sqrt_fold_keeps_the_product_and_the_sign():
     A, B = s.exact_factors_for("k")  # the exact low-rank forms (LoHa, LoKr, Tucker) are scaled too
     torch.testing.assert_close(B @ A, -4.0 * torch.full((4, 3), 2.0))
     assert s.exact_factors_for("none") is None
+
+
+def test_strengths_in_a_slices_recipe_are_refused(sd1, tmp_path, cli):
+    doc = {"merge_method": "linear", "parameters": {"te_weight": 0.5},
+           "slices": [{"sources": [{"model": str(sd1["base"])}]}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    code, out, err = cli("run", tmp_path / "r.yaml", "--out", tmp_path / "m")
+    assert code == 2 and "apply to a models: recipe" in out + err
+    assert not (tmp_path / "m").exists()
