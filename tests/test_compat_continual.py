@@ -43,3 +43,11 @@ def test_continual_init_takes_scalar_parameters(models, cli):
     code, _, err = cli("continual", "init", models / "st", "--recipe", r)
     assert code == 0, err
     assert (models / "st" / "state.json").exists()
+
+
+def test_continual_refuses_slerp_whose_fold_takes_one_model(models, cli):
+    r = write_recipe(models / "r.yaml", f"merge_method: slerp\nbase_model: {models / 'm0'}\n"
+                     f"models: [{{model: {models / 'm1'}}}]\nparameters: {{t: 0.3}}\n")
+    code, _, err = cli("continual", "init", models / "st", "--recipe", r)
+    assert code == 2 and "'slerp' is not one of them" in err, err
+    assert not (models / "st").exists()
