@@ -1,0 +1,4 @@
+"""`python -m mergekit_ortho.cli`."""
+from . import main
+
+main()
