@@ -383,13 +383,11 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
                     src = _tied_source(m, name)
                     other = m.source.infos.get(src) if src else None
                 if other is None:
-                    raise UserError(
-                        f"tensor '{name}' is in {reference.ref} but missing from {m.ref}; "
-                        "exclude it or use matching checkpoints"
-                    )
+                    raise UserError(f"tensor '{name}' is in {reference.ref} but missing from {m.ref}"
+                                    + (_mismatch_hint(reference, m) or "; exclude it or use matching checkpoints"))
                 aligned = vocab_rows is not None and name in VOCABULARY_TENSORS
                 if other.shape != info.shape and not (aligned and other.shape[1:] == info.shape[1:]):
-                    raise UserError(_shape_message(name, reference, info, m, other))
+                    raise UserError(_shape_message(name, reference, info, m, other) + _mismatch_hint(reference, m))
                 if other.dtype in FP8 or other.dtype not in MERGEABLE:
                     raise UserError(f"tensor '{name}' is {other.dtype} in {m.ref}, cannot merge it")
                 read += other.nbytes
@@ -424,7 +422,7 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
             raise UserError(
                 f"tensor '{extra[0]}' is in {m.ref} but not in {reference.ref}"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                + "; use checkpoints of the same architecture"
+                + (_mismatch_hint(reference, m) or "; use checkpoints of the same architecture")
             )
     return items, config
 
@@ -503,6 +501,26 @@ def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
             notes.append(f"{m.label}: {scheme} read dequantised; the output is not quantised"
                          + (f" ({len(dropped)} activation scale(s) dropped, e.g. '{dropped[0]}')" if dropped else ""))
     return notes
+
+
+def _mismatch_hint(reference: ModelInput, m: ModelInput) -> str:
+    """What explains two inputs' different tensors, for the error: their families (config.json
+    ``model_type``) when they differ, else a prefix the recipe's ``prefix_map`` would map."""
+    from .planning import _config_of
+    from .prefixes import suggest
+
+    fams = []
+    for x in (m, reference):
+        d = getattr(x.source, "directory", None)
+        fams.append(_config_of(Path(d)).get("model_type") if d is not None else None)
+    if all(fams) and fams[0] != fams[1]:
+        return (f"; the families differ ({fams[0]} vs {fams[1]}, config.json model_type): "
+                "checkpoints of different families do not merge")
+    pm = suggest(list(reference.source.infos), list(m.source.infos))
+    if pm:
+        return (f"; {m.ref} stores its tensors under another prefix: map it with the recipe's "
+                f"prefix_map: {pm!r} (input prefix -> {reference.label}'s)")
+    return ""
 
 
 def _shape_message(name: str, reference: ModelInput, info, m: ModelInput, other) -> str:

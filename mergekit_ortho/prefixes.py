@@ -11,9 +11,13 @@ when the input is text-only) are kept from the base by the plan.
 
 Detection (``detect``) tries each known layout in both directions and takes one only when it
 turns a clear mismatch (under half the input's names in the reference) into a match (at least
-90 %); a recipe's ``prefix_map`` replaces detection (``{}`` turns it off).
+90 %); a recipe's ``prefix_map`` replaces detection (``{}`` turns it off). When neither maps an
+input, :func:`suggest` finds the prefix pair its names carry (input ``backbone.decoder.model.*``
+for reference ``model.*``) for the error to name as a ``prefix_map``.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 # (reference prefix, input prefix) for a VLM reference and a text-only input; reversed for a
 # text-only reference and a VLM input
@@ -51,6 +55,34 @@ def detect(reference_names, names) -> tuple | None:
             pairs = tuple(sorted(pairs, key=lambda p: -len(p[1])))
             if len(_renamed(own, ref, pairs)) >= 0.9 * min(len(own), len(ref)):
                 return pairs
+    return None
+
+
+def suggest(reference_names, names) -> dict[str, str] | None:
+    """A ``prefix_map`` (input prefix -> reference prefix) that maps at least 90 % of ``names``
+    onto ``reference_names``, found from the names themselves: for each input name, the longest
+    tail of at least two components that ends some reference name gives one (input prefix,
+    reference prefix) pair; the most common pair is checked on all names. None if none fits."""
+    ref = set(reference_names)
+    tails: dict[str, str] = {}  # tail -> the reference prefix in front of it
+    for r in ref:
+        parts = r.split(".")
+        for j in range(len(parts) - 1):
+            tails.setdefault(".".join(parts[j:]), ".".join(parts[:j]) + ("." if j else ""))
+    votes: Counter = Counter()
+    own = [n for n in names if n not in ref]
+    for n in own:
+        parts = n.split(".")
+        for i in range(len(parts) - 1):
+            tail = ".".join(parts[i:])
+            if tail in tails:
+                mine = ".".join(parts[:i]) + ("." if i else "")
+                if mine != tails[tail]:
+                    votes[(mine, tails[tail])] += 1
+                break
+    for (mine, theirs), _ in votes.most_common(3):
+        if len(_renamed(names, ref, ((theirs, mine),))) >= 0.9 * min(len(list(names)), len(ref)):
+            return {mine: theirs}
     return None
 
 
