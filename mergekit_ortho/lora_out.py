@@ -129,8 +129,10 @@ def to_peft(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
             dtype: torch.dtype = torch.float32,
             task_type: str | None = None,
             prefix: str = "base_model.model.",
-            extra_config: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PEFT ``adapter_model.safetensors`` tensors and ``adapter_config.json`` dict, scale 1."""
+            extra_config: Mapping[str, Any] | None = None,
+            names: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT ``adapter_model.safetensors`` tensors and ``adapter_config.json`` dict, scale 1.
+    ``names``: base key -> the key to name its module by (transformers 5 in-memory names)."""
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     any_transposed = False
@@ -139,7 +141,7 @@ def to_peft(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         r = _rank(A, B, key)
         if r == 0:
             continue
-        path = _module_path(key)
+        path = _module_path((names or {}).get(key, key))
         lay = (layouts or {}).get(key) or _default_layout(key, shapes)
         if lay in ("transposed", "embedding"):
             # canonical B@A is in the base layout; PEFT computes (B_p @ A_p)^T

@@ -81,7 +81,8 @@ def _adapter_sink(plan, out: Path, guard: dict):
         if fmt == "peft":
             tasks = {m.source.config.get("task_type") for m in plan.lora_models if m.source.config}
             tensors, cfg = to_peft(modules, _peft_base_name(plan), shapes=shaped, layouts=layouts_of(sources),
-                                   dtype=dtype, task_type=tasks.pop() if len(tasks) == 1 else None)
+                                   dtype=dtype, task_type=tasks.pop() if len(tasks) == 1 else None,
+                                   names=plan.adapter_names)
             return tensors, meta, cfg
         tensors, kmeta = to_kohya(modules, template=sources, shapes=shaped, dtype=dtype, sources=sources,
                                   metadata={k: v for k, v in meta.items() if k != "format"},

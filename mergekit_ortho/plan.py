@@ -21,8 +21,8 @@ from .prefixes import RenamedSource
 from .errors import UserError
 from .ops import registry
 from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
-                       _unique_label, check_model_count, open_source, output_dtype, promoted, resolve_items,
-                       tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS, VOCABULARY_TENSORS)
+                       _unique_label, check_model_count, config_of_source, open_source, output_dtype, promoted,
+                       resolve_items, tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS, VOCABULARY_TENSORS)
 from .writer import OutTensor, plan_shards
 
 __all__ = ["ItemParams", "ModelInput", "Plan", "PlanItem", "Source", "build_plan", "check_model_count",
@@ -95,7 +95,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
             keys = list(base.source.infos)
             shapes = {k: i.shape for k, i in base.source.infos.items()}
             for m in loras:
-                match = match_to_base(m.source, keys, shapes)
+                match = match_to_base(m.source, keys, shapes, config_of_source(base.source))
                 m.source = MatchedLora(m.source, match, base.source)
                 if set(match.rules) - {"name"} or match.naming.recognised:
                     notes.append(f"{m.label}: {match.summary()}")
@@ -116,6 +116,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                     item_params=resolve_items(op, [(k, k, [k] * len(models)) for k in keys], _positions(keys),
                                               _shared_levels(recipe), model_levels, models))
         _lora_notes(plan)
+        _adapter_names(plan)
         plan.notes += notes
         return plan
 
@@ -319,6 +320,21 @@ def _lora_notes(plan: Plan) -> None:
         if skipped:
             plan.notes.append(f"{skipped} tensor(s) that are not 2-D weights are not stored in the bundle; "
                               "a reverted full model takes them from the base")
+
+
+def _adapter_names(plan: Plan) -> None:
+    """PEFT outputs take the module names the installed transformers 5 gives the base's modules in
+    memory (adapters/transformers5.py), so peft on it loads them; said in a note."""
+    if plan.out_format != "peft" or plan.base is None:
+        return
+    from .adapters.transformers5 import describe, memory_names
+
+    names = memory_names(plan.module_keys, config_of_source(plan.base.source))
+    if names:
+        k, v = next(iter(names.items()))
+        plan.adapter_names = names
+        plan.notes.append(f"PEFT output named as {describe()} ({len(names)} modules, e.g. '{v}' for checkpoint "
+                          f"'{k}'), so peft loads it on the installed transformers")
 
 
 def _tied_source(m: ModelInput, head: str) -> str | None:

@@ -90,6 +90,9 @@ class Plan:
     # LoRA / bundle outputs: the base keys merged module by module, with their 2-D delta shapes
     module_keys: list[str] = field(default_factory=list)
     module_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # PEFT outputs: base key -> the key its module is written under (the installed transformers 5's
+    # in-memory name where it renames the base's modules on load); keys not listed keep their name
+    adapter_names: dict[str, str] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)  # per-module operator reports, when any
     # paths read outside the models (a continual state, a bundle) that the output must not touch
     extra_inputs: list[Path] = field(default_factory=list)
@@ -262,7 +265,7 @@ def open_source(ref: str, label: str):
             raise UserError(f"model reference {ref}: the part after '+' must be a LoRA adapter and the part "
                             "before it a full checkpoint")
         shapes = {k: i.shape for k, i in model.infos.items()}
-        matched = MatchedLora(lora, match_to_base(lora, list(model.infos), shapes))
+        matched = MatchedLora(lora, match_to_base(lora, list(model.infos), shapes, config_of_source(model)))
         return AppliedLora(matched, model, owns_base=True)
     path = Path(ref)
     if not path.exists():
@@ -452,6 +455,12 @@ def vocabulary_for(recipe: recipe_mod.Recipe, op: registry.Operator, base: Model
                                     "a hub id, 'base' or 'union'")
                 source_dir = hub.resolve(ref)
     return build_vocabulary(spec, seen, base=base_label, source_dir=source_dir), template
+
+
+def config_of_source(source) -> dict:
+    """A checkpoint source's config.json ({} without one)."""
+    d = getattr(source, "directory", None)
+    return _config_of(Path(d)) if d is not None else {}
 
 
 def _config_of(d: Path) -> dict:

@@ -161,7 +161,7 @@ class BaseMatch(Mapping[str, str]):
         """One line for the plan: the base naming and how many modules each rule mapped."""
         words = {"name": "by name", "rename": "through a naming rule", "fuse": "fused by rows into {t} tensor(s)",
                  "split": "split by rows over {t} tensor(s)", "swap": "with row halves swapped",
-                 "transpose": "transposed"}
+                 "transpose": "transposed", "transformers": "through the installed transformers' renames"}
         tensors = Counter(a.rule for a in self.assemblies.values())
         parts = [f"{n} {words.get(r, r).format(t=tensors.get(r, 0))}" for r, n in sorted(self.rules.items()) if n]
         naming = self.naming.describe() if self.naming is not None else "?"
@@ -249,7 +249,7 @@ def _assemble(src: "LoraSource", found: Mapping[str, list[Alias]],
 
 
 def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
-                  base_shapes: Mapping[str, Sequence[int]]) -> BaseMatch:
+                  base_shapes: Mapping[str, Sequence[int]], config: Mapping | None = None) -> BaseMatch:
     """{LoRA module (as stored) -> base weight key}, by generating LoRA names from the base keys.
 
     Tiers (first that matches wins; two base keys for one name is an error):
@@ -262,7 +262,10 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
     Every tier also generates the names of each base tensor in the other namings of P19
     (``naming.base_aliases``: LDM <-> diffusers UNet, OpenCLIP <-> HF CLIP, Flux BFL <-> diffusers),
     so q/k/v LoRAs fuse into ``in_proj_weight`` / ``qkv`` / ``linear1`` and fused LoRAs split into
-    q/k/v; those base keys map from an ``Assembly`` name (``BaseMatch.assemblies``).
+    q/k/v; those base keys map from an ``Assembly`` name (``BaseMatch.assemblies``). With the base's
+    ``config`` (config.json), modules that match nothing are tried under the names the installed
+    transformers 5 renames the base's modules to or from (``transformers5.aliases``: a PEFT adapter
+    saved under transformers 5 on a checkpoint of the original names, and the reverse).
     Raises UserError naming the LoRA file for unmatched modules, ambiguous matches and shapes
     that do not fit the base tensor. The source is not modified: bind the result with
     ``MatchedLora(source, match)``."""
@@ -281,7 +284,15 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
             base_modules.setdefault(m.replace(".base_layer", ""), k)
     naming = detect_naming(base_keys)
     aliases = base_aliases(base_keys, base_shapes, naming)
-    found = _scan(src, base_modules, aliases, 2 if src.format == "kohya" else 3, first_components)
+    tiers = 2 if src.format == "kohya" else 3
+    found = _scan(src, base_modules, aliases, tiers, first_components)
+    if config and src.format == "peft" and {stem_of(m)[0] for m in src.modules} - set(found):
+        from .transformers5 import aliases as t5_aliases
+
+        extra = t5_aliases(base_keys, config)
+        if extra:
+            aliases = list(aliases) + extra
+            found = _scan(src, base_modules, aliases, tiers, first_components)
     for ck, cshape in src.base_copies.items():
         m = ck[: -len(".base_layer.weight")]
         m = m[len(PEFT_PREFIX):] if m.startswith(PEFT_PREFIX) else m
@@ -299,7 +310,9 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
             f"{len(miss)} LoRA module(s) in {src.file} match no tensor of the base model: "
             + ", ".join(f"'{x}'" for x in miss[:5]) + (", ..." if len(miss) > 5 else "")
             + (f" (base key '{base_modules[example]}' would be '{ex[0]}')" if ex else "")
-            + f"; base naming: {naming.describe()}; is this LoRA for this base model?")
+            + f"; base naming: {naming.describe()}"
+            + ("" if not config or src.format != "peft" else _t5_tried(config))
+            + "; is this LoRA for this base model?")
     weights: dict[str, list] = {}  # weight modules -> their matches, for _assemble
     targets: dict[str, str] = {}  # other targets (biases) -> base key
     for mod in src.modules:
@@ -356,6 +369,14 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
                             f"{src.file} all map to base tensor '{asm.key}'")
         mapping[name] = asm.key
     return BaseMatch(mapping, layouts, assemblies, naming, rules, {m: base_shapes[k] for m, k in mapping.items()})
+
+
+def _t5_tried(config: Mapping) -> str:
+    from .transformers5 import version
+
+    v = version()
+    return (f" (transformers {v}'s renames for {config.get('model_type')} tried too)" if v
+            else " (transformers 5 renames not tried: transformers >= 5 is not installed)")
 
 
 def _check_part(src: "LoraSource", mod: str, key: str, shape: tuple[int, ...]) -> None:
