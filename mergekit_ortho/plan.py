@@ -323,18 +323,12 @@ def _lora_notes(plan: Plan) -> None:
 
 
 def _adapter_names(plan: Plan) -> None:
-    """PEFT outputs take the module names the installed transformers 5 gives the base's modules in
-    memory (adapters/transformers5.py), so peft on it loads them; said in a note."""
-    if plan.out_format != "peft" or plan.base is None:
-        return
-    from .adapters.transformers5 import describe, memory_names
+    """PEFT outputs take the installed transformers 5's in-memory module names (so peft loads them)."""
+    if plan.out_format == "peft" and plan.base is not None:
+        from .adapters.transformers5 import output_names
 
-    names = memory_names(plan.module_keys, config_of_source(plan.base.source))
-    if names:
-        k, v = next(iter(names.items()))
-        plan.adapter_names = names
-        plan.notes.append(f"PEFT output named as {describe()} ({len(names)} modules, e.g. '{v}' for checkpoint "
-                          f"'{k}'), so peft loads it on the installed transformers")
+        plan.adapter_names, note = output_names(plan.module_keys, config_of_source(plan.base.source))
+        plan.notes += [note] if note else []
 
 
 def _tied_source(m: ModelInput, head: str) -> str | None:
@@ -520,23 +514,9 @@ def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
 
 
 def _mismatch_hint(reference: ModelInput, m: ModelInput) -> str:
-    """What explains two inputs' different tensors, for the error: their families (config.json
-    ``model_type``) when they differ, else a prefix the recipe's ``prefix_map`` would map."""
-    from .planning import _config_of
-    from .prefixes import suggest
+    from .prefixes import mismatch_hint
 
-    fams = []
-    for x in (m, reference):
-        d = getattr(x.source, "directory", None)
-        fams.append(_config_of(Path(d)).get("model_type") if d is not None else None)
-    if all(fams) and fams[0] != fams[1]:
-        return (f"; the families differ ({fams[0]} vs {fams[1]}, config.json model_type): "
-                "checkpoints of different families do not merge")
-    pm = suggest(list(reference.source.infos), list(m.source.infos))
-    if pm:
-        return (f"; {m.ref} stores its tensors under another prefix: map it with the recipe's "
-                f"prefix_map: {pm!r} (input prefix -> {reference.label}'s)")
-    return ""
+    return mismatch_hint(reference.label, reference.source, m.source)
 
 
 def _shape_message(name: str, reference: ModelInput, info, m: ModelInput, other) -> str:

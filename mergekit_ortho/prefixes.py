@@ -86,6 +86,22 @@ def suggest(reference_names, names) -> dict[str, str] | None:
     return None
 
 
+def mismatch_hint(reference_label: str, reference, source) -> str:
+    """What explains two inputs' different tensors, for the error line: their families (config.json
+    ``model_type``) when they differ, else the prefix a recipe's ``prefix_map`` would map."""
+    from .planning import config_of_source
+
+    fams = [config_of_source(x).get("model_type") for x in (source, reference)]
+    if all(fams) and fams[0] != fams[1]:
+        return (f"; the families differ ({fams[0]} vs {fams[1]}, config.json model_type): "
+                "checkpoints of different families do not merge")
+    pm = suggest(list(reference.infos), list(source.infos))
+    if pm:
+        return (f"; {getattr(source, 'label', 'the input')} stores its tensors under another prefix: map it "
+                f"with the recipe's prefix_map: {pm!r} (input prefix -> {reference_label}'s)")
+    return ""
+
+
 class RenamedSource:
     """An input seen under the reference's tensor names (``infos``/``get``); everything else is
     the wrapped source's."""

@@ -182,6 +182,16 @@ def memory_names(keys: Sequence[str], config: Mapping | None) -> dict[str, str]:
     return {k: fwd for k in keys if (fwd := _apply(k, rules[0])) != k and fwd not in have}
 
 
+def output_names(keys: Sequence[str], config: Mapping | None) -> tuple[dict[str, str], str | None]:
+    """A PEFT output's {base key: module key} (:func:`memory_names`) and the plan's note on it."""
+    names = memory_names(keys, config)
+    if not names:
+        return {}, None
+    k, v = next(iter(names.items()))
+    return names, (f"PEFT output named as {describe()} ({len(names)} modules, e.g. '{v}' for checkpoint "
+                   f"'{k}'), so peft loads it on the installed transformers")
+
+
 def aliases(keys: Sequence[str], config: Mapping | None) -> list[Alias]:
     """The base's weight tensors under their other transformers naming, as ``Alias`` entries."""
     return [Alias(other[: -len(".weight")], k, RULE) for k, other in renames(keys, config).items()
