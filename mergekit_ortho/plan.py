@@ -75,6 +75,10 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if not models:
         raise UserError("the recipe lists no model other than the base model")
     notes += map_prefixes(recipe, base, models)
+    from .tied_heads import rescale
+
+    head_notes, untied = rescale([m for m in ([base] if base else []) + models if not m.is_lora])
+    notes += head_notes
     vocab, chat_template = vocabulary_for(recipe, op, base, models)
     tokenizer_dir, tokenizer_note = (None, None) if vocab is not None else tokenizer_donor(recipe)
     notes += [tokenizer_note] if tokenizer_note else []
@@ -124,6 +128,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     items, config_updates = plan_items(reference, dense, recipe.include, recipe.exclude, out_dtype,
                                        base=base if read_base else None, all_models=models,
                                        vocab_rows=vocab.size if vocab is not None else None)
+    config_updates.update(untied)  # a rescaled T5 head (tied_heads.py) is written untied
     if vocab is not None:
         config_updates["vocab_size"] = vocab.config_vocab_size
         notes += vocab.notes

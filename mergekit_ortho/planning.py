@@ -46,7 +46,7 @@ class ItemParams:
 # a head that tied checkpoints do not store, and the embeddings they read it from instead
 TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
                                  "transformer.wte.weight", "model.decoder.embed_tokens.weight",
-                                 "embed_tokens.weight", "transformer.word_embeddings.weight")}
+                                 "embed_tokens.weight", "transformer.word_embeddings.weight", "shared.weight")}
 VOCABULARY_TENSORS = {"lm_head.weight", *TIED_HEADS["lm_head.weight"]}
 
 
