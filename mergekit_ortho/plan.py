@@ -494,11 +494,11 @@ def _head_differs_from_embeddings(items: dict[str, PlanItem], head: str) -> bool
     say untied (a tied config would make transformers use the embeddings and drop the head, or
     refuse to tie them): some input contributes its embeddings as its head (it is tied and does
     not store one), or the head is kept from the base while the embeddings are merged (``exclude:
-    lm_head`` on tied checkpoints)."""
+    lm_head`` on tied checkpoints). A head merged from heads the inputs all store can differ too (a
+    method with random masks, DARE, draws them per tensor), so any merged head says untied."""
     it = items[head]
     if it.action == "merge":
-        return it.sources is not None and (any(src != head for _, src in it.sources)
-                                           or (it.base_source is not None and it.base_source[1] != head))
+        return True
     return any(items[e].action == "merge" for e in TIED_HEADS[head] if e in items)
 
 

@@ -12,12 +12,11 @@ once the output is untied, input i's head in the untied convention is
 
     E_i = d_model^-0.5 * H_i   (H_i: its stored ``lm_head.weight``, else ``shared.weight``)
 
-for a tied input, and ``E_i = H_i`` for an untied one. :func:`rescale` applies this only where the
-inputs disagree (some store a head and some do not, or some are tied and some not): each tied T5
-input is seen through a :class:`ScaledHeadSource` whose ``lm_head.weight`` is E_i, the head is
-merged by name from those, and the output config says untied (the caller sets it). Inputs that
-all agree are left alone: all tied without a stored head stay tied, all storing heads merge them
-by name under the same convention.
+for a tied input, and ``E_i = H_i`` for an untied one. :func:`rescale` applies this whenever a head is
+written (some input stores one, or the inputs' conventions differ): each tied T5 input is seen
+through a :class:`ScaledHeadSource` whose ``lm_head.weight`` is E_i, the head is merged by name
+from those, and the output config says untied (the caller sets it), as for every family that
+writes a head. Inputs that are all tied and store no head are left alone: the output stays tied.
 """
 from __future__ import annotations
 
@@ -84,8 +83,8 @@ def rescale(inputs: list) -> tuple[list[str], dict]:
     found = [f for f in facts.values() if f is not None]
     if not found or len(found) != len(inputs):
         return [], {}
-    if len({(tied, stored) for _, _, tied, stored in found}) == 1:
-        return [], {}  # all agree: nothing to reconcile
+    if not any(stored for *_, stored in found) and len({scaled for _, _, scaled, _ in found}) == 1:
+        return [], {}  # no head anywhere and one convention: the output stays tied
     notes = []
     wrapped: dict[int, ScaledHeadSource] = {}  # the base listed among the models shares its source
     for m in inputs:

@@ -159,6 +159,8 @@ def test_all_tied_stays_tied(cli, tmp_path, family):
 
 def test_all_storing_their_heads_merge_them_by_name(cli, tmp_path, family):
     out = _run(cli, tmp_path, family, "base_stored", "ft1_stored", "ft2_stored")
+    # a merged head says untied: a method may make it differ from the embeddings (DARE's masks)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     want = _merged(family, [_head_of(family, i) for i in range(3)])
     torch.testing.assert_close(_logits(out), _expected_logits(family, want), rtol=1e-5, atol=1e-5)
 
@@ -206,3 +208,37 @@ def test_t5_an_untied_fine_tune_with_tied_ones(cli, tmp_path, family, saved_by):
     assert code == 0, out + err
     want = _merged(family, [_head_of(family, 0), own_head, _head_of(family, 2)])
     torch.testing.assert_close(_logits(tmp_path / "out"), _expected_logits(family, want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stored_by", ["base", "fine-tunes"])
+def test_a_bert_masked_lm_head_stored_by_some_inputs_only(cli, tmp_path, stored_by):
+    """BERT's tied MLM decoder (and its bias, tied to cls.predictions.bias): stored by checkpoints
+    saved with transformers 4, by none saved with 5. Mixed, the tied inputs contribute their word
+    embeddings; the output says untied and loads to the hand-computed merge."""
+    import transformers
+
+    cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                  vocab_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "saved")
+    base = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    emb, dec, bias = "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", "cls.predictions.bias"
+    assert dec not in base
+    gen = torch.Generator().manual_seed(1)
+    ft = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    stored = lambda sd: {**sd, dec: sd[emb].clone(), "cls.predictions.decoder.bias": sd[bias].clone()}  # noqa: E731
+    b = _save(tmp_path / "b", stored(base) if stored_by == "base" else base, tmp_path / "saved")
+    f = _save(tmp_path / "f", ft if stored_by == "base" else stored(ft), tmp_path / "saved")
+    text = (f"merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {f}\n"
+            f"    parameters: {{weight: {W1}}}\n")
+    code, out, err = cli("run", write_recipe(tmp_path / "r.yaml", text), "--out", tmp_path / "out")
+    assert code == 0, out + err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    want = {k: base[k] + W1 * (ft[k] - base[k]) for k in base}
+    want[dec], want["cls.predictions.decoder.bias"] = want[emb], want[bias]
+    cfg.tie_word_embeddings = False
+    ref = transformers.BertForMaskedLM(cfg).eval()
+    assert not ref.load_state_dict(want, strict=False).missing_keys
+    got = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
