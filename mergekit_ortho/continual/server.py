@@ -149,6 +149,7 @@ class Worker:
 
         try:
             entry = service.add(self.root, job["source"], name=job["name"], params=job["parameters"], job=jid,
+                                force=job.get("force", False),
                                 on_progress=progress)
         except GateRefused as e:
             self.queue.finish(jid, "refused", message=str(e))
