@@ -57,7 +57,8 @@ def continual_add(
 
     params = {"weight": weight} if weight is not None else {}
     entry = continual.queued_add(state, model, name=name, force=force, params=params,
-                                 on_wait=lambda j: say(f"queued as job {j['id']}; waiting for the server's worker"))
+                                 on_wait=lambda j: say(f"queued as job {j['id']}; waiting for the server's worker",
+                                                             err=True))
     stdout_console().print(f"merged {entry['name']} as model {entry['t']} (sha256 {entry['sha256'][:12]})")
 
 
