@@ -2,7 +2,6 @@
 the server's lock and queue, so that nothing is merged twice or lost whichever starts first."""
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
