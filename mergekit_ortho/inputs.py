@@ -92,6 +92,8 @@ def lora_task(plan: "Plan", key: str, all_models: bool, errors: dict | None = No
             if not all_models:
                 continue
             A, B = torch.zeros(0, cols), torch.zeros(rows, 0)
+        elif not m.source.is_factors(mod) and exact_form(plan, m, mod):
+            A, B = m.source.exact_factors_for(key)  # Tucker LoCon, LoHa, LoKr: exact (P24)
         elif not m.source.is_factors(mod):
             A, B, err = approximated_factors(plan, m, key, shape, given.method)
             if errors is not None:
@@ -132,12 +134,24 @@ def approximated_factors(plan: "Plan", m: "ModelInput", key: str, shape, params:
     return A, B, err
 
 
+def exact_form(plan: "Plan", m: "ModelInput", module: str) -> bool:
+    """A non-LoRA module whose exact low-rank form a dense method's exact low-rank path
+    (``lora_fn``: linear / task arithmetic concatenate the factors) uses as it is. Its scale sits
+    in B, so only operators that fold the scale into B take it; LoRA-native operators keep the
+    SVD truncation to their rank (reported), as for DoRA / OFT."""
+    op = plan.op
+    return (op.factor_fold == "B" and op.input_kind != "lora" and op.lora_fn is not None
+            and m.source.has_exact_factors(module))
+
+
 def approximations(plan: "Plan", key: str) -> dict:
-    """{model label: type} of the inputs whose module ``key`` reached a low-rank result by SVD."""
+    """{model label: type} of the inputs whose module ``key`` reaches a low-rank result by SVD."""
     out = {}
     for m in plan.models:
         if m.is_lora and key in m.source.by_base and not m.source.is_factors_for(key):
-            out[m.label] = m.source.type_name(m.source.by_base[key])
+            mod = m.source.by_base[key]
+            if not exact_form(plan, m, mod):
+                out[m.label] = m.source.type_name(mod)
     return out
 
 

@@ -243,6 +243,14 @@ def _unassemble(modules, names, shapes, template):
     return modules, names, shapes
 
 
+# metadata that describes the base model the LoRA is for (still true of a merge when the inputs
+# agree); training records (ss_num_train_images, ss_tag_frequency, ...) and the network's own
+# facts (dim, alpha, module, hashes, title) are not copied: the merged file has its own
+_AGREED_KEYS = ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash",
+                "ss_clip_skip", "modelspec.architecture", "modelspec.sai_model_spec", "modelspec.implementation",
+                "modelspec.resolution", "modelspec.prediction_type")
+
+
 def _agreed(sources: Sequence[MatchedLora], key: str) -> str | None:
     vals = {s.metadata[key] for s in sources if key in s.metadata}
     return vals.pop() if len(vals) == 1 else None
@@ -347,7 +355,7 @@ def to_kohya(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         "ss_network_alpha": str(alpha),
     }
     srcs = list(sources)
-    for k in ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.sai_model_spec"):
+    for k in _AGREED_KEYS:
         v = _agreed(srcs, k)
         if v is not None:
             meta[k] = v

@@ -102,6 +102,9 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         else:
             _align_without_base(loras)
 
+    from .adapters.strengths import apply as apply_strengths
+
+    notes += apply_strengths(models, levels, _positions)  # te_weight / unet_weight / block_weights per module
     reference = base or models[0]
     model_levels = [levels[m.label] for m in models]
     if out_format in ("peft", "kohya", "bundle"):
@@ -231,8 +234,11 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
 def _check_lora_output(recipe, op: registry.Operator, params: dict, loras: list[ModelInput], fmt: str) -> None:
     """Parts that are not LoRA factors reach a LoRA output (or a LoRA operator) only through a
     truncated SVD; 1-D deltas and replacement tensors not at all (adapters.md P24)."""
+    exact_ok = op.factor_fold == "B" and op.input_kind != "lora" and op.lora_fn is not None
     for m in loras:
         for mod in m.source.dense_modules():
+            if exact_ok and m.source.has_exact_factors(mod):
+                continue  # an exact low-rank form (Tucker LoCon, LoHa, LoKr; adapters.md P24)
             if m.source.one_dimensional(mod):
                 raise UserError(f"{m.ref}: {m.source.type_name(mod)} tensor(s) of '{mod}' are not a low-rank delta, "
                                 f"which a {op.name} merge with {fmt} output needs; use a dense method with "

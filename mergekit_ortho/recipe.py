@@ -359,9 +359,17 @@ def _check_parameters(recipe: Recipe, op) -> list[str]:
     per_model = {p.name: p for p in op.model_params}
     others = None
     warnings = []
+    from .adapters.strengths import KEYS as STRENGTH_KEYS, check_setting
+
     for where, mapping, own in parameter_levels(recipe):
         for key, value in mapping.items():
             key = str(key)
+            if key in STRENGTH_KEYS and key not in per_model and key not in shared:
+                if where.startswith("slices") or recipe.slices:
+                    raise ValueError(f"{where}.{key}: LoRA strengths (te_weight, unet_weight, block_weights) "
+                                     "apply to a models: recipe; list the LoRAs under models")
+                check_setting(key, value, f"{where}.{key}")
+                continue
             param = per_model.get(key) or shared.get(key)
             if param is None:
                 others = others if others is not None else _all_parameter_names()

@@ -197,6 +197,17 @@ class LoraSource:
         return (p.target == "bias" or p.type.name == "replacement"
                 or all(len(s) <= 1 for s in part_shapes(self, module).values()))
 
+    def has_exact_factors(self, module: str) -> bool:
+        """A part that is not plain LoRA but has an exact low-rank form (Tucker LoCon, LoHa, LoKr)."""
+        from .typed import has_exact_factors
+
+        return has_exact_factors(self, module)
+
+    def exact_factors(self, module: str, shape=None):
+        from .typed import exact_factors
+
+        return exact_factors(self, module, shape)
+
     def optional(self, module: str) -> bool:
         """A part that exists only where the base has its tensor (IA3's bias change)."""
         p = self._parts.get(module)

@@ -16,6 +16,10 @@ Math (s = the module's scale; ``flat`` = reshape to [out, in*kh*kw]):
   the 4-D one (P4). Scale: PEFT files alpha / r with r from the config (also when both factors
   are full); LyCORIS files alpha / dim when a factor is decomposed (dim its rank), else 1 (P13).
 * full: dW = diff, db = diff_b; norm: dweight = w_norm, dbias = b_norm (P18).
+
+Exact low-rank forms (``extra['factors_fn']``, P24), used where a method merges factors: Tucker
+LoCon folds the core into down (rank r); LoHa is the face-splitting product (rank r1*r2); LoKr
+is kron(U1, U2) kron(V1, V2) with a full factor split against an identity (rank rank1*rank2).
 """
 from __future__ import annotations
 
@@ -77,6 +81,16 @@ def _locon_tucker(base, t: Mapping[str, Any], hp: Mapping[str, Any]):
     return _shape_to(d.reshape(rc), hp, rc, "LoCon Tucker")
 
 
+def _locon_tucker_factors(t: Mapping[str, Any], hp: Mapping[str, Any]):
+    """Exact rank-r factors (P24): down'[i,n,y,x] = sum_j mid[i,j,y,x] down[j,n]."""
+    import torch
+
+    down, up, mid = _f(t["down"]), _f(t["up"]), _f(t["mid"])
+    r = down.shape[0]
+    A = torch.einsum("ijyx,jn->inyx", mid, down.reshape(r, -1)).reshape(mid.shape[0], -1)
+    return A, up.reshape(up.shape[0], -1) * _alpha_over(hp, r)
+
+
 # -- LoHa (P3, P12) ------------------------------------------------------------------------------------
 
 
@@ -117,6 +131,19 @@ def _loha(base, t: Mapping[str, Any], hp: Mapping[str, Any]):
         d = (w1a @ w1b.reshape(r, -1)) * (w2a @ w2b.reshape(w2b.shape[0], -1))
     d = d.reshape(rc) * _loha_scale(hp, r)
     return _shape_to(d, hp, rc, "LoHa")
+
+
+def _loha_factors(t: Mapping[str, Any], hp: Mapping[str, Any]):
+    """Exact factors of rank r1*r2 (P24, face-splitting product): B[o, (i,j)] = w1_a[o,i] w2_a[o,j],
+    A[(i,j), c] = w1_b[i,c] w2_b[j,c]. None for Tucker LoHa (materialise, then SVD)."""
+    if "t1" in t:
+        return None
+    w1a, w1b, w2a, w2b = (_f(t[k]) for k in ("w1a", "w1b", "w2a", "w2b"))
+    r1, r2 = w1b.shape[0], w2b.shape[0]
+    w1b, w2b = w1b.reshape(r1, -1), w2b.reshape(r2, -1)
+    B = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r1 * r2)
+    A = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, -1)
+    return A, B * _loha_scale(hp, r1)
 
 
 def _loha_scale(hp: Mapping[str, Any], r: int) -> float:
@@ -182,6 +209,49 @@ def _lokr_scale(t_shapes: Mapping[str, tuple], hp: Mapping[str, Any]) -> float:
     return _alpha_over(hp, dim)
 
 
+def _lokr_w2(t: Mapping[str, Any], b: int, d: int):
+    import torch
+
+    if "w2" in t:
+        return _f(t["w2"]).reshape(b, d)
+    if "t2" in t:
+        return torch.einsum("ijyx,ip,jq->pqyx", _f(t["t2"]), _f(t["w2_a"]), _f(t["w2_b"])).reshape(b, d)
+    return _f(t["w2_a"]) @ _f(t["w2_b"]).reshape(t["w2_b"].shape[0], -1)
+
+
+def _split(t: Mapping[str, Any], n: int, full, rows: int, cols: int):
+    """(U, V) with U V = the factor: its stored pair, or the full matrix against an identity
+    (the smaller side)."""
+    import torch
+
+    if full is None:
+        return _f(t[f"w{n}_a"]), _f(t[f"w{n}_b"]).reshape(t[f"w{n}_b"].shape[0], -1)
+    if rows <= cols:
+        return torch.eye(rows), full
+    return full, torch.eye(cols)
+
+
+def _lokr_factors(t: Mapping[str, Any], hp: Mapping[str, Any]):
+    """Exact factors of rank rank(w1) rank(w2) (P24): kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2)."""
+    import torch
+
+    shapes = {k: tuple(v.shape) for k, v in t.items()}
+    a, c, b, d = _lokr_parts(shapes, hp)
+    U1, V1 = _split(t, 1, _f(t["w1"]).reshape(a, c) if "w1" in t else None, a, c)
+    if "t2" in t:  # Tucker w2[p,(q,y,x)] = sum_i w2_a[i,p] (sum_j t2[i,j,y,x] w2_b[j,q]): rank of the core
+        w2a = _f(t["w2_a"])
+        U2 = w2a.t().contiguous()
+        V2 = torch.einsum("ijyx,jq->iqyx", _f(t["t2"]), _f(t["w2_b"])).reshape(w2a.shape[0], d)
+    else:
+        U2, V2 = _split(t, 2, None if "w2_a" in t else _lokr_w2(t, b, d), b, d)
+    return _kron(V1, V2), _kron(U1, U2) * _lokr_scale(shapes, hp)
+
+
+def _kron(x, y):
+    """kron of two matrices (any strides): out[i*p + k, j*q + l] = x[i, j] y[k, l]."""
+    return (x[:, None, :, None] * y[None, :, None, :]).reshape(x.shape[0] * y.shape[0], x.shape[1] * y.shape[1])
+
+
 def _lokr(base, t: Mapping[str, Any], hp: Mapping[str, Any]):
     import torch
 
@@ -189,13 +259,7 @@ def _lokr(base, t: Mapping[str, Any], hp: Mapping[str, Any]):
     rc = _lokr_shape(shapes, hp)
     a, c, b, d = _lokr_parts(shapes, hp)
     w1 = _f(t["w1"]).reshape(a, c) if "w1" in t else _f(t["w1_a"]) @ _f(t["w1_b"]).reshape(t["w1_b"].shape[0], -1)
-    if "w2" in t:
-        w2 = _f(t["w2"]).reshape(b, d)
-    elif "t2" in t:
-        w2 = torch.einsum("ijyx,ip,jq->pqyx", _f(t["t2"]), _f(t["w2_a"]), _f(t["w2_b"])).reshape(b, d)
-    else:
-        w2 = _f(t["w2_a"]) @ _f(t["w2_b"]).reshape(t["w2_b"].shape[0], -1)
-    dW = torch.kron(w1.reshape(a, c), w2) * _lokr_scale(shapes, hp)
+    dW = torch.kron(w1.reshape(a, c), _lokr_w2(t, b, d)) * _lokr_scale(shapes, hp)
     return _shape_to(dW, hp, rc, "LoKr")
 
 
@@ -226,16 +290,18 @@ def _as_stored(role: str):
 ADAPTER_TYPES = [
     AdapterType("LoCon (Tucker)", {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid"},
                 frozenset({"down", "up", "mid"}), _locon_tucker, formats=("lycoris",),
-                notes="LyCORIS LoCon use_tucker (P11)", extra={"shape": _locon_tucker_shape}),
+                notes="LyCORIS LoCon use_tucker (P11)",
+                extra={"shape": _locon_tucker_shape, "factors_fn": _locon_tucker_factors}),
     AdapterType("LoHa", {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
                          "hada_t1": "t1", "hada_t2": "t2"},
                 frozenset({"w1a", "w1b", "w2a", "w2b"}), _loha,
                 notes="LyCORIS loha / PEFT LOHA (P3, P12)",
-                extra={"shape": _loha_shape, "peft_type": "LOHA"}),
+                extra={"shape": _loha_shape, "peft_type": "LOHA", "factors_fn": _loha_factors,
+                       "factors_if": lambda roles: "t1" not in roles}),
     AdapterType("LoKr", {"lokr_w1": "w1", "lokr_w1_a": "w1_a", "lokr_w1_b": "w1_b", "lokr_w2": "w2",
                          "lokr_w2_a": "w2_a", "lokr_w2_b": "w2_b", "lokr_t2": "t2"},
                 frozenset(), _lokr, notes="LyCORIS lokr / PEFT LOKR (P4, P13)",
-                extra={"shape": _lokr_shape, "peft_type": "LOKR"}),
+                extra={"shape": _lokr_shape, "peft_type": "LOKR", "factors_fn": _lokr_factors}),
     AdapterType("full", {"diff": "diff"}, frozenset({"diff"}), _as_stored("diff"), formats=("lycoris",),
                 notes="LyCORIS full (P18)", extra={"shape": _same_shape("diff")}),
     AdapterType("full (bias)", {"diff_b": "diff_b"}, frozenset({"diff_b"}), _as_stored("diff_b"),

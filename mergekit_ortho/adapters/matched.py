@@ -157,6 +157,16 @@ class MatchedLora:
         """The module's delta on ``base_key``; ``base``: that base tensor, when the caller has it."""
         return self.delta(self._module_for(base_key), shape, base=base)
 
+    def exact_factors_for(self, base_key: str):
+        """(A, B) of a module with an exact low-rank form (LoRA factors, Tucker LoCon, LoHa, LoKr;
+        adapters.md P24), else None."""
+        mod = self._module_for(base_key)
+        if self.is_factors(mod):
+            return self.factors(mod)
+        if not self.source.has_exact_factors(mod):
+            return None
+        return self.source.exact_factors(mod, self._shapes.get(mod))
+
     def is_factors_for(self, base_key: str) -> bool:
         return self.is_factors(self._module_for(base_key))
 

@@ -124,3 +124,22 @@ def materialise(src: "LoraSource", module: str, shape=None, base=None):
                             f"base tensor has shape {list(shape)}")
         d = d.reshape(tuple(shape))
     return d
+
+
+def has_exact_factors(src: "LoraSource", module: str) -> bool:
+    """The part has an exact low-rank form (``extra['factors_fn']``; no epilogue, nothing added)."""
+    p = src._parts.get(module)
+    if p is None or p.epilogues or p.also or p.type.extra.get("factors_fn") is None:
+        return False
+    cond = p.type.extra.get("factors_if")
+    return cond is None or bool(cond(set(p.keys)))
+
+
+def exact_factors(src: "LoraSource", module: str, shape=None):
+    """(A [k, cols], B [rows, k]) float32 with B @ A = the part's delta flattened, scale in B."""
+    import torch
+
+    p = src._parts[module]
+    tensors = {r: src._read(k).to(torch.float32) for r, k in p.keys.items()}
+    A, B = p.type.extra["factors_fn"](tensors, hyperparameters(src, module, shape))
+    return A.to(torch.float32).contiguous(), B.to(torch.float32).contiguous()

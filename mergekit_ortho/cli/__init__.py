@@ -11,6 +11,7 @@ from __future__ import annotations
 # Importing a module registers its commands; `merge --help` lists them in this order.
 from . import run  # noqa: F401, I001
 from . import info, rmm, lowrank, continual  # noqa: F401, I001
+from . import analyze  # noqa: F401, I001
 from .app import app
 
 __all__ = ["app", "main"]

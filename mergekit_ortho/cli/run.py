@@ -76,15 +76,17 @@ def _short(p) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()) or "-"
 
 
-def _progress():
-    """A rich progress bar over bytes read; a no-op when quiet or not a terminal."""
+def _progress(units: bool = False):
+    """A rich progress bar over bytes read (``units``: over units done); a no-op when quiet or not a
+    terminal."""
     from contextlib import nullcontext
 
     if STATE["quiet"] or not sys.stderr.isatty():
         return nullcontext(None)
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("[bold]merging"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+    progress = Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn() if units else DownloadColumn(),
+                        TimeRemainingColumn(),
                         TextColumn("{task.fields[tensor]}", markup=False), console=stderr_console().rich, transient=True)
     return progress
 
@@ -105,7 +107,12 @@ def run(
     shard: Optional[str] = typer.Option(
         None, "--shard", help="Compute only unit i of N (i from 0; whole output shards) into --stage; "
         "then `merge finalize`."),
-    stage: Optional[Path] = typer.Option(None, "--stage", help="Staging directory of a --shard run."),
+    stage: Optional[Path] = typer.Option(None, "--stage", help="Staging directory of a --shard or --executor ray run."),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", help="ray: run the units (one per output shard) as Ray tasks, then finalize "
+        "(needs mergekit-ortho\\[ray])."),
+    address: Optional[str] = typer.Option(None, "--address", help="--executor ray: the Ray cluster (e.g. auto); "
+                                          "default: start Ray on this machine."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ):
@@ -118,6 +125,9 @@ def run(
     from .. import recipe as recipe_mod
 
     docs = recipe_mod.load_all(recipe)
+    if executor is not None or address is not None:
+        _run_ray(docs, recipe, out, stage, executor, address, device, dry_run, overwrite, force_replace, shard)
+        return
     if shard is not None or stage is not None:
         _run_unit(docs, shard, stage, device, dry_run)
         return
@@ -169,7 +179,7 @@ def _run_unit(docs, shard: Optional[str], stage: Optional[Path], device: str, dr
     if shard is None or stage is None:
         raise UserError("--shard and --stage go together: --shard i/N --stage DIR computes unit i of N into DIR")
     i, n = schedule.parse_shard(shard)
-    plan = plan_mod.build_plan(_single(docs, "--shard"), device=device)
+    plan = _plan(_single(docs, "--shard"), device) if dry_run else plan_mod.build_plan(_single(docs, "--shard"), device=device)
     try:
         schedule.check_shardable(plan, n)
         est = schedule.unit_estimate(plan, i, n)
@@ -189,6 +199,49 @@ def _run_unit(docs, shard: Optional[str], stage: Optional[Path], device: str, dr
                          f"{len(plan.shards)})")
     finally:
         plan_mod.close(plan)
+
+
+def _run_ray(docs, recipe: Path, out, stage, executor, address, device: str, dry_run: bool, overwrite: bool,
+             force_replace: bool, shard) -> None:
+    import shutil
+
+    from .. import plan as plan_mod
+    from .. import recipe as recipe_mod
+    from ..errors import UserError
+
+    if executor != "ray":
+        raise UserError(f"--executor {executor}: the one executor is ray (--address needs --executor ray)")
+    if shard is not None:
+        raise UserError("--executor ray runs every unit itself; leave out --shard")
+    r = _single(docs, "--executor ray")
+    target = _output_of(r, out, recipe)
+    if dry_run:
+        _run_recipe(r, target, device, True, overwrite, force_replace)
+        return
+    from ..writer import check_output
+
+    check_output(target, overwrite, recipe_mod.input_paths(r), force_replace)
+    from .. import ray_executor
+
+    own_stage = stage is None
+    stage = Path(stage) if stage is not None else target.parent / f".{target.name}.stage"
+    if own_stage:
+        shutil.rmtree(stage, ignore_errors=True)  # a crashed earlier run's units, perhaps of another N
+    plan = plan_mod.build_plan(r, device=device)
+    try:
+        with _progress(units=True) as p:
+            cb = None
+            if p is not None:
+                task = p.add_task("merge", total=len(plan.shards), tensor="units")
+                cb = lambda done, n: p.update(task, completed=done)  # noqa: E731
+            result = ray_executor.run(plan, recipe, stage, target, address=address, overwrite=overwrite,
+                                      force_replace=force_replace, on_unit=cb)
+    finally:
+        plan_mod.close(plan)
+    if own_stage:
+        shutil.rmtree(stage, ignore_errors=True)
+    stdout_console().print(f"wrote {result} ({len(plan.shards)} unit(s) on Ray, {plan.merge_count} tensors merged, "
+                           f"{plan.copy_count} copied)")
 
 
 @app.command()
@@ -237,7 +290,7 @@ def _run_recipe(r, target: Path, device: str, dry_run: bool, overwrite: bool, fo
         from ..writer import check_output
 
         check_output(target, overwrite, recipe_mod.input_paths(r), force_replace)
-    plan = plan_mod.build_plan(r, device=device)
+    plan = _plan(r, device, dry_run)
     try:
         if dry_run:
             _print_plan(plan)
@@ -298,10 +351,22 @@ def validate(
             _validate_one(m.recipe, label)
 
 
+def _plan(r, device: str = "cpu", headers_only: bool = True):
+    """The plan of ``r``; hub models: from their safetensors headers alone (``headers_only``), or
+    downloading only the weight files the plan reads."""
+    from .. import plan as plan_mod
+    from ..sources import hub_plan, hub_remote
+
+    if not headers_only:
+        return hub_plan.build_plan(r, device=device)
+    with hub_remote.headers_only():
+        return plan_mod.build_plan(r, device=device)
+
+
 def _validate_one(r, label: str) -> None:
     from .. import plan as plan_mod
 
-    plan = plan_mod.build_plan(r)
+    plan = _plan(r)
     try:
         s = plan.summary()
         say(

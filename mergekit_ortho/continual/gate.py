@@ -14,28 +14,25 @@ quarantine list.
 ``command``: run (through the shell, ``{path}`` replaced by the quoted path and ``MERGE_CANDIDATE``
 set) on the candidate's export once the version is written but before ``state.json`` is
 committed; anything but exit 0 refuses it and removes the version.
+
+The groups and the norms are `merge analyze`'s (:func:`..analysis.names.group_of`,
+:func:`..analysis.stats.task_vector_sq_norm`), so the two report the same numbers.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 import shlex
 import statistics
 import subprocess
 from pathlib import Path
 
+from ..analysis.names import group_of
 from ..errors import UserError
-
-_LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 class GateRefused(UserError):
     """The gate refused the model; the state is unchanged."""
-
-
-def group_of(name: str) -> str:
-    return _LAYER.sub("*", name)
 
 
 def check_config(config: dict) -> dict:
@@ -63,13 +60,12 @@ class Gate:
         """Add tensor ``name``'s squared task-vector norm to its group (``x``, ``base`` as read)."""
         if self.ratio is None:
             return
-        import torch
+        from ..analysis.stats import task_vector_sq_norm
 
         if not x.is_floating_point():
             return
-        tau = x.to(torch.float32) - base.to(torch.float32)
         g = group_of(name)
-        self._sq[g] = self._sq.get(g, 0.0) + float(tau.double().square().sum())
+        self._sq[g] = self._sq.get(g, 0.0) + task_vector_sq_norm(x, base)
 
     @property
     def norms(self) -> dict[str, float]:

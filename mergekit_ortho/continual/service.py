@@ -30,6 +30,32 @@ from .reading import REMOVABLE, _tensor_hash_update, load_dtype, model_params, o
 # --- init ------------------------------------------------------------------------------------------
 
 
+def _scalar_params(op, r) -> dict:
+    """The recipe's method parameters for a continual state: scalars only. A state folds each
+    tensor with one set of parameters, so per-layer settings (gradient lists, ``filter``
+    conditionals) and per-model defaults under the top-level ``parameters`` are refused in one
+    line naming the key (they work in `merge run`)."""
+    per_model = {p.name for p in op.model_params}
+    for key, value in (r.parameters or {}).items():
+        if key in per_model:
+            raise UserError(f"continual merging: '{key}' under the top-level parameters is a per-model "
+                            f"default; give it on each model (models[].parameters.{key}, or `merge continual add "
+                            "--weight` for the weight)")
+        if isinstance(value, (list, dict)):
+            raise UserError(f"continual merging: parameters.{key} is a per-layer setting (a gradient or "
+                            "filter list); a continual state takes one value per parameter - use a scalar, "
+                            "or `merge run` for per-layer parameters")
+    for e in r.models:
+        for key, value in (e.parameters or {}).items():
+            if isinstance(value, (list, dict)):
+                raise UserError(f"continual merging: the parameter '{key}' of model {e.model} is a per-layer "
+                                "setting (a gradient or filter list); use a scalar, or `merge run`")
+    try:
+        return op.resolve_params(r.parameters)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | None = None,
          force: bool = False, retain: int | None = None, gate: dict | None = None,
          removable: bool = False, window: int | None = None) -> State:
@@ -79,7 +105,7 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
     data = {
         "format_version": FORMAT_VERSION if op.fold.parts is not None else 1,
         "method": op.name,
-        "params": op.resolve_params(r.parameters),
+        "params": _scalar_params(op, r),
         "recipe": raw,
         "base_model": raw["base_model"],
         "t": 0,

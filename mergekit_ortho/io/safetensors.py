@@ -88,8 +88,8 @@ def _entry(name: str, e: object) -> TensorEntry:
     return TensorEntry(torch_name, dtype, tuple(shape), begin, end)
 
 
-def _parse(path: Path, check_size: bool) -> SafetensorsHeader:
-    size = path.stat().st_size
+def _parse(path: Path, check_size: bool, size: int | None = None) -> SafetensorsHeader:
+    size = path.stat().st_size if size is None else size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -124,14 +124,16 @@ def _parse(path: Path, check_size: bool) -> SafetensorsHeader:
     return SafetensorsHeader(path, entries, metadata, data_start)
 
 
-def read_header(path: Path, check_size: bool = True) -> SafetensorsHeader:
+def read_header(path: Path, check_size: bool = True, size: int | None = None) -> SafetensorsHeader:
     """Parse and validate ``path``'s header; no tensor data is read.
 
     ``check_size=False`` skips only the check that the data section has exactly the bytes the
-    header describes, for format detection, which must not depend on the tensor data."""
+    header describes, for format detection, which must not depend on the tensor data. ``size``:
+    the file's size when ``path`` holds only its header (a hub file whose header alone was fetched,
+    ``sources.hub_remote``); the header is checked against that size."""
     path = Path(path)
     try:
-        return _parse(path, check_size)
+        return _parse(path, check_size, size)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except _BadFile as e:
@@ -139,11 +141,15 @@ def read_header(path: Path, check_size: bool = True) -> SafetensorsHeader:
 
 
 class SafetensorsFile:
-    """One validated safetensors file; ``read(name)`` reads one tensor with positioned reads."""
+    """One validated safetensors file; ``read(name)`` reads one tensor with positioned reads.
 
-    def __init__(self, path: Path):
+    ``remote_size``: ``path`` holds only the header of a hub file of that size (validation and
+    planning need nothing more); reading a tensor of it is refused, never answered with zeros."""
+
+    def __init__(self, path: Path, remote_size: int | None = None):
         self.path = Path(path)
-        self.header = read_header(self.path)
+        self.remote_size = remote_size
+        self.header = read_header(self.path, size=remote_size)
         self.entries = self.header.entries
         self.metadata = self.header.metadata
         self._fh = None
@@ -152,6 +158,9 @@ class SafetensorsFile:
         import torch
 
         e = self.entries[name]
+        if self.remote_size is not None:
+            raise UserError(f"{self.path.name}: only its header was fetched from the Hub, so tensor '{name}' cannot be "
+                            "read here; run without --dry-run (merge run downloads the files a merge reads)")
         try:
             if self._fh is None:
                 self._fh = open(self.path, "rb", buffering=0)

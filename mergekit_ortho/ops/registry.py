@@ -303,8 +303,8 @@ class Operator:
         return self.reads == "deltas" or self.needs_base or self.optional_base
 
     @property
-    def folds_one_model_at_a_time(self) -> bool:  # what continual merging takes: no pre-pass
-        return self.fold is not None and self.fold.one_model_at_a_time
+    def folds_one_model_at_a_time(self) -> bool:  # continual merging: no pre-pass, any model count
+        return self.fold is not None and self.fold.one_model_at_a_time and self.model_count is None
 
     @property
     def merges_one_tensor_alone(self) -> bool:

@@ -54,33 +54,45 @@ def _variance(flats: list[torch.Tensor]) -> torch.Tensor:
     return v
 
 
-def _select_(flats: list[torch.Tensor], kappa: float) -> None:
-    """Step 1 in place: zero every tau_i outside the top-k variance positions."""
+def _select_(flats: list[torch.Tensor], kappa: float) -> list[float] | None:
+    """Step 1 in place: zero every tau_i outside the top-k variance positions. Returns the sums
+    of squares of the masked tau_i (step 3's, summed in the same chunks as
+    :func:`_energy_sums`), or None where everything was zeroed."""
     v = _variance(flats) if kappa > 0 else None
     k = int(int(torch.count_nonzero(v)) * kappa) if v is not None else 0
     if k == 0:
         for f in flats:
             f.zero_()
-        return
+        return None
     sp.keep_largest_(v.view(-1), k)  # radix select: the kept positions have v > 0 (or NaN)
     vbits = v.view(torch.int32 if v.element_size() == 4 else torch.int64).view(-1)
     step = chunk_len(v)
     keep = torch.empty(min(step, v.numel()), dtype=vbits.dtype, device=v.device)
+    sums = [0.0] * len(flats)
     for lo in range(0, v.numel(), step):
         # all ones where v != 0, else 0: -(|v|'s bit pattern) has its sign bit set iff v != 0,
         # spread by the arithmetic shift (masked_fill_ with a bool mask is ~10x slower)
         m = torch.bitwise_and(vbits[lo:lo + step], torch.iinfo(vbits.dtype).max, out=keep[:vbits[lo:lo + step].numel()])
         m.neg_().bitwise_right_shift_(vbits.element_size() * 8 - 1)
-        for f in flats:
-            f[lo:lo + step].view(vbits.dtype).bitwise_and_(m)
+        for i, f in enumerate(flats):
+            c = f[lo:lo + step]
+            c.view(vbits.dtype).bitwise_and_(m)
+            sums[i] += float(torch.sum(c.square(), dtype=torch.float64))  # step 3's sum, chunk in cache
+    return sums
 
 
-def _energy_weights(flats: list[torch.Tensor]) -> list[float]:
-    """Step 3: omega_i = mean(tau_i^2), normalised to sum 1 (1/N when the sum is < 1e-6)."""
-    n = max(flats[0].numel(), 1)
+def _energy_sums(flats: list[torch.Tensor]) -> list[float]:
+    """sum(tau_i^2) per model, chunk by chunk (float64 sums of the chunks' sums)."""
     step = chunk_len(flats[0])
-    omega = [float(sum(torch.sum(f[lo:lo + step].square(), dtype=torch.float64)
-                       for lo in range(0, f.numel(), step))) / n for f in flats]
+    return [float(sum(torch.sum(f[lo:lo + step].square(), dtype=torch.float64)
+                      for lo in range(0, f.numel(), step))) for f in flats]
+
+
+def _energy_weights(flats: list[torch.Tensor], sums: list[float] | None = None) -> list[float]:
+    """Step 3: omega_i = mean(tau_i^2), normalised to sum 1 (1/N when the sum is < 1e-6);
+    ``sums``: the sums of squares when already known (from :func:`_select_`)."""
+    n = max(flats[0].numel(), 1)
+    omega = [s / n for s in (sums if sums is not None else _energy_sums(flats))]
     total = sum(omega)
     if abs(total) < 1e-6:
         return [1.0 / len(flats)] * len(flats)
@@ -93,9 +105,10 @@ def sce(task: TensorTask) -> torch.Tensor:
         return torch.zeros_like(task.base)
     xs = _owned(task.inputs)
     flats = [x.view(-1) for x in xs]
+    sums = None
     if task.params.select_topk < 1:
-        _select_(flats, task.params.select_topk)
-    omega = _energy_weights(flats)
+        sums = _select_(flats, task.params.select_topk) or [0.0] * len(flats)
+    omega = _energy_weights(flats, sums)
     sign_election.energy_merge_(flats, omega)  # steps 2 and 4 on the bit patterns, in place
     return xs[0]
 

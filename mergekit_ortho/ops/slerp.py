@@ -14,8 +14,10 @@ Each tensor is one flat vector. v0 is the base (t = 0 gives the base), v1 the ot
 
 on the un-normalised vectors. A zero vector gives c = 0, so theta = pi/2 and the result is
 sin(t pi/2) v1, not a lerp (mergekit's behaviour, kept). ``t`` must lie in [0, 1] (mergekit
-extrapolates; here that is refused as the likely typo it is). Norms and
-coefficients are computed in float32 (float64 for float64 inputs), as mergekit does.
+extrapolates; here that is refused as the likely typo it is). The dot products are float32
+(float64 for float64 inputs) per chunk of 2^18 entries, summed in float64; the coefficients in
+float64. The fold streams both weights as stored, converting chunk by chunk
+(:mod:`.kernels.arc`): no full-size float32 copy of either input, bit-equal to :func:`slerp`.
 
 Reads weights, needs the base (it is one end of the arc) and exactly one other model; a recipe
 that lists the base among its models (mergekit's style) works too, the base is not counted twice.
@@ -37,8 +39,9 @@ import math
 
 import torch
 
-from .errors import ShapeMismatch
-from .registry import Operator, Param, TensorTask, register
+from .errors import BadParameters, ShapeMismatch
+from .kernels.arc import arc_sums, weighted_pair
+from .registry import Fold, Operator, Param, TensorTask, register
 
 #: |cos| above which the two directions count as colinear and slerp falls back to lerp (mergekit)
 COLINEAR = 0.9995
@@ -48,21 +51,30 @@ TINY_NORM = 1e-8
 NEARSWAP_FLOOR = 1e-6
 
 
+def _arc_weights(dot: float, aa: float, bb: float, t: float) -> tuple[float, float]:
+    """(w0, w1) of slerp from <v0, v1>, |v0|^2 and |v1|^2."""
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    na, nb = (na if na > TINY_NORM else 1.0), (nb if nb > TINY_NORM else 1.0)
+    c = min(1.0, max(-1.0, dot / (na * nb)))
+    if abs(c) > COLINEAR:
+        return 1.0 - t, t
+    theta = math.acos(c)
+    s = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
 def slerp_vectors(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
-    """The spherical interpolation of two tensors seen as flat vectors (same shape)."""
+    """The spherical interpolation of two tensors seen as flat vectors (same shape). The dot
+    products are float32 per chunk, summed in float64 (:func:`.kernels.arc.arc_sums`)."""
     if v0.shape != v1.shape:
         raise ShapeMismatch(f"slerp: tensors of shapes {tuple(v0.shape)} and {tuple(v1.shape)}")
-    cdt = torch.float64 if torch.float64 in (v0.dtype, v1.dtype) else torch.float32
+    cdt = _compute_dtype(v0, v1)
     a, b = v0.to(cdt).reshape(-1), v1.to(cdt).reshape(-1)
-    na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
-    na, nb = (na if na > TINY_NORM else 1.0), (nb if nb > TINY_NORM else 1.0)
-    c = min(1.0, max(-1.0, float(torch.dot(a, b)) / (na * nb)))
-    if abs(c) > COLINEAR:
-        w0, w1 = 1.0 - t, t
-    else:
-        theta = math.acos(c)
-        s = math.sin(theta)
-        w0, w1 = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+    w0, w1 = _arc_weights(*arc_sums(a, b, cdt), t)
     return a.mul(w0).add_(b, alpha=w1).reshape(v0.shape)  # one full-size buffer, not two
 
 
@@ -71,12 +83,38 @@ def slerp(task: TensorTask) -> torch.Tensor:
     return slerp_vectors(task.base, model, task.params.t)
 
 
+# -- the fold: the same arithmetic from the weights as stored, chunk by chunk (kernels.arc) --------
+
+
+def _start(task: TensorTask) -> None:
+    return None
+
+
+def _step(state, x: torch.Tensor, i: int, task: TensorTask) -> torch.Tensor:
+    if state is not None:
+        raise BadParameters(f"slerp: tensor '{task.name}' gets a second model; slerp interpolates between "
+                            "the base and exactly one model")
+    base = task.base
+    if base.shape != x.shape:
+        raise ShapeMismatch(f"slerp: tensors of shapes {tuple(base.shape)} and {tuple(x.shape)}")
+    cdt = _compute_dtype(base, x)
+    w0, w1 = _arc_weights(*arc_sums(base, x, cdt), task.params.t)
+    return weighted_pair(base, x, w0, w1, cdt)
+
+
+def _finish(state, task: TensorTask) -> torch.Tensor:
+    if state is None:  # no model besides the base (the plan refuses that): the base
+        return task.base.to(_compute_dtype(task.base)).clone()
+    return state
+
+
 register(
     Operator(
         name="slerp",
         summary="Spherical interpolation from the base (t = 0) to one model (t = 1)",
         spec="mergekit_compat.md M17",
         fn=slerp,
+        fold=Fold(_start, _step, _finish, raw_weights=True),
         reads="weights",
         needs_base=True,
         model_count=1,

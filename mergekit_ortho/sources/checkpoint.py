@@ -104,7 +104,9 @@ class CheckpointSource:
     def _handle(self, f: Path):
         h = self._handles.get(f)
         if h is None:
-            h = self._handles[f] = SafetensorsFile(f)
+            from .hub_remote import remote_size
+
+            h = self._handles[f] = SafetensorsFile(f, remote_size=remote_size(f))
         return h
 
     def _load_pickle(self, f: Path) -> dict:

@@ -118,7 +118,9 @@ def energy_merge_(flats: list[torch.Tensor], weights: list[float]) -> torch.Tens
             torch.add(ts[0], ts[1], out=total)
             for t in ts[2:]:
                 total += t
-        if not (finite_weights and bool(torch.isfinite(total).all())):
+        # one reduction instead of an elementwise check: an inf or NaN anywhere makes the sum
+        # non-finite (a finite chunk whose sum overflows takes the plain path too: still exact)
+        if not (finite_weights and math.isfinite(float(total.sum()))):
             _energy_chunk_plain_(ts, weights)
             continue
         # finite s: "s >= 0" is a clear sign bit, except s = -0.0, the sum of -0.0s only: no
