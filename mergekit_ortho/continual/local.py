@@ -90,8 +90,8 @@ def queued_add(state_dir: Path, model_ref: str, name: str | None = None, force: 
                 try:
                     entry = service.add_locked(root, source, label, force, params or {}, job["id"])
                 except GateRefused as e:
-                    q.finish(job["id"], "refused", message=str(e))
                     q.quarantine(job, str(e))
+                    q.finish(job["id"], "refused", message=str(e))
                     raise
                 except Exception as e:  # (Ctrl-C / kill: left running; recovered on the next start)
                     q.finish(job["id"], "failed", message=str(e) if isinstance(e, UserError)

@@ -164,6 +164,8 @@ class Queue:
         f = self.dir / "quarantine.json"
         with self._lock():
             items = json.loads(f.read_text()) if f.is_file() else []
+            if any(i["job"] == job["id"] for i in items):
+                return  # re-run after a crash between quarantine and finish
             items.append({"job": job["id"], "name": job["name"], "source": job["source"], "message": message,
                           "time": _now()})
             f.parent.mkdir(exist_ok=True)
