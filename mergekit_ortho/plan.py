@@ -22,7 +22,8 @@ from .errors import UserError
 from .ops import registry
 from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
                        _unique_label, check_model_count, config_of_source, open_source, output_dtype, promoted,
-                       resolve_items, tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS, VOCABULARY_TENSORS)
+                       resolve_items, tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS,
+                       VOCABULARY_TENSORS)
 from .writer import OutTensor, plan_shards
 
 __all__ = ["ItemParams", "ModelInput", "Plan", "PlanItem", "Source", "build_plan", "check_model_count",

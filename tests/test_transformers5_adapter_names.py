@@ -57,7 +57,10 @@ def family(request, tmp_path_factory):
     (root / "memory" / "config.json").write_text((root / "disk" / "config.json").read_text())
     disk_keys = set(load_file(str(root / "disk" / "model.safetensors")))
     assert disk_keys != set(model.state_dict())  # the family is renamed at load time
-    load = lambda: AutoModelForImageClassification.from_pretrained(root / "disk", dtype=torch.float32).eval()  # noqa: E731
+
+    def load():
+        return AutoModelForImageClassification.from_pretrained(root / "disk", dtype=torch.float32).eval()
+
     a = make_peft_adapter(load(), root / "a5", seed=1, r=2, lora_alpha=4, target_modules=TARGETS[name][0])
     b5 = make_peft_adapter(load(), root / "b5", seed=2, r=3, lora_alpha=3, target_modules=TARGETS[name][0])
     (root / "b4").mkdir()  # the same adapter as peft under transformers 4 names it
@@ -82,7 +85,8 @@ def _deltas(adapter) -> dict[str, torch.Tensor]:
     for k, A in sd.items():
         if ".lora_A." in k:
             B = sd[k.replace(".lora_A.", ".lora_B.")]
-            out[k[len("base_model.model."):].replace(".lora_A.weight", ".weight")] = cfg["lora_alpha"] / cfg["r"] * B @ A
+            key = k[len("base_model.model."):].replace(".lora_A.weight", ".weight")
+            out[key] = cfg["lora_alpha"] / cfg["r"] * B @ A
     return out
 
 
@@ -167,3 +171,28 @@ def test_an_adapter_of_another_model_still_says_what_was_tried(cli, tmp_path, fa
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "nope_proj" in err and "renames for" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_extracted_peft_adapter_loads_with_peft_on_the_installed_transformers(cli, tmp_path, family):
+    """`merge extract` (full - base as a LoRA) on a renamed family writes in-memory names too."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    sd = load_file(str(family["root"] / "disk" / "model.safetensors"))
+    gen = torch.Generator().manual_seed(3)
+    ft = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if k.endswith(("query.weight", "value.weight")) else v
+          for k, v in sd.items()}
+    (tmp_path / "ft").mkdir()
+    save_file(ft, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "ft" / "config.json").write_text((family["root"] / "disk" / "config.json").read_text())
+    code, out, err = cli("extract", family["root"] / "disk", tmp_path / "ft", "--out", tmp_path / "lora",
+                         "--rank", "16", "--format", "peft")
+    assert code == 0, out + err
+    mods = {k[len("base_model.model."):].split(".lora_")[0] + ".weight"
+            for k in load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))}
+    assert mods and mods <= family["memory_keys"], sorted(mods - family["memory_keys"])
+    model = PeftModel.from_pretrained(family["load"](), tmp_path / "lora").eval()
+    want = AutoModelForImageClassification.from_pretrained(tmp_path / "ft", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=family["pixels"]).logits,
+                                   want(pixel_values=family["pixels"]).logits, rtol=1e-4, atol=1e-5)

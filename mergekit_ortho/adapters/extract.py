@@ -199,8 +199,12 @@ def extract(base: str | Path, finetune: str | Path, out: str | Path, opts: Extra
 
     def pack(mods):
         if opts.format == "peft":
+            from ..planning import config_of_source
+            from .transformers5 import memory_names  # peft on transformers 5 needs its in-memory names
+
             layouts = {k: ("conv" if len(shapes[k]) == 4 else "linear") for k in mods}
-            t, cfg = to_peft(mods, str(base), shapes=shapes, layouts=layouts, dtype=dtype)
+            t, cfg = to_peft(mods, str(base), shapes=shapes, layouts=layouts, dtype=dtype,
+                             names=memory_names(sorted(b_src.infos), config_of_source(b_src)))
             return t, {"format": "pt", **tool_metadata("extract")}, cfg
         extra = {"ss_training_comment": f"extracted by mergekit-ortho: {finetune.name} - {base.name}, rank {opts.rank}"
                  + (f", conv rank {opts.conv_rank}" if opts.conv_rank else "")}

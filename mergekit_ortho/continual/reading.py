@@ -53,7 +53,10 @@ def open_model(st: State, model_ref: str, label: str, mparams):
             from ..adapters.matched import AppliedLora, MatchedLora
 
             infos = base.source.infos
-            match = match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()})
+            from ..planning import config_of_source
+
+            match = match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()},
+                                  config_of_source(base.source))
             model = plan_mod.ModelInput(label, ref, AppliedLora(MatchedLora(model.source, match), base.source),
                                         mparams)
         _check_compatible(st.data["tensors"], model)
