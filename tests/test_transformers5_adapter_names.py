@@ -196,3 +196,14 @@ def test_an_extracted_peft_adapter_loads_with_peft_on_the_installed_transformers
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=family["pixels"]).logits,
                                    want(pixel_values=family["pixels"]).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_keys_a_converter_fuses_are_not_renamed_but_their_neighbours_are():
+    """Mixtral: the router is renamed (block_sparse_moe.gate -> mlp.gate); per-expert w1/w3/w2,
+    which transformers fuses into one 3-D tensor, are no module's rename and keep their names."""
+    cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 16,
+           "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "vocab_size": 32, "num_local_experts": 2, "num_experts_per_tok": 1}
+    keys = ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+            "model.layers.0.block_sparse_moe.experts.1.w2.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert transformers5.memory_names(keys, cfg) == {keys[0]: "model.layers.0.mlp.gate.weight"}

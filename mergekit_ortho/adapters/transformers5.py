@@ -12,9 +12,10 @@ model is built on the meta device from the checkpoint's config.json (no weights,
 ``get_model_conversion_mapping`` gives the ordered ``WeightRenaming`` list with each rule's scope,
 and a key is renamed as transformers renames it on load (every renaming in turn, ``rename_source_key``)
 or back as it renames on save (the rules reversed, in reverse order, without ``PrefixChange`` and
-the legacy renames, as ``revert_weight_conversion`` does). Only renamings are used: a
-``WeightConverter`` that splits or fuses tensors (Dinov2's ``weights_in`` -> gate/up) is not a
-rename of one module, and the keys it would touch get no alias here.
+the legacy renames, as ``revert_weight_conversion`` does). Only renamings are used: a key that a
+``WeightConverter`` takes (a split or fusion of tensors: Dinov2's ``weights_in`` -> gate/up,
+Mixtral's per-expert ``w1``/``w3`` -> ``gate_up_proj``) is not the rename of one module and gets
+no other name here (Mixtral's router ``block_sparse_moe.gate`` -> ``mlp.gate`` still does).
 
 * :func:`renames` ``(keys, config) -> {key: renamed key}`` in both directions: a key stored under
   the checkpoint naming gets its in-memory name, a key already in the in-memory naming (a state
@@ -131,17 +132,26 @@ def _rules(config_json: str):
     arch = next((a for a in config.get("architectures") or [] if hasattr(transformers, a)), None)
     with torch.device("meta"):
         model = (getattr(transformers, arch)._from_config(cfg) if arch else transformers.AutoModel.from_config(cfg))
-    forward = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    everything = get_model_conversion_mapping(model)
+    forward = [t for t in everything if isinstance(t, WeightRenaming)]
+    converters = [t for t in everything if not isinstance(t, WeightRenaming)]
     kept = [t for t in get_model_conversion_mapping(model, add_legacy=False)
             if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)]
     reverse = [t.reverse_transform() for t in kept[::-1]]
-    return forward, reverse
+    reverse_converters = [t.reverse_transform() for t in get_model_conversion_mapping(model, add_legacy=False)[::-1]
+                          if not isinstance(t, WeightRenaming)]
+    return (forward, converters), (reverse, reverse_converters)
 
 
-def _apply(key: str, rules) -> str:
+def _apply(key: str, rules) -> str | None:
+    """The key renamed by ``rules`` (renamings, converters); None where a converter (a split or
+    fusion of tensors, e.g. Mixtral's per-expert w1/w3 -> fused gate_up_proj) takes it: that is
+    not the rename of one module."""
     from transformers.core_model_loading import rename_source_key
 
-    return rename_source_key(key, rules, [])[0]
+    renamings, converters = rules
+    renamed, pattern = rename_source_key(key, renamings, converters)
+    return None if pattern is not None else renamed
 
 
 def _rules_for(config: Mapping | None):
@@ -163,11 +173,11 @@ def renames(keys: Sequence[str], config: Mapping | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for k in keys:
         fwd = _apply(k, forward)
-        if fwd != k and fwd not in have:
+        if fwd is not None and fwd != k and fwd not in have:
             out[k] = fwd  # a checkpoint name: its in-memory name
             continue
         back = _apply(k, reverse)
-        if back != k and back not in have and _apply(back, forward) == k:
+        if back is not None and back != k and back not in have and _apply(back, forward) == k:
             out[k] = back  # an in-memory name (a raw state dict): its checkpoint name
     return out
 
@@ -179,7 +189,7 @@ def memory_names(keys: Sequence[str], config: Mapping | None) -> dict[str, str]:
     if rules is None:
         return {}
     have = set(keys)
-    return {k: fwd for k in keys if (fwd := _apply(k, rules[0])) != k and fwd not in have}
+    return {k: fwd for k in keys if (fwd := _apply(k, rules[0])) is not None and fwd != k and fwd not in have}
 
 
 def output_names(keys: Sequence[str], config: Mapping | None) -> tuple[dict[str, str], str | None]:
