@@ -165,6 +165,10 @@ class BaseMatch(Mapping[str, str]):
         tensors = Counter(a.rule for a in self.assemblies.values())
         parts = [f"{n} {words.get(r, r).format(t=tensors.get(r, 0))}" for r, n in sorted(self.rules.items()) if n]
         naming = self.naming.describe() if self.naming is not None else "?"
+        if self.rules.get("transformers") and (self.naming is None or not self.naming.recognised):
+            from .transformers5 import version
+
+            naming = f"module names that transformers {version()} renames at load (checkpoint vs in-memory)"
         return f"base naming: {naming}; LoRA modules mapped: " + ", ".join(parts)
 
 
