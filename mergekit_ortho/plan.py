@@ -400,7 +400,8 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
                     other = m.source.infos.get(src) if src else None
                 if other is None:
                     raise UserError(f"tensor '{name}' is in {reference.ref} but missing from {m.ref}"
-                                    + (_mismatch_hint(reference, m) or "; exclude it or use matching checkpoints"))
+                                    + (_mismatch_hint(reference, m, name)
+                                       or "; exclude it or use matching checkpoints"))
                 aligned = vocab_rows is not None and name in VOCABULARY_TENSORS
                 if other.shape != info.shape and not (aligned and other.shape[1:] == info.shape[1:]):
                     raise UserError(_shape_message(name, reference, info, m, other) + _mismatch_hint(reference, m))
@@ -519,10 +520,10 @@ def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
     return notes
 
 
-def _mismatch_hint(reference: ModelInput, m: ModelInput) -> str:
+def _mismatch_hint(reference: ModelInput, m: ModelInput, missing: str | None = None) -> str:
     from .prefixes import mismatch_hint
 
-    return mismatch_hint(reference.label, reference.source, m.source)
+    return mismatch_hint(reference.label, reference.source, m.source, missing)
 
 
 def _shape_message(name: str, reference: ModelInput, info, m: ModelInput, other) -> str:

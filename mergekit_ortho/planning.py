@@ -46,7 +46,8 @@ class ItemParams:
 # a head that tied checkpoints do not store, and the embeddings they read it from instead
 TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
                                  "transformer.wte.weight", "model.decoder.embed_tokens.weight",
-                                 "embed_tokens.weight", "transformer.word_embeddings.weight", "shared.weight"),
+                                 "embed_tokens.weight", "transformer.word_embeddings.weight", "shared.weight",
+                                 "backbone.embeddings.weight"),  # Mamba
               # masked-LM heads (transformers 5 stores none; checkpoints saved by 4 often do)
               "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
               "cls.predictions.decoder.bias": ("cls.predictions.bias",),

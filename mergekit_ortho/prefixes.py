@@ -86,12 +86,22 @@ def suggest(reference_names, names) -> dict[str, str] | None:
     return None
 
 
-def mismatch_hint(reference_label: str, reference, source) -> str:
+HEAD_ENDINGS = ("lm_head.weight", "head.weight", "decoder.weight", "embed_out.weight", "output.weight")
+
+
+def mismatch_hint(reference_label: str, reference, source, missing: str | None = None) -> str:
     """What explains two inputs' different tensors, for the error line: their families (config.json
-    ``model_type``) when they differ, else the prefix a recipe's ``prefix_map`` would map."""
+    ``model_type``) when they differ, else the prefix a recipe's ``prefix_map`` would map; for a
+    head ``missing`` from a tied input, that it is not supported (never "exclude it": the kept
+    head would not match the merged embeddings)."""
     from .planning import config_of_source
 
-    fams = [config_of_source(x).get("model_type") for x in (source, reference)]
+    cfg = config_of_source(source)
+    if missing and missing.endswith(HEAD_ENDINGS) and cfg.get("tie_word_embeddings") is True:
+        return (f"; it is the tied head of {getattr(source, 'label', 'the input')} (config.json "
+                "tie_word_embeddings), read from embeddings whose name is not known for this family: "
+                "not supported yet (excluding it would keep a head that does not match the merged embeddings)")
+    fams = [cfg.get("model_type"), config_of_source(reference).get("model_type")]
     if all(fams) and fams[0] != fams[1]:
         return (f"; the families differ ({fams[0]} vs {fams[1]}, config.json model_type): "
                 "checkpoints of different families do not merge")

@@ -242,3 +242,24 @@ def test_a_bert_masked_lm_head_stored_by_some_inputs_only(cli, tmp_path, stored_
     got = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(got(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_head_whose_embeddings_are_unknown_is_refused_without_advising_exclude(cli, tmp_path):
+    """A tied input that stores no head, of a family whose embeddings name is not known: one
+    line that does not advise `exclude` (which would keep a head not matching the merged
+    embeddings), exit 2, no output."""
+    torch.manual_seed(0)
+    emb, body = torch.randn(32, 16), torch.randn(16, 16)
+    cfg = {"model_type": "newfamily", "tie_word_embeddings": True, "architectures": ["NewForCausalLM"]}
+    for name, tensors in (("base", {"net.tok.weight": emb, "net.body.weight": body, HEAD: emb.clone()}),
+                          ("ft", {"net.tok.weight": emb + 0.1, "net.body.weight": body + 0.1})):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(cfg))
+    text = (f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+            f"  - model: {tmp_path / 'ft'}\n    parameters: {{weight: 1.0}}\n")
+    code, out, err = cli("run", write_recipe(tmp_path / "r.yaml", text), "--out", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "tied head" in err and "exclude it" not in err, err
+    assert not (tmp_path / "out").exists()
