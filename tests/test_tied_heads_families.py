@@ -1,5 +1,5 @@
-"""Tied heads per family that ties (issue 15; mergekit_compat.md, tied heads): GPT-2, Qwen2, Gemma 3
-and T5. If any input stores a head, the tied inputs contribute their embeddings as their head and
+"""Tied heads per family that ties (issue 15; mergekit_compat.md, tied heads): GPT-2, Qwen2, Gemma 3,
+Mamba and T5 (and BERT's masked-LM head). If any input stores a head, the tied inputs contribute their embeddings as their head and
 config.json says untied; if none does, the output stays tied. Gemma scales its embeddings by
 sqrt(hidden) at run time (not in the weights), so its untied head is its embeddings as stored;
 T5 scales the decoder output by d_model^-0.5 when tied, so a tied T5's head is its embeddings
@@ -26,6 +26,9 @@ FAMILIES = {  # family: (embeddings, model class, config class, config)
                dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
                     num_key_value_heads=1, head_dim=8, vocab_size=32, max_position_embeddings=32,
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "mamba": ("backbone.embeddings.weight", "MambaForCausalLM", "MambaConfig",
+              dict(hidden_size=16, state_size=4, num_hidden_layers=1, vocab_size=32, expand=2, conv_kernel=2,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "t5": ("shared.weight", "T5ForConditionalGeneration", "T5Config",
            dict(d_model=16, d_ff=24, num_layers=1, num_heads=2, d_kv=8, vocab_size=32)),
 }
