@@ -1,7 +1,8 @@
 """Tied heads per family that ties (issue 15; mergekit_compat.md, tied heads): GPT-2, Qwen2, Gemma 3,
 Mamba and T5 (and BERT's masked-LM head). If any input stores a head, the tied inputs contribute
-their embeddings as their head and config.json says untied; if none does, the output stays tied. Gemma scales its embeddings by
-sqrt(hidden) at run time (not in the weights), so its untied head is its embeddings as stored;
+their embeddings as their head and config.json says untied; if none does, the output stays tied.
+Gemma scales its embeddings by sqrt(hidden) at run time (not in the weights), so its untied head
+is its embeddings as stored;
 T5 scales the decoder output by d_model^-0.5 when tied, so a tied T5's head is its embeddings
 times d_model^-0.5 once untied. Tiny random models from configs (seeded, built once per module),
 merged through the CLI with task_arithmetic, loaded with transformers; the expected logits are
