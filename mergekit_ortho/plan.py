@@ -87,7 +87,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     out_format = _output_format(recipe, op, params, base, models)
     if loras:
         from .adapters.arch import check_compatible
-        from .adapters.keymap import match_to_base
+        from .adapters.experts import match_with_experts
         from .adapters.matched import MatchedLora
 
         check_compatible([m.source for m in loras])
@@ -95,8 +95,8 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
             keys = list(base.source.infos)
             shapes = {k: i.shape for k, i in base.source.infos.items()}
             for m in loras:
-                match = match_to_base(m.source, keys, shapes)
-                m.source = MatchedLora(m.source, match, base.source)
+                src, match = match_with_experts(m.source, keys, shapes)
+                m.source = MatchedLora(src, match, base.source)
                 if set(match.rules) - {"name"} or match.naming.recognised:
                     notes.append(f"{m.label}: {match.summary()}")
         else:
@@ -186,9 +186,11 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
                    models: list[ModelInput]) -> str:
     """Resolve output.format against the method and the inputs (DESIGN: auto = LoRA out when every
     input is a LoRA and the method yields low rank, else full)."""
-    fmt = recipe.output.format
+    from .adapters.experts import expert_output_format
+
     loras = [m for m in models if m.is_lora]
     dense = [m for m in models if not m.is_lora]
+    fmt = expert_output_format(recipe.output.format, [m.source for m in loras])
     if op.input_kind == "lora" and dense:
         if op.dense_rank_param and params.get(op.dense_rank_param) is not None and not loras:  # PT-SVD
             if base is None:
@@ -261,7 +263,10 @@ def _align_without_base(loras: list[ModelInput]) -> None:
     from .adapters.detect import PEFT_PREFIX
     from .adapters.matched import MatchedLora
 
+    from .adapters.experts import refuse_without_base
+
     for m in loras:
+        refuse_without_base(m.source)
         dense = m.source.dense_modules()
         if dense:
             raise UserError(f"{m.ref} has {m.source.type_name(dense[0])} modules (e.g. '{dense[0]}'), which are "

@@ -253,7 +253,7 @@ def open_source(ref: str, label: str):
 
     model_ref, lora_ref = split_lora_ref(ref)
     if lora_ref is not None:
-        from .adapters.keymap import match_to_base
+        from .adapters.experts import match_with_experts
         from .adapters.matched import AppliedLora, MatchedLora
 
         model = open_source(model_ref, label)
@@ -262,7 +262,7 @@ def open_source(ref: str, label: str):
             raise UserError(f"model reference {ref}: the part after '+' must be a LoRA adapter and the part "
                             "before it a full checkpoint")
         shapes = {k: i.shape for k, i in model.infos.items()}
-        matched = MatchedLora(lora, match_to_base(lora, list(model.infos), shapes))
+        matched = MatchedLora(*match_with_experts(lora, list(model.infos), shapes))
         return AppliedLora(matched, model, owns_base=True)
     path = Path(ref)
     if not path.exists():
