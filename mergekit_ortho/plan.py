@@ -22,7 +22,7 @@ from .errors import UserError
 from .ops import registry
 from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
                        _unique_label, check_model_count, open_source, output_dtype, promoted, resolve_items,
-                       tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS, VOCABULARY_TENSORS)
+                       tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS, VOCABULARY_TENSORS, _config_of)
 from .writer import OutTensor, plan_shards
 
 __all__ = ["ItemParams", "ModelInput", "Plan", "PlanItem", "Source", "build_plan", "check_model_count",
@@ -108,6 +108,9 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     reference = base or models[0]
     model_levels = [levels[m.label] for m in models]
     if out_format in ("peft", "kohya", "bundle"):
+        from .fp8_out import refuse_for_adapters
+
+        refuse_for_adapters(recipe)
         keys, shapes = _module_keys(op, base, models, recipe.include, recipe.exclude)
         if not keys:
             raise UserError("no LoRA module is left to merge (check include/exclude)")
@@ -126,7 +129,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if vocab is not None:
         config_updates["vocab_size"] = vocab.config_vocab_size
         notes += vocab.notes
-    notes += _fp8_notes(([base] if base else []) + models, config_updates)
+    notes += _fp8_notes(([base] if base else []) + models, config_updates, recipe.out_dtype)
     if loras:
         adapted = set().union(*(m.source.by_base for m in loras))
         dropped = sorted(k for k in adapted if items[k].action == "copy")
@@ -151,6 +154,10 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                 vocab=vocab, chat_template=chat_template)
     plan.notes += notes + _filter_notes(recipe, items, models)
     apply_recipe_dtypes(plan)
+    from .fp8_out import apply as fp8_output
+
+    donor = donor_dir(plan)
+    fp8_output(plan, ([base] if base else []) + models, _config_of(donor) if donor is not None else {})
     if loras and dropped:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")
@@ -494,10 +501,14 @@ def _head_differs_from_embeddings(items: dict[str, PlanItem], head: str) -> bool
     return any(items[e].action == "merge" for e in TIED_HEADS[head] if e in items)
 
 
-def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
+def _fp8_notes(inputs: list[ModelInput], config_updates: dict, out_dtype: str | None = None) -> list[str]:
     """FP8 inputs are read dequantised (fp8.py): the output is not quantised, so its config drops
-    ``quantization_config``; say which inputs were dequantised and what was dropped."""
+    ``quantization_config``, unless ``out_dtype`` asks for FP8 (fp8_out writes fresh scales and a
+    new config); say which inputs were dequantised and what was dropped."""
+    from .fp8_out import requested
     from .writer import REMOVE
+
+    requantised = requested(out_dtype) is not None
 
     notes = []
     for m in inputs:
@@ -505,7 +516,8 @@ def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
         if scheme:
             config_updates["quantization_config"] = REMOVE
             dropped = getattr(m.source, "dropped", [])
-            notes.append(f"{m.label}: {scheme} read dequantised; the output is not quantised"
+            notes.append(f"{m.label}: {scheme} read dequantised; the output is "
+                         + ("re-quantised with fresh scales" if requantised else "not quantised")
                          + (f" ({len(dropped)} activation scale(s) dropped, e.g. '{dropped[0]}')" if dropped else ""))
     return notes
 

@@ -110,6 +110,8 @@ class Plan:
     load_dtype: Any = None
     # mergekit's rule: config.json's dtype changes only when the recipe sets dtype / out_dtype
     keep_config_dtype: bool = False
+    # FP8 output (``out_dtype: float8_e4m3fn``): the weights written as codes + block scales (fp8_out)
+    fp8_out: Any = None
 
     def sources_of(self, name: str) -> tuple[Source | None, list[Source]]:
         """The base input (None without one) and the model inputs of item ``name``."""
@@ -316,6 +318,10 @@ def tokenizer_donor(recipe: recipe_mod.Recipe) -> tuple[Path | None, str | None]
 def output_dtype(recipe: recipe_mod.Recipe) -> str | None:
     """mergekit's rule: ``out_dtype``, else ``dtype``; None: each tensor's inputs' promoted dtype."""
     if recipe.out_dtype:
+        from .fp8_out import requested
+
+        if requested(recipe.out_dtype):
+            return "bfloat16"  # FP8 output: the weights the input quantised become FP8 later (fp8_out)
         return canonical(recipe.out_dtype, "out_dtype")
     return canonical(recipe.dtype, "dtype") if recipe.dtype else None
 
