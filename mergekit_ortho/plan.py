@@ -87,7 +87,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     out_format = _output_format(recipe, op, params, base, models)
     if loras:
         from .adapters.arch import check_compatible
-        from .adapters.experts import match_with_experts
+        from .adapters.experts import check_lora_output as check_expert_output, match_with_experts
         from .adapters.matched import MatchedLora
 
         check_compatible([m.source for m in loras])
@@ -99,6 +99,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                 m.source = MatchedLora(src, match, base.source)
                 if set(match.rules) - {"name"} or match.naming.recognised:
                     notes.append(f"{m.label}: {match.summary()}")
+            check_expert_output(loras, out_format)
         else:
             _align_without_base(loras)
 

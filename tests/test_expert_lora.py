@@ -111,14 +111,38 @@ def test_two_expert_loras_weighted(cli, tmp_path, moe):
         assert torch.allclose(got[k], want, atol=1e-5, rtol=0), k
 
 
-def test_lora_output_is_refused(cli, tmp_path, moe):
+def test_peft_output_is_peft_loadable_and_exact(cli, tmp_path, moe):
+    """Two expert LoRAs merged to a PEFT adapter (target_parameters, concatenated ranks): peft
+    loads it on the base and its merge is the full-model merge of the same recipe."""
+    from peft import PeftModel
+
+    kind, root, cls = moe
+    r = _recipe(tmp_path, root / "base", [(root / "lora0", 0.5), (root / "lora1", 1.5)])
+    (tmp_path / "p.yaml").write_text(r.read_text() + "output: {format: peft}\n")
+    code, _, err = cli("run", tmp_path / "p.yaml", "--out", tmp_path / "peft")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"] and cfg["r"] == 4
+    code, _, err = cli("run", r, "--out", tmp_path / "full")
+    assert code == 0, err
+    got = PeftModel.from_pretrained(cls.from_pretrained(root / "base"), str(tmp_path / "peft")).merge_and_unload()
+    want = cls.from_pretrained(tmp_path / "full").state_dict()
+    gs = got.state_dict()
+    for k in want:
+        assert torch.allclose(gs[k], want[k], atol=1e-5, rtol=0), k
+
+
+def test_lora_outputs_that_cannot_hold_it_are_refused(cli, tmp_path, moe):
     _, root, _ = moe
-    r = _recipe(tmp_path, root / "base", [(root / "lora0", 1.0)])
-    r.write_text(r.read_text() + "output: {format: peft}\n")
-    code, _, err = cli("run", r, "--out", tmp_path / "out")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert "target_parameters" in err and "output.format full" in err
-    assert not (tmp_path / "out").exists()
+    for base, fmt, what in ((root / "fused", "peft", "stores the experts fused"),
+                            (root / "base", "kohya", "has no form for")):
+        r = _recipe(tmp_path, base, [(root / "lora0", 1.0)])
+        r.write_text(r.read_text() + f"output: {{format: {fmt}}}\n")
+        code, _, err = cli("run", r, "--out", tmp_path / "out")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "target_parameters" in err or what in err, err
+        assert what in err, err
+        assert not (tmp_path / "out").exists()
 
 
 def test_expert_count_mismatch_is_one_line(cli, tmp_path, moe):

@@ -57,6 +57,7 @@ class Virtual:
     """A delta on one base tensor from one stored wrapper: expert ``expert`` (None: all, fused),
     rows ``rows`` of it (None: all), ``transposed`` orientation."""
     wrapper: str
+    param: str  # the parameter's in-memory path (``<module>.<name>``), PEFT's key for its patterns
     key: str
     experts: int
     rank: int
@@ -160,14 +161,15 @@ class ExpertLora:
                                 f"({', '.join(f[0] for f in fits[stem])}); cannot tell which it adapts")
         for stem, (param, fused, r, experts, transposed, shape, per) in done.items():
             if fused is not None:
-                self.virtual[PEFT_PREFIX + fused] = Virtual(stem, fused, experts, r, None, None, transposed, shape)
+                self.virtual[PEFT_PREFIX + fused] = Virtual(stem, f"{path}.{param}", fused, experts, r, None, None,
+                                                            transposed, shape)
                 continue
             for e, row in enumerate(per):
                 at = 0
                 for key in row:
                     rows = base_shapes[key][0]
                     self.virtual[PEFT_PREFIX + key[: -len(".weight")]] = Virtual(
-                        stem, key, experts, r, e, (at, at + rows), False, tuple(base_shapes[key]))
+                        stem, f"{path}.{param}", key, experts, r, e, (at, at + rows), False, tuple(base_shapes[key]))
                     at += rows
 
     def _unmatched(self, path: str, stem: str, base_shapes) -> None:
@@ -235,13 +237,10 @@ class ExpertLora:
             return self.source.alpha(m)
         cfg = self.source.config
         pats = cfg.get("alpha_pattern") or {}
-        k = peft_pattern_key(pats, _path(v.wrapper) + "." + self._param_of(v))
+        k = peft_pattern_key(pats, v.param)
         if k is not None:
             return float(pats[k])
         return float(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else float(v.rank)
-
-    def _param_of(self, v: Virtual) -> str:
-        return v.key.rsplit(".", 1)[1] if v.expert is None else "gate_up_proj"
 
     def uses_rslora(self, m: str) -> bool:
         return bool(self.source.config.get("use_rslora")) if m in self.virtual else self.source.uses_rslora(m)
@@ -397,12 +396,26 @@ def refuse_without_base(source) -> None:
 
 
 def expert_output_format(fmt: str, loras) -> str:
-    """Expert LoRAs merge to full checkpoints: ``auto`` becomes ``full``; a LoRA output is refused
-    (a PEFT adapter on expert parameters is not written yet)."""
+    """Expert LoRAs merge to full checkpoints by default (``auto`` becomes ``full``); a PEFT output
+    (``target_parameters`` again, ``experts_out``) is written on request; kohya / bundle outputs
+    have no form for them."""
     src = next((s for s in loras if targets(s)), None)
     if src is None:
         return fmt
-    if fmt in ("peft", "kohya", "bundle"):
-        raise UserError(f"not supported yet: output.format {fmt} for {src.file}, a LoRA on expert parameters "
-                        "(target_parameters); it merges into its base as output.format full (exact)")
+    if fmt in ("kohya", "bundle"):
+        raise UserError(f"output.format {fmt} has no form for {src.file}, a LoRA on expert parameters "
+                        "(target_parameters); use output.format full or peft")
     return "full" if fmt == "auto" else fmt
+
+
+def check_lora_output(loras, fmt: str) -> None:
+    """A PEFT output needs per-expert factors: a base storing experts fused gives dense deltas."""
+    if fmt != "peft":
+        return
+    for m in loras:
+        virtual = getattr(m.source, "virtual", None) or {}
+        dense = next((v for v in virtual.values() if v.expert is None and v.experts > 1), None)
+        if dense is not None:
+            raise UserError(f"not supported yet: output.format peft for {m.ref} on a base that stores the experts "
+                            f"fused ('{dense.key}' {list(dense.shape)}): merge into the per-expert checkpoint the "
+                            "model is published as, or use output.format full")
