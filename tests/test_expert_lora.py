@@ -179,3 +179,32 @@ def test_model_plus_lora_reference(cli, tmp_path, moe):
     got = cls.from_pretrained(tmp_path / "out").state_dict()
     for k in want:
         assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
+
+
+def test_mixed_recipe_fused_fine_tune_and_expert_lora(cli, tmp_path, moe):
+    """A per-expert base, a full fine-tune saved fused (transformers 5's in-memory layout) and an
+    expert LoRA in one recipe: the fused model is converted, the LoRA mapped per expert."""
+    kind, root, cls = moe
+    cfg, _ = _config(kind)
+    torch.manual_seed(5)
+    ft = cls(cfg).eval()
+    _save_fused(ft, tmp_path / "ft_fused")
+    code, _, err = cli("run", _recipe(tmp_path, root / "base", [(tmp_path / "ft_fused", 0.5), (root / "lora0", 1.0)]),
+                       "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "fused experts read as" in err and "onto expert tensors" in err
+    base = cls.from_pretrained(root / "base").state_dict()
+    lora = _peft_merged(cls, root, "lora0").state_dict()
+    fts = ft.state_dict()
+    got = cls.from_pretrained(tmp_path / "out").state_dict()
+    for k in base:
+        want = base[k] + 0.5 * (fts[k] - base[k]) + (lora[k] - base[k])
+        assert torch.allclose(got[k], want, atol=1e-5, rtol=0), k
+
+
+def test_inspect_describes_the_expert_parameters(cli, moe):
+    _, root, _ = moe
+    code, out, err = cli("inspect", root / "lora1")
+    assert code == 0, err
+    assert "expert parameters (target_parameters): experts.down_proj, experts.gate_up_proj" in out
+    assert "3 experts each, rank 2 per expert" in out and f"scale {round(6 / 2 ** 0.5, 6)}" in out  # rsLoRA

@@ -419,3 +419,20 @@ def check_lora_output(loras, fmt: str) -> None:
             raise UserError(f"not supported yet: output.format peft for {m.ref} on a base that stores the experts "
                             f"fused ('{dense.key}' {list(dense.shape)}): merge into the per-expert checkpoint the "
                             "model is published as, or use output.format full")
+
+
+def describe(src) -> dict | None:
+    """What `merge inspect` says of an adapter's expert modules (header only), else None: the
+    targeted parameters, how many wrappers, experts per wrapper (rows of A / r), rank and scale."""
+    names = targets(src)
+    if not names:
+        return None
+    view = ExpertLora.__new__(ExpertLora)
+    view.source = src
+    wrappers = [m for m in src.modules if view._is_target_path(_path(m))]
+    cfg = src.config
+    r = int(cfg.get("r") or 8)
+    alpha = float(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else float(r)
+    experts = sorted({src.stored_shapes(m)[0][0] // r for m in wrappers})
+    return {"target_parameters": sorted(names), "wrappers": wrappers, "experts": experts, "rank": r,
+            "scale": round(alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r, 6)}
