@@ -18,7 +18,8 @@ Only the 2-D weights an input stores FP8 (its scheme quantised them) are re-quan
 tensor (embeddings, norms, the head, routers: what such checkpoints keep in high precision) is
 written in bfloat16, and the plan says so. ``quantization_config`` in config.json is written to
 match (``quant_method: fp8``, ``fmt``, ``weight_block_size``, dynamic activations: static
-activation scales of the input are not carried), the config dtype is bfloat16.
+activation scales of the input are not carried; ``modules_to_not_convert`` names the modules of
+the 2-D weights written in bf16), the config dtype is bfloat16.
 
 Spec: ../shared/specs/formats.md §2.2 (dtype names; FP8 needs its scales); issue 15.
 """
@@ -141,8 +142,13 @@ def apply(plan, models, config: dict) -> None:
     cfg = config or {}
     qc = dict(cfg.get("quantization_config") or {}) if (cfg.get("quantization_config") or {}).get(
         "quant_method") == "fp8" else {}
+    # every other 2-D weight is written in bf16: name its module, so that a loader converting
+    # linear layers to FP8 (transformers' fine-grained FP8) leaves it alone
+    keep = {i.name[: -len(".weight")] for i in plan.items.values()
+            if i.name not in out.weights and len(i.shape) == 2 and i.name.endswith(".weight")}
+    keep |= set(qc.get("modules_to_not_convert") or [])
     qc.update({"quant_method": "fp8", "fmt": SHORT[dtype], "activation_scheme": "dynamic",
-               "weight_block_size": list(block)})
+               "weight_block_size": list(block), "modules_to_not_convert": sorted(keep)})
     plan.config_updates["quantization_config"] = qc
     for k in ("torch_dtype", "dtype"):
         plan.config_updates[k] = lambda _old: "bfloat16"  # a field the donor has: the high-precision dtype

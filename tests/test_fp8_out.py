@@ -93,7 +93,8 @@ def test_round_trip_is_the_quantise_dequantise_of_the_merge(cli, tmp_path, model
         assert float((got[k] - merged).abs().max()) > 0  # it really was quantised
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "fp8", "fmt": dtype[7:11], "activation_scheme": "dynamic",
-                                          "weight_block_size": list(BLOCK)}
+                                          "weight_block_size": list(BLOCK),
+                                          "modules_to_not_convert": ["model.embed_tokens"]}
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
     code, out, err = cli("inspect", tmp_path / "out")
     assert code == 0 and f"quantisation: FP8 ({dtype}), block scales 16x16, 15 tensors" in out, out
