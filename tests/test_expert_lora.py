@@ -208,3 +208,18 @@ def test_inspect_describes_the_expert_parameters(cli, moe):
     assert code == 0, err
     assert "expert parameters (target_parameters): experts.down_proj, experts.gate_up_proj" in out
     assert "3 experts each, rank 2 per expert" in out and f"scale {round(6 / 2 ** 0.5, 6)}" in out  # rsLoRA
+
+
+def test_continual_add_of_an_expert_lora(cli, tmp_path, moe):
+    kind, root, cls = moe
+    r = write_recipe(tmp_path / "c.yaml", f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\n")
+    state = tmp_path / "state"
+    assert cli("continual", "init", state, "--recipe", r)[0] == 0
+    code, _, err = cli("continual", "add", state, root / "lora0")
+    assert code == 0, err
+    code, _, err = cli("continual", "export", state, "--out", tmp_path / "out")
+    assert code == 0, err
+    want = _peft_merged(cls, root, "lora0").state_dict()
+    got = cls.from_pretrained(tmp_path / "out").state_dict()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
