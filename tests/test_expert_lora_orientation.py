@@ -36,8 +36,9 @@ def _module(transposed: bool):
     return Model()
 
 
-@pytest.mark.parametrize("transposed", [True, False])
-def test_orientation_and_2d_parameters_merge_as_peft(cli, tmp_path, transposed):
+@pytest.mark.parametrize("transposed,names", [(True, ["experts.up", "experts.proj"]), (False, ["experts.up", "experts.proj"]),
+                                              (False, ["up", "proj"])])  # bare names match any module
+def test_orientation_and_2d_parameters_merge_as_peft(cli, tmp_path, transposed, names):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -46,7 +47,7 @@ def test_orientation_and_2d_parameters_merge_as_peft(cli, tmp_path, transposed):
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
               str(tmp_path / "base" / "model.safetensors"))
     (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "toy"}))
-    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts.up", "experts.proj"],
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=names,
                      init_lora_weights=False)
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(tmp_path / "lora")

@@ -80,7 +80,10 @@ class ExpertLora:
         self.virtual: dict[str, Virtual] = {}
         groups: dict[str, list[str]] = {}
         for stem in source.modules:
-            if self._is_target_path(_path(stem)):
+            # a module whose weight the base has is a plain LoRA (target_modules), even when a bare
+            # target_parameters name (``gate_up_proj``) would match its path too
+            if self._is_target_path(_path(stem)) and (stem.endswith(".base_layer")
+                                                      or _path(stem) + ".weight" not in base_shapes):
                 groups.setdefault(_path(stem), []).append(stem)
         self.wrappers = {s for ss in groups.values() for s in ss}
         for path, stems in groups.items():
