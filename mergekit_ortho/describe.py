@@ -119,6 +119,11 @@ def render(info: dict[str, Any]) -> list[str]:
                          f"targets: {hp['targets']}" + ("   needs the base model" if hp["needs_base"] else "")
                          + (f"   ({hp['notes']})" if hp.get("notes") else ""))
         lines.append(f"targets: {info['targets']}")
+        if info.get("experts"):
+            e = info["experts"]
+            lines.append(f"expert parameters (target_parameters): {', '.join(e['target_parameters'])}   "
+                         f"{e['wrappers']} wrapped, {'/'.join(map(str, e['experts']))} experts each, rank {e['rank']} "
+                         f"per expert, scale {e['scale']}")
         if info.get("naming"):
             lines.append(f"module naming: {info['naming']}")
         if info.get("base_model_name_or_path"):

@@ -256,7 +256,7 @@ def full_sink(plan, out: Path, *, card_extra: str = "", overwrite: bool = False,
                            config_updates=plan.config_updates, chat_template=plan.chat_template,
                            vocab=plan.vocab if recipe.output.copy_files else None,
                            overwrite=overwrite, inputs=inputs, force_replace=force_replace,
-                           report_head={"method": plan.op.name}, staged=staged)
+                           report_head={"method": plan.op.name}, staged=staged, fp8=plan.fp8_out)
 
 
 def full_work(plan, merged_read: bool = True) -> dict[str, Work]:

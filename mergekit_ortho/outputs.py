@@ -79,11 +79,16 @@ def _adapter_sink(plan, out: Path, guard: dict):
     def pack(modules: dict):
         shaped = {k: shapes[k] for k in modules} if shapes is not None else None
         if fmt == "peft":
+            from .adapters.experts_out import merge_config, split_expert_modules
+
             tasks = {m.source.config.get("task_type") for m in plan.lora_models if m.source.config}
-            tensors, cfg = to_peft(modules, _peft_base_name(plan), shapes=shaped, layouts=layouts_of(sources),
+            plain, experts, expert_cfg = split_expert_modules(modules, sources, dtype)
+            shaped = {k: shaped[k] for k in plain} if shaped is not None else None
+            tensors, cfg = to_peft(plain, _peft_base_name(plan), shapes=shaped, layouts=layouts_of(sources),
                                    dtype=dtype, task_type=tasks.pop() if len(tasks) == 1 else None,
                                    names=plan.adapter_names)
-            return tensors, meta, cfg
+            tensors.update(experts)
+            return tensors, meta, merge_config(cfg, expert_cfg, bool(plain))
         tensors, kmeta = to_kohya(modules, template=sources, shapes=shaped, dtype=dtype, sources=sources,
                                   metadata={k: v for k, v in meta.items() if k != "format"},
                                   merged_from=[m.label for m in plan.models])

@@ -23,7 +23,7 @@ from .ops import registry
 from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
                        _unique_label, check_model_count, config_of_source, open_source, output_dtype, promoted,
                        resolve_items, tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS,
-                       VOCABULARY_TENSORS)
+                       VOCABULARY_TENSORS, _config_of)
 from .writer import OutTensor, plan_shards
 
 __all__ = ["ItemParams", "ModelInput", "Plan", "PlanItem", "Source", "build_plan", "check_model_count",
@@ -92,7 +92,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     out_format = _output_format(recipe, op, params, base, models)
     if loras:
         from .adapters.arch import check_compatible
-        from .adapters.keymap import match_to_base
+        from .adapters.experts import check_lora_output as check_expert_output, match_with_experts
         from .adapters.matched import MatchedLora
 
         check_compatible([m.source for m in loras])
@@ -100,10 +100,11 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
             keys = list(base.source.infos)
             shapes = {k: i.shape for k, i in base.source.infos.items()}
             for m in loras:
-                match = match_to_base(m.source, keys, shapes, config_of_source(base.source))
-                m.source = MatchedLora(m.source, match, base.source)
+                src, match = match_with_experts(m.source, keys, shapes, config_of_source(base.source))
+                m.source = MatchedLora(src, match, base.source)
                 if set(match.rules) - {"name"} or match.naming.recognised:
                     notes.append(f"{m.label}: {match.summary()}")
+            check_expert_output(loras, out_format)
         else:
             _align_without_base(loras)
 
@@ -113,6 +114,9 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     reference = base or models[0]
     model_levels = [levels[m.label] for m in models]
     if out_format in ("peft", "kohya", "bundle"):
+        from .fp8_out import refuse_for_adapters
+
+        refuse_for_adapters(recipe)
         keys, shapes = _module_keys(op, base, models, recipe.include, recipe.exclude)
         if not keys:
             raise UserError("no LoRA module is left to merge (check include/exclude)")
@@ -133,7 +137,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if vocab is not None:
         config_updates["vocab_size"] = vocab.config_vocab_size
         notes += vocab.notes
-    notes += _fp8_notes(([base] if base else []) + models, config_updates)
+    notes += _fp8_notes(([base] if base else []) + models, config_updates, recipe.out_dtype)
     if loras:
         adapted = set().union(*(m.source.by_base for m in loras))
         dropped = sorted(k for k in adapted if items[k].action == "copy")
@@ -158,6 +162,10 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                 vocab=vocab, chat_template=chat_template)
     plan.notes += notes + _filter_notes(recipe, items, models)
     apply_recipe_dtypes(plan)
+    from .fp8_out import apply as fp8_output
+
+    donor = donor_dir(plan)
+    fp8_output(plan, ([base] if base else []) + models, _config_of(donor) if donor is not None else {})
     if loras and dropped:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")
@@ -193,9 +201,11 @@ def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput
                    models: list[ModelInput]) -> str:
     """Resolve output.format against the method and the inputs (DESIGN: auto = LoRA out when every
     input is a LoRA and the method yields low rank, else full)."""
-    fmt = recipe.output.format
+    from .adapters.experts import expert_output_format
+
     loras = [m for m in models if m.is_lora]
     dense = [m for m in models if not m.is_lora]
+    fmt = expert_output_format(recipe.output.format, [m.source for m in loras])
     if op.input_kind == "lora" and dense:
         if op.dense_rank_param and params.get(op.dense_rank_param) is not None and not loras:  # PT-SVD
             if base is None:
@@ -268,7 +278,10 @@ def _align_without_base(loras: list[ModelInput]) -> None:
     from .adapters.detect import PEFT_PREFIX
     from .adapters.matched import MatchedLora
 
+    from .adapters.experts import refuse_without_base
+
     for m in loras:
+        refuse_without_base(m.source)
         dense = m.source.dense_modules()
         if dense:
             raise UserError(f"{m.ref} has {m.source.type_name(dense[0])} modules (e.g. '{dense[0]}'), which are "
@@ -504,10 +517,14 @@ def _head_differs_from_embeddings(items: dict[str, PlanItem], head: str) -> bool
     return any(items[e].action == "merge" for e in TIED_HEADS[head] if e in items)
 
 
-def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
+def _fp8_notes(inputs: list[ModelInput], config_updates: dict, out_dtype: str | None = None) -> list[str]:
     """FP8 inputs are read dequantised (fp8.py): the output is not quantised, so its config drops
-    ``quantization_config``; say which inputs were dequantised and what was dropped."""
+    ``quantization_config``, unless ``out_dtype`` asks for FP8 (fp8_out writes fresh scales and a
+    new config); say which inputs were dequantised and what was dropped."""
+    from .fp8_out import requested
     from .writer import REMOVE
+
+    requantised = requested(out_dtype) is not None
 
     notes = []
     for m in inputs:
@@ -515,7 +532,8 @@ def _fp8_notes(inputs: list[ModelInput], config_updates: dict) -> list[str]:
         if scheme:
             config_updates["quantization_config"] = REMOVE
             dropped = getattr(m.source, "dropped", [])
-            notes.append(f"{m.label}: {scheme} read dequantised; the output is not quantised"
+            notes.append(f"{m.label}: {scheme} read dequantised; the output is "
+                         + ("re-quantised with fresh scales" if requantised else "not quantised")
                          + (f" ({len(dropped)} activation scale(s) dropped, e.g. '{dropped[0]}')" if dropped else ""))
     return notes
 

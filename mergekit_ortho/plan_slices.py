@@ -141,6 +141,9 @@ def slices_plan(recipe: recipe_mod.Recipe, op: registry.Operator, params: regist
     names = set(items) | {n for m in opened.values() for n in m.source.infos}
     levels = [(w, mp) for w, mp, _ in recipe_mod.parameter_levels(recipe)]
     apply_recipe_dtypes(plan)
+    from .fp8_out import apply as fp8_output
+
+    fp8_output(plan, order, {})
     from .settings import long_gradients
 
     span = max((b - a for s in slices for a, b in s["ranges"][:1]), default=0)

@@ -119,6 +119,8 @@ class Plan:
     load_dtype: Any = None
     # mergekit's rule: config.json's dtype changes only when the recipe sets dtype / out_dtype
     keep_config_dtype: bool = False
+    # FP8 output (``out_dtype: float8_e4m3fn``): the weights written as codes + block scales (fp8_out)
+    fp8_out: Any = None
 
     def sources_of(self, name: str) -> tuple[Source | None, list[Source]]:
         """The base input (None without one) and the model inputs of item ``name``."""
@@ -262,7 +264,7 @@ def open_source(ref: str, label: str):
 
     model_ref, lora_ref = split_lora_ref(ref)
     if lora_ref is not None:
-        from .adapters.keymap import match_to_base
+        from .adapters.experts import match_with_experts
         from .adapters.matched import AppliedLora, MatchedLora
 
         model = open_source(model_ref, label)
@@ -271,7 +273,7 @@ def open_source(ref: str, label: str):
             raise UserError(f"model reference {ref}: the part after '+' must be a LoRA adapter and the part "
                             "before it a full checkpoint")
         shapes = {k: i.shape for k, i in model.infos.items()}
-        matched = MatchedLora(lora, match_to_base(lora, list(model.infos), shapes, config_of_source(model)))
+        matched = MatchedLora(*match_with_experts(lora, list(model.infos), shapes, config_of_source(model)))
         return AppliedLora(matched, model, owns_base=True)
     path = Path(ref)
     if not path.exists():
@@ -325,6 +327,10 @@ def tokenizer_donor(recipe: recipe_mod.Recipe) -> tuple[Path | None, str | None]
 def output_dtype(recipe: recipe_mod.Recipe) -> str | None:
     """mergekit's rule: ``out_dtype``, else ``dtype``; None: each tensor's inputs' promoted dtype."""
     if recipe.out_dtype:
+        from .fp8_out import requested
+
+        if requested(recipe.out_dtype):
+            return "bfloat16"  # FP8 output: the weights the input quantised become FP8 later (fp8_out)
         return canonical(recipe.out_dtype, "out_dtype")
     return canonical(recipe.dtype, "dtype") if recipe.dtype else None
 

@@ -412,8 +412,10 @@ def _check_method(recipe: Recipe, origin: str, require_models: bool = True) -> N
     try:
         op = registry.get(recipe.merge_method)
         recipe._warnings += _check_parameters(recipe, op)
+        from .fp8_out import requested
+
         for key in ("dtype", "out_dtype"):
-            if getattr(recipe, key) is not None:
+            if getattr(recipe, key) is not None and not (key == "out_dtype" and requested(recipe.out_dtype)):
                 canonical(getattr(recipe, key), key)
         if canonical(recipe.compute_dtype, "compute_dtype") not in ("float32", "float64"):
             raise ValueError("compute_dtype must be float32 or float64 (outputs take out_dtype / dtype)")

@@ -45,6 +45,9 @@ def check_shardable(plan, n: int) -> None:
     if plan.module_mode:
         raise UserError(f"--shard: a {plan.out_format} output is one file written at once (one unit); "
                         "run it without --shard / --stage")
+    if plan.fp8_out is not None:
+        raise UserError("not supported yet: --shard with an FP8 out_dtype (block scales are written beside their "
+                        "weights by one writer); run it without --shard / --stage")
     if n > len(plan.shards):
         raise UserError(f"--shard .../{n}: the output has {len(plan.shards)} shard(s), so at most {len(plan.shards)} "
                         "units; use a smaller N or a smaller output.shard_size")

@@ -130,9 +130,9 @@ class FullModel(_AtomicDirSink):
     def __init__(self, target: Path, shards, metadata: dict[str, str], card: Card, *, donor: Path | None = None,
                  config_dtype: str | None = None, config_updates: dict | None = None, overwrite: bool = False,
                  inputs=(), force_replace: bool = False, report_head: dict | None = None, vocab=None,
-                 chat_template: str | None = None, staged: dict[str, Path] | None = None):
+                 chat_template: str | None = None, staged: dict[str, Path] | None = None, fp8=None):
         super().__init__(target, overwrite, inputs, force_replace)
-        self.staged = staged
+        self.staged, self.fp8 = staged, fp8  # fp8: fp8_out.Fp8Output, the weights written as codes + scales
         # an aligned vocabulary writes its own tokenizer; a chat template is written beside it
         self.vocab, self.chat_template = vocab, chat_template
         self.shards, self.metadata, self.card = shards, metadata, card
@@ -142,7 +142,7 @@ class FullModel(_AtomicDirSink):
         self.writer = None
 
     def order(self) -> list[str]:
-        return [t.name for s in self.shards for t in s]
+        return _order(self.shards, self.fp8)
 
     def _opened(self) -> None:
         from .writer import ShardedWriter
@@ -158,8 +158,11 @@ class FullModel(_AtomicDirSink):
 
         from .dtypes import cast_checked
 
-        dtype = getattr(torch, self.dtypes[name])
-        self.writer.write(name, value if value.dtype == dtype else cast_checked(value, dtype, name))
+        if self.fp8 is not None and name in self.fp8.weights:
+            self.fp8.put(self.writer.write, name, value)
+        else:
+            dtype = getattr(torch, self.dtypes[name])
+            self.writer.write(name, value if value.dtype == dtype else cast_checked(value, dtype, name))
         if report is not None:
             self.reports[name] = json_safe(report)
 
@@ -172,6 +175,8 @@ class FullModel(_AtomicDirSink):
         from .writer import copy_model_files, shard_names, write_index
 
         if self.staged is None:
+            if self.fp8 is not None:
+                self.fp8.finish(self.writer.write, self.shards)
             self.writer.finish()
         elif len(self.shards) > 1:
             write_index(self.tmp, self.shards, shard_names(len(self.shards)))
@@ -292,6 +297,12 @@ def tensor_record(name: str, t) -> dict:
     finite = bool(torch.isfinite(flat).all()) if flat.is_floating_point() and flat.numel() else True
     return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": flat.numel() * flat.element_size(),
             "finite": finite}
+
+
+def _order(shards, fp8) -> list[str]:
+    """The items in shard order; an FP8 weight's scale is written by the weight's ``put``."""
+    skip = fp8.scales if fp8 is not None else ()
+    return [t.name for s in shards for t in s if t.name not in skip]
 
 
 class UnitShards:

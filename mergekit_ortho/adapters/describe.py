@@ -13,8 +13,12 @@ from .naming import lora_naming
 
 def describe_lora(path: str | Path) -> dict[str, Any]:
     """Facts for ``merge inspect`` (reads only the header plus the scalar .alpha tensors)."""
+    from .experts import describe as describe_experts
+
     with LoraSource(path) as src:
-        lora = [m for m in src.modules if src.is_factors(m)]
+        experts = describe_experts(src)
+        wrapped = set(experts["wrappers"]) if experts else set()
+        lora = [m for m in src.modules if src.is_factors(m) and m not in wrapped]
         ranks = Counter(src.rank(m) for m in lora)
         alphas = Counter(src.alpha(m) for m in lora)
         scales = Counter(round(src.scale(m), 6) for m in lora)
@@ -44,6 +48,8 @@ def describe_lora(path: str | Path) -> dict[str, Any]:
             "types": dict(sorted(types.items())),
             "hyperparameters": _type_hyperparameters(src),
             "warnings": list(src.warnings),
+            "experts": ({k: v for k, v in experts.items() if k != "wrappers"} | {"wrappers": len(wrapped)}
+                        if experts else None),
         }
 
 

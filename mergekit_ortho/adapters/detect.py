@@ -40,7 +40,6 @@ PEFT_VARIANT_KEYS = {  # adapter_config.json entries whose non-empty value we re
     "use_dora": "DoRA (use_dora)",
     "use_qalora": "QALoRA (use_qalora)",
     "kasa_config": "KaSA (kasa_config)",
-    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
     "trainable_token_indices": "trainable_token_indices",
     "layer_replication": "layer_replication",
     "use_bdlora": "BD-LoRA (use_bdlora)",

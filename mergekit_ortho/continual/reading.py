@@ -49,15 +49,15 @@ def open_model(st: State, model_ref: str, label: str, mparams):
         raise
     try:
         if model.is_lora:
-            from ..adapters.keymap import match_to_base
+            from ..adapters.experts import match_with_experts
             from ..adapters.matched import AppliedLora, MatchedLora
 
             infos = base.source.infos
             from ..planning import config_of_source
 
-            match = match_to_base(model.source, list(infos), {k: i.shape for k, i in infos.items()},
-                                  config_of_source(base.source))
-            model = plan_mod.ModelInput(label, ref, AppliedLora(MatchedLora(model.source, match), base.source),
+            src, match = match_with_experts(model.source, list(infos), {k: i.shape for k, i in infos.items()},
+                                            config_of_source(base.source))
+            model = plan_mod.ModelInput(label, ref, AppliedLora(MatchedLora(src, match), base.source),
                                         mparams)
         _check_compatible(st.data["tensors"], model)
     except BaseException:
