@@ -132,6 +132,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         config_updates["vocab_size"] = vocab.config_vocab_size
         notes += vocab.notes
     notes += _fp8_notes(([base] if base else []) + models, config_updates)
+    notes += _mergekit_drop_notes(reference, items)
     if loras:
         adapted = set().union(*(m.source.by_base for m in loras))
         dropped = sorted(k for k in adapted if items[k].action == "copy")
@@ -160,6 +161,15 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")
     return plan
+
+
+def _mergekit_drop_notes(reference: ModelInput, items: dict) -> list[str]:
+    """Tensors written here that mergekit 0.1.5 drops (spec A8, mk_tensor_set): one note per group."""
+    from .mk_tensor_set import notes
+    from .planning import _config_of
+
+    d = getattr(reference.source, "directory", None)
+    return notes(_config_of(Path(d)), items) if d else []
 
 
 def _filter_notes(recipe: recipe_mod.Recipe, items: dict, models: list[ModelInput]) -> list[str]:
