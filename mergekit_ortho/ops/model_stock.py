@@ -16,8 +16,9 @@ t is not clamped: c < 0 gives t < 0, a step away from the models (mergekit's for
 The direct form :func:`model_stock` computes every pair, as the spec states it.
 
 Streaming (:data:`FOLD`, one read per model, one model tensor in memory at a time; raw weights:
-each later model is prepared chunk by chunk from its weight as stored, twice - once for its norms
-and its dot products with the sums, once to add it to them - so no full-size float32 copy of the
+each later model is prepared chunk by chunk from its weight as stored, twice - once for its norm
+and its dot product with U, once to add it to both sums (a third time, for <T, tau_j>, only where
+the guard's small side applies) - so no full-size float32 copy of the
 weight, the base or tau_j is made; per-vector sums are float32 per chunk, float64 across chunks,
 and filter_wise chunks hold whole rows). The state holds two
 full-size sums, T = sum tau_i and U = sum u_i with u_i = tau_i/|tau_i| (0 for a zero vector), and
@@ -138,28 +139,22 @@ def _chunk(rows: int, length: int) -> int:
     return max(1, FOLD_CHUNK // max(length, 1)) * length
 
 
-def _row_sums(state: "_Stock | None", x: torch.Tensor, task: TensorTask, rows: int, length: int):
-    """Pass 1 over model input x, prepared chunk by chunk: per vector |tau|^2, <U, tau> and
-    <T, tau> (float32 products per chunk, float64 across chunks)."""
-    sq = torch.zeros(rows, dtype=torch.float64)
-    du = torch.zeros(rows, dtype=torch.float64) if state is not None else None
-    dt = torch.zeros(rows, dtype=torch.float64) if state is not None else None
-    total = state.total.view(-1) if state is not None else None
-    units = state.units.view(-1) if state is not None else None
+def _row_sums(x: torch.Tensor, task: TensorTask, rows: int, length: int, others) -> list[torch.Tensor]:
+    """One pass over model input x (tau), prepared chunk by chunk: per vector <o, tau> for each
+    o of ``others`` (None: tau itself; else a full-size tensor of x's shape), float32 products
+    per chunk, float64 across chunks."""
+    flats = [None if o is None else o.view(-1) for o in others]
+    sums = [torch.zeros(rows, dtype=torch.float64) for _ in flats]
     for lo, hi, v in fold_input_chunks(x, task, _chunk(rows, length)):
         if rows == 1:
-            sq[0] += float(torch.dot(v, v))
-            if state is not None:
-                du[0] += float(torch.dot(units[lo:hi], v))
-                dt[0] += float(torch.dot(total[lo:hi], v))
+            for acc, o in zip(sums, flats):
+                acc[0] += float(torch.dot(v if o is None else o[lo:hi], v))
             continue
         r0, r1 = lo // length, hi // length
         vr = v.view(-1, length)
-        sq[r0:r1] += _dot_rows(vr, vr)
-        if state is not None:
-            du[r0:r1] += _dot_rows(units[lo:hi].view(-1, length), vr)
-            dt[r0:r1] += _dot_rows(total[lo:hi].view(-1, length), vr)
-    return sq, du, dt
+        for acc, o in zip(sums, flats):
+            acc[r0:r1] += _dot_rows(vr if o is None else o[lo:hi].view(-1, length), vr)
+    return sums
 
 
 def _start(task: TensorTask) -> None:
@@ -183,7 +178,7 @@ def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _S
         raise BadParameters(f"model_stock: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, "
                             f"expected {tuple(state.shape)}")
     rows, length = state.total.shape
-    sq, du, dt = _row_sums(state, x, task, rows, length)
+    sq, du = _row_sums(x, task, rows, length, (None, state.units))
     norm = sq.sqrt().to(state.hi.dtype)
     nonzero = norm > 0
     inv = torch.where(nonzero, 1.0 / norm, torch.zeros_like(norm))
@@ -193,8 +188,10 @@ def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _S
     small = (state.hi * norm < GUARD) & seen
     active = nonzero & seen
     by_units = du * inv.double()
-    by_total = dt / GUARD
-    term = torch.where(small, by_total, by_units)  # lo <= hi: never both small and large
+    term = by_units
+    if bool(small.any()):  # the guard's side: <T, tau_j> too, one more pass (tiny task vectors only)
+        (dt,) = _row_sums(x, task, rows, length, (state.total,))
+        term = torch.where(small, dt / GUARD, by_units)  # lo <= hi: never both small and large
     state.pair_sum += torch.where(active, term, torch.zeros_like(term))
     state.split += int((active & ~large & ~small).sum())
     total, units = state.total.view(-1), state.units.view(-1)
