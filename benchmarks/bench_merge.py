@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mergekit-venv", type=Path, default=None,
                     help="a venv with mergekit installed: each round also runs its bin/mergekit-yaml on the same "
                     "recipe for every method mergekit has, in alternating order; outputs compared once")
+    ap.add_argument("--mergekit-methods", nargs="+", default=None,
+                    help="with --mergekit-venv: run mergekit-yaml for these methods only (default: all)")
     ap.add_argument("--models", type=Path, default=None,
                     help="read the checkpoints from this directory (a models/ folder built by this script; never "
                     "written) instead of <work>/<size>/models")
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[method] = {"walls": [], "rsss": [], "error": "", "against": {"walls": [], "rsss": []},
                         "mergekit": {"walls": [], "rsss": [], "error": "", "compare": None}}
         tools_of[method] = list(envs)
-        if mk_exe is not None:
+        if mk_exe is not None and (args.mergekit_methods is None or method in args.mergekit_methods):
             if mk_listed is None or mm in mk_listed:
                 tools_of[method].append("mergekit")
             else:

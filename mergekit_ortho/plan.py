@@ -130,14 +130,20 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         return plan
 
     read_base = base is not None and (op.reads_base or bool(loras))
+    from .recipe_modules import copy_reason
+
+    module_reason, module_notes = copy_reason(recipe, reference.source.infos)  # modules: (M8)
+    notes += module_notes
     items, config_updates = plan_items(reference, dense, recipe.include, recipe.exclude, out_dtype,
                                        base=base if read_base else None, all_models=models,
-                                       vocab_rows=vocab.size if vocab is not None else None)
+                                       vocab_rows=vocab.size if vocab is not None else None,
+                                       module_reason=module_reason)
     config_updates.update(untied)  # a rescaled T5 head (tied_heads.py) is written untied
     if vocab is not None:
         config_updates["vocab_size"] = vocab.config_vocab_size
         notes += vocab.notes
     notes += _fp8_notes(([base] if base else []) + models, config_updates, recipe.out_dtype)
+    notes += _mergekit_drop_notes(reference, items)
     if loras:
         adapted = set().union(*(m.source.by_base for m in loras))
         dropped = sorted(k for k in adapted if items[k].action == "copy")
@@ -170,6 +176,15 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         plan.notes.append(f"{len(dropped)} LoRA-adapted tensor(s) are kept from the base ({items[dropped[0]].reason}), "
                           f"e.g. '{dropped[0]}'")
     return plan
+
+
+def _mergekit_drop_notes(reference: ModelInput, items: dict) -> list[str]:
+    """Tensors written here that mergekit 0.1.5 drops (spec A8, mk_tensor_set): one note per group."""
+    from .mk_tensor_set import notes
+    from .planning import _config_of
+
+    d = getattr(reference.source, "directory", None)
+    return notes(_config_of(Path(d)), items) if d else []
 
 
 def _filter_notes(recipe: recipe_mod.Recipe, items: dict, models: list[ModelInput]) -> list[str]:
@@ -356,7 +371,7 @@ def _tied_source(m: ModelInput, head: str) -> str | None:
 
 def plan_items(reference: ModelInput, models: list[ModelInput], include: list[str], exclude: list[str],
                out_dtype: str | None, base: ModelInput | None = None, all_models: list[ModelInput] | None = None,
-               vocab_rows: int | None = None) -> tuple[dict[str, PlanItem], dict[str, Any]]:
+               vocab_rows: int | None = None, module_reason=None) -> tuple[dict[str, PlanItem], dict[str, Any]]:
     """Per tensor of the reference (the base, else the first model): merge or copy, and why; and
     the config fields the output changes.
 
@@ -369,6 +384,7 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
     too), which an item's ``sources`` follow; ``base`` the base when the operator reads it.
     ``vocab_rows``: the aligned vocabulary's row count (a tokenizer setting): vocabulary tensors
     may then differ in rows between inputs and are written with that many.
+    ``module_reason``: name -> why it is copied unmerged ("" to merge it), for modular recipes.
     """
     ordered = all_models if all_models is not None else models
     include_re = [re.compile(p) for p in include]
@@ -396,6 +412,8 @@ def plan_items(reference: ModelInput, models: list[ModelInput], include: list[st
             reason = "not matched by include"
         elif any(p.search(name) for p in exclude_re):
             reason = "matched by exclude"
+        elif module_reason is not None:  # a module a modular recipe does not list
+            reason = module_reason(name)
         action = "copy" if reason else "merge"
         read = info.nbytes if name in reference.source.infos else 0
         sources = None

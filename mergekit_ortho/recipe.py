@@ -178,6 +178,7 @@ class Recipe(_Strict):
     # filled by from_dict(): one line per key accepted and not acted on; modules.default.parameters
     _warnings: list[str] = []
     _module_parameters: dict[str, Any] = {}
+    _module_levels: list = []  # named modules (recipe_modules): their parameters as written
 
     def model_labels(self) -> list[str]:
         """Unique, readable names for the models (the recipe's `name`, else from the path); a
@@ -300,9 +301,10 @@ def _unfold_modules(recipe: Recipe) -> None:
         return
     names = list(recipe.modules)
     if names != ["default"]:
-        other = [n for n in names if n != "default"]
-        raise ValueError(f"modules: '{other[0]}' is not supported; only single-module architectures "
-                         "('default') are merged with modules: - use models: or slices: at the top level")
+        from .recipe_modules import unfold
+
+        unfold(recipe)  # named modules of a multimodal checkpoint (M8)
+        return
     mod = recipe.modules["default"]
     recipe.models, recipe.slices = list(mod.models or []), mod.slices
     recipe._module_parameters = dict(mod.parameters)
@@ -338,6 +340,8 @@ def _all_parameter_names() -> dict[str, set[str]]:
 
 def parameter_levels(recipe: Recipe) -> list[tuple[str, dict, bool]]:
     """Every ``parameters`` mapping of the recipe: (where, mapping, is a model's own entry)."""
+    if recipe._module_levels:  # named modules: each module's settings as written (recipe_modules)
+        return [("parameters", recipe.parameters, False), *recipe._module_levels]
     out = [("parameters", recipe.parameters, False), ("modules.default.parameters", recipe._module_parameters, False)]
     for i, e in enumerate(recipe.models):
         out.append((f"models[{i}].parameters", e.parameters, True))

@@ -36,6 +36,20 @@ NOTHING: Any = _Nothing()
 _SCALARS = (bool, int, float, str)
 
 
+class Scoped:
+    """The per-module settings of one parameter in a modular recipe (:mod:`..recipe_modules`):
+    ``values`` maps a module to the setting written there, ``scope(name)`` gives the listed
+    module a tensor belongs to (None: none). Yields nothing outside those modules."""
+
+    __slots__ = ("values", "scope")
+
+    def __init__(self, values: dict[str, Any], scope):
+        self.values, self.scope = values, scope
+
+    def __repr__(self) -> str:
+        return f"Scoped({self.values!r})"
+
+
 def _is_conditional(v: Any) -> bool:
     return isinstance(v, dict)
 
@@ -91,6 +105,9 @@ def _gradient(param: Param, anchors: list, t: float) -> Any:
 def evaluate(param: Param, setting: Any, name: str, t: float) -> Any:
     """The value ``setting`` gives ``param`` for tensor ``name`` at layer position ``t``, coerced
     to the parameter's type; ``NOTHING`` when it gives none there."""
+    if isinstance(setting, Scoped):
+        module = setting.scope(name)
+        return evaluate(param, setting.values[module], name, t) if module in setting.values else NOTHING
     if isinstance(setting, dict):
         return evaluate(param, setting["value"], name, t) if filter_matches(setting.get("filter"), name) else NOTHING
     if isinstance(setting, list):

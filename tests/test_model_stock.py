@@ -138,10 +138,11 @@ def test_fold_equals_the_pairwise_form(name, taus, fw):
 
 
 def test_the_rounding_bound_is_not_loose():
-    # the near-opposite case really needs its conditioning factor: a flat 2e-5 bound fails it
+    # the near-opposite case really needs its conditioning factor: a flat 1e-5 bound fails it
+    # (the fold's norms and dot products sum float32 chunk products in float64: 2.0e-5 here)
     name, taus = list(_cases())[-1]
     want, got = direct(torch.zeros(50), taus), folded(torch.zeros(50), taus)
-    assert float((want - got).abs().max()) > 2e-5 * float(want.abs().max())
+    assert float((want - got).abs().max()) > 1e-5 * float(want.abs().max())
 
 
 def test_fold_handles_the_guard_exactly_when_all_pairs_are_small():

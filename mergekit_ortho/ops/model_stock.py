@@ -15,7 +15,12 @@ being one row and a 0-D scalar a row of one):
 t is not clamped: c < 0 gives t < 0, a step away from the models (mergekit's formula, kept).
 The direct form :func:`model_stock` computes every pair, as the spec states it.
 
-Streaming (:data:`FOLD`, one pass, one model tensor in memory at a time). The state holds two
+Streaming (:data:`FOLD`, one read per model, one model tensor in memory at a time; raw weights:
+each later model is prepared chunk by chunk from its weight as stored, twice - once for its norm
+and its dot product with U, once to add it to both sums (a third time, for <T, tau_j>, only where
+the guard's small side applies) - so no full-size float32 copy of the
+weight, the base or tau_j is made; per-vector sums are float32 per chunk, float64 across chunks,
+and filter_wise chunks hold whole rows). The state holds two
 full-size sums, T = sum tau_i and U = sum u_i with u_i = tau_i/|tau_i| (0 for a zero vector), and
 per vector the running sum of the pair terms and the least and largest nonzero norm so far
 (continual merging stores these parts between models as they are, float64 pair sums included).
@@ -49,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BadParameters
+from .kernels.convert import FOLD_CHUNK, fold_input, fold_input_chunks
 from .registry import Fold, Operator, Param, StateParts, TensorTask, register
 
 #: the pair guard max(|tau_i||tau_j|, GUARD) and the singular guard |1 + (N-1)c| < GUARD (mergekit)
@@ -125,34 +131,78 @@ def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(-1)
 
 
+def _chunk(rows: int, length: int) -> int:
+    """Entries per chunk: whole rows (filter_wise: each row's reductions stay in one chunk), about
+    FOLD_CHUNK entries; a single row (the flat form) is cut at FOLD_CHUNK."""
+    if rows == 1:
+        return FOLD_CHUNK
+    return max(1, FOLD_CHUNK // max(length, 1)) * length
+
+
+def _row_sums(x: torch.Tensor, task: TensorTask, rows: int, length: int, others) -> list[torch.Tensor]:
+    """One pass over model input x (tau), prepared chunk by chunk: per vector <o, tau> for each
+    o of ``others`` (None: tau itself; else a full-size tensor of x's shape), float32 products
+    per chunk, float64 across chunks."""
+    flats = [None if o is None else o.view(-1) for o in others]
+    sums = [torch.zeros(rows, dtype=torch.float64) for _ in flats]
+    for lo, hi, v in fold_input_chunks(x, task, _chunk(rows, length)):
+        if rows == 1:
+            for acc, o in zip(sums, flats):
+                acc[0] += float(torch.dot(v if o is None else o[lo:hi], v))
+            continue
+        r0, r1 = lo // length, hi // length
+        vr = v.view(-1, length)
+        for acc, o in zip(sums, flats):
+            acc[r0:r1] += _dot_rows(vr if o is None else o[lo:hi].view(-1, length), vr)
+    return sums
+
+
 def _start(task: TensorTask) -> None:
     return None
 
 
 def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _Stock:
-    v = _rows(x, task.params.filter_wise)  # x is ours (see Fold): its view becomes the sum
-    norm = torch.linalg.vector_norm(v, dim=-1)
-    nonzero = norm > 0
-    inv = torch.where(nonzero, 1.0 / norm, torch.zeros_like(norm))
+    """Model i: one pass for its norms and dot products with the sums so far, one pass adding it
+    to both sums, each preparing x (a weight as stored, or a task vector) chunk by chunk: no
+    full-size float32 copy of x, of the base or of tau_i (raw_weights)."""
+    fw = task.params.filter_wise
     if state is None:
+        v = _rows(fold_input(x, task), fw)  # the first task vector becomes the sum T
+        norm = torch.linalg.vector_norm(v, dim=-1)
+        nonzero = norm > 0
+        inv = torch.where(nonzero, 1.0 / norm, torch.zeros_like(norm))
         units = v * inv.unsqueeze(-1)
         lo = torch.where(nonzero, norm, torch.full_like(norm, float("inf")))
         return _Stock(x.shape, v, units, torch.zeros_like(norm, dtype=torch.float64), lo, norm.clone(), 1)
-    if v.shape != state.total.shape:
+    if _rows(x, fw).shape != state.total.shape:
         raise BadParameters(f"model_stock: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, "
                             f"expected {tuple(state.shape)}")
+    rows, length = state.total.shape
+    sq, du = _row_sums(x, task, rows, length, (None, state.units))
+    norm = sq.sqrt().to(state.hi.dtype)
+    nonzero = norm > 0
+    inv = torch.where(nonzero, 1.0 / norm, torch.zeros_like(norm))
     seen = state.hi > 0  # an earlier nonzero vector exists
     # the same float32 products as the direct form's guard, so the same side is chosen
     large = (state.lo * norm >= GUARD) & seen
     small = (state.hi * norm < GUARD) & seen
     active = nonzero & seen
-    by_units = _dot_rows(state.units, v).double() * inv.double()
-    by_total = _dot_rows(state.total, v).double() / GUARD
-    term = torch.where(small, by_total, by_units)  # lo <= hi: never both small and large
+    by_units = du * inv.double()
+    term = by_units
+    if bool(small.any()):  # the guard's side: <T, tau_j> too, one more pass (tiny task vectors only)
+        (dt,) = _row_sums(x, task, rows, length, (state.total,))
+        term = torch.where(small, dt / GUARD, by_units)  # lo <= hi: never both small and large
     state.pair_sum += torch.where(active, term, torch.zeros_like(term))
     state.split += int((active & ~large & ~small).sum())
-    state.total.add_(v)
-    state.units.addcmul_(v, inv.unsqueeze(-1))
+    total, units = state.total.view(-1), state.units.view(-1)
+    scale = inv.unsqueeze(-1)
+    for lo_, hi_, v in fold_input_chunks(x, task, _chunk(rows, length)):
+        total[lo_:hi_].add_(v)
+        if rows == 1:
+            units[lo_:hi_].addcmul_(v, scale[0])
+        else:
+            r0, r1 = lo_ // length, hi_ // length
+            units[lo_:hi_].view(-1, length).addcmul_(v.view(-1, length), scale[r0:r1])
     state.lo = torch.where(nonzero, torch.minimum(state.lo, norm), state.lo)
     state.hi = torch.maximum(state.hi, norm)
     state.count += 1
@@ -188,7 +238,7 @@ def _unpack(parts: dict[str, torch.Tensor], task: TensorTask) -> _Stock:
 
 
 # continual merging stores the state as its parts between models (an exact round trip)
-FOLD = Fold(_start, _step, _finish, parts=StateParts(_layout, _pack, _unpack))
+FOLD = Fold(_start, _step, _finish, raw_weights=True, parts=StateParts(_layout, _pack, _unpack))
 
 register(
     Operator(

@@ -43,15 +43,29 @@ def _variance(flats: list[torch.Tensor]) -> torch.Tensor:
     sq_buf = torch.empty_like(mean_buf)
     for lo in range(0, n, step):
         ts = [f[lo:lo + step] for f in flats]
-        mean = mean_buf[:ts[0].numel()].copy_(ts[0])
-        for t in ts[1:]:
+        mean = mean_buf[:ts[0].numel()]
+        if len(ts) > 1:
+            torch.add(ts[0], ts[1], out=mean)  # == copy of t_0, then += t_1
+        else:
+            mean.copy_(ts[0])
+        for t in ts[2:]:
             mean += t
         mean.div_(len(ts))
         out = torch.sub(ts[0], mean, out=v[lo:lo + step]).square_()  # == 0 + (t_0 - mean)^2
         for t in ts[1:]:
-            out.add_(torch.sub(t, mean, out=sq_buf[:t.numel()]).square_())
+            d = torch.sub(t, mean, out=sq_buf[:t.numel()])
+            out.add_(d.square_())  # += (t_i - mean)^2
         out.div_(len(ts))
     return v
+
+
+def variance_plain(taus: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`_variance` by the definition on whole tensors (a new tensor), for the tests."""
+    mean = sum(taus[1:], taus[0]) / len(taus)
+    acc = (taus[0] - mean).square()
+    for t in taus[1:]:
+        acc = acc + (t - mean).square()
+    return acc / len(taus)
 
 
 def _select_(flats: list[torch.Tensor], kappa: float) -> list[float] | None:
@@ -68,6 +82,7 @@ def _select_(flats: list[torch.Tensor], kappa: float) -> list[float] | None:
     vbits = v.view(torch.int32 if v.element_size() == 4 else torch.int64).view(-1)
     step = chunk_len(v)
     keep = torch.empty(min(step, v.numel()), dtype=vbits.dtype, device=v.device)
+    sq = torch.empty(min(step, v.numel()), dtype=v.dtype, device=v.device)
     sums = [0.0] * len(flats)
     for lo in range(0, v.numel(), step):
         # all ones where v != 0, else 0: -(|v|'s bit pattern) has its sign bit set iff v != 0,
@@ -77,7 +92,7 @@ def _select_(flats: list[torch.Tensor], kappa: float) -> list[float] | None:
         for i, f in enumerate(flats):
             c = f[lo:lo + step]
             c.view(vbits.dtype).bitwise_and_(m)
-            sums[i] += float(torch.sum(c.square(), dtype=torch.float64))  # step 3's sum, chunk in cache
+            sums[i] += float(torch.sum(torch.square(c, out=sq[:c.numel()]), dtype=torch.float64))  # step 3's, in cache
     return sums
 
 
