@@ -196,6 +196,15 @@ def test_multislerp_zero_mean_direction_with_more_models_is_an_error_naming_the_
         run("multislerp", None, [x, -x, -x], {}, [2, 1, 1])
 
 
+def test_multislerp_of_a_tensor_no_model_changed_is_the_base():
+    # three fine-tunes that all left a layer frozen: every task vector is 0 (mergekit raises)
+    assert torch.equal(run("multislerp", B, [B.clone(), B.clone(), B.clone()], {}, [1, 1, 2]), B)
+    z = torch.zeros(2, 3)
+    assert torch.equal(run("multislerp", None, [z, z, z], {}, [1, 1, 1]), z)
+    x = rand(2, 3, seed=11)  # one model moved it: no longer the frozen case
+    assert not torch.equal(run("multislerp", B, [B.clone(), B.clone(), B + x], {}, [1, 1, 1]), B)
+
+
 def test_multislerp_weights_summing_to_zero_are_an_error_unless_not_normalised():
     with pytest.raises(UserError, match="tensor 'w'.*sum to 0.*normalize_weights"):
         run("multislerp", None, [M1, M2, M3], {}, [1, -2, 1])

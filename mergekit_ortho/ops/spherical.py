@@ -148,7 +148,11 @@ def multislerp(task: TensorTask) -> torch.Tensor:
     for i in range(len(flat)):
         mean.add_(unit(i).mul_(w[i]))
     mean_norm = torch.linalg.vector_norm(mean)
-    if mean_norm < eps:
+    if mean_norm < eps and all(float(n) == 0.0 for n in norms):
+        # No model changed this tensor (a frozen or unused layer): the output r * sum w_i |x_i| is 0
+        # for every direction r, i.e. the base. mergekit raises here; there is nothing to choose.
+        out = torch.zeros_like(flat[0])
+    elif mean_norm < eps:
         if len(flat) != 2:
             raise UserError(f"multislerp: tensor '{task.name}': the weighted sum of the models' unit "
                             "directions is zero (antipodal models whose weights balance out); change "
