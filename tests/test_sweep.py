@@ -312,3 +312,57 @@ def test_grid_ranges_and_products():
         "merge_method": "tsv", "models": ["x", {"model": "y", "parameters": {"weight": 2.0}}],
         "parameters": {"lambda": 0.1}}
     assert raw == {"merge_method": "tsv", "models": ["x", {"model": "y"}]}
+
+
+# -- ties: the per-model threshold part ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.77])
+def test_ties_with_cached_cuts_is_the_operator_bit_for_bit(quantized, density):
+    from mergekit_ortho.ops import registry
+    from mergekit_ortho.ops.prepare import preparation
+    from mergekit_ortho.ops.registry import TensorTask
+
+    op, prep = registry.get("ties"), preparation("ties")
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(170, 130, generator=g) for _ in range(3)]  # 22100 entries: the radix kernel's size
+    if quantized:  # few distinct magnitudes: many entries equal to the threshold, cut inside the tie group
+        xs = [torch.round(x * 4) / 4 for x in xs]
+        xs[0].view(-1)[100] = -0.0
+    mp = [op.resolve_model_params({"weight": w, "density": density}) for w in (1.0, 0.6, 1.4)]
+    params = op.resolve_params({"lambda": 0.9})
+    want = op.fn(TensorTask("t", None, [x.clone() for x in xs], params, mp))
+    task = TensorTask("t", None, [x.clone() for x in xs], params, mp)
+    parts = [prep.part.compute(x, i, task) for i, x in enumerate(task.inputs)]
+    assert all("cut" in p for p in parts)
+    if quantized:
+        n = xs[0].numel()
+        assert any(int(p["cut"][1]) < n for p in parts)  # the tie group at t is split by index
+    got = prep.apply(task, prep.prepare(task, parts))
+    assert_bit_equal({"t": got}, {"t": want})
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    """base + 3 fine-tunes with one 170x130 weight (big enough for the radix top-k) and a norm."""
+    from mergekit_ortho.testing.checkpoints import write_safetensors
+
+    root = tmp_path_factory.mktemp("wide")
+    g = torch.Generator().manual_seed(3)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(170, 130, generator=g),
+            "model.layers.0.input_layernorm.weight": torch.ones(130)}
+    out = {}
+    for name in ("base", "a", "b", "c"):
+        ts = base if name == "base" else {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        write_safetensors(root / name / "model.safetensors", ts, {"format": "pt"})
+        (root / name / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+        out[name] = root / name
+    return out
+
+
+def test_ties_one_models_density_axis_reuses_the_other_models_thresholds(wide_models, tmp_path, cli):
+    doc = dense_doc(wide_models, "ties", density=0.4)
+    points = check_grid(cli, tmp_path, doc, ["models[0].density=0.2,0.5,0.8"], True)
+    assert [p.part_hits for p in points] == [0, 2, 2]  # models 1 and 2 keep their cut of the weight
+    assert all(p.misses == 2 for p in points)  # the weight and the norm are merged anew

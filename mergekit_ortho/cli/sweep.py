@@ -79,7 +79,8 @@ def sweep(
 def _cache(p) -> str:
     if not p.cached:
         return "-"
-    return f"{p.hits} hit / {p.misses} miss"
+    parts = f" ({p.part_hits} part hits)" if p.part_hits else ""
+    return f"{p.hits} hit / {p.misses} miss{parts}"
 
 
 def _table(result, c) -> None:

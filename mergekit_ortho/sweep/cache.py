@@ -45,25 +45,49 @@ def tensors_digest(tensors) -> str:
     return h.hexdigest()
 
 
-def task_key(method: str, task, skips: tuple[str, ...]) -> str:
-    """The cache key of a task's prepared part (see the module docstring)."""
+def input_tensors(task) -> list:
+    """The tensors a task's operator reads: its inputs, or its LoRA factors (A_0, B_0, A_1, ...)."""
+    from ..ops.registry import LoraTask
+
+    if isinstance(task, LoraTask):
+        return [t for pair in task.factors for t in pair]
+    return list(task.inputs)
+
+
+def task_key(method: str, task, skips: tuple[str, ...], digests: list[str] | None = None) -> str:
+    """The cache key of a task's prepared part (see the module docstring); ``digests``: the
+    inputs' :func:`tensors_digest` each, when already known."""
     from .. import __version__
     from ..ops.registry import LoraTask
 
-    is_lora = isinstance(task, LoraTask)
     meta: dict[str, Any] = {
         "format": FORMAT, "tool": __version__, "method": method, "name": task.name,
         "params": {k: v for k, v in task.params.items() if k not in skips},
         "model_params": [dict(mp) for mp in task.model_params],
     }
-    if is_lora:
+    if isinstance(task, LoraTask):
         meta.update(model_index=list(task.model_index), svd_rank=task.svd_rank)
-        tensors = [t for pair in task.factors for t in pair]
     else:
         meta.update(raw_inputs=bool(task.raw_inputs))
-        tensors = list(task.inputs)
+    if digests is None:
+        digests = [tensors_digest([t]) for t in input_tensors(task)]
+    return _hash(meta, digests)
+
+
+def part_key(method: str, task, i: int, reads: tuple[str, ...], model_reads: tuple[str, ...], digest: str) -> str:
+    """The key of model i's per-model part: only its input, its ``model_reads`` and ``reads``."""
+    from .. import __version__
+
+    meta = {"format": FORMAT, "tool": __version__, "part": method,
+            "params": {k: task.params[k] for k in reads},
+            "model_params": {k: task.model_params[i][k] for k in model_reads}}
+    return _hash(meta, [digest])
+
+
+def _hash(meta: dict, digests: list[str]) -> str:
     h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=repr).encode())
-    h.update(tensors_digest(tensors).encode())
+    for d in digests:
+        h.update(d.encode())
     return h.hexdigest()
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from . import grid
-from .cache import Cache, task_key
+from .cache import Cache, input_tensors, part_key, task_key, tensors_digest
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
@@ -41,6 +41,7 @@ class PointResult:
     seconds: float = 0.0
     hits: int = 0
     misses: int = 0
+    part_hits: int = 0  # per-model parts (ties' thresholds) reused on a miss
     cached: bool = True  # the method has a prepare/apply split
     score: float | None = None
     kept: bool = True
@@ -58,12 +59,15 @@ class SweepResult:
 
 def _counted(op, prep, cache: Cache, tally: dict) -> Callable:
     def fn(task):
-        key = task_key(op.name, task, prep.skips)
-        first = task.factors[0][0] if hasattr(task, "factors") else (task.inputs[0] if task.inputs else None)
-        got = cache.get(key, first.device if first is not None else "cpu")
+        tensors = input_tensors(task)
+        device = tensors[0].device if tensors else "cpu"
+        digests = [tensors_digest([t]) for t in tensors]
+        key = task_key(op.name, task, prep.skips, digests)
+        got = cache.get(key, device)
         if got is None:
             tally["misses"] += 1
-            got = prep.prepare(task)
+            parts = _parts(op, prep, cache, task, digests, device, tally) if prep.part is not None else None
+            got = prep.run(task, parts)
             cache.put(key, got)  # stored before apply may scale it in place
         else:
             tally["hits"] += 1
@@ -71,6 +75,23 @@ def _counted(op, prep, cache: Cache, tally: dict) -> Callable:
 
     fn.__name__ = fn.__qualname__ = f"{op.name}_sweep"
     return fn
+
+
+def _parts(op, prep, cache: Cache, task, digests: list[str], device, tally: dict) -> list:
+    """Each model's per-model part, from the cache or computed (and stored)."""
+    part = prep.part
+    out = []
+    for i, x in enumerate(task.inputs):
+        key = part_key(op.name, task, i, part.reads, part.model_reads, digests[i])
+        got = cache.get(key, device)
+        if got is None:
+            got = part.compute(x, i, task)
+            if got:
+                cache.put(key, got)
+        else:
+            tally["part_hits"] += 1
+        out.append(got)
+    return out
 
 
 def parse_score(stdout: str) -> float | None:
@@ -148,7 +169,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
         for i, (values, r) in enumerate(zip(values_list, recipes)):
             name = grid.point_name(i, axes, values)
             point = PointResult(i, name, {a.text: v for a, v in zip(axes, values)}, cached=prep is not None)
-            tally = {"hits": 0, "misses": 0}
+            tally = {"hits": 0, "misses": 0, "part_hits": 0}
             start = time.perf_counter()
             plan = plan_mod.build_plan(r, device=device)
             try:
@@ -161,7 +182,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
             finally:
                 plan_mod.close(plan)
             point.seconds = time.perf_counter() - start
-            point.hits, point.misses = tally["hits"], tally["misses"]
+            point.hits, point.misses, point.part_hits = tally["hits"], tally["misses"], tally["part_hits"]
             if eval_cmd is not None:
                 point.score = evaluate(eval_cmd, target, f"{i} ({grid.describe(axes, values)})")
                 if keep == "best":
@@ -197,5 +218,5 @@ def _summary(result: SweepResult, axes, eval_cmd, cache: Cache) -> dict:
         "best": result.points[result.best].name if result.best is not None else None,
         "work_dir": str(cache.root),
         "points": [{"name": p.name, "values": p.values, "score": p.score, "seconds": round(p.seconds, 3),
-                    "cache_hits": p.hits, "cache_misses": p.misses, "kept": p.kept} for p in result.points],
+                    "cache_hits": p.hits, "cache_misses": p.misses, "part_hits": p.part_hits, "kept": p.kept} for p in result.points],
     }
