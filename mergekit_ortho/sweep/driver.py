@@ -128,6 +128,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
     from .. import recipe as recipe_mod
     from ..ops import registry
     from ..ops.prepare import preparation
+    from ..sources import hub_plan
     from ..writer import AtomicDirectory, check_output
 
     if not sets:
@@ -171,7 +172,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
             point = PointResult(i, name, {a.text: v for a, v in zip(axes, values)}, cached=prep is not None)
             tally = {"hits": 0, "misses": 0, "part_hits": 0}
             start = time.perf_counter()
-            plan = plan_mod.build_plan(r, device=device)
+            plan = hub_plan.build_plan(r, device=device)  # as `merge run`: hub models fetch what is read
             try:
                 if i == 0 and on_notes is not None:
                     on_notes(list(plan.notes))
