@@ -96,13 +96,14 @@ from .core_space_inner import (  # noqa: F401
     TRIM_RULES,
     TSV_KEEP,
     merge_matrices,
+    finish_core,
+    fold_factors,
     polar_factor,
     tsv_keep_counts,
     tsv_merge,
 )
 from .registry import LoraResult, LoraTask, Operator, Param, register
 
-_EPS64 = torch.finfo(torch.float64).eps
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -207,27 +208,7 @@ def isotropize(M: torch.Tensor) -> torch.Tensor:
     return (U * S.mean()) @ Vh
 
 
-# ----------------------------------------------------------------------------- output
-
-
-def fold_factors(
-    U_ref: torch.Tensor, M: torch.Tensor, V_ref: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A, B, S): B @ A = U_ref M V_ref^T with the smallest exact rank.
-
-    M = P S Q^T; rho = #(S > max(shape) * eps64 * S_1), at least 1; B = U_ref P_rho S_rho
-    (m x rho), A = Q_rho^T V_ref^T (rho x n, orthonormal rows). S is every singular value of M."""
-    m, n = U_ref.shape[0], V_ref.shape[0]
-    if M.numel() == 0:
-        return M.new_zeros(1, n), M.new_zeros(m, 1), M.new_zeros(0)
-    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
-    tol = max(M.shape) * _EPS64 * float(S[0]) if S.numel() else 0.0
-    rho = int((S > tol).sum()) if float(S[0]) > 0 else 0
-    if rho == 0:
-        return M.new_zeros(1, n), M.new_zeros(m, 1), S
-    B = U_ref @ (P[:, :rho] * S[:rho])
-    A = Qh[:rho] @ V_ref.mT
-    return A, B, S
+# ----------------------------------------------------------------------------- the merge (output folding: core_space_inner)
 
 
 def core_space_merge(
@@ -272,38 +253,6 @@ def merged_core(
     if isotropize_result:
         M = isotropize(M)
     return cs, M
-
-
-def finish_core(
-    U_ref: torch.Tensor, V_ref: torch.Tensor, M: torch.Tensor, ranks: Sequence[int], *, lam: float,
-    inner_method: str, isotropize_result: bool, out_dtype: torch.dtype, tsv_keep: str = "uniform",
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """lambda * M*, folded into factors (:func:`fold_factors`), cast to ``out_dtype``; the report."""
-    m, n = U_ref.shape[0], V_ref.shape[0]
-    R = sum(ranks)
-    k_B, k_A = int(U_ref.shape[1]), int(V_ref.shape[1])
-    warnings: list[str] = []
-    if inner_method == "tsv" and tsv_keep == "uniform":
-        T = len(ranks)
-        if min(k_B, k_A) // T == 0:
-            warnings.append(f"tsv keeps floor({min(k_B, k_A)}/{T}) = 0 triplets per task: the merge is 0")
-        elif len(set(ranks)) > 1:
-            warnings.append("heterogeneous ranks: tsv keeps floor(k/T) triplets per task "
-                            "(tsv_keep: rank keeps each task's own rank)")
-    if lam != 1.0:
-        M = M * lam
-    A, B, S = fold_factors(U_ref, M, V_ref)
-    report = {
-        "inner_method": inner_method,
-        "isotropize": bool(isotropize_result),
-        "ranks": list(ranks),
-        "total_rank": R,
-        "core_shape": [k_B, k_A],
-        "saturated": R > min(m, n),
-        "out_rank": int(A.shape[0]),
-        "warnings": warnings,
-    }
-    return A.to(out_dtype), B.to(out_dtype), report
 
 
 def full_space_merge(
