@@ -31,6 +31,9 @@ sys.path.insert(0, str(HERE.parent))
 
 import yaml  # noqa: E402
 
+# as `merge` itself sets (cli/__init__.py): idle OpenMP workers sleep instead of spinning
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def write_models(root: Path, tensors: int, size: int, rank: int) -> dict:
     import torch
@@ -85,11 +88,11 @@ def plain_run(doc: dict, path: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def bench(method: str, paths: dict, root: Path, lambdas: list[float]) -> dict:
+def bench(method: str, paths: dict, small: dict, root: Path, lambdas: list[float]) -> dict:
     from mergekit_ortho.sweep.driver import sweep
 
-    warm = recipe(method, paths)  # unmeasured: first-call costs (imports, LAPACK set-up) on neither side
-    plain_run(warm, root / f"{method}-warm.yaml", root / f"{method}-warm")
+    # unmeasured, on tiny models: first-call costs (imports, LAPACK set-up) land on neither side
+    plain_run(recipe(method, small), root / f"{method}-warm.yaml", root / f"{method}-warm")
     shutil.rmtree(root / f"{method}-warm")
     plain = []
     for i, lam in enumerate(lambdas):
@@ -129,7 +132,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         root = Path(tmp)
         paths = write_models(root, a.tensors, a.size, a.rank)
-        rows = [bench(m, paths, root, lambdas) for m in a.methods.split(",")]
+        (root / "small").mkdir()
+        small = write_models(root / "small", 1, 32, 4)
+        rows = []
+        for m in a.methods.split(","):
+            rows.append(bench(m, paths, small, root, lambdas))
+            print(rows[-1], file=sys.stderr, flush=True)
     print(f"{a.tensors} x {a.size}x{a.size} float32 tensors (+ {a.tensors} norms), 3 models, LoRA rank {a.rank}, "
           f"N = {a.points}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads\n")
