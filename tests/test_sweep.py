@@ -366,3 +366,11 @@ def test_ties_one_models_density_axis_reuses_the_other_models_thresholds(wide_mo
     points = check_grid(cli, tmp_path, doc, ["models[0].density=0.2,0.5,0.8"], True)
     assert [p.part_hits for p in points] == [0, 2, 2]  # models 1 and 2 keep their cut of the weight
     assert all(p.misses == 2 for p in points)  # the weight and the norm are merged anew
+
+
+def test_a_work_dir_inside_an_input_is_refused(tiny_models, tmp_path, cli):
+    r = write(tmp_path / "r.yaml", dense_doc(tiny_models, "tsv"))
+    code, out, err = cli("sweep", r, "--set", "lambda=1", "--out", tmp_path / "o",
+                         "--work-dir", tiny_models["a"] / "cache")
+    assert code == 2 and "--work-dir" in err and "lies inside the input" in err
+    assert not (tiny_models["a"] / "cache").exists() and not (tmp_path / "o").exists()

@@ -129,7 +129,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
     from ..ops import registry
     from ..ops.prepare import preparation
     from ..sources import hub_plan
-    from ..writer import AtomicDirectory, check_output
+    from ..writer import AtomicDirectory, check_output, refuse_overlap
 
     if not sets:
         raise UserError("merge sweep needs at least one --set NAME=V1,V2,...")
@@ -162,7 +162,13 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
         recipes.append(r)
     check_output(out, overwrite, recipe_mod.input_paths(base_recipe), force_replace)
     prep = preparation(op.name)
-    cache = Cache(Path(work_dir) if work_dir else Path(recipe_path).resolve().parent / ".merge-sweep", cache_max)
+    work = Path(work_dir) if work_dir else Path(recipe_path).resolve().parent / ".merge-sweep"
+    try:
+        refuse_overlap(work, [p for p in recipe_mod.input_paths(base_recipe) if p != base_recipe._source_path])
+        refuse_overlap(work, [out])
+    except UserError as e:
+        raise UserError(f"--work-dir: {e}") from None
+    cache = Cache(work, cache_max)
     result = SweepResult(out)
     best_dir: Path | None = None
     atomic = AtomicDirectory(out, overwrite, recipe_mod.input_paths(base_recipe), force_replace)
