@@ -170,7 +170,6 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
         raise UserError(f"--work-dir: {e}") from None
     cache = Cache(work, cache_max)
     result = SweepResult(out)
-    best_dir: Path | None = None
     atomic = AtomicDirectory(out, overwrite, recipe_mod.input_paths(base_recipe), force_replace)
     with atomic as tmp:
         for i, (values, r) in enumerate(zip(values_list, recipes)):
@@ -192,21 +191,15 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
             point.hits, point.misses, point.part_hits = tally["hits"], tally["misses"], tally["part_hits"]
             if eval_cmd is not None:
                 point.score = evaluate(eval_cmd, target, f"{i} ({grid.describe(axes, values)})")
-                if keep == "best":
-                    better = result.best is None or (
-                        point.score < result.points[result.best].score if minimize
-                        else point.score > result.points[result.best].score)
-                    if better:
-                        if best_dir is not None:
-                            shutil.rmtree(best_dir)
-                            result.points[result.best].kept = False
-                        result.best, best_dir = i, target
-                    else:
-                        shutil.rmtree(target)
-                        point.kept = False
-                elif result.best is None or (point.score < result.points[result.best].score if minimize
-                                             else point.score > result.points[result.best].score):
+                prev = result.points[result.best].score if result.best is not None else None
+                if prev is None or (point.score < prev if minimize else point.score > prev):
+                    if keep == "best" and result.best is not None:
+                        shutil.rmtree(tmp / result.points[result.best].name)
+                        result.points[result.best].kept = False
                     result.best = i
+                elif keep == "best":
+                    shutil.rmtree(target)
+                    point.kept = False
             result.points.append(point)
             if on_point is not None:
                 on_point(point)
