@@ -374,3 +374,11 @@ def test_a_work_dir_inside_an_input_is_refused(tiny_models, tmp_path, cli):
                          "--work-dir", tiny_models["a"] / "cache")
     assert code == 2 and "--work-dir" in err and "lies inside the input" in err
     assert not (tiny_models["a"] / "cache").exists() and not (tmp_path / "o").exists()
+
+
+def test_minimize_keeps_the_lowest_score(tiny_models, tmp_path, cli):
+    r = write(tmp_path / "r.yaml", dense_doc(tiny_models, "ties", density=0.5))
+    code, out, err = cli("sweep", r, "--set", "lambda=0.5,0.2,0.9", "--eval", _score_cmd(), "--keep", "best",
+                         "--minimize", "--out", tmp_path / "o", "--work-dir", tmp_path / "wd")
+    assert code == 0, out + err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_dir()) == ["002-lambda=0.9"]
