@@ -119,7 +119,7 @@ def schedule(path: Path, out: Path | None, intermediates: Path | None) -> list[M
 
 def is_complete(directory: Path) -> bool:
     """An intermediate this tool finished: its owner marker, config and at least one weight file."""
-    from .writer import OWNER_MARKER
+    from .placement import OWNER_MARKER
 
     return ((directory / OWNER_MARKER).is_file() and (directory / "config.json").is_file()
             and any(directory.glob("*.safetensors")))

@@ -530,7 +530,7 @@ def recipe_yaml(recipe: recipe_mod.Recipe) -> str:
 
 def input_paths(plan: Plan) -> list[Path]:
     """Every path the plan reads: the models' files and directories, the recipe, the tokenizer
-    donor. An output must stay clear of all of them (``writer.refuse_overlap``)."""
+    donor. An output must stay clear of all of them (``placement.refuse_overlap``)."""
     paths: list[Path] = []
     for m in ([plan.base] if plan.base else []) + plan.models:
         for src in (m.source, getattr(getattr(m.source, "lora", None), "source", None)):  # model+lora: both

@@ -24,7 +24,7 @@ def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: 
                  force_replace=force_replace)
     card_text = f"Task `{task}` reverted from the RMM bundle `{bundle_dir}` (p = {{p}})."
     if fmt == "full":
-        from .writer import AtomicDirectory
+        from .placement import AtomicDirectory
 
         AtomicDirectory(out, **guard).check()  # before any work
         b = bundle_mod.read_bundle(bundle_dir)

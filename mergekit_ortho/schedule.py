@@ -86,7 +86,8 @@ def run_unit(plan, i: int, n: int, stage: Path, *, on_tensor: Callable[[str, int
     from .execute import fill_full, full_item
     from .plan import input_paths
     from .sinks import merge_metadata
-    from .writer import AtomicDirectory, shard_names
+    from .writer import shard_names
+    from .placement import AtomicDirectory
 
     check_shardable(plan, n)
     stage = Path(stage).absolute()
@@ -163,7 +164,8 @@ def finalize(plan, stage: Path, target: Path, *, overwrite: bool = False, force_
     from .execute import full_sink
     from .plan import input_paths
     from .sinks import merge_metadata
-    from .writer import check_output, shard_names
+    from .writer import shard_names
+    from .placement import check_output
 
     stage = Path(stage).absolute()
     rpath = plan.recipe._source_path

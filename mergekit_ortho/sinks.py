@@ -97,7 +97,7 @@ class _AtomicDirSink:
     """Shared lifecycle: an AtomicDirectory opened on enter, removed unless committed."""
 
     def __init__(self, target: Path, overwrite: bool, inputs, force_replace: bool):
-        from .writer import AtomicDirectory
+        from .placement import AtomicDirectory
 
         self.atomic = AtomicDirectory(target, overwrite, inputs=inputs, force_replace=force_replace)
         self.tmp: Path | None = None
@@ -207,7 +207,7 @@ class Adapter:
     def __init__(self, target: Path, fmt: str, pack: Callable[[dict], tuple[dict, dict, dict | None]], *,
                  card: Card | None = None, card_extra: Callable[[dict], str] | None = None,
                  report_head: dict | None = None, overwrite: bool = False, inputs=(), force_replace: bool = False):
-        from .writer import AtomicDirectory, AtomicFile
+        from .placement import AtomicDirectory, AtomicFile
 
         self.target, self.fmt, self.pack = Path(target), fmt, pack
         self.card, self.card_extra, self.report_head = card, card_extra, report_head
@@ -383,7 +383,7 @@ class StateVersion:
             os.fsync(f.fileno())
 
     def commit(self) -> Path:
-        from .writer import fsync_path
+        from .placement import fsync_path
 
         os.rename(self.tmp, self.root / self.version)
         fsync_path(self.root)

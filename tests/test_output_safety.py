@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import sharded_copy, write_recipe
-from mergekit_ortho import writer
+from mergekit_ortho import placement
 from mergekit_ortho.errors import UserError
 
 CLI = [sys.executable, "-m", "mergekit_ortho.cli"]
@@ -117,14 +117,14 @@ def test_dry_run_never_checks_or_touches_the_output(tiny_models, tmp_path):
 def _dir_with(path: Path, text: str) -> Path:
     path.mkdir()
     (path / "content.txt").write_text(text)
-    (path / writer.OWNER_MARKER).write_text("{}")
+    (path / placement.OWNER_MARKER).write_text("{}")
     return path
 
 
 def test_replace_uses_an_atomic_exchange_and_leaves_nothing(tmp_path):
     target = _dir_with(tmp_path / "out", "old")
     new = _dir_with(tmp_path / ".out.partial-1-x", "new")
-    writer.replace_atomically(new, target)
+    placement.replace_atomically(new, target)
     assert (target / "content.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -139,9 +139,9 @@ def _dead_pid() -> int:
 def test_two_step_swap_is_repaired_after_a_crash(tmp_path, monkeypatch, crash_after):
     """Where RENAME_EXCHANGE is missing the swap is journaled; a crash between its steps is repaired
     by the next write to the same output: completed when the new copy is whole, never lost."""
-    monkeypatch.setattr(writer, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(placement, "_exchange", lambda a, b: False)
     pid = _dead_pid()
-    monkeypatch.setattr(writer.os, "getpid", lambda: pid)
+    monkeypatch.setattr(placement.os, "getpid", lambda: pid)
     target = _dir_with(tmp_path / "out", "old")
     new = _dir_with(tmp_path / f".out.partial-{pid}-aaaaaa", "new")
     real_rename = os.rename
@@ -154,15 +154,15 @@ def test_two_step_swap_is_repaired_after_a_crash(tmp_path, monkeypatch, crash_af
         return real_rename(a, b)
 
     if crash_after == "journal":
-        monkeypatch.setattr(writer.os, "rename", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt))
+        monkeypatch.setattr(placement.os, "rename", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt))
     else:
-        monkeypatch.setattr(writer.os, "rename", crashing_rename)
+        monkeypatch.setattr(placement.os, "rename", crashing_rename)
     with pytest.raises(KeyboardInterrupt):
-        writer.replace_atomically(new, target)
-    monkeypatch.setattr(writer.os, "rename", real_rename)
+        placement.replace_atomically(new, target)
+    monkeypatch.setattr(placement.os, "rename", real_rename)
     monkeypatch.undo()
     assert list(tmp_path.glob(".out.swap-*.json"))  # the journal survived the crash
-    writer.recover_and_sweep(target)
+    placement.recover_and_sweep(target)
     # killed before the old copy moved: the commit never happened, the old output stays; killed
     # between the renames: the whole new copy is put in place
     expected = "old" if crash_after == "journal" else "new"
@@ -175,7 +175,7 @@ def test_roll_back_when_the_new_copy_is_gone(tmp_path):
     old = _dir_with(tmp_path / f".out.old-{pid}-abcdef", "old")
     (tmp_path / f".out.swap-{pid}-abcdef.json").write_text(json.dumps(
         {"old": str(old), "new": str(tmp_path / f".out.partial-{pid}-abcdef")}))
-    writer.recover_and_sweep(tmp_path / "out")
+    placement.recover_and_sweep(tmp_path / "out")
     assert (tmp_path / "out" / "content.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -187,7 +187,7 @@ def test_leftovers_of_dead_runs_are_swept_live_ones_kept(tmp_path):
         (tmp_path / f".out.{kind}-{live}-bbbbbb").mkdir()
     (tmp_path / f".out.partial-{dead}-cccccc").write_text("a half-written kohya file")
     (tmp_path / ".other.partial-1-x").mkdir()  # another output's: not ours to judge here
-    writer.recover_and_sweep(tmp_path / "out")
+    placement.recover_and_sweep(tmp_path / "out")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([f".out.{k}-{live}-bbbbbb" for k in ("partial", "old", "state")] + [".other.partial-1-x"])
 
@@ -196,10 +196,10 @@ def test_check_output_rules_unit(tmp_path):
     a = tmp_path / "a"
     a.mkdir()
     with pytest.raises(UserError, match="contains"):
-        writer.check_output(tmp_path, True, [a / "x.safetensors", a], True)
+        placement.check_output(tmp_path, True, [a / "x.safetensors", a], True)
     with pytest.raises(UserError, match="lies inside"):
-        writer.check_output(a / "out", True, [a], True)
-    writer.check_output(tmp_path / "b", False, [a])  # clear of the inputs, does not exist
+        placement.check_output(a / "out", True, [a], True)
+    placement.check_output(tmp_path / "b", False, [a])  # clear of the inputs, does not exist
 
 
 # --- continual init is all or nothing --------------------------------------------------------------
@@ -356,17 +356,17 @@ def test_cast_check_leaves_non_finite_values_the_input_already_had():
 def test_a_latched_interrupt_stops_every_commit_point(tmp_path, monkeypatch):
     # A KeyboardInterrupt raised inside a finaliser is dropped by Python and the run goes on; the
     # CLI's handler also latches the signal, and no output may be committed after it.
-    monkeypatch.setitem(writer.INTERRUPTED, "signal", 2)
-    atomic = writer.AtomicDirectory(tmp_path / "out")
+    monkeypatch.setitem(placement.INTERRUPTED, "signal", 2)
+    atomic = placement.AtomicDirectory(tmp_path / "out")
     with pytest.raises(KeyboardInterrupt):
         with atomic as tmp:
             (tmp / "x.txt").write_text("x")
             atomic.commit()
     with pytest.raises(KeyboardInterrupt):
-        with writer.AtomicFile(tmp_path / "f.safetensors") as tmp:
+        with placement.AtomicFile(tmp_path / "f.safetensors") as tmp:
             tmp.write_bytes(b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    monkeypatch.setitem(writer.INTERRUPTED, "signal", None)
+    monkeypatch.setitem(placement.INTERRUPTED, "signal", None)
     with atomic as tmp:
         (tmp / "x.txt").write_text("x")
         atomic.commit()

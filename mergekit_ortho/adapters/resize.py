@@ -152,7 +152,7 @@ def resize_module(A, B, scale: float, cap: int | None, rule: str | None, thresho
 
 
 def tool_metadata(command: str) -> dict[str, str]:
-    """The marker that lets ``--overwrite`` replace our own output (``writer.written_by_us``)."""
+    """The marker that lets ``--overwrite`` replace our own output (``placement.written_by_us``)."""
     from .. import __version__
 
     return {"merge_tool": f"mergekit-ortho {__version__}", "merge_method": command}

@@ -41,7 +41,7 @@ def _latch_interrupts() -> None:
     refuses even when the exception was raised inside a finaliser and dropped by Python."""
     import signal
 
-    from ..writer import INTERRUPTED
+    from ..placement import INTERRUPTED
 
     def on_interrupt(signum, frame):
         INTERRUPTED["signal"] = signum

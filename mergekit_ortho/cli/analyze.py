@@ -30,7 +30,7 @@ def analyze(
     from ..analysis import report
     from ..analysis.run import analyze as run_analysis, load_recipe, recipe_from_models
     from ..errors import UserError
-    from ..writer import AtomicFile
+    from ..placement import AtomicFile
 
     if base is not None:
         refs = ([str(recipe)] if recipe is not None else []) + list(models or [])

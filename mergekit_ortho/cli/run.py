@@ -141,7 +141,7 @@ def run(
     target = _output_of(final, out, recipe) if final is not None else None
     merges = multi.schedule(recipe, target, intermediates)
     if not dry_run and target is not None:
-        from ..writer import check_output
+        from ..placement import check_output
 
         check_output(target, overwrite, recipe_mod.input_paths(final), force_replace)
     for m in merges:
@@ -218,7 +218,7 @@ def _run_ray(docs, recipe: Path, out, stage, executor, address, device: str, dry
     if dry_run:
         _run_recipe(r, target, device, True, overwrite, force_replace)
         return
-    from ..writer import check_output
+    from ..placement import check_output
 
     check_output(target, overwrite, recipe_mod.input_paths(r), force_replace)
     from .. import ray_executor
@@ -287,7 +287,7 @@ def _run_recipe(r, target: Path, device: str, dry_run: bool, overwrite: bool, fo
     from .. import recipe as recipe_mod
 
     if not dry_run:
-        from ..writer import check_output
+        from ..placement import check_output
 
         check_output(target, overwrite, recipe_mod.input_paths(r), force_replace)
     plan = _plan(r, device, dry_run)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..writer import refuse_if_interrupted
+from ..placement import refuse_if_interrupted
 from . import versions
 from .state import (STATE_FILE, VERSION_FILE, State, _fold_form, _lock, _state_params, _StateLayout, _StateReader,
                     _sweep, _write_json_atomic, accumulate_dtype)

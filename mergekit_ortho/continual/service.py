@@ -4,7 +4,7 @@ new version, committed by ``state.json``), ``export`` (a normal model directory)
 ``add`` reads each model tensor through :func:`..inputs.stored`, so a recipe's ``dtype:`` rounds
 the inputs (model and base) exactly as `merge run` does; the sha256 recorded in the history is of
 the tensors as stored. Commit protocol (see :mod:`.state`): the version directory (with its
-``version.json``) is put in place, ``writer.refuse_if_interrupted`` is checked, then ``state.json``
+``version.json``) is put in place, ``placement.refuse_if_interrupted`` is checked, then ``state.json``
 is replaced atomically; only then are versions past the retention swept (:mod:`.versions`). The
 gate (:mod:`.gate`) reads the task-vector norms gathered in the same pass and refuses before the
 version is in place; its optional command runs on the candidate's export before the commit point.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from ..writer import refuse_if_interrupted
+from ..placement import refuse_if_interrupted
 from . import gate as gate_mod
 from . import versions
 from .state import (FORMAT_VERSION, STATE_FILE, VERSION_FILE, State, _fold_form, _lock, _state_params, _StateLayout,
@@ -66,7 +66,7 @@ def init(state_dir: Path, recipe_path: Path, on_model: Callable[[dict], None] | 
     `remove` subtracts a model exactly, and the last ``window`` models kept (:mod:`.removal`)."""
     from .. import recipe as recipe_mod
     from ..ops import registry
-    from ..writer import AtomicDirectory
+    from ..placement import AtomicDirectory
 
     r = recipe_mod.load(recipe_path, require_models=False)
     # the recipe's retain / window / gate, unless a flag of `continual init` says otherwise
@@ -304,7 +304,7 @@ def export(state_dir: Path, out: Path, overwrite: bool = False, on_tensor=None, 
            extra_inputs=(), version: str | None = None) -> Path:
     """Write the current merged model (or a kept ``version``: a name, number or tag) as a normal
     model directory (like `merge run`), atomically."""
-    from ..writer import AtomicDirectory
+    from ..placement import AtomicDirectory
 
     root = Path(state_dir)
     st = State.load(root)

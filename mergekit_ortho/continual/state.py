@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..writer import fsync_path
+from ..placement import fsync_path
 
 # 2: a state of parts (``NAME#part`` tensors); one-tensor states are still written as version 1
 FORMAT_VERSION = 2
