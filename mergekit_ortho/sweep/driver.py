@@ -129,7 +129,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
     from ..ops import registry
     from ..ops.prepare import preparation
     from ..sources import hub_plan
-    from ..writer import AtomicDirectory, check_output, refuse_overlap
+    from ..placement import AtomicDirectory, check_output, refuse_overlap
 
     if not sets:
         raise UserError("merge sweep needs at least one --set NAME=V1,V2,...")
