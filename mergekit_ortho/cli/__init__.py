@@ -12,6 +12,7 @@ from __future__ import annotations
 from . import run  # noqa: F401, I001
 from . import info, rmm, lowrank, continual  # noqa: F401, I001
 from . import analyze  # noqa: F401, I001
+from . import sweep  # noqa: F401, I001
 from .app import app
 
 __all__ = ["app", "main"]

@@ -96,13 +96,14 @@ from .core_space_inner import (  # noqa: F401
     TRIM_RULES,
     TSV_KEEP,
     merge_matrices,
+    finish_core,
+    fold_factors,
     polar_factor,
     tsv_keep_counts,
     tsv_merge,
 )
 from .registry import LoraResult, LoraTask, Operator, Param, register
 
-_EPS64 = torch.finfo(torch.float64).eps
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -207,27 +208,7 @@ def isotropize(M: torch.Tensor) -> torch.Tensor:
     return (U * S.mean()) @ Vh
 
 
-# ----------------------------------------------------------------------------- output
-
-
-def fold_factors(
-    U_ref: torch.Tensor, M: torch.Tensor, V_ref: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A, B, S): B @ A = U_ref M V_ref^T with the smallest exact rank.
-
-    M = P S Q^T; rho = #(S > max(shape) * eps64 * S_1), at least 1; B = U_ref P_rho S_rho
-    (m x rho), A = Q_rho^T V_ref^T (rho x n, orthonormal rows). S is every singular value of M."""
-    m, n = U_ref.shape[0], V_ref.shape[0]
-    if M.numel() == 0:
-        return M.new_zeros(1, n), M.new_zeros(m, 1), M.new_zeros(0)
-    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
-    tol = max(M.shape) * _EPS64 * float(S[0]) if S.numel() else 0.0
-    rho = int((S > tol).sum()) if float(S[0]) > 0 else 0
-    if rho == 0:
-        return M.new_zeros(1, n), M.new_zeros(m, 1), S
-    B = U_ref @ (P[:, :rho] * S[:rho])
-    A = Qh[:rho] @ V_ref.mT
-    return A, B, S
+# ----------------------------------------------------------------------------- the merge (output folding: core_space_inner)
 
 
 def core_space_merge(
@@ -246,40 +227,32 @@ def core_space_merge(
     ``rule`` takes :func:`merge_matrices`' keyword arguments (weights, density, densities,
     dare_density, rescale, normalize, trim_rule, seed, model_index, tsv_keep). ``space`` reuses
     an existing :func:`decompose` result (its cores are not modified). The result has the factors'
-    dtype unless ``out_dtype`` is given."""
+    dtype unless ``out_dtype`` is given. :func:`merged_core` then :func:`finish_core`."""
+    cs, M = merged_core(factors, inner_method, isotropize_result=isotropize_result, name=name, space=space, **rule)
+    return finish_core(cs.U_ref, cs.V_ref, M, cs.ranks, lam=lam, inner_method=inner_method,
+                       isotropize_result=isotropize_result, out_dtype=out_dtype or factors[0][0].dtype,
+                       tsv_keep=rule.get("tsv_keep", "uniform"))
+
+
+def merged_core(
+    factors: Factors,
+    inner_method: str = "task_arithmetic",
+    *,
+    isotropize_result: bool = False,
+    name: str = "module",
+    space: CoreSpace | None = None,
+    **rule: Any,
+) -> tuple[CoreSpace, torch.Tensor]:
+    """Everything before lambda: the core space and the merged (isotropized) core M*."""
     cs = space if space is not None else decompose(factors, name)
-    m, n = cs.U_ref.shape[0], cs.V_ref.shape[0]
-    R = sum(cs.ranks)
     k_B, k_A = cs.core_shape
-    warnings: list[str] = []
-    if inner_method == "tsv" and rule.get("tsv_keep", "uniform") == "uniform":
-        T = len(cs.cores)
-        if min(k_B, k_A) // T == 0:
-            warnings.append(f"tsv keeps floor({min(k_B, k_A)}/{T}) = 0 triplets per task: the merge is 0")
-        elif len(set(cs.ranks)) > 1:
-            warnings.append("heterogeneous ranks: tsv keeps floor(k/T) triplets per task "
-                            "(tsv_keep: rank keeps each task's own rank)")
-    if R == 0:
+    if sum(cs.ranks) == 0:
         M = cs.U_ref.new_zeros(k_B, k_A)
     else:
         M = merge_matrices(cs.cores, inner_method, name=name, ranks=cs.ranks, **rule)
     if isotropize_result:
         M = isotropize(M)
-    if lam != 1.0:
-        M = M * lam
-    A, B, S = fold_factors(cs.U_ref, M, cs.V_ref)
-    dt = out_dtype or factors[0][0].dtype
-    report = {
-        "inner_method": inner_method,
-        "isotropize": bool(isotropize_result),
-        "ranks": list(cs.ranks),
-        "total_rank": R,
-        "core_shape": [k_B, k_A],
-        "saturated": R > min(m, n),
-        "out_rank": int(A.shape[0]),
-        "warnings": warnings,
-    }
-    return A.to(dt), B.to(dt), report
+    return cs, M
 
 
 def full_space_merge(
@@ -311,32 +284,41 @@ def full_space_merge(
 def core_space(task: LoraTask) -> LoraResult:
     """The registered operator: one LoraTask (one adapted module) -> merged low-rank factors.
 
-    LoRA inputs only: the plan refuses full checkpoints before any tensor is read."""
+    LoRA inputs only: the plan refuses full checkpoints before any tensor is read.
+    ``core_space_apply(task, core_space_prepare(task))`` (`merge sweep` caches the prepared part)."""
+    return core_space_apply(task, core_space_prepare(task))
+
+
+def _rule(task: LoraTask) -> dict[str, Any]:
     p = task.params
     T = len(task.factors)
     mps = task.model_params
     if len(mps) != T:
         raise UserError(f"core_space: module '{task.name}': {len(mps)} model parameter sets for {T} tasks")
     index = list(task.model_index)
-    A, B, report = core_space_merge(
-        task.factors,
-        p.inner_method,
-        lam=p["lambda"],
-        isotropize_result=p.isotropize,
-        name=task.name,
-        weights=[mp.weight for mp in mps],
-        density=p.density,
-        densities=[mp.density for mp in mps],
-        dare_density=p.dare_density,
-        rescale=p.rescale,
-        normalize=p.normalize,
-        trim_rule=p.trim_rule,
-        seed=p.seed,
-        model_index=index if len(index) == T else None,
-        tsv_keep=p.tsv_keep,
-    )
+    return dict(weights=[mp.weight for mp in mps], density=p.density, densities=[mp.density for mp in mps],
+                dare_density=p.dare_density, rescale=p.rescale, normalize=p.normalize, trim_rule=p.trim_rule,
+                seed=p.seed, model_index=index if len(index) == T else None, tsv_keep=p.tsv_keep)
+
+
+def core_space_prepare(task: LoraTask) -> dict[str, torch.Tensor]:
+    """Everything but lambda: the bases U_ref, V_ref and the merged core M* (float64). Reads every
+    parameter except ``lambda``."""
+    cs, M = merged_core(task.factors, task.params.inner_method, isotropize_result=task.params.isotropize,
+                        name=task.name, **_rule(task))
+    return {"U_ref": cs.U_ref, "V_ref": cs.V_ref, "M": M}
+
+
+def core_space_apply(task: LoraTask, prepared: dict[str, torch.Tensor]) -> LoraResult:
+    """lambda * M*, folded into the output factors (one SVD of the small core)."""
+    p = task.params
+    _rule(task)  # the same checks as prepare, also when prepared comes from a cache
+    ranks = [int(A.shape[0]) for A, _ in task.factors]
+    A, B, report = finish_core(prepared["U_ref"], prepared["V_ref"], prepared["M"], ranks, lam=p["lambda"],
+                               inner_method=p.inner_method, isotropize_result=p.isotropize,
+                               out_dtype=task.factors[0][0].dtype, tsv_keep=p.tsv_keep)
     names = list(task.model_names)
-    if len(names) == T:
+    if len(names) == len(task.factors):
         report["tasks"] = names
     return LoraResult(A=A, B=B, report=report)
 

@@ -6,11 +6,12 @@ paper, the defaults and the spec sections, widen_corespace.md B2/B4/B8): ``task_
 (a sum), ``mean``, ``ties`` and ``dare_ties`` (the dense :func:`~mergekit_ortho.ops.gta.ties`
 and :func:`~mergekit_ortho.ops.sparsify.random_drop` run on the matrices, not re-written) and
 ``tsv`` (per-matrix SVD, floor(k/T) or r_t triplets per task, polar-orthogonalised U and V
-blocks). No lambda and no isotropization here; the inputs are never modified.
+blocks). No lambda and no isotropization here; the inputs are never modified. Also the output
+step: :func:`finish_core` (lambda, then :func:`fold_factors`: the merged core folded into factors).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -23,6 +24,7 @@ from .sparsify import random_drop
 INNER_METHODS = ("task_arithmetic", "mean", "ties", "dare_ties", "tsv")
 TSV_KEEP = ("uniform", "rank")
 TRIM_RULES = ("kthvalue", "topk")
+_EPS64 = torch.finfo(torch.float64).eps
 
 
 def _weights(weights: Sequence[float] | None, T: int, name: str) -> list[float]:
@@ -158,3 +160,55 @@ def merge_matrices(
         f"core_space: module '{name}': unknown inner_method {inner_method!r} "
         f"(choose one of {', '.join(INNER_METHODS)})"
     )
+
+
+def fold_factors(
+    U_ref: torch.Tensor, M: torch.Tensor, V_ref: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, B, S): B @ A = U_ref M V_ref^T with the smallest exact rank.
+
+    M = P S Q^T; rho = #(S > max(shape) * eps64 * S_1), at least 1; B = U_ref P_rho S_rho
+    (m x rho), A = Q_rho^T V_ref^T (rho x n, orthonormal rows). S is every singular value of M."""
+    m, n = U_ref.shape[0], V_ref.shape[0]
+    if M.numel() == 0:
+        return M.new_zeros(1, n), M.new_zeros(m, 1), M.new_zeros(0)
+    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
+    tol = max(M.shape) * _EPS64 * float(S[0]) if S.numel() else 0.0
+    rho = int((S > tol).sum()) if float(S[0]) > 0 else 0
+    if rho == 0:
+        return M.new_zeros(1, n), M.new_zeros(m, 1), S
+    B = U_ref @ (P[:, :rho] * S[:rho])
+    A = Qh[:rho] @ V_ref.mT
+    return A, B, S
+
+
+def finish_core(
+    U_ref: torch.Tensor, V_ref: torch.Tensor, M: torch.Tensor, ranks: Sequence[int], *, lam: float,
+    inner_method: str, isotropize_result: bool, out_dtype: torch.dtype, tsv_keep: str = "uniform",
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """lambda * M*, folded into factors (:func:`fold_factors`), cast to ``out_dtype``; the report."""
+    m, n = U_ref.shape[0], V_ref.shape[0]
+    R = sum(ranks)
+    k_B, k_A = int(U_ref.shape[1]), int(V_ref.shape[1])
+    warnings: list[str] = []
+    if inner_method == "tsv" and tsv_keep == "uniform":
+        T = len(ranks)
+        if min(k_B, k_A) // T == 0:
+            warnings.append(f"tsv keeps floor({min(k_B, k_A)}/{T}) = 0 triplets per task: the merge is 0")
+        elif len(set(ranks)) > 1:
+            warnings.append("heterogeneous ranks: tsv keeps floor(k/T) triplets per task "
+                            "(tsv_keep: rank keeps each task's own rank)")
+    if lam != 1.0:
+        M = M * lam
+    A, B, S = fold_factors(U_ref, M, V_ref)
+    report = {
+        "inner_method": inner_method,
+        "isotropize": bool(isotropize_result),
+        "ranks": list(ranks),
+        "total_rank": R,
+        "core_shape": [k_B, k_A],
+        "saturated": R > min(m, n),
+        "out_rank": int(A.shape[0]),
+        "warnings": warnings,
+    }
+    return A.to(out_dtype), B.to(out_dtype), report

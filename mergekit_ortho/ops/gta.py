@@ -127,8 +127,10 @@ def _owned(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------- the merge
 
 
-def _sparsify_one(x: torch.Tensor, i: int, task: TensorTask, v: Variant) -> torch.Tensor:
-    """u_i = w_i * sparsified, rescaled tau_i in place (steps 1-3), x contiguous and owned."""
+def _sparsify_one(x: torch.Tensor, i: int, task: TensorTask, v: Variant, trim=None) -> torch.Tensor:
+    """u_i = w_i * sparsified, rescaled tau_i in place (steps 1-3), x contiguous and owned.
+    ``trim(x, i)``: trims x to model i's density in place the way ``magnitude_`` would (a cached
+    threshold, `merge sweep`) and returns True, or returns False to let ``magnitude_`` do it."""
     mp = task.model_params[i]
     d = mp.density
     if d >= 1.0:  # every sparsifier leaves tau unchanged (and the L1 ratio would be 1)
@@ -136,7 +138,8 @@ def _sparsify_one(x: torch.Tensor, i: int, task: TensorTask, v: Variant) -> torc
         return x
     before = sp.l1_norm(x) if task.params.rescale else 0.0
     if v.sparsifier == "magnitude":
-        sp.magnitude_(x, d, task.params.trim_rule)
+        if trim is None or not trim(x, i):
+            sp.magnitude_(x, d, task.params.trim_rule)
     elif v.sparsifier == "magnitude_outliers":
         sp.outliers_(x, d, mp.gamma)
     else:
@@ -170,11 +173,12 @@ def _check(task: TensorTask, v: Variant) -> None:
             sp.check_della(task.name, mp.density, mp.epsilon)
 
 
-def merge(task: TensorTask, v: Variant) -> torch.Tensor:
+def merge(task: TensorTask, v: Variant, trim=None) -> torch.Tensor:
     """The merged delta of one tensor by variant ``v``. Like every operator here it may modify
-    ``task.inputs`` (the task vectors, fresh for each call) in place and return one of them."""
+    ``task.inputs`` (the task vectors, fresh for each call) in place and return one of them.
+    ``trim``: see :func:`_sparsify_one`."""
     _check(task, v)
-    weighted = [_sparsify_one(x, i, task, v) for i, x in enumerate(_owned(task.inputs))]
+    weighted = [_sparsify_one(x, i, task, v, trim) for i, x in enumerate(_owned(task.inputs))]
     return _mix(task, weighted, v.consensus)
 
 

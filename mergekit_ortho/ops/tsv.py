@@ -98,7 +98,15 @@ def weighted_mean(inputs: list[torch.Tensor], weights: list[float]) -> torch.Ten
 
 
 def tsv(task: TensorTask) -> torch.Tensor:
-    """Merged delta for one tensor (the rules in the module docstring). Inputs are not modified."""
+    """Merged delta for one tensor (the rules in the module docstring). Inputs are not modified.
+    ``tsv_apply(task, tsv_prepare(task))``: the split lets `merge sweep` reuse the unscaled merge."""
+    return tsv_apply(task, tsv_prepare(task))
+
+
+def tsv_prepare(task: TensorTask) -> dict[str, torch.Tensor]:
+    """Everything but lambda: {"merged": the lambda = 1 merge before the cast (float64 for the SVD
+    rule, shaped like the tensor; the weighted mean otherwise), "dtype": an empty tensor of the
+    result's dtype}. Reads every parameter except ``lambda``."""
     xs = list(task.inputs)
     if not xs:
         raise UserError(f"tsv: no input models for tensor '{task.name}'")
@@ -108,20 +116,26 @@ def tsv(task: TensorTask) -> torch.Tensor:
             raise UserError(
                 f"tsv: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, model 0 has {tuple(shape)}"
             )
-    p = task.params
-    lam, pattern = p["lambda"], p.embedding_pattern
+    pattern = task.params.embedding_pattern
     w = _weights(task)
     T = len(xs)
     out_dtype = torch.promote_types(xs[0].dtype, torch.float32)
+    like = torch.empty(0, dtype=out_dtype, device=xs[0].device)
     if not uses_svd(task.name, tuple(shape), T, pattern):
-        out = weighted_mean(xs, w)
-        return out.mul_(lam) if lam != 1.0 else out
+        return {"merged": weighted_mean(xs, w), "dtype": like}
     # 2-D view (3-D+ flattened to out x prod(rest)), float64 for the SVDs
     mats = [x.reshape(shape[0], -1).to(torch.float64) for x in xs]
     merged = merge_matrices(mats, "tsv", weights=w, name=task.name, tsv_keep="uniform")
+    return {"merged": merged.reshape(shape), "dtype": like}
+
+
+def tsv_apply(task: TensorTask, prepared: dict[str, torch.Tensor]) -> torch.Tensor:
+    """lambda * the unscaled merge, cast to the result dtype (``prepared`` is consumed: scaled in place)."""
+    lam = task.params["lambda"]
+    merged = prepared["merged"]
     if lam != 1.0:
         merged = merged.mul_(lam)
-    return merged.reshape(shape).to(out_dtype)
+    return merged.to(prepared["dtype"].dtype)
 
 
 register(
