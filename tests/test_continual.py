@@ -344,3 +344,24 @@ def test_opcm_run_is_one_pass_over_the_models_and_leaves_nothing_behind(tiny_mod
     continual.export(state, tmp_path / "exported")
     a, b = load_dir(tmp_path / "exported"), load_dir(tmp_path / "o")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_shell_add_probing_beside_another_shells_probe_merges_it_itself(tiny_models, tmp_path):
+    """Another `continual add`'s probe holds queue/serve.lock for a moment: that is not a server,
+    so this add must merge the model itself, not wait forever for a server's worker."""
+    import threading
+
+    from filelock import FileLock
+
+    from mergekit_ortho.continual.local import queued_add
+
+    state = init_state(tmp_path, tiny_models, "task_arithmetic", "{lambda: 0.5}", models="a")
+    (state / "queue").mkdir(exist_ok=True)
+    probe = FileLock(str(state / "queue" / "serve.lock"), thread_local=False)  # released by the timer thread
+    probe.acquire()
+    threading.Timer(0.5, probe.release).start()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(queued_add(state, str(tiny_models["b"]))), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and result["t"] == 2

@@ -28,6 +28,7 @@ from .queue import Queue, content_sha256
 from .state import State, _lock
 
 _TERMINAL = ("done", "failed", "refused", "cancelled")
+_PROBE_WAIT = 3.0  # seconds: far above a shell's probe, far below a server's lifetime
 
 
 def _server_running(q: Queue) -> bool:
@@ -36,11 +37,16 @@ def _server_running(q: Queue) -> bool:
 
     owner = FileLock(str(q.dir / "serve.lock"))
     try:
-        owner.acquire(timeout=0)
+        # A server holds serve.lock for its whole life; a shell only for this probe, which never
+        # waits on the state lock while holding it (else a second shell add, probing while the
+        # first waits here for a long merge, would take the first for a server and wait forever).
+        owner.acquire(timeout=_PROBE_WAIT)
     except Timeout:
         return True
     try:
-        q.recover()
+        q.recover(lock_timeout=0)
+    except Timeout:
+        pass  # an add is in progress (its holder is alive); a later probe or server start recovers
     finally:
         owner.release()
     return False

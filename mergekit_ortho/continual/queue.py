@@ -177,11 +177,12 @@ class Queue:
         f = self.dir / "quarantine.json"
         return json.loads(f.read_text()) if f.is_file() else []
 
-    def recover(self) -> list[dict]:
+    def recover(self, lock_timeout: float = -1) -> list[dict]:
         """After a crash: each ``running`` job is ``done`` if the state's history records it, else
-        queued again. Takes the state lock (no add is half-way while it looks)."""
+        queued again. Takes the state lock (no add is half-way while it looks); raises filelock's
+        Timeout when it is not free within ``lock_timeout`` seconds (-1: wait)."""
         changed = []
-        with _lock(self.root), self._lock():
+        with _lock(self.root).acquire(timeout=lock_timeout), self._lock():
             history = {h.get("job"): h for h in State.load(self.root).data["history"] if h.get("job")}
             for job in self.jobs("running"):
                 h = history.get(job["id"])
