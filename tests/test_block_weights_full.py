@@ -245,3 +245,23 @@ def test_block_weights_on_a_model_in_no_sd_block_are_refused(tmp_path, cli):
     code, out, err = cli("run", r, "--out", tmp_path / "m")
     assert code == 2 and "none of its 1 tensors is in a Stable Diffusion or Flux block" in out + err, out + err
     assert not (tmp_path / "m").exists()
+
+
+def test_flux_bfl_checkpoint_61_vector(tmp_path, cli):
+    flux = ["CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)), "OUT"]
+    keys = {"double_blocks.0.img_attn.qkv.weight": "D00", "double_blocks.18.txt_mlp.0.weight": "D18",
+            "single_blocks.1.linear1.weight": "S01", "single_blocks.37.linear2.bias": "S37",
+            "img_in.weight": "IN", "time_in.in_layer.weight": "IN", "final_layer.linear.weight": "OUT"}
+    g = torch.Generator().manual_seed(2)
+    b = {k: torch.randn(6, 4, generator=g) for k in keys}
+    t = {k: v + torch.randn(6, 4, generator=g) for k, v in b.items()}
+    vec = [round(0.05 * (i + 1), 2) for i in range(61)]
+    w = dict(zip(flux, vec))
+    r = _recipe(tmp_path / "r.yaml", write_safetensors(tmp_path / "b.safetensors", b),
+                write_safetensors(tmp_path / "t.safetensors", t), {"weight": 1.0, "block_weights": vec})
+    code, out, err = cli("run", r, "--out", tmp_path / "m")
+    assert code == 0, out + err
+    got = _merged(tmp_path / "m")
+    for k, blk in keys.items():
+        torch.testing.assert_close(got[k] - b[k], w[blk] * (t[k] - b[k]), rtol=1e-5, atol=1e-6, msg=k)
+    assert "block weights (Flux)" in out + err
