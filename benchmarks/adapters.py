@@ -21,9 +21,9 @@ be run here: its ``library.train_util`` import chain needs torchvision (and via 
 CLIP models torchvision's compiled ops), and the PyPI torchvision 0.28.0 wheel does not load
 against torch 2.13.0+cpu ("operator torchvision::nms does not exist"); so the subprocess loads
 the file with its ``library`` imports replaced by empty stand-ins (the function uses none of
-them) and calls the function on the same state dict. ``extract_lora_from_models.py`` cannot run:
-it loads real SD/SDXL checkpoints through its pipeline loaders; its per-module work is a full
-``torch.linalg.svd``, timed beside ours in ``bench_resize_extract.py``.
+them) and calls the function on the same state dict. ``extract_lora_from_models.py``: its ``svd()``
+runs on a tiny SD1-layout pair in a venv with sd-scripts' own pins (``--sd-python``), with a
+torchvision stand-in and its full-size model loader replaced (``adapters_extract.py`` says why).
 """
 from __future__ import annotations
 
@@ -235,8 +235,7 @@ def bench_resize_extract(args) -> list[str]:
                   ExtractOptions(rank=16, format="kohya"), overwrite=True)
     lines.append(f"\nextract (ours, end to end, {len(mods)} fp16 modules, rank 16 of a rank-8 delta): "
                  f"{time.perf_counter() - t0:.1f} s, relative error max {rep['summary']['rel_error_max']:.1e} "
-                 "(fp16 rounding). sd-scripts' `extract_lora_from_models.py`: not runnable here (needs real SD/SDXL "
-                 "checkpoints through its model loaders).")
+                 "(fp16 rounding). sd-scripts' extract on a model pair: the section below.")
     return lines
 
 
@@ -244,14 +243,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sd-scripts", help="an sd-scripts checkout (to run its resize_lora_model)")
     ap.add_argument("--rank", type=int, default=16, help="rank of the generated adapters (materialisation)")
+    ap.add_argument("--sd-python", help="a Python with sd-scripts' pinned packages (for its extract; see "
+                                        "adapters_extract.py)")
+    ap.add_argument("--extract-only", action="store_true", help="run only the extract comparison and replace its "
+                                                                "section of the results file")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results_adapters.md"))
     args = ap.parse_args()
+    from adapters_extract import bench_extract
+
+    section = "## extract beside sd-scripts' extract_lora_from_models (same model pair, equal rank)"
+    if args.extract_only:
+        x = bench_extract(args.sd_scripts, args.sd_python, args.small)
+        print("\n".join(x))
+        if not args.small:
+            old = Path(args.out).read_text() if Path(args.out).exists() else ""
+            old = old.split(section)[0].rstrip() + "\n\n" if section in old else old.rstrip() + "\n\n"
+            Path(args.out).write_text(old + "\n".join([section, ""] + x) + "\n")
+        return
     head = [f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", ""]
     m = bench_materialise(args)
     r = bench_resize_extract(args)
+    x = bench_extract(args.sd_scripts, args.sd_python, args.small)
     text = "\n".join(head + ["## materialisation (dense delta per module, float32)", ""] + m
-                     + ["", "## resize / extract (SDXL subset, rank 32 fp16 in)", ""] + r) + "\n"
+                     + ["", "## resize / extract (SDXL subset, rank 32 fp16 in)", ""] + r + ["", section, ""] + x) + "\n"
     print(text)
     if not args.small:
         Path(args.out).write_text(text)

@@ -110,7 +110,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
 
     from .adapters.strengths import apply as apply_strengths
 
-    notes += apply_strengths(models, levels, _positions)  # te_weight / unet_weight / block_weights per module
+    notes += apply_strengths(models, levels, _positions, base)  # te_weight / unet_weight / block_weights per module
     reference = base or models[0]
     model_levels = [levels[m.label] for m in models]
     if out_format in ("peft", "kohya", "bundle"):

@@ -246,11 +246,13 @@ def test_bad_strengths_exit_2_with_one_line_and_no_output(sd1, tmp_path, cli, pa
     assert not (tmp_path / "m").exists()
 
 
-def test_strengths_on_a_full_checkpoint_are_refused(sd1, tmp_path, cli):
-    r = _recipe(tmp_path / "r.yaml", [(sd1["base"], {"weight": 1.0, "block_weights": "ALL"})], base=sd1["base"],
-                method="linear")
+def test_strengths_on_a_full_checkpoint_without_base_model_are_refused(sd1, tmp_path, cli):
+    # a full checkpoint's strengths scale its difference from base_model (test_block_weights_full.py)
+    r = _recipe(tmp_path / "r.yaml", [(sd1["base"], {"weight": 1.0, "block_weights": "ALL"}),
+                                      (sd1["base"], {"weight": 1.0})], method="linear")
     code, out, err = cli("run", r, "--out", tmp_path / "m")
-    assert code == 2 and "apply to LoRA inputs" in out + err
+    assert code == 2 and "is a full checkpoint: te_weight, unet_weight and block_weights scale its difference from " \
+                         "base_model; add base_model" in out + err, out + err
     assert not (tmp_path / "m").exists()
 
 

@@ -16,10 +16,16 @@ Blocks (LDM numbering; diffusers names are converted by the P19 rule, L = 2 resn
   ``single_transformer_blocks.N`` = S(N), the input embedders = IN, ``final_layer`` /
   ``norm_out`` / top-level ``proj_out`` = OUT.
 
-A module in no block (``time_embed``, ``label_emb``, ``out``) keeps weight 1, as in the
-extension, where such a module is never picked. A block that exists in the family but is not in a
+A module in no block (``time_embed``, ``label_emb``, ``out``; in a full checkpoint also the VAE,
+``first_stage_model.*`` / ``vae.*`` / a bare VAE file's ``encoder.*`` / ``decoder.*``, and EMA copies)
+keeps weight 1, as in the extension, where such a module is never picked. A block that exists in the family but is not in a
 short vector (an SD1 IN03 LoCon conv under a 17-vector) takes ``lbw_unlisted`` (default 0, the
 extension's ``to26``; 1 is sd-scripts' ``svd_merge_lora --lbws``).
+
+Text encoders, for the per-encoder strengths ``te1_weight`` / ``te2_weight`` (spec P20 pitfalls:
+"offer te1/te2 overrides"): encoder 2 is SDXL's OpenCLIP-G (kohya ``lora_te2_``, diffusers
+``text_encoder_2``, single file ``conditioner.embedders.1``) and Flux's T5 (kohya ``lora_te3_``,
+diffusers ``text_encoder_2``); encoder 1 every other text-encoder module (CLIP-L, SD1/SD2's one).
 
 The names are parsed as component paths (dots and kohya's underscores are the same separator), not
 matched as substrings of A1111's internal names.
@@ -65,6 +71,9 @@ _TE = re.compile(r"_(lora_te\d?|text_model|text_encoder(?:_\d)?|text_encoders|co
                  r"transformer_resblocks|clip_[lg]|t5xxl|te\d)_")
 _TE2 = re.compile(r"_(lora_te2|text_encoder_2|conditioner_embedders_1|clip_g|te2)_")
 _T5 = re.compile(r"_(lora_te3|text_encoder_2|t5xxl|te3)_|_encoder_block_\d+_layer_")
+# VAE and EMA tensors of a full checkpoint: in no block, in no part (spec P20 applies to UNet / TE)
+_OTHER = re.compile(r"^_(first_stage_model|vae|model_ema|encoder_(down|up|mid|conv|norm)|decoder_(down|up|mid|conv|norm)|"
+                    r"(post_)?quant_conv)")
 _IN = re.compile(r"_input_blocks_(\d+)_")
 _OUT = re.compile(r"_output_blocks_(\d+)_")
 _MID = re.compile(r"_(middle_block|mid_block)_")
@@ -80,6 +89,31 @@ _FLUX_OUT = re.compile(r"_(final_layer|norm_out)_|^_(?:lora_unet_|transformer_|d
 
 def is_text_encoder(key: str) -> bool:
     return _TE.search(_norm(key)) is not None
+
+
+def is_other(key: str) -> bool:
+    """A VAE or EMA tensor of a full SD checkpoint (``first_stage_model.``, ``vae.``, a bare VAE
+    file's ``encoder.down...``): in neither part (text encoder / UNet) and in no block."""
+    return _OTHER.search(_norm(key)) is not None
+
+
+def part_of(key: str) -> str | None:
+    """"te" (a text-encoder module), "unet" (the denoiser: UNet or Flux transformer) or None (VAE,
+    EMA)."""
+    if is_text_encoder(key):
+        return "te"
+    return None if is_other(key) else "unet"
+
+
+def encoder_of(key: str, family: str) -> int | None:
+    """Which text encoder a module belongs to (1 or 2, see the module docstring); None outside the
+    text encoders. ``family`` "flux" reads T5 as encoder 2; any other family SDXL's OpenCLIP-G."""
+    n = _norm(key)
+    if _TE.search(n) is None:
+        return None
+    if family == "flux":
+        return 2 if _T5.search(n) else 1
+    return 2 if _TE2.search(n) else 1
 
 
 def _unet_block(n: str) -> str | None:
@@ -118,6 +152,8 @@ def block_of(key: str, family: str) -> str | None:
         return None
     if _TE.search(n):
         return "BASE"
+    if _OTHER.search(n):
+        return None
     return _unet_block(n)
 
 
@@ -130,6 +166,8 @@ def families_of(keys: Iterable[str]) -> set[str]:
         return {"flux"}
     sdxl = sd1 = False
     for n in norms:
+        if _OTHER.search(n) and not _TE.search(n):
+            continue
         if _TE2.search(n):
             sdxl = True
             continue
@@ -189,7 +227,8 @@ def parse_setting(value, where: str) -> tuple[str | None, tuple[float, ...]]:
                      f"got {value!r}")
 
 
-def weights_for(value, families: set[str], unlisted: float, where: str) -> tuple[str, dict[str, float]]:
+def weights_for(value, families: set[str], unlisted: float, where: str,
+                what: str = "LoRA") -> tuple[str, dict[str, float]]:
     """The family chosen and {block: weight} over all of its blocks for ``block_weights`` ``value``;
     ValueError when its length fits none of ``families``."""
     preset, nums = parse_setting(value, where)
@@ -199,9 +238,9 @@ def weights_for(value, families: set[str], unlisted: float, where: str) -> tuple
     fits = [f for f in sorted(families) if len(nums) in LISTS[f]]
     if not fits:
         allowed = " or ".join(f"{'/'.join(str(n) for n in LISTS[f])} ({FAMILY_NAMES[f]})" for f in sorted(families))
-        what = f"preset {preset}" if preset else "the block-weight vector"
+        vec = f"preset {preset}" if preset else "the block-weight vector"
         fam = " or ".join(FAMILY_NAMES[f] for f in sorted(families))
-        raise ValueError(f"{where}: {what} has {len(nums)} entries, but the LoRA is {fam}, which takes {allowed} "
+        raise ValueError(f"{where}: {vec} has {len(nums)} entries, but the {what} is {fam}, which takes {allowed} "
                          "entries")
     fam = fits[0]
     out = {b: float(unlisted) for b in ALL_BLOCKS[fam]}
