@@ -37,7 +37,8 @@ def llama_config(args):
     return LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
                        num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                       max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="bfloat16")
+                       max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16",
+                       architectures=["LlamaForCausalLM"])  # mergekit picks its architecture by this
 
 
 def shapes_of(cfg) -> dict[str, tuple[int, ...]]:
