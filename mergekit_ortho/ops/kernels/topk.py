@@ -3,12 +3,14 @@
 Plain formulation (``sparsify.keep_top_k_plain_``): a stable descending sort of |x| and keep
 the first k, so that among equal magnitudes at the threshold the lowest flat indices win; +0 and
 -0 are equal, NaN is the largest. :func:`keep_top_k_` keeps exactly that set (bit-equal,
-tests/test_kernels.py) without a sort: the k-th largest magnitude comes from a radix select over
+tests/test_kernels.py, tests/test_topk_parallel.py) without a sort: the k-th largest magnitude comes from a radix select over
 the IEEE bit patterns (:func:`radix_threshold`) and is applied by an in-place ``hardshrink``,
 chunk by chunk. Faster above ~16k entries (``RADIX_MIN_NUMEL``), where the fixed cost of the
 histograms stops dominating; far faster on large tensors. :func:`keep_rank_band_` keeps ranks
 lo..hi-1 of the same order (breadcrumbs; plain form ``sparsify.keep_rank_band_plain_``) from two
-such thresholds, in one chunked pass.
+such thresholds, in one chunked pass. The radix select's full-tensor passes (histograms, the
+gather, the pivot counts) run on the worker pool by contiguous ranges (``_chunks.split_map``):
+bit-identical whatever the number of workers (tests/test_topk_parallel.py).
 """
 from __future__ import annotations
 
