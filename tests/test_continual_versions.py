@@ -15,6 +15,7 @@ from test_continual import init_state, state_tensors
 from test_run import load_dir, recipe_text
 
 from mergekit_ortho import continual
+from mergekit_ortho.continual.queue import Queue
 
 CLI = [sys.executable, "-m", "mergekit_ortho.cli"]
 
@@ -143,7 +144,9 @@ def test_gate_command_vetoes_the_candidate(tiny_models, tmp_path, cli):
     code, _, err = cli("continual", "add", state, tiny_models["a"])
     assert code == 2 and "evaluation command exited 1" in err, err
     assert continual.State.load(state).t == 0 and "model.safetensors" in seen.read_text()
-    assert sorted(p.name for p in state.iterdir()) == [".mergekit-ortho", "lock", "state.json"]
+    # nothing of the candidate is left; the shell's add went through the queue, which records it
+    assert sorted(p.name for p in state.iterdir()) == [".mergekit-ortho", "lock", "queue", "state.json"]
+    assert [j["status"] for j in Queue(state).jobs()] == ["refused"]
     flag.touch()
     assert cli("continual", "add", state, tiny_models["a"])[0] == 0
     assert continual.State.load(state).t == 1

@@ -1,5 +1,5 @@
 """`merge serve`: every endpoint, auth, 422 messages, idempotency, the persistent queue across
-restarts and kill -9, versions over HTTP, the gate, watch posting into the queue. Loopback only
+restarts and kill -9 at 10 random points, versions over HTTP, the gate, watch posting into the queue. Loopback only
 (in-process TestClient, or uvicorn on an ephemeral port)."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import slow_env  # noqa: E402
+from conftest import llama_shapes, slow_env, write_checkpoint  # noqa: E402
 from test_continual import init_state, state_tensors  # noqa: E402
 from test_run import load_dir  # noqa: E402
 
@@ -257,45 +257,88 @@ def _spawn_server(state, delay):
     return proc, f"http://127.0.0.1:{rec['port']}"
 
 
-@pytest.mark.parametrize("kill_after", [0.0, 0.4, 1.2])
-def test_kill9_of_the_server_mid_add(tiny_models, tmp_path, kill_after):
-    """Killed while merging the second of three jobs (a few points, not the issue's 10, to keep
-    the suite fast): the state loads at the version before or after, and after a restart every
-    job is done once, in order, equal to serial adds."""
+def _fine_tunes(tiny_models, root, n):
+    from conftest import TINY
+
+    shapes = llama_shapes(**TINY)
+    out = []
+    for i in range(n):
+        write_checkpoint(root / f"m{i}", shapes, seed=100 + i, base=tiny_models["base"], noise=0.05, dtype="float32")
+        out.append(root / f"m{i}")
+    return out
+
+
+def _running(c):
+    jobs = c.get("/jobs", params={"status": "running"}).json()
+    return jobs[0] if jobs else None
+
+
+def test_kill9_of_the_server_at_ten_random_points(tiny_models, tmp_path):
+    """kill -9 of the server at 10 seeded random points of an add, each followed by a restart: a
+    point is a fraction of the add's bytes, one drawn uniformly in each tenth of [0, 1.1] (past 1:
+    once all is written, around the commit), reached by polling the running job's bytes done over the API and killing as soon as
+    it is passed. After each kill the state loads at the version before or after the interrupted
+    add and equals that serial prefix; at the end every job is done once, in order, equal to serial
+    adds. The kill points' spread is measured (the bytes done read just before each kill)."""
+    import random
+
     import httpx
 
+    rng = random.Random(16)
+    models = _fine_tunes(tiny_models, tmp_path / "models", 4)
     state = init_state(tmp_path, tiny_models, "task_arithmetic", "{lambda: 0.5}", models="a")
-    before = state_tensors(state)
-    proc, url = _spawn_server(state, 0.05)
+    ref = init_state(tmp_path / "ref", tiny_models, "task_arithmetic", "{lambda: 0.5}", models="a")
+    prefixes = [state_tensors(ref)]  # prefixes[k]: the state after 'a' and the first k models
+    for m in models:
+        continual.add(ref, str(m), name=m.name)
+        prefixes.append(state_tensors(ref))
+    delay = 0.03  # per tensor written: an add of ~21 tensors takes ~0.6 s
+    proc, url = _spawn_server(state, delay)
+    # one point drawn in each tenth of [0, 1.1], in a random order: random, and spread by construction
+    targets = [rng.uniform(k, k + 1) * 1.1 / 10 for k in range(10)]
+    rng.shuffle(targets)
+    fractions = []
     try:
         with httpx.Client(base_url=url, timeout=30) as c:
-            ids = [c.post("/models", json={"source": str(tiny_models[m]), "name": m}).json()["id"] for m in "bc"]
-        end = time.time() + 60
-        while not list(state.glob(".v*.partial-*/*.safetensors")) and time.time() < end:
-            time.sleep(0.01)
-        time.sleep(kill_after)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    st = continual.State.load(state)
-    assert st.t in (1, 2, 3) and len(st.data["history"]) == st.t
-    if st.t == 1:
-        now = state_tensors(state)
-        assert all(torch.equal(now[k], before[k]) for k in before)
-    proc, url = _spawn_server(state, 0.0)
-    try:
+            ids = [c.post("/models", json={"source": str(m), "name": m.name}).json()["id"] for m in models]
+        for _ in range(10):
+            with httpx.Client(base_url=url, timeout=30) as c:
+                end = time.time() + 60
+                while (job := _running(c)) is None and time.time() < end:
+                    time.sleep(0.005)
+                assert job is not None, c.get("/jobs").json()
+                t_before = continual.State.load(state).t
+                target = targets.pop()  # of the add's bytes; past 1: at the commit (all written)
+                while True:
+                    now = c.get(f"/jobs/{job['id']}").json()
+                    frac = now.get("bytes_done", 0) / now["bytes_total"] if now.get("bytes_total") else 0.0
+                    if now["status"] != "running" or frac >= min(target, 1.0) or time.time() > end:
+                        break
+                    time.sleep(0.002)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+            fractions.append(frac if now["status"] == "running" else 1.0)
+            st = continual.State.load(state)  # loads: a valid state
+            assert len(st.data["history"]) == st.t and st.t in (t_before, t_before + 1), (st.t, t_before)
+            got = state_tensors(state)
+            assert all(torch.equal(got[k], prefixes[st.t - 1][k]) for k in prefixes[0])
+            proc, url = _spawn_server(state, delay)
         with httpx.Client(base_url=url, timeout=30) as c:
-            jobs = wait_jobs(c, ids)
-            assert len(c.get("/jobs").json()) == 2
+            jobs = wait_jobs(c, ids, timeout=120)
+            assert len(c.get("/jobs").json()) == len(models)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    assert [j["status"] for j in jobs] == ["done", "done"] and [j["t"] for j in jobs] == [2, 3]
-    assert [h["name"] for h in continual.status(state)["history"]] == ["a", "b", "c"]
-    ref = init_state(tmp_path / "ref", tiny_models, "task_arithmetic", "{lambda: 0.5}", models="abc")
-    a, b = state_tensors(state), state_tensors(ref)
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+    assert [j["status"] for j in jobs] == ["done"] * len(models) and [j["t"] for j in jobs] == [2, 3, 4, 5]
+    assert [h["name"] for h in continual.status(state)["history"]] == ["a"] + [m.name for m in models]
+    assert [h["job"] for h in continual.status(state)["history"][1:]] == ids  # each job merged once
+    got = state_tensors(state)
+    assert set(got) == set(prefixes[-1]) and all(torch.equal(got[k], prefixes[-1][k]) for k in got)
     assert not list(state.glob(".v*"))
+    # the kill points are spread over the add (measured): early, late and in between
+    print("kill points (fraction of the add's bytes done):", [round(f, 2) for f in fractions])
+    assert len(fractions) == 10 and min(fractions) < 0.2 and max(fractions) > 0.9, fractions
+    assert len({round(f, 1) for f in fractions}) >= 6, fractions
 
 
 def test_one_server_per_state(tiny_models, tmp_path):

@@ -51,11 +51,14 @@ def continual_add(
     weight: Optional[float] = typer.Option(None, "--weight", help="Per-model weight (linear, task_arithmetic)."),
     force: bool = typer.Option(False, "--force", help="Merge even if the same tensors were merged before."),
 ):
-    """Fold one model into the state (one streaming pass; atomic switch to the new version)."""
+    """Fold one model into the state (one streaming pass; atomic switch to the new version). It goes
+    through the state's queue: with a `merge serve` running, its worker merges it and this waits."""
     from .. import continual
 
     params = {"weight": weight} if weight is not None else {}
-    entry = continual.add(state, model, name=name, force=force, params=params)
+    entry = continual.queued_add(state, model, name=name, force=force, params=params,
+                                 on_wait=lambda j: say(f"queued as job {j['id']}; waiting for the server's worker",
+                                                             err=True))
     stdout_console().print(f"merged {entry['name']} as model {entry['t']} (sha256 {entry['sha256'][:12]})")
 
 

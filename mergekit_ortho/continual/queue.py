@@ -11,9 +11,12 @@ Status: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``refused`` (by the
 ``queued`` -> ``cancelled``. Every change is an atomic rewrite of the job's file, so a kill -9
 leaves each job in one of its states. A job is merged under the state's lock (the same lock as
 `merge continual add`), and its id is recorded in the history entry that its version commits;
-:meth:`Queue.recover` (run under the state lock when a server starts) marks a ``running`` job
-``done`` when the state's history names it (the crash came after the commit point) and re-queues
-it otherwise (before: the state is as it was). So a job is never merged twice and never lost.
+:meth:`Queue.recover` (run under the state lock when a server starts, and by a shell's add when no
+server runs) marks a ``running`` job ``done`` when the state's history names it (the crash came
+after the commit point) and re-queues it otherwise (before: the state is as it was). So a job is
+never merged twice and never lost. A job that a shell's `merge continual add` was running
+(:mod:`.local`; ``runner: shell``) is marked ``failed`` instead: that command already reported
+its failure, so it is not merged behind its user's back.
 
 Duplicates: a submission with the idempotency key of an earlier job, or with the same content
 hash (sha256 of the checkpoint's weight and index files) as a job that is queued, running or done,
@@ -112,8 +115,9 @@ class Queue:
         return None
 
     def submit(self, source: str, name: str, parameters: dict, idempotency_key: str | None,
-               content: str | None) -> tuple[dict, bool]:
-        """(the job, False) for a new one; (the earlier job, True) for a duplicate."""
+               content: str | None, force: bool = False) -> tuple[dict, bool]:
+        """(the job, False) for a new one; (the earlier job, True) for a duplicate. ``force``: merge
+        it even if its tensors were merged before (`continual add --force`)."""
         with self._lock():
             dup = self.find_duplicate(idempotency_key, content)
             if dup is not None:
@@ -121,7 +125,7 @@ class Queue:
             seq = max((j["seq"] for j in self.jobs()), default=0) + 1
             job = {"id": uuid.uuid4().hex[:16], "seq": seq, "source": source, "name": name,
                    "parameters": parameters, "idempotency_key": idempotency_key, "content_sha256": content,
-                   "status": "queued", "created": _now(), "started": None, "finished": None, "attempts": 0,
+                   "force": force, "status": "queued", "created": _now(), "started": None, "finished": None, "attempts": 0,
                    "version": None, "t": None, "sha256": None, "message": None}
             self._write(job)
             return job, False
@@ -137,14 +141,15 @@ class Queue:
             self._write(job)
             return job
 
-    def claim(self) -> dict | None:
-        """The oldest queued job, marked running (None: nothing queued)."""
+    def claim(self, job_id: str | None = None, runner: str = "server") -> dict | None:
+        """The oldest queued job (or ``job_id`` if it is still queued), marked running by
+        ``runner`` (``server`` | ``shell``); None: nothing queued."""
         with self._lock():
-            queued = self.jobs("queued")
+            queued = [j for j in self.jobs("queued") if job_id is None or j["id"] == job_id]
             if not queued:
                 return None
             job = queued[0]
-            job.update(status="running", started=_now(), attempts=job.get("attempts", 0) + 1)
+            job.update(status="running", started=_now(), attempts=job.get("attempts", 0) + 1, runner=runner)
             self._write(job)
             return job
 
@@ -159,6 +164,8 @@ class Queue:
         f = self.dir / "quarantine.json"
         with self._lock():
             items = json.loads(f.read_text()) if f.is_file() else []
+            if any(i["job"] == job["id"] for i in items):
+                return  # re-run after a crash between quarantine and finish
             items.append({"job": job["id"], "name": job["name"], "source": job["source"], "message": message,
                           "time": _now()})
             f.parent.mkdir(exist_ok=True)
@@ -181,6 +188,9 @@ class Queue:
                 if h is not None:
                     job.update(status="done", finished=_now(), version=h.get("version"), t=h["t"],
                                sha256=h["sha256"], message="committed before a restart")
+                elif job.get("runner") == "shell":  # its `continual add` died with an error: not re-run
+                    job.update(status="failed", finished=_now(),
+                               message="interrupted: the `merge continual add` running it was killed; add it again")
                 else:
                     job.update(status="queued", started=None, message="re-queued after a restart")
                 self._write(job)

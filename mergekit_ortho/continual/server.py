@@ -149,10 +149,12 @@ class Worker:
 
         try:
             entry = service.add(self.root, job["source"], name=job["name"], params=job["parameters"], job=jid,
+                                force=job.get("force", False),
                                 on_progress=progress)
         except GateRefused as e:
-            self.queue.finish(jid, "refused", message=str(e))
+            # quarantine first: a reader that sees the job refused also sees it quarantined
             self.queue.quarantine(job, str(e))
+            self.queue.finish(jid, "refused", message=str(e))
             self.metrics.finished.labels("refused").inc()
             self.log("job_refused", job=jid, model=job["name"], message=str(e), seconds=round(time.time() - t0, 3))
         except UserError as e:

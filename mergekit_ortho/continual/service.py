@@ -154,16 +154,22 @@ def add(state_dir: Path, model_ref: str, name: str | None = None, force: bool = 
     State.load(root)  # clear error before taking the lock
     try:
         with _lock(root).acquire(timeout=lock_timeout):
-            entry = _add_locked(root, model_ref, name, force, params or {}, job, on_progress)
-            window = State.load(root).data.get("window")
-            if window:
-                from .removal import _remove_locked
-
-                while State.load(root).t > window:  # each removal its own commit
-                    _remove_locked(root, 0)
-            return entry
+            return add_locked(root, model_ref, name, force, params or {}, job, on_progress)
     except Timeout:
         raise UserError(f"{root} is locked by another process; try again later") from None
+
+
+def add_locked(root: Path, model_ref: str, name: str | None = None, force: bool = False, params: dict | None = None,
+               job: str | None = None, on_progress=None) -> dict:
+    """:func:`add` for a caller that holds the state's lock; the recipe's ``window`` applied after."""
+    entry = _add_locked(root, model_ref, name, force, params or {}, job, on_progress)
+    window = State.load(root).data.get("window")
+    if window:
+        from .removal import _remove_locked
+
+        while State.load(root).t > window:  # each removal its own commit
+            _remove_locked(root, 0)
+    return entry
 
 
 def validate(state_dir: Path, model_ref: str, name: str | None = None, params: dict | None = None) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from .service import add
+from .local import queued_add
 from .state import State
 
 
@@ -76,8 +76,10 @@ def watch(state_dir: Path, inbox: Path, interval: float = 2.0, log: Callable[[st
     corrupt file) is logged and retried whenever its files change. Names already in the history
     (by source path) are skipped, so a restarted watcher never merges a model twice; a model whose
     tensors were already merged under another name is refused by the hash check and logged.
-    Returns the number of models merged. ``submit(path, name)`` (:func:`poster`): post each one to
-    a server's queue instead of merging it here (the server's job answers for the merge).
+    Returns the number of models merged. Each goes through the state's queue
+    (:func:`.local.queued_add`: merged here, or by a running server's worker, never twice);
+    ``submit(path, name)`` (:func:`poster`): post each one to a server's queue over HTTP instead
+    (the server's job answers for the merge).
     """
     root, inbox = Path(state_dir), Path(inbox)
     if not inbox.is_dir():
@@ -123,7 +125,7 @@ def watch(state_dir: Path, inbox: Path, interval: float = 2.0, log: Callable[[st
                     job = submit(str(rp), p.name.removesuffix(".safetensors"))
                     log(f"posted {p.name} as job {job['id']} ({job['status']})")
                 else:
-                    entry = add(root, str(p), name=p.name.removesuffix(".safetensors"))
+                    entry = queued_add(root, str(p), name=p.name.removesuffix(".safetensors"))
                     log(f"merged {p.name} as model {entry['t']} (sha256 {entry['sha256'][:12]})")
                 merged += 1
                 done.add(str(rp))
