@@ -445,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         paths = build_checkpoints(work / "models", dims, args.rebuild)
     from mergekit_ortho.testing.checkpoints import llama_shapes
     params = n_params(llama_shapes(dims["hidden"], dims["layers"], dims["vocab"], dims["intermediate"]))
+    stamp_file = None if args.models is None else models_dir / "built.json"
+    if stamp_file is not None and stamp_file.is_file():  # e.g. made by make_big_models.py
+        stamp = json.loads(stamp_file.read_text())
+        dims = {**dims, **stamp.get("dims", {}), "shards": stamp.get("shards", 3)}
+        params = stamp.get("params", params)
 
     merge_cmd = resolve_merge()
     envs = {"this": None}
@@ -698,8 +703,10 @@ def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd,
     out.append("")
     out.append("## Workload\n")
     out.append(f"- base + 3 task models, Llama-shaped, hidden {dims['hidden']}, {dims['layers']} layers, "
-               f"vocab {dims['vocab']}, intermediate {dims['intermediate']}: **{params:,} parameters** "
-               f"per model, bf16, 3 safetensors shards ({params * 2 / 2**20:.0f} MiB per model); "
+               f"vocab {dims['vocab']}, intermediate {dims['intermediate']}"
+               + (f", {dims['heads']} heads, {dims['kv_heads']} key/value heads" if "kv_heads" in dims else "")
+               + f": **{params:,} parameters** per model, bf16, {dims.get('shards', 3)} safetensors shards "
+               f"({params * 2 / 2**20:.0f} MiB per model); "
                "task models = base + 0.01·N(0,1) noise")
     out.append("- recipes (`RECIPES` in the script; no `dtype:`, so outputs stay bf16 like the inputs; ours "
                "computes in float32): linear = 3 tasks, weight 1, no base_model; linear_2 = base + task_a; "

@@ -42,3 +42,19 @@ def pool():
     if _POOL is None or _POOL._max_workers != workers():
         _POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="kernels")
     return _POOL
+
+
+def split_map(fn, n: int, step: int) -> list:
+    """``fn(lo, hi)`` over contiguous ranges covering [0, n) in order, one per worker, each a
+    whole number of ``step``-entry chunks (so a chunk loop inside ``fn`` cuts the same chunks as
+    one loop over [0, n) would); run on the pool, results in range order. Serial (one range)
+    with one worker, one chunk, or when called from a pool thread (no nested waits)."""
+    import threading
+
+    chunks = -(-n // step) if n else 0
+    parts = min(workers(), chunks)
+    if parts <= 1 or threading.current_thread().name.startswith("kernels"):
+        return [fn(0, n)]
+    per = -(-chunks // parts) * step
+    ranges = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+    return list(pool().map(lambda r: fn(*r), ranges))

@@ -3,12 +3,14 @@
 Plain formulation (``sparsify.keep_top_k_plain_``): a stable descending sort of |x| and keep
 the first k, so that among equal magnitudes at the threshold the lowest flat indices win; +0 and
 -0 are equal, NaN is the largest. :func:`keep_top_k_` keeps exactly that set (bit-equal,
-tests/test_kernels.py) without a sort: the k-th largest magnitude comes from a radix select over
+tests/test_kernels.py, tests/test_topk_parallel.py) without a sort: the k-th largest magnitude comes from a radix select over
 the IEEE bit patterns (:func:`radix_threshold`) and is applied by an in-place ``hardshrink``,
 chunk by chunk. Faster above ~16k entries (``RADIX_MIN_NUMEL``), where the fixed cost of the
 histograms stops dominating; far faster on large tensors. :func:`keep_rank_band_` keeps ranks
 lo..hi-1 of the same order (breadcrumbs; plain form ``sparsify.keep_rank_band_plain_``) from two
-such thresholds, in one chunked pass.
+such thresholds, in one chunked pass. The radix select's full-tensor passes (histograms, the
+gather, the pivot counts) run on the worker pool by contiguous ranges (``_chunks.split_map``):
+bit-identical whatever the number of workers (tests/test_topk_parallel.py).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from ._chunks import INT_OF, chunk_len
+from ._chunks import INT_OF, chunk_len, split_map
 
 # Tensors with at least this many entries (float32/float64, or half types via an exact float32
 # copy of the magnitudes) find the top-k threshold by radix select; smaller ones are better
@@ -32,6 +34,11 @@ def applies(flat: torch.Tensor) -> bool:
 
 
 PIVOT_MIN = 1 << 16  # smallest level-1 bucket worth a pivot test (also >= 1/32 of the tensor)
+# float32: a level-1 bucket holding at least this share of the tensor (and failing the pivot
+# test) is resolved by a masked pass over the whole tensor instead of a gather, so that the
+# gathered candidates (12 bytes each) never take more than 12 / 32 bytes an entry; tests set it
+# to 0 (every bucket masked) or above 1 (none)
+MASKED_MIN_SHARE = 1 / 32
 
 
 def _host_counts(digits: torch.Tensor, bins: int) -> np.ndarray:
@@ -53,6 +60,76 @@ def _pick(counts: np.ndarray, need: int) -> tuple[int, int, int]:
     return j, need, int(counts[j])
 
 
+def _level1_counts(top: torch.Tensor, step: int) -> np.ndarray:
+    """Histogram of the top 16 bits of every entry, sign bit dropped (``top``: the int16 view of
+    each entry's most significant half), over the worker pool by contiguous ranges: torch's
+    bincount runs on one thread."""
+    def part(a: int, b: int) -> torch.Tensor:
+        buf = torch.empty(min(step, b - a), dtype=torch.int16, device=top.device)
+        counts = torch.zeros(1 << 15, dtype=torch.int64, device=top.device)
+        for lo in range(a, b, step):
+            hi = min(lo + step, b)
+            counts += torch.bincount(torch.bitwise_and(top[lo:hi], 0x7FFF, out=buf[:hi - lo]), minlength=1 << 15)
+        return counts
+    return sum(t.cpu().numpy() for t in split_map(part, top.numel(), step))
+
+
+def _level2_counts32(ibits: torch.Tensor, j: int, step: int) -> np.ndarray:
+    """float32: histogram of the low 16 bits of the entries whose magnitude's top 16 bits are
+    ``j``, by a masked pass over the whole tensor (no gather): d = |bits| - (j << 16) + 1 is in
+    1..65536 exactly for those entries; the rest are clamped into bins 0 and 65537 (int32
+    wrap-around of a NaN pattern at j = 0 lands in bin 0 too) and dropped."""
+    def part(a: int, b: int) -> torch.Tensor:
+        buf = torch.empty(min(step, b - a), dtype=torch.int32, device=ibits.device)
+        counts = torch.zeros((1 << 16) + 2, dtype=torch.int64, device=ibits.device)
+        for lo in range(a, b, step):
+            hi = min(lo + step, b)
+            d = torch.bitwise_and(ibits[lo:hi], 0x7FFFFFFF, out=buf[:hi - lo])
+            d.sub_((j << 16) - 1).clamp_(0, (1 << 16) + 1)
+            counts += torch.bincount(d, minlength=(1 << 16) + 2)
+        return counts
+    return sum(t.cpu().numpy() for t in split_map(part, ibits.numel(), step))[1:-1]
+
+
+def _nth_equal(ibits: torch.Tensor, pattern: int, m: int, step: int, per_chunk: list[int] | None = None) -> int:
+    """1 + the flat index of the m-th entry (in index order) whose magnitude has bit pattern
+    ``pattern``; at least m such entries exist. Counts per chunk on the pool (unless given as
+    ``per_chunk``), then one chunk's nonzero."""
+    sign_clear = torch.iinfo(ibits.dtype).max
+
+    def part(a: int, b: int) -> list[int]:
+        buf = torch.empty(min(step, b - a), dtype=ibits.dtype, device=ibits.device)
+        return [int(torch.count_nonzero(torch.bitwise_and(ibits[lo:min(lo + step, b)], sign_clear,
+                                                          out=buf[:min(lo + step, b) - lo]) == pattern))
+                for lo in range(a, b, step)]
+    if per_chunk is None:
+        per_chunk = [c for part_counts in split_map(part, ibits.numel(), step) for c in part_counts]
+    seen = 0
+    for i, cnt in enumerate(per_chunk):
+        if seen + cnt >= m:  # the chunk holding the m-th entry equal to the pattern
+            lo = i * step
+            hit = ibits[lo:lo + step].bitwise_and(sign_clear) == pattern
+            return lo + int(hit.nonzero()[m - seen - 1]) + 1
+        seen += cnt
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _gather_bucket(top: torch.Tensor, ibits: torch.Tensor, j: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat indices (increasing) and raw bits of the entries in level-1 bucket ``j``,
+    gathered on the pool by contiguous ranges (the sign bit is never read later)."""
+    def part(a: int, b: int):
+        buf = torch.empty(min(step, b - a), dtype=torch.int16, device=top.device)
+        idx, cand = [], []
+        for lo in range(a, b, step):
+            hi = min(lo + step, b)
+            sel = (torch.bitwise_and(top[lo:hi], 0x7FFF, out=buf[:hi - lo]) == j).nonzero().view(-1)
+            cand.append(ibits[lo:hi][sel])
+            idx.append(sel.add_(lo))
+        return idx, cand
+    parts = split_map(part, top.numel(), step)
+    return torch.cat([t for p in parts for t in p[0]]), torch.cat([t for p in parts for t in p[1]])
+
+
 def radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | None]:
     """Radix select of the k-th largest magnitude of ``flat`` (contiguous 1-D float32/float64).
 
@@ -62,15 +139,20 @@ def radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | No
     top 16 bits of every entry (15 once the sign is dropped; read through an int16 view) and a
     cumulative count from the top picks the bucket that holds the k-th largest. That bucket's
     entries, with their flat indices, become the candidates; each further level resolves the
-    next 16 bits among them (2 levels for float32, 4 for float64). A bucket holding a large share
-    of the tensor is usually one value repeated (task vectors of bf16 checkpoints), and
-    gathering it costs more than testing that value: :func:`pivot_threshold` tries it first.
+    next 16 bits among them (2 levels for float32, 4 for float64; candidates stay in increasing
+    index order). A bucket holding a large share of the tensor is usually one value repeated
+    (task vectors of bf16 checkpoints), and resolving it costs more than testing that value:
+    :func:`pivot_threshold` tries it first; when that fails on float32, level 2 histograms the
+    bucket's low 16 bits in a masked pass over the whole tensor instead of gathering it, and a
+    third pass finds the cut among equal magnitudes if there is one. The full-tensor passes run
+    on the worker pool (:func:`._chunks.split_map`, contiguous ranges): the counts are sums and
+    the gathered parts are concatenated in range order, so the result does not depend on the
+    split. No full-size temporary is allocated.
 
     Returns ``(t, m, n_eq, c)``: ``t`` the threshold's bit pattern (sign cleared), ``n_eq`` the
     number of entries whose magnitude has exactly that pattern, ``m`` how many of them belong
     to the top k (1 <= m <= n_eq; every entry above t does) and, when m < n_eq, ``c`` = 1 + the
-    flat index of the m-th of them in index order (else None): candidates stay in increasing
-    index order through every level.
+    flat index of the m-th of them in index order (else None).
     """
     n = flat.numel()
     width = flat.element_size() * 8
@@ -78,26 +160,18 @@ def radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | No
     words = flat.view(torch.int16).view(-1, width // 16)
     top = words[:, -1] if sys.byteorder == "little" else words[:, 0]
     step = chunk_len(flat)
-    counts = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
-    # the level-1 digits are kept (2 bytes an entry) for the gathering pass below
-    top_digits = torch.empty(n, dtype=torch.int16, device=flat.device)
-    for lo in range(0, n, step):
-        digits = torch.bitwise_and(top[lo:lo + step], 0x7FFF, out=top_digits[lo:lo + step])  # sign dropped
-        counts += torch.bincount(digits, minlength=1 << 15)
-    j, need, in_bucket = _pick(counts.cpu().numpy(), k)
+    j, need, in_bucket = _pick(_level1_counts(top, step), k)
     if in_bucket >= max(n >> 5, PIVOT_MIN):
         found = pivot_threshold(flat, j, k)
         if found is not None:
             return found
+    if width == 32 and in_bucket >= n * MASKED_MIN_SHARE:
+        jj, need, n_eq = _pick(_level2_counts32(ibits, j, step), need)
+        t = (j << 16) | jj
+        return t, need, n_eq, (_nth_equal(ibits, t, need, step) if need < n_eq else None)
     shift = width - 16
     prefix = j << shift
-    idx, cand = [], []  # the bucket's flat indices and raw bits (the sign bit is never read)
-    for lo in range(0, n, step):
-        sel = (top_digits[lo:lo + step] == j).nonzero().view(-1)
-        cand.append(ibits[lo:lo + step][sel])
-        idx.append(sel.add_(lo))
-    idx, cand = torch.cat(idx), torch.cat(cand)
-    del top_digits
+    idx, cand = _gather_bucket(top, ibits, j, step)
     while True:
         shift -= 16
         digits = torch.bitwise_right_shift(cand, shift).bitwise_and_(0xFFFF)
@@ -113,7 +187,7 @@ def radix_threshold(flat: torch.Tensor, k: int) -> tuple[int, int, int, int | No
 
 def pivot_threshold(flat: torch.Tensor, j: int, k: int):
     """Test whether the magnitude of the first entry in level-1 bucket ``j`` is the k-th
-    largest: one pass counts the entries above and equal to it. Returns what
+    largest: one pass (on the pool) counts the entries above and equal to it. Returns what
     :func:`radix_threshold` returns, or None when it is not."""
     itype = INT_OF[flat.element_size()]
     sign_clear = torch.iinfo(itype).max
@@ -127,25 +201,23 @@ def pivot_threshold(flat: torch.Tensor, j: int, k: int):
         if bool(hit.any()):
             pivot = int(ibits[lo + int(hit.view(torch.uint8).argmax())]) & sign_clear  # first hit
             break
-    above, equal = 0, []
-    for lo in range(0, n, step):
-        mag = ibits[lo:lo + step].bitwise_and(sign_clear)
-        above += int(torch.count_nonzero(mag > pivot))
-        equal.append(int(torch.count_nonzero(mag == pivot)))
+
+    def part(a: int, b: int) -> tuple[int, list[int]]:
+        buf = torch.empty(min(step, b - a), dtype=itype, device=flat.device)
+        above, equal = 0, []
+        for lo in range(a, b, step):
+            mag = torch.bitwise_and(ibits[lo:min(lo + step, b)], sign_clear, out=buf[:min(lo + step, b) - lo])
+            above += int(torch.count_nonzero(mag > pivot))
+            equal.append(int(torch.count_nonzero(mag == pivot)))
+        return above, equal
+    counts = split_map(part, n, step)
+    above = sum(a for a, _ in counts)
+    equal = [e for _, part_equal in counts for e in part_equal]  # per chunk, in order
     n_eq = sum(equal)
     if not above < k <= above + n_eq:
         return None
     m = k - above
-    if m == n_eq:
-        return pivot, m, n_eq, None
-    seen = 0
-    for i, cnt in enumerate(equal):  # the chunk holding the m-th entry equal to the pivot
-        if seen + cnt >= m:
-            lo = i * step
-            hit = ibits[lo:lo + step].bitwise_and(sign_clear) == pivot
-            return pivot, m, n_eq, lo + int(hit.nonzero()[m - seen - 1]) + 1
-        seen += cnt
-    raise AssertionError("unreachable")  # pragma: no cover
+    return pivot, m, n_eq, (None if m == n_eq else _nth_equal(ibits, pivot, m, step, equal))
 
 
 def keep_top_k_(flat: torch.Tensor, k: int) -> None:
