@@ -114,7 +114,7 @@ def resolve(label: str, keys: Sequence[str], levels: Sequence[Mapping], position
         try:
             unlisted = resolve_setting((_SCALAR[2],), levels, "", 0.0, where)["lbw_unlisted"]
             family, weights = blocks.weights_for(setting, fams, unlisted, f"{where}: block_weights",
-                                                 what="checkpoint" if what == "checkpoint" else "LoRA")
+                                                 what=what)
         except ValueError as e:
             raise UserError(str(e)) from None
     te_family = family or ("flux" if "flux" in fams else "sdxl")

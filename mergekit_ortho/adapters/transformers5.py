@@ -57,22 +57,30 @@ def version() -> str | None:
     return _installed()
 
 
-def _candidates(config: Mapping) -> set[str]:
-    """Names the rule table may be keyed by for this config: model types (the config's and its
-    sub-configs'), architectures, and each model type's base model class."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
+def _config_names(config: Mapping, classes_of) -> set[str]:
+    """The architectures of a config plus, for it and each sub-config with a ``model_type``, that
+    model type and ``classes_of(model_type)`` (its model classes)."""
     out: set[str] = set(config.get("architectures") or [])
     stack = [config]
     while stack:
         c = stack.pop()
         mt = c.get("model_type")
         if mt:
-            out.add(mt)
-            base = MODEL_MAPPING_NAMES.get(mt)
-            out.update([base] if isinstance(base, str) else list(base or ()))
+            out |= {mt} | set(classes_of(mt))
         stack += [v for v in c.values() if isinstance(v, dict) and "model_type" in v]
     return out
+
+
+def _candidates(config: Mapping) -> set[str]:
+    """Names the rule table may be keyed by for this config: model types (the config's and its
+    sub-configs'), architectures, and each model type's base model class."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    def base_classes(mt: str):
+        base = MODEL_MAPPING_NAMES.get(mt)
+        return [base] if isinstance(base, str) else list(base or ())
+
+    return _config_names(config, base_classes)
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,14 +113,7 @@ def _may_rename(config: Mapping) -> bool:
     if names is None:
         return True  # sources not readable as expected: ask transformers itself
     keys, classes = names
-    found: set[str] = set(config.get("architectures") or [])
-    stack = [config]
-    while stack:
-        c = stack.pop()
-        mt = c.get("model_type")
-        if mt:
-            found |= {mt} | classes.get(mt, set())
-        stack += [v for v in c.values() if isinstance(v, dict) and "model_type" in v]
+    found = _config_names(config, lambda mt: classes.get(mt, ()))
     return bool(found & (keys - {"legacy"}))
 
 
