@@ -99,3 +99,15 @@ def test_opcm_points_equal_plain_runs_and_reuse_the_first_svds(tiny_models, tmp_
     for p in points[1:]:
         assert p.hits >= projectable  # step 2 projects against S_1 = tau_1 whatever alpha is
         assert p.hits + p.misses == 2 * projectable
+
+
+def test_per_model_parts_only_where_a_grid_can_reuse_them():
+    from mergekit_ortho.ops import registry
+    from mergekit_ortho.sweep import grid
+    from mergekit_ortho.sweep.driver import parts_help
+
+    def axes(*sets):
+        return grid.parse_axes(list(sets), registry.get("ties"), ["a", "b"])
+
+    assert not parts_help(axes("lambda=0.5,1")) and not parts_help(axes("density=0.2,0.4", "lambda=1,2"))
+    assert parts_help(axes("models[0].density=0.2,0.4")) and parts_help(axes("b.weight=1,2"))

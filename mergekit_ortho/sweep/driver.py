@@ -59,7 +59,7 @@ class SweepResult:
     hashed: int = 0  # input tensors hashed (each once per sweep)
 
 
-def _counted(plan, op, prep, cache: Cache, memo: InputMemo, tally: dict) -> Callable:
+def _counted(plan, op, prep, cache: Cache, memo: InputMemo, tally: dict, use_parts: bool = True) -> Callable:
     from ..ops.registry import LoraTask
 
     def fn(task):
@@ -71,7 +71,8 @@ def _counted(plan, op, prep, cache: Cache, memo: InputMemo, tally: dict) -> Call
         got = cache.get(key, device)
         if got is None:
             tally["misses"] += 1
-            parts = _parts(op, prep, cache, task, digests, device, tally) if prep.part is not None else None
+            parts = (_parts(op, prep, cache, task, digests, device, tally)
+                     if prep.part is not None and use_parts else None)
             got = prep.run(task, parts)
             cache.put(key, got)  # stored before apply may scale it in place
         else:
@@ -106,9 +107,16 @@ def reuses(method: str) -> bool:
     return preparation(method) is not None or method in ("widen", "opcm")
 
 
-def run_point(plan, target: Path, cache: Cache, memo: InputMemo, tally: dict) -> None:
+def parts_help(axes) -> bool:
+    """Whether per-model parts (ties' cuts) can be reused by a grid over ``axes``: not when every
+    axis is lambda (the whole merge before lambda is reused) or a density of every model (each
+    point changes every model's cut); computing them costs a separate top-k pass."""
+    return any(not (a.name == "lambda" or (a.name == "density" and a.model is None)) for a in axes)
+
+
+def run_point(plan, target: Path, cache: Cache, memo: InputMemo, tally: dict, use_parts: bool = True) -> None:
     """Merge one point's ``plan`` into ``target`` as `merge run` would, reusing what the cache and
-    the memo hold (:mod:`.reuse`)."""
+    the memo hold (:mod:`.reuse`); ``use_parts``: compute and reuse per-model parts."""
     from .. import outputs
     from ..execute import full_item, write_full_model
     from ..ops.opcm import fold_with_svd
@@ -121,7 +129,7 @@ def run_point(plan, target: Path, cache: Cache, memo: InputMemo, tally: dict) ->
     if op.name == "opcm":
         plan.op = dataclasses.replace(op, fold=fold_with_svd(opcm_svd(cache, tally)))
     elif prep is not None:
-        plan.op = dataclasses.replace(op, fn=_counted(plan, op, prep, cache, memo, tally))
+        plan.op = dataclasses.replace(op, fn=_counted(plan, op, prep, cache, memo, tally, use_parts))
         if full_dense:
             plain = full_item(plan)
 
@@ -215,6 +223,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
         recipes.append(r)
     check_output(out, overwrite, recipe_mod.input_paths(base_recipe), force_replace)
     cached = reuses(op.name)
+    use_parts = parts_help(axes)
     work = Path(work_dir) if work_dir else Path(recipe_path).resolve().parent / ".merge-sweep"
     try:
         refuse_overlap(work, [p for p in recipe_mod.input_paths(base_recipe) if p != base_recipe._source_path])
@@ -242,7 +251,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
                     guard.check()
                 target = tmp / name
                 if cached:
-                    run_point(plan, target, cache, memo, tally)
+                    run_point(plan, target, cache, memo, tally, use_parts)
                 else:
                     outputs.run(plan, target)
             finally:
