@@ -261,3 +261,32 @@ def test_a_plan_refusal_is_a_finding_and_the_rest_is_analysed(tiny_models, tmp_p
     assert "model.layers.0.mlp.down_proj.weight" in names and len(names) >= 15
     assert data["models"] == ["a", "lacking", "vocab"]
     assert "merge run would refuse" in out
+
+
+def test_overwrite_replaces_only_our_own_reports(tiny_models, tmp_path, cli):
+    from mergekit_ortho.placement import written_by_us
+
+    m = tiny_models
+    j, h = tmp_path / "r.json", tmp_path / "r.html"
+    args = ("analyze", "--base", m["base"], m["a"], m["b"], "--top-rank", "0")
+    assert cli(*args, "--json", j, "--html", h)[0] == 0
+    assert written_by_us(j) and written_by_us(h)
+    before = h.read_text()
+    # ours: --overwrite replaces both
+    code, _, err = cli(*args[:4], "--top-rank", "0", "--json", j, "--html", h, "--overwrite")
+    assert code == 0, err
+    assert json.loads(j.read_text())["models"] == ["a"] and h.read_text() != before
+    # not ours (the mark later in the file, or none): refused with --overwrite, nothing written ...
+    for text in ('{"note": "generator: mergekit-ortho merge analyze"}', "<html>mine</html>"):
+        mine = tmp_path / "mine.html"
+        mine.write_text(text)
+        assert not written_by_us(mine)
+        code, _, err = cli(*args, "--html", mine, "--overwrite")
+        assert code == 2 and "not written by mergekit-ortho" in err and "--force-replace" in err
+        assert mine.read_text() == text
+    # ... and replaced with --force-replace
+    assert cli(*args, "--html", mine, "--force-replace")[0] == 0 and written_by_us(mine)
+    # a refused second target leaves the first untouched (checked before the analysis runs)
+    j.write_text("{}")
+    code, _, err = cli(*args, "--json", tmp_path / "new.json", "--html", j, "--overwrite")
+    assert code == 2 and not (tmp_path / "new.json").exists() and j.read_text() == "{}"
