@@ -69,7 +69,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if (op.base_input and base is not None and not listed_base and models
             and not any(m.is_lora for m in models)):
         # mergekit's linear / karcher / passthrough: a base_model not listed is one more input
-        label = _unique_label(recipe_mod._label_from(base.ref), {m.label for m in models})
+        label = _unique_label(recipe_mod.label_from(base.ref), {m.label for m in models})
         levels[label] = _shared_levels(recipe)
         models.append(ModelInput(label, base.ref, base.source, _plan_params(op, levels[label], "model")))
         notes.append(f"base_model {base.ref} is one of the inputs of '{op.name}' (mergekit's rule), as '{label}'")
