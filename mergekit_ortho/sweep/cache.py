@@ -8,8 +8,9 @@ vectors, raw weights or LoRA factors). Anything that changes an input's values (
 checkpoint, another base, a vocabulary alignment, a LoRA scale) changes the key.
 
 An entry is written to a temporary file and renamed into place; its metadata holds the key and a
-digest of its tensors, checked on every read, so a truncated, edited or foreign file is deleted
-and recomputed (never used). Eviction is least-recently-used by bytes (file mtimes, touched on
+digest of its tensors, checked on the first read in a process (and again whenever the file's size,
+mtime, ctime or inode changed since), so a truncated, edited or foreign file is deleted and
+recomputed (never used). Eviction is least-recently-used by bytes (file mtimes, touched on
 every hit): when an entry would exceed ``max_bytes``, entries this process has not used go
 first, oldest first; if that is not enough the new entry is not stored (this sweep's own
 entries are never evicted by it) and :attr:`Cache.skipped` counts it.

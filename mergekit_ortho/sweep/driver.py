@@ -4,8 +4,11 @@ the operator's prepared part (:mod:`mergekit_ortho.ops.prepare`) read from or wr
 
 Per point: the recipe mapping with the point's values (:func:`.grid.point_recipe`), validated
 like a recipe file, planned (``plan.build_plan``), its operator replaced by one whose ``fn`` is
-``apply(task, cached prepare(task))``, and run by ``outputs.run`` into ``OUT/<point>``. A method
-without a split runs unchanged (no cache). All points are written inside one atomic output
+``apply(task, cached prepare(task))``, and run into ``OUT/<point>`` (:func:`run_point`): for a
+full-model output a tensor whose key the sweep already knows (:mod:`.reuse`: inputs hashed once per
+sweep) and whose entry is cached is finished from the entry and the base alone, without reading
+the models; WIDEN and OPCM run with their cached statistics / SVDs. A method without any of these
+runs unchanged (no cache). All points are written inside one atomic output
 directory: any error (a bad value, a failing ``--eval``) leaves no output at all.
 
 ``--eval "CMD {out}"``: run through the shell with ``{out}`` replaced by the point's directory
