@@ -3,6 +3,7 @@ no model input, a changed input (during or between sweeps), WIDEN's statistics a
 cached with every point still equal to a plain `merge run`."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -28,6 +29,7 @@ def test_inputs_are_hashed_once_and_hits_read_no_model_tensor(tiny_models, tmp_p
     assert res.points[0].misses == 21 and seen[0] == 21 * 3  # every merged tensor of the 3 models, once
     assert seen[1] == seen[2] == seen[0]  # later points: base and cache entry only, no model tensor
     assert res.hashed == 21 * 3
+    assert json.loads((tmp_path / "o" / "sweep.json").read_text())["inputs_hashed"] == 21 * 3
     monkeypatch.setattr(inputs_mod, "model_tensor", real)
     for p in res.points:
         want = plain_run(cli, tmp_path, with_values(dense_doc(tiny_models, "ties", density=0.5), p.values),

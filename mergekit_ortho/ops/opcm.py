@@ -115,8 +115,9 @@ def project(
     """P(tau) against the merged update ``tbar`` (any positive multiple of it gives the same P).
 
     ``svd(A) -> (U, s, Vh)``: the thin SVD to use (default :func:`thin_svd`; `merge sweep`
-    passes one that caches it by the content of A). Returns (P(tau) in tau's dtype, info) with info = {"r": r, "k": k, "rank": numerical rank
-    used for the diagonal, "identity": True when the zero guard skipped the projection}.
+    passes one that caches it by the content of A). Returns (P(tau) in tau's dtype, info) with
+    info = {"r": r, "k": k, "rank": numerical rank used for the diagonal, "identity": True when
+    the zero guard skipped the projection}.
     """
     if tbar.shape != tau.shape or tau.dim() != 2:
         raise ValueError(f"opcm: project needs two 2-D tensors of one shape, got {tuple(tbar.shape)} and {tuple(tau.shape)}")

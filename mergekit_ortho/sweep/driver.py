@@ -292,6 +292,7 @@ def _summary(result: SweepResult, axes, eval_cmd, cache: Cache) -> dict:
         "eval": eval_cmd,
         "best": result.points[result.best].name if result.best is not None else None,
         "work_dir": str(cache.root),
+        "inputs_hashed": result.hashed,  # input tensors hashed: each once per sweep
         "points": [{"name": p.name, "values": p.values, "score": p.score, "seconds": round(p.seconds, 3),
                     "cache_hits": p.hits, "cache_misses": p.misses, "part_hits": p.part_hits, "kept": p.kept} for p in result.points],
     }
