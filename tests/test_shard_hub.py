@@ -37,8 +37,8 @@ def hub(tmp_path_factory):
     server.close()
 
 
-def write(path: Path, refs: dict[str, str]) -> Path:
-    path.write_text(f"merge_method: linear\nbase_model: {refs['base']}\nmodels:\n"
+def write(path: Path, refs: dict[str, str], method: str = "linear") -> Path:
+    path.write_text(f"merge_method: {method}\nbase_model: {refs['base']}\nmodels:\n"
                     f"  - model: {refs['a']}\n    parameters: {{weight: 0.7}}\n"
                     f"  - model: {refs['b']}\n    parameters: {{weight: 0.3}}\n" + OUTPUT)
     return path
@@ -116,6 +116,27 @@ def test_each_unit_downloads_only_its_files_and_finalize_equals_serial(n, hub, s
     for repo in REPOS:
         assert_fetched(hub, f"org/{repo}", set())  # finalize of a plain merge: headers only
     same_as_serial(serial, tmp_path / "out")
+
+
+def test_a_fold_with_a_reduce_finalize_downloads_the_base_alone(hub, tmp_path):
+    """OPCM: the units fold their tensors (their files only); finalize's second map reads the base."""
+    import torch
+
+    local = write(tmp_path / "local.yaml", {n: str(hub.root / n) for n in REPOS}, "opcm")
+    got = run_cli(hub, tmp_path, "run", local, "--out", tmp_path / "serial")
+    assert got.returncode == 0, got.stderr
+    r = write(tmp_path / "r.yaml", {k: f"org/{k}" for k in REPOS}, "opcm")
+    stage = tmp_path / "stage"
+    fetched = [run_unit(hub, tmp_path, r, stage, i, 2) for i in range(2)]
+    assert all(f < set(weight_files(hub, "org/a")) for f in fetched)
+    hub.reset()
+    got = run_cli(hub, tmp_path / "finalizer", "finalize", r, "--stage", stage, "--out", tmp_path / "out")
+    assert got.returncode == 0, got.stderr
+    assert_fetched(hub, "org/base", set(weight_files(hub, "org/base")))
+    for repo in ("org/a", "org/b"):
+        assert_fetched(hub, repo, set())
+    want, out = load_dir(tmp_path / "serial"), load_dir(tmp_path / "out")
+    assert want.keys() == out.keys() and all(torch.equal(want[k], out[k]) for k in want)
 
 
 def test_a_unit_of_an_older_commit_is_refused_as_stale(hub, tmp_path):
