@@ -9,9 +9,11 @@ A receipt records: the plan hash (``plan_hash``: SHA-256 of the resolved plan â€
 items, per-item parameters, output layout and metadata â€” and of the inputs' identities, which
 do not depend on where this machine keeps them: a hub model by repository and commit sha (so a
 unit that downloaded only its own files and a finalize that read only headers agree; another
-commit is another plan), a local file by its name inside its input, size and mtime), the unit id and count, the phase (``shards``: output shards; ``fold``: the running
-sums of a fold with a reduce), and per file its bytes and per tensor its SHA-256, byte count and
-whether it is finite; a fold's per-tensor statistics; the items' reports.
+commit is another plan), a local file by its name inside its input, size and mtime), the inputs'
+identities themselves (to name a hub model that moved on), the unit id and count, the phase
+(``shards``: output shards; ``fold``: the running sums of a fold with a reduce), and per file
+its bytes and per tensor its SHA-256, byte count and whether it is finite; a fold's per-tensor
+statistics; the items' reports.
 
 ``verify_unit`` checks a unit against the plan before `merge finalize` uses it: present, receipt
 readable, same plan (else *stale*: another recipe, other inputs, or another --shard count),
@@ -143,14 +145,14 @@ def _hash_range(fh, start: int, length: int) -> str:
 
 
 def _changed_hub_input(receipt: dict, inputs) -> str:
-    """`` (org/name is at commit X now; the unit read Y)`` where a hub model moved on between the
-    unit and now, else ""."""
+    """`` (org/name is at commit X now, the unit read Y; pin a revision ...)`` where a hub model
+    got a new commit between the unit and now, else ""."""
     old = {x[1]: x[2] for x in receipt.get("inputs") or []
            if isinstance(x, list) and len(x) > 2 and x[0] == "hub" and isinstance(x[2], str)}
     for x in (y for y in inputs or [] if y[0] == "hub"):
         if x[1] in old and old[x[1]] != x[2]:
             return (f" ({x[1]} is at commit {x[2][:12]} now, the unit read {old[x[1]][:12]}; pin a revision, "
-                    f"{x[1]}@{x[2][:12]}, so that every unit reads the same files)")
+                    f"{x[1]}@{x[2]}, so that every unit reads the same files)")
     return ""
 
 
