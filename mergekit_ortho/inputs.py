@@ -67,6 +67,39 @@ def aligned_inputs(plan: "Plan", name: str, base_source: "Source | None", source
     return base, [aligned[m.label] for m, _ in sources]
 
 
+def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", shape, cdt):
+    """Row-block readers of one tensor for the bounded-memory merge (:mod:`.ops.gta_rows`):
+    ``rows(i, r0, r1)``, model i's task vector rows r0..r1 in ``cdt`` (:func:`operator_input` of
+    its stored rows, rounded to the recipe's ``dtype`` as :func:`stored` does), and
+    ``base_rows(r0, r1)``, the base's (the last block read is kept: every model reads it); on the
+    CPU. None when an input cannot be read by rows (not a safetensors checkpoint, a wrapped or
+    LoRA source, another shape): the caller merges in memory."""
+    for m, n in [base_source, *sources]:
+        reads = getattr(m.source, "reads_rows", None)
+        if m.is_lora or reads is None or not reads(n) or tuple(m.source.infos[n].shape) != tuple(shape):
+            return None
+    load = plan.load_dtype
+
+    def read(m, n, r0, r1):
+        x = m.source.get_rows(n, r0, r1)
+        return x.to(load) if load is not None and x.is_floating_point() and x.dtype != load else x
+
+    last: dict = {}
+
+    def base_rows(r0: int, r1: int):
+        if last.get("at") != (r0, r1):
+            last.clear()
+            last["x"] = read(*base_source, r0, r1).to(cdt)
+            last["at"] = (r0, r1)
+        return last["x"]
+
+    def rows(i: int, r0: int, r1: int):
+        m, n = sources[i]
+        return operator_input(read(m, n, r0, r1), base_rows(r0, r1), cdt)
+
+    return rows, base_rows
+
+
 def base_tensor(plan: "Plan", source: "Source", cdt=None):
     """The base input (a model and its tensor name) on the plan's device, in ``cdt`` (None: as stored)."""
     m, name = source
