@@ -15,7 +15,7 @@ norms of the rescale. Given those, every other step is elementwise:
   trim applied to that copy), hence s_i = :func:`.sparsify.rescale_factor`. DARE reads nothing
   here unless it rescales (then it drops with model i's generator, re-seeded for pass 2);
 * pass 2 walks blocks of whole rows: each model's task-vector rows are read again, trimmed by its
-  cut at their flat offset (:func:`.kernels.topk.keep_band_at_`) or dropped with the next draws of
+  cut at their flat offset (:func:`.kernels.topk.keep_top_at_`, ``keep_band_at_``) or dropped with the next draws of
   its generator (flat order, as :func:`.kernels.dare_drop.random_drop_` draws), scaled by s_i then
   w_i (:func:`.gta._scale_`), combined by the same sign election or sum (:func:`.gta._mix`), and
   the base rows added into the output.
@@ -84,7 +84,9 @@ class _Trim:
         elif self.random:
             u = torch.rand(x.shape, generator=gen, dtype=torch.float32, device=x.device, out=draws[:x.numel()])
             dare_drop.keep_below_(x, u, self.density)
-        elif self.lower is not None or self.upper is not None:
+        elif self.lower is None and self.upper is not None:  # ties: the radix kernel's own pass
+            topk.keep_top_at_(x, offset, *self.upper)
+        elif self.lower is not None:
             topk.keep_band_at_(x, offset, self.lower, self.upper)
 
 

@@ -225,12 +225,24 @@ def keep_top_k_(flat: torch.Tensor, k: int) -> None:
     magnitude exceeds the k-th largest magnitude t, then the entries with magnitude t in
     increasing index until k are kept. 1 <= k <= numel; dtype in ``RADIX_DTYPES``."""
     n = flat.numel()
+    if k >= n:  # everything is kept
+        return
     dt = flat.dtype
     src = flat if dt in (torch.float32, torch.float64) else flat.abs().float()  # exact, monotone
     t, m, n_eq, c = radix_threshold(src, k)
-    if m == n_eq:  # the whole tie group at t is kept (always, without ties at the threshold)
-        c = n
-    # keep |x| >= t before index c and |x| > t from c on (c = 1 + the last kept entry equal to t)
+    keep_top_at_(flat, 0, t, n if m == n_eq else c, src)
+
+
+def keep_top_at_(flat: torch.Tensor, offset: int, t: int, c: int, src: torch.Tensor | None = None) -> None:
+    """Zero, in place, the entries of ``flat`` (contiguous 1-D, entries ``offset``.. of the tensor
+    whose top-k cut (t, c) this is, :func:`cut`) outside that top set: kept are |x| > t, and
+    |x| == t at flat indices below c. ``src``: the float32/float64 magnitudes compared (``flat``
+    itself by default; an exact float32 copy of |x| for half types). Elementwise given the cut,
+    so any split of the tensor gives :func:`keep_top_k_`'s result (:mod:`..gta_rows`)."""
+    n = flat.numel()
+    dt = flat.dtype
+    src = flat if src is None else src
+    c = min(max(c - offset, 0), n)  # local: keep |x| >= t before c, |x| > t from c on
     itype = INT_OF[src.element_size()]
     min_normal, inf = (0x00800000, 0x7F800000) if itype == torch.int32 else (1 << 52, 0x7FF << 52)
     step = chunk_len(flat)
@@ -249,13 +261,8 @@ def keep_top_k_(flat: torch.Tensor, k: int) -> None:
                 torch.hardshrink(part, float(tf), out=part)
         return
     # a zero, subnormal, infinite or NaN threshold, or a half dtype: compare the bit patterns of
-    # |x| (exact whatever the denormal mode; NaN patterns sit above +inf)
-    mag_bits = src.view(itype).bitwise_and(torch.iinfo(itype).max)
-    drop = torch.empty(n, dtype=torch.bool, device=flat.device)
-    torch.lt(mag_bits[:c], t, out=drop[:c])
-    torch.le(mag_bits[c:], t, out=drop[c:])
-    del mag_bits
-    flat.masked_fill_(drop, 0)
+    # |x| (exact whatever the denormal mode; NaN patterns sit above +inf), chunk by chunk
+    keep_band_at_(flat, 0, None, (t, c), src.view(itype))
 
 
 def cut(src: torch.Tensor, k: int) -> tuple[int, int]:
