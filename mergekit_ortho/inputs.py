@@ -69,11 +69,14 @@ def aligned_inputs(plan: "Plan", name: str, base_source: "Source | None", source
 
 def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", shape, cdt):
     """Row-block readers of one tensor for the bounded-memory merge (:mod:`.ops.gta_rows`):
-    ``rows(i, r0, r1)``, model i's task vector rows r0..r1 in ``cdt`` (:func:`operator_input` of
+``rows(i, r0, r1)``, model i's task vector rows r0..r1 in ``cdt`` (:func:`operator_input` of
     its stored rows, rounded to the recipe's ``dtype`` as :func:`stored` does), and
     ``base_rows(r0, r1)``, the base's (the last block read is kept: every model reads it); on the
     CPU. None when an input cannot be read by rows (not a safetensors checkpoint, a wrapped or
-    LoRA source, another shape): the caller merges in memory."""
+    LoRA source, another shape): the caller merges in memory. ``rows(..., out=t)`` writes into
+    ``t`` (1-D, the block's size) instead of a fresh tensor."""
+    import torch
+
     for m, n in [base_source, *sources]:
         reads = getattr(m.source, "reads_rows", None)
         if m.is_lora or reads is None or not reads(n) or tuple(m.source.infos[n].shape) != tuple(shape):
@@ -88,14 +91,20 @@ def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", sha
 
     def base_rows(r0: int, r1: int):
         if last.get("at") != (r0, r1):
-            last.clear()
-            last["x"] = read(*base_source, r0, r1).to(cdt)
+            x = read(*base_source, r0, r1)
+            buf = last.get("buf")
+            if buf is None or buf.numel() < x.numel():
+                buf = last["buf"] = torch.empty(x.numel(), dtype=cdt)
+            last["x"] = buf[:x.numel()].view(x.shape).copy_(x)  # x.to(cdt), into one reused buffer
             last["at"] = (r0, r1)
         return last["x"]
 
-    def rows(i: int, r0: int, r1: int):
+    def rows(i: int, r0: int, r1: int, out=None):
         m, n = sources[i]
-        return operator_input(read(m, n, r0, r1), base_rows(r0, r1), cdt)
+        x = read(m, n, r0, r1)
+        if out is None:
+            return operator_input(x, base_rows(r0, r1), cdt)
+        return out.view(x.shape).copy_(x).sub_(base_rows(r0, r1))  # operator_input, into ``out``
 
     return rows, base_rows
 

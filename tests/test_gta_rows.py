@@ -71,10 +71,10 @@ def by_rows(method, base, deltas, params, per_model, reads=None):
     task = make_task(method, len(deltas), params, per_model)
     assert gta_rows.applies(method, task, SHAPE, torch.float32)
 
-    def rows(i, r0, r1):
+    def rows(i, r0, r1, out):
         if reads is not None:
             reads.append((i, r0, r1))
-        return deltas[i][r0:r1].clone()
+        out.copy_(deltas[i][r0:r1].reshape(-1))
 
     return gta_rows.merge_rows(task, method, SHAPE, rows, lambda r0, r1: base[r0:r1].clone(), torch.float32)
 

@@ -130,8 +130,8 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
                base_rows: Callable[[int, int], torch.Tensor] | None, dtype) -> torch.Tensor:
     """The merged tensor of ``shape`` (``dtype``): the in-memory path's merged delta plus the base.
 
-    ``rows(i, r0, r1)``: model i's task vector rows r0..r1 (along dim 0) in ``dtype``, a fresh
-    contiguous tensor each call; ``base_rows(r0, r1)``: the base's rows in ``dtype`` (None: the
+    ``rows(i, r0, r1, out)``: model i's task vector rows r0..r1 (along dim 0) in ``dtype``,
+    written into ``out`` (1-D, their size); ``base_rows(r0, r1)``: the base's rows in ``dtype`` (None: the
     delta alone). :func:`applies` holds."""
     v = gta.VARIANTS[variant]
     n_models = len(task.model_params)
@@ -154,7 +154,7 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
         if buf is None:
             buf = torch.empty(numel, dtype=dtype)
         for r0, r1 in blocks:
-            buf[r0 * row_len:r1 * row_len].copy_(rows(i, r0, r1).reshape(-1))
+            rows(i, r0, r1, buf[r0 * row_len:r1 * row_len])
         trims.append(_find_trim(task, v, i, buf))
     del buf
 
@@ -162,13 +162,15 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
     gens = [_gen(task, i) if t.random else None for i, t in enumerate(trims)]
     draws = torch.empty(per * row_len, dtype=torch.float32) if any(gens) else None
     weights = [mp.weight for mp in task.model_params]
+    blk = [torch.empty(per * row_len, dtype=dtype) for _ in range(n_models)]
     out = torch.empty(shape, dtype=dtype)
     flat = out.view(-1)
     for r0, r1 in blocks:
         g0, g1 = r0 * row_len, r1 * row_len
         parts = []
         for i in range(n_models):
-            x = rows(i, r0, r1).reshape(-1)
+            x = blk[i][:g1 - g0]
+            rows(i, r0, r1, x)
             trims[i].apply_(x, g0, gens[i], draws)
             gta._scale_(x, trims[i].scale, weights[i])
             parts.append(x)
