@@ -112,6 +112,7 @@ def merge_tensor(plan, name: str):
 
     from .inputs import base_tensor, dense_task, model_tensor
     from .planning import VOCABULARY_TENSORS
+    from .row_merge import by_rows
 
     op = plan.op
     if op.input_kind == "lora":
@@ -132,10 +133,13 @@ def merge_tensor(plan, name: str):
         space_base = base if op.reads == "deltas" else None
         out = apply_dense(op, task, lambda: (operator_input(w.clone(), space_base, cdt) for w in weights))
         return out + base if op.reads == "deltas" else out
-    if use_base and not raw and op.reads == "deltas" and str(plan.device) == "cpu" and not plan.lora_models:
-        out = _merged_by_rows(plan, name, tuple(item.shape), base_source, sources, cdt)
-        if out is not None:
-            return out
+    rows = by_rows(plan, name)
+    if rows is not None:  # a large tensor of the TIES family: two passes over row blocks
+        from .inputs import row_inputs
+        from .ops import gta_rows
+
+        task, shape = rows
+        return gta_rows.merge_rows(task, op.name, shape, *row_inputs(plan, base_source, sources, shape, cdt), cdt)
     base = base_tensor(plan, base_source, None if raw else cdt) if use_base else None
     task = dense_task(plan, name, base)
     task.dtype, task.raw_inputs = cdt, raw
@@ -146,21 +150,6 @@ def merge_tensor(plan, name: str):
 
         out = add_converted_(out, base)  # the base may still be as stored (bf16)
     return out
-
-
-def _merged_by_rows(plan, name: str, shape, base_source, sources, cdt):
-    """A large tensor of the TIES family merged in two passes over row blocks (:mod:`.ops.gta_rows`:
-    bit-identical, one task vector in memory instead of all), or None where that path does not
-    apply (method, size, inputs that cannot be read by rows)."""
-    from .inputs import dense_task, row_inputs
-    from .ops import gta_rows
-
-    task = dense_task(plan, name, None)
-    task.dtype = cdt
-    if not gta_rows.applies(plan.op.name, task, shape, cdt):
-        return None
-    readers = row_inputs(plan, base_source, sources, shape, cdt)
-    return None if readers is None else gta_rows.merge_rows(task, plan.op.name, shape, *readers, cdt)
 
 
 def module_result(plan, key: str) -> registry.LoraResult:

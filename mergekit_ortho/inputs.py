@@ -72,15 +72,10 @@ def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", sha
 ``rows(i, r0, r1)``, model i's task vector rows r0..r1 in ``cdt`` (:func:`operator_input` of
     its stored rows, rounded to the recipe's ``dtype`` as :func:`stored` does), and
     ``base_rows(r0, r1)``, the base's (the last block read is kept: every model reads it); on the
-    CPU. None when an input cannot be read by rows (not a safetensors checkpoint, a wrapped or
-    LoRA source, another shape): the caller merges in memory. ``rows(..., out=t)`` writes into
-    ``t`` (1-D, the block's size) instead of a fresh tensor."""
+    CPU; every input read by rows (:func:`.row_merge.readable`). ``rows(..., out=t)`` writes
+    into ``t`` (1-D, the block's size) instead of a fresh tensor."""
     import torch
 
-    for m, n in [base_source, *sources]:
-        reads = getattr(m.source, "reads_rows", None)
-        if m.is_lora or reads is None or not reads(n) or tuple(m.source.infos[n].shape) != tuple(shape):
-            return None
     load = plan.load_dtype
 
     def read(m, n, r0, r1):

@@ -204,3 +204,22 @@ def test_merge_run_by_rows_equals_in_memory(tiny_models, tmp_path, cli, monkeypa
     assert set(got) == set(want)
     for k, w in want.items():
         assert got[k].dtype == w.dtype and torch.equal(got[k].view(torch.uint8), w.view(torch.uint8)), k
+
+
+def test_the_plans_peak_estimate_follows(tiny_models, tmp_path, monkeypatch):
+    from mergekit_ortho import plan as plan_mod
+    from mergekit_ortho import recipe as recipe_mod
+    from mergekit_ortho.row_merge import by_rows
+
+    doc = {"merge_method": "ties", "base_model": str(tiny_models / "base"),
+           "models": [{"model": str(tiny_models / m), "parameters": {"density": 0.5}} for m in "abc"]}
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(doc))
+    p = plan_mod.build_plan(recipe_mod.load(r))
+    in_memory_peak = p.peak_bytes
+    assert by_rows(p, "lm_head.weight") is None
+    monkeypatch.setattr(gta_rows, "STREAM_MIN_BYTES", 3 * 160 * 32 * 4)
+    monkeypatch.setattr(topk, "RADIX_MIN_NUMEL", 64)
+    assert by_rows(p, "lm_head.weight") is not None and by_rows(p, "model.layers.0.mlp.up_proj.weight") is None
+    mlp = 48 * 32 * (3 * 4 + 2 + 4 + 4)  # the largest in-memory step now: an MLP matrix
+    assert p.peak_bytes < in_memory_peak and p.peak_bytes - in_memory_peak == mlp - 160 * 32 * (3 * 4 + 2 + 4 + 4)
