@@ -69,7 +69,7 @@ def aligned_inputs(plan: "Plan", name: str, base_source: "Source | None", source
 
 def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", shape, cdt):
     """Row-block readers of one tensor for the bounded-memory merge (:mod:`.ops.gta_rows`):
-``rows(i, r0, r1)``, model i's task vector rows r0..r1 in ``cdt`` (:func:`operator_input` of
+    ``rows(i, r0, r1)``, model i's task vector rows r0..r1 in ``cdt`` (:func:`operator_input` of
     its stored rows, rounded to the recipe's ``dtype`` as :func:`stored` does), and
     ``base_rows(r0, r1)``, the base's (the last block read is kept: every model reads it); on the
     CPU; every input read by rows (:func:`.row_merge.readable`). ``rows(..., out=t)`` writes

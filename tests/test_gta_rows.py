@@ -223,3 +223,19 @@ def test_the_plans_peak_estimate_follows(tiny_models, tmp_path, monkeypatch):
     assert by_rows(p, "lm_head.weight") is not None and by_rows(p, "model.layers.0.mlp.up_proj.weight") is None
     mlp = 48 * 32 * (3 * 4 + 2 + 4 + 4)  # the largest in-memory step now: an MLP matrix
     assert p.peak_bytes < in_memory_peak and p.peak_bytes - in_memory_peak == mlp - 160 * 32 * (3 * 4 + 2 + 4 + 4)
+
+
+def test_row_reads_are_slices_of_the_stored_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergekit_ortho.sources.checkpoint import CheckpointSource
+
+    t = {"w": torch.randn(7, 3, 2).to(torch.bfloat16), "v": torch.arange(5, dtype=torch.float32),
+         "s": torch.tensor(1.5)}
+    save_file(t, str(tmp_path / "model.safetensors"))
+    src = CheckpointSource(str(tmp_path))
+    for r0, r1 in ((0, 7), (2, 5), (6, 7), (3, 3)):
+        got = src.get_rows("w", r0, r1)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, t["w"][r0:r1])
+    assert torch.equal(src.get_rows("v", 1, 4), t["v"][1:4])
+    assert src.reads_rows("w") and src.reads_rows("v") and not src.reads_rows("s")  # a 0-d tensor has no rows

@@ -15,19 +15,21 @@ norms of the rescale. Given those, every other step is elementwise:
   trim applied to that copy), hence s_i = :func:`.sparsify.rescale_factor`. DARE reads nothing
   here unless it rescales (then it drops with model i's generator, re-seeded for pass 2);
 * pass 2 walks blocks of whole rows: each model's task-vector rows are read again, trimmed by its
-  cut at their flat offset (:func:`.kernels.topk.keep_top_at_`, ``keep_band_at_``) or dropped with the next draws of
-  its generator (flat order, as :func:`.kernels.dare_drop.random_drop_` draws), scaled by s_i then
+  cut at their flat offset (:func:`.kernels.topk.keep_top_at_`, ``keep_band_at_``) or dropped
+  with the next draws of its generator (flat order, as :func:`.kernels.dare_drop.random_drop_` draws), scaled by s_i then
   w_i (:func:`.gta._scale_`), combined by the same sign election or sum (:func:`.gta._mix`), and
   the base rows added into the output.
 
 Every entry sees the in-memory path's operations on the same values in the same order, so the
-result is bit-identical (tests/test_gta_rows.py). Peak: the output plus one task vector in pass 1,
-the output plus a block per model in pass 2 (for 3 models at 262 MB: ~0.53 GB instead of ~1.2 GB).
+result is bit-identical (tests/test_gta_rows.py). Peak: one task vector in pass 1, then the
+output in pass 2 (allocated after pass 1's buffer is freed), plus a block per model: for 3 models
+of a 262 MB float32 tensor ~0.3 GB instead of ~1.2 GB (3 task vectors, the base, the result).
 
 Used (:func:`applies`) for ties (``trim_rule: topk``), dare_ties, dare_linear, breadcrumbs and
 breadcrumbs_ties when the task vectors would take ``n_models x numel x itemsize >=
 STREAM_MIN_BYTES`` (256 MiB) together, in float32/float64, on tensors the radix kernel handles;
-the executor also needs row reads of every input (:func:`mergekit_ortho.inputs.row_inputs`).
+the executor also needs row reads of every input (:func:`mergekit_ortho.row_merge.by_rows`
+decides, :func:`mergekit_ortho.inputs.row_inputs` reads).
 Pass 2 reads each input a second time (pass 1 a third for the base): 2-3x the reads of those few
 tensors. Not della: its keep probabilities rank along dim 1 of every row, which would stream too,
 but is not done.
