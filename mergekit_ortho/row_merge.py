@@ -3,8 +3,8 @@
 The TIES family's large tensors (n_models x numel x itemsize of the compute dtype >=
 ``gta_rows.STREAM_MIN_BYTES``, 256 MiB: TinyLlama-1.1B's embeddings and head with 3 models, not its
 138 MB MLP matrices) are merged in two passes over row blocks, one task vector in memory instead
-of all, bit-identical to the in-memory operator. Needed: a dense deltas method of
-:data:`.ops.gta_rows.SPARSIFIERS` without a fold, full checkpoints only (no LoRA inputs), the CPU,
+of all, bit-identical to the in-memory operator. Needed: a method of generalized task arithmetic
+whose sparsifier is in :data:`.ops.gta_rows.SPARSIFIERS` (:func:`.ops.gta_rows.applies`), full checkpoints only (no LoRA inputs), the CPU,
 no vocabulary alignment, a base, and every input a safetensors tensor of the item's shape
 (:func:`readable`; wrapped sources such as renamed or dequantised ones are merged in memory).
 The executor (:func:`.execute.merge_tensor`) and the plan's peak-memory estimate

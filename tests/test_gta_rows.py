@@ -1,7 +1,8 @@
 """The bounded-memory TIES-family path (ops/gta_rows.py, issue 17): two passes over row blocks,
 bit-identical to the in-memory merge (ops/gta.py) - on tensors with long runs of equal magnitudes
 (bf16 / fp16 task vectors) whose trim threshold falls inside such a run and whose row blocks cut
-through it, with rescale on and off, inf and NaN entries, densities 0 and 1, negative weights -
+through it, for ties, dare_ties / dare_linear (seeded), breadcrumbs(_ties) and della(_linear), with
+rescale on and off, inf and NaN entries, densities 0 and 1, negative weights -
 and end to end through `merge run` with the budget lowered so that small tensors take it."""
 from __future__ import annotations
 
@@ -90,6 +91,10 @@ CASES = [
     ("breadcrumbs", {}, [{"density": 0.5, "gamma": 0.05}, {"density": 0.3, "gamma": 0.0}, {"density": 0.9, "gamma": 0.2}]),
     ("breadcrumbs", {"rescale": True, "normalize": True}, [{"density": 0.5}, {"density": 0.7, "gamma": 0.1}]),
     ("breadcrumbs_ties", {"lambda": 1.5}, [{"density": 0.4, "gamma": 0.02}, {"density": 0.6}, {"density": 0.0}]),
+    ("della", {}, [{"density": 0.5, "epsilon": 0.1}, {"density": 0.3, "epsilon": 0.2, "weight": 0.7},
+                   {"density": 0.8, "epsilon": 0.15}]),
+    ("della_linear", {"rescale": False, "seed": 3}, [{"density": 0.4, "epsilon": 0.1}, {"density": 1.0},
+                                                     {"density": 0.0}]),
 ]
 
 
@@ -104,9 +109,10 @@ def test_bit_identical_to_the_in_memory_merge(small, method, params, per_model, 
 
 @pytest.mark.parametrize("special", ["inf", "nan"])
 @pytest.mark.parametrize("method, params", [("ties", {}), ("ties", {"rescale": True}), ("dare_ties", {}),
-                                            ("breadcrumbs_ties", {"rescale": True})])
+                                            ("breadcrumbs_ties", {"rescale": True}), ("della", {})])
 def test_bit_identical_with_inf_and_nan_entries(small, method, params, special):
-    per_model = [{"density": 0.5}, {"density": 0.3, "weight": 0.7}, {"density": 0.05}]
+    per_model = [{"density": 0.5, "epsilon": 0.04}, {"density": 0.3, "weight": 0.7, "epsilon": 0.04},
+                 {"density": 0.05, "epsilon": 0.04}]
     base, deltas = task_vectors(torch.bfloat16, special=special)
     want = in_memory(method, base, deltas, params, per_model)
     got = by_rows(method, base, deltas, params, per_model)
@@ -148,14 +154,16 @@ def test_which_tensors_take_the_path(monkeypatch):
     assert gta_rows.applies("ties", task, big, torch.float32)
     assert not gta_rows.applies("ties", task, (5632, 2048), torch.float32)  # an MLP matrix: 138 MB together
     assert not gta_rows.applies("ties", task, big, torch.bfloat16)  # half compute dtype: in memory
-    assert not gta_rows.applies("della", task, big, torch.float32)
+    assert not gta_rows.applies("sce", task, big, torch.float32)  # not generalized task arithmetic
     assert not gta_rows.applies("sce", task, big, torch.float32)
     kth = make_task("ties", 3, {"trim_rule": "kthvalue"}, [{"density": 0.5}] * 3)
     assert not gta_rows.applies("ties", kth, big, torch.float32)
-    for method in ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"):
+    for method in ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
         assert gta_rows.applies(method, task, big, torch.float32)
     monkeypatch.setattr(gta_rows, "STREAM_MIN_BYTES", 0)
     assert not gta_rows.applies("ties", task, (100,), torch.float32)  # below the radix kernel's size
+    assert gta_rows.applies("ties", task, (1 << 16,), torch.float32)
+    assert not gta_rows.applies("della", task, (1 << 16,), torch.float32)  # one row: ranks over the whole tensor
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -183,7 +191,7 @@ def run(cli, tmp_path: Path, doc: dict, name: str) -> dict:
 
 
 @pytest.mark.parametrize("method, params", [("ties", {}), ("ties", {"rescale": True, "dtype": "float16"}),
-                                            ("dare_ties", {"seed": 5}), ("breadcrumbs", {})])
+                                            ("dare_ties", {"seed": 5}), ("breadcrumbs", {}), ("della", {"epsilon": 0.1})])
 def test_merge_run_by_rows_equals_in_memory(tiny_models, tmp_path, cli, monkeypatch, method, params):
     doc = {"merge_method": method, "base_model": str(tiny_models / "base"),
            "models": [{"model": str(tiny_models / m), "parameters": {"weight": w, "density": d}}
