@@ -237,11 +237,13 @@ def test_della_equals_the_plain_formulation(chunk, shape):
         assert bits_equal(got, want), (shape, d)
 
 
+@pytest.mark.parametrize("grain", [1, 1 << 15])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_della_in_many_blocks_equals_the_plain_formulation(monkeypatch, threads):
+def test_della_in_many_blocks_equals_the_plain_formulation(monkeypatch, threads, grain):
     from mergekit_ortho.ops.kernels import della_drop
 
     monkeypatch.setattr(_chunks, "CHUNK", 64)  # 2-row blocks, the last one partial
+    monkeypatch.setattr(della_drop, "GRAIN", grain)  # torch steps of one row each, or whole blocks
     monkeypatch.setattr(della_drop, "workers", lambda: threads)  # serial path, and blocks on the pool
     g = torch.Generator().manual_seed(5)
     for x in (torch.randn(37, 32, generator=g), (torch.randint(-2, 3, (9, 16, 3), generator=g) / 2).float()):

@@ -14,43 +14,24 @@ per chunk of ``FOLD_CHUNK`` entries, the chunks' sums in float64), then ``a * w0
 
 Bit-equal to the plain form (tests/test_kernels_arc.py).
 
-Threads: both passes run with torch on one thread (:func:`serial`). MKL's dot product is
-multi-threaded on 2^13 entries and more, and then its result depends on the thread count (the
-same chunk summed by 1 and 2 threads differs in the last bits), and every multi-threaded op is
-a parallel region: on cores shared with other jobs a region waits for a descheduled thread
-(measured on the 2-core dev box at load 5-10: a 2^18-entry ``torch.dot`` took 4.5 ms on 2
-threads against 37 us on one, and the old chunked fold took 2-8 s on a 32000 x 1024 bf16
-tensor against 0.3-0.4 s on one thread). On one thread the coefficients, hence the output, are
-the same whatever ``merge --threads`` says; the passes are memory-bound, so one core loses
-little even on an idle machine.
+Threads: both passes run with torch on one thread (:func:`.threads.serial`). MKL's dot product
+is multi-threaded from 2^13 entries on, and then its result depends on the thread count (the
+same chunk summed by 1 and 2 threads differs in the last bits), and each of the ~9 ops a chunk
+took on several threads was a parallel region that, on shared cores, waits for a descheduled
+thread: at load 5-12 on the 2-core dev box the old 2-thread fold took 2-8 s on a 32000 x 1024
+bf16 tensor, this one 0.2-0.3 s. On one thread the coefficients, hence the output, are the same
+whatever ``merge --threads`` says; the passes are memory-bound, so one core loses little.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable
 
 from . import convert
 from .convert import converted_chunks
+from .threads import serial
 
 if TYPE_CHECKING:
     import torch
-
-
-@contextmanager
-def serial():
-    """torch's CPU ops on one thread inside the block (the caller's thread count restored after).
-    Only the calling thread's OpenMP / MKL settings change; the merge runs its tensor math on
-    the main thread alone."""
-    import torch
-
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
 
 
 def _step(x: "torch.Tensor", chunk: int | None) -> int:
