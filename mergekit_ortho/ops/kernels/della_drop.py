@@ -65,22 +65,6 @@ def sorted_keys(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
 DIRTY_MAX = 1 / 32
 
 
-def _lower_bound(k: np.ndarray, r: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """For each query q: the first column i of the sorted row k[r[q]] with k[r[q], i] >= t[q]
-    (a binary search vectorised over the queries)."""
-    L = k.shape[1]
-    lo = np.zeros(r.size, np.int64)
-    hi = np.full(r.size, L, np.int64)
-    while True:
-        act = lo < hi
-        if not act.any():
-            return lo
-        mid = (lo + hi) >> 1
-        less = act & (k[r, np.minimum(mid, L - 1)] < t)
-        lo = np.where(less, mid + 1, lo)
-        hi = np.where(act & ~less, mid, hi)
-
-
 def sorted_columns(bits: np.ndarray, key_buf: np.ndarray, k32: np.ndarray) -> np.ndarray:
     """Each row's columns in ascending (|x| bit pattern, column) order (:func:`sorted_keys`'
     order), int64 (rows, L), a view of ``key_buf`` (int32 (rows, L, 2)); ``k32`` int32 (rows, L)
@@ -106,7 +90,7 @@ def sorted_columns(bits: np.ndarray, key_buf: np.ndarray, k32: np.ndarray) -> np
             np.bitwise_or(k, np.arange(L, dtype=np.int32), out=k)
             k.sort(axis=1)
             if dirty.size:
-                _fix_runs(k, bits, dirty // L, dirty % L, cb)
+                _fix_runs(k, bits, dirty // L, dirty % L, cb, cols)
             np.bitwise_and(k, cmask, out=cols)
             return cols
     keys = sorted_keys(bits, key_buf)
@@ -114,14 +98,18 @@ def sorted_columns(bits: np.ndarray, key_buf: np.ndarray, k32: np.ndarray) -> np
     return keys
 
 
-def _fix_runs(k: np.ndarray, bits: np.ndarray, dr: np.ndarray, dc: np.ndarray, cb: int) -> None:
+def _fix_runs(k: np.ndarray, bits: np.ndarray, dr: np.ndarray, dc: np.ndarray, cb: int, scratch: np.ndarray) -> None:
     """Re-sort, by the full (row, magnitude, column) key, the runs of equal magnitude prefix in
-    the sorted 32-bit keys ``k`` that hold a dirty entry (row dr, column dc)."""
+    the sorted 32-bit keys ``k`` that hold a dirty entry (row dr, column dc). ``scratch``: int64
+    of k's shape. The runs are found by binary search in one ascending int64 array of
+    (row << 32 | key): a few numpy calls a block (the pool threads share the GIL)."""
     rows, L = k.shape
     cmask = (1 << cb) - 1
-    pre = (bits[dr, dc] & (0x7FFFFFFF & ~cmask)).astype(np.int64)
-    a = _lower_bound(k, dr, pre)
-    b = _lower_bound(k, dr, pre + (1 << cb))
+    flat = np.bitwise_or(k, np.arange(rows, dtype=np.int64)[:, None] << 32, out=scratch).reshape(-1)
+    q = (dr.astype(np.int64) << 32) | (bits[dr, dc] & (0x7FFFFFFF & ~cmask))
+    first = dr.astype(np.int64) * L
+    a = np.searchsorted(flat, q) - first
+    b = np.searchsorted(flat, q + (1 << cb)) - first
     long = b - a > 1  # a run of one entry is in order
     if not long.any():
         return
