@@ -12,6 +12,9 @@ Plain formulation (``sparsify.della_plain``): ranks r = the inverse of a stable 
   scattered to the columns the sorted low words name: p[i, col(i, r)] = table[r]. The keys are
   written in one strided pass from x's bits (no |x|, no shifts); the rank scatter, int64 rank
   tensor and its float conversion of the previous kernel (``row_rank.row_ranks``) are gone.
+  Rows of at most 2^16 entries sort 32-bit keys instead where few entries need more than the
+  magnitude's top 31 - ceil(log2 L) bits (:func:`sorted_columns`; AVX-512 sorts them about twice
+  as fast), with the runs those few entries fall in re-sorted by the full key.
 * the draws are taken block by block from ``gen`` in flat order (the same numbers as one
   full-size draw) and the mask is the sign bit of u - p (:func:`.dare_drop.keep_below_`).
 * inside a block the lookups and masks go 2^15 entries at a time: on a pool thread a larger
