@@ -56,7 +56,7 @@ Two entry points share the projection:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -110,11 +110,14 @@ def project(
     zero_diagonal: bool = True,
     robust: bool = True,
     svd_dtype: str | torch.dtype = "float32",
+    svd: Callable[[torch.Tensor], tuple] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """P(tau) against the merged update ``tbar`` (any positive multiple of it gives the same P).
 
-    Returns (P(tau) in tau's dtype, info) with info = {"r": r, "k": k, "rank": numerical rank
-    used for the diagonal, "identity": True when the zero guard skipped the projection}.
+    ``svd(A) -> (U, s, Vh)``: the thin SVD to use (default :func:`thin_svd`; `merge sweep`
+    passes one that caches it by the content of A). Returns (P(tau) in tau's dtype, info) with
+    info = {"r": r, "k": k, "rank": numerical rank used for the diagonal, "identity": True when
+    the zero guard skipped the projection}.
     """
     if tbar.shape != tau.shape or tau.dim() != 2:
         raise ValueError(f"opcm: project needs two 2-D tensors of one shape, got {tuple(tbar.shape)} and {tuple(tau.shape)}")
@@ -125,7 +128,7 @@ def project(
         return tau.clone(), {"r": 0, "k": 0, "rank": 0, "identity": True}
     A = tbar.to(cdt)
     T = tau.to(cdt)
-    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    U, s, Vh = (svd or thin_svd)(A)
     if robust and not bool(s[0] > torch.finfo(cdt).tiny):  # zero (or NaN) merged update: no basis
         return tau.clone(), {"r": 0, "k": k, "rank": 0, "identity": True}
     if robust:
@@ -145,6 +148,11 @@ def project(
         C[idx, idx] = M[idx, idx]
     out = T - (U @ C) @ Vh
     return out.to(tau.dtype), {"r": r, "k": k, "rank": rank, "identity": False}
+
+
+def thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of the merged update that a projection is taken against."""
+    return torch.linalg.svd(A, full_matrices=False)
 
 
 def _options(params: Params) -> dict:
@@ -176,7 +184,7 @@ def _start(task: TensorTask) -> None:
 
 
 def _step(prev: torch.Tensor | None, tau: torch.Tensor, i: int,
-          task: TensorTask) -> tuple[torch.Tensor, dict[str, float]]:
+          task: TensorTask, svd: Callable | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """S_1 = tau_1; S_t = S_{t-1} + P_t(tau_t) (t = i + 1), P_t from the SVD of S_{t-1} for
     projectable tensors, identity otherwise. The projection needs no scalar of step t-1: U, V and r
     of S_{t-1} are those of tau_bar_{t-1} = S_{t-1}/lambda_{t-1}. Stats, float64, summed over the
@@ -196,7 +204,7 @@ def _step(prev: torch.Tensor | None, tau: torch.Tensor, i: int,
         raise ShapeMismatch(f"opcm: tensor '{name}' has shape {tuple(tau.shape)}, its state {tuple(prev.shape)}")
     projected = 0.0
     if is_projectable(name, tau, task.params):
-        ptau, info = project(prev, tau, **_options(task.params))
+        ptau, info = project(prev, tau, **_options(task.params), svd=svd)
         projected = 0.0 if info["identity"] else 1.0
     else:
         ptau = tau
@@ -241,6 +249,15 @@ def _finish(state: torch.Tensor, task: TensorTask) -> torch.Tensor:
 
 
 FOLD = Fold(_start, _step, _finish, reduce=_reduce)
+
+
+def fold_with_svd(svd: Callable[[torch.Tensor], tuple]) -> Fold:
+    """:data:`FOLD` with the projections' thin SVDs taken by ``svd`` (`merge sweep`'s cache,
+    issue 18: the SVD of S_{t-1} is keyed by its content, so it is reused wherever an earlier
+    point had the same merged update, e.g. S_1 = tau_1 for every alpha)."""
+    from dataclasses import replace
+
+    return replace(FOLD, step=lambda prev, tau, i, task: _step(prev, tau, i, task, svd))
 
 
 # -- in-memory reference (B3 pseudocode, literally) -------------------------------------------------
