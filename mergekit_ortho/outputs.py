@@ -45,6 +45,12 @@ def _peft_base_name(plan) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
+def _base_config(plan) -> dict:
+    from .planning import config_of_source
+
+    return config_of_source(plan.base.source) if plan.base is not None else {}
+
+
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
@@ -119,6 +125,7 @@ def _bundle_sink(plan, out: Path, guard: dict):
             "input_formats": {m.label: (m.source.format if m.is_lora else "full") for m in plan.models},
             "base_shapes": ({k: list(plan.base.source.infos[k].shape) for k in reports} if plan.base else {}),
             "peft_base_model": _peft_base_name(plan),
+            "base_config": _base_config(plan),  # `merge revert` names PEFT modules by its family's rules
         }
         return bundle.build_manifest([m.label for m in plan.models], reports, p=p, center=plan.params["center"],
                                      base_model=plan.base.ref if plan.base else None, extras=extras)
