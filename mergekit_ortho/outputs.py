@@ -45,9 +45,13 @@ def _peft_base_name(plan) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
-def _base_config(plan) -> dict:
-    from .planning import config_of_source
+def config_of_source(source) -> dict:
+    from .planning import config_of_source as of
 
+    return of(source)
+
+
+def _base_config(plan) -> dict:
     return config_of_source(plan.base.source) if plan.base is not None else {}
 
 
@@ -90,6 +94,10 @@ def _adapter_sink(plan, out: Path, guard: dict):
             tasks = {m.source.config.get("task_type") for m in plan.lora_models if m.source.config}
             plain, experts, expert_cfg = split_expert_modules(modules, sources, dtype)
             shaped = {k: shaped[k] for k in plain} if shaped is not None else None
+            if plan.base is not None and shaped is not None:
+                from .adapters.transformers5_fused import split_outputs
+
+                plain, shaped = split_outputs(plain, shaped, config_of_source(plan.base.source))
             tensors, cfg = to_peft(plain, _peft_base_name(plan), shapes=shaped, layouts=layouts_of(sources),
                                    dtype=dtype, task_type=tasks.pop() if len(tasks) == 1 else None,
                                    names=plan.adapter_names)

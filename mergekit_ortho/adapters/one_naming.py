@@ -73,6 +73,7 @@ def align(adapters: Sequence[tuple[str, Path, Mapping, MutableMapping[str, str]]
         _refuse_disjoint(adapters)
         return []
     config, where = found
+    _refuse_fused(adapters, config)
     renamed = 0
     for label, _, _, mapping in adapters:
         names = memory_names(sorted(set(mapping.values())), config)
@@ -105,3 +106,29 @@ def _refuse_disjoint(adapters) -> None:
                 f"{label} shares no LoRA module name with the other adapters and no model config was found to "
                 f"relate transformers 4 and 5 module names (no config.json beside the adapters; {where}): "
                 "set base_model, or put the base model's config.json beside one adapter")
+
+
+def _refuse_fused(adapters, config) -> None:
+    """A module the installed transformers splits or fuses on load (Dinov2's ``mlp.weights_in``
+    <-> gate/up) has no one name in the other naming: when the adapters mix the checkpoint's
+    fused module and the in-memory parts (or the reverse), without a base the rows cannot be
+    placed, so it is refused; adapters all of one naming merge by name as before."""
+    from .transformers5 import _rules_for
+    from .transformers5_fused import _taken
+
+    rules = _rules_for(config)
+    if rules is None:
+        return
+    hits = {False: None, True: None}  # direction -> (label, key, converter, renamed)
+    for label, _, _, mapping in adapters:
+        for k in sorted(set(mapping.values())):
+            for reverse in (False, True):
+                hit = _taken(k, rules[reverse], reverse)
+                if hit is not None and hits[reverse] is None:
+                    hits[reverse] = (label, k, hit[0], hit[2])
+    if hits[False] and hits[True]:
+        label, k, conv, renamed = hits[False]
+        raise UserError(f"{label}: LoRA module '{k[: -len('.weight')]}' is split or fused by transformers' "
+                        f"conversion {conv.source_patterns} -> {conv.target_patterns} (as '{renamed}') while "
+                        f"{hits[True][0]} names the other side ('{hits[True][1][: -len('.weight')]}'); merging "
+                        "them needs the base model: set base_model")
