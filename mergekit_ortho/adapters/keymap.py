@@ -292,8 +292,9 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
     found = _scan(src, base_modules, aliases, tiers, first_components)
     if config and src.format == "peft" and {stem_of(m)[0] for m in src.modules} - set(found):
         from .transformers5 import aliases as t5_aliases
+        from .transformers5_fused import aliases as split_aliases  # row splits / fusions: block LoRAs
 
-        extra = t5_aliases(base_keys, config, base_shapes)
+        extra = t5_aliases(base_keys, config) + split_aliases(base_keys, base_shapes, config)
         if extra:
             aliases = list(aliases) + extra
             found = _scan(src, base_modules, aliases, tiers, first_components)

@@ -203,17 +203,10 @@ def output_names(keys: Sequence[str], config: Mapping | None) -> tuple[dict[str,
                    f"'{k}'), so peft loads it on the installed transformers")
 
 
-def aliases(keys: Sequence[str], config: Mapping | None,
-            shapes: Mapping[str, Sequence[int]] | None = None) -> list[Alias]:
-    """The base's weight tensors under their other transformers naming, as ``Alias`` entries; with
-    ``shapes``, also the row splits / fusions of ``transformers5_fused`` (exact block LoRAs)."""
-    out = [Alias(other[: -len(".weight")], k, RULE) for k, other in renames(keys, config).items()
-           if k.endswith(".weight") and other.endswith(".weight")]
-    if shapes is not None:
-        from .transformers5_fused import aliases as fused
-
-        out += fused(keys, shapes, config)
-    return out
+def aliases(keys: Sequence[str], config: Mapping | None) -> list[Alias]:
+    """The base's weight tensors under their other transformers naming, as ``Alias`` entries."""
+    return [Alias(other[: -len(".weight")], k, RULE) for k, other in renames(keys, config).items()
+            if k.endswith(".weight") and other.endswith(".weight")]
 
 
 def describe() -> str:

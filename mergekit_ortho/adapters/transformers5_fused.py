@@ -18,7 +18,7 @@ Every other operation (Interleave, Transpose, PermuteForRope, custom ones) is no
 a module it would take is refused with one line naming the module and the rule
 (:func:`unsupported`).
 
-* :func:`aliases` ``(keys, shapes, config) -> [Alias]``: the base's tensors under the other
+* :func:`aliases` ``(keys, shapes, config) -> [Alias]`` (used by ``keymap`` beside ``transformers5.aliases``): the base's tensors under the other
   naming's split / fused module names (rule ``"transformers split"`` / ``"transformers fuse"``).
 * :func:`output_splits` ``(keys, shapes, config) -> {key: [(in-memory key, row0, row1)]}``: a PEFT
   output module on a fused checkpoint tensor that the installed transformers splits in memory is
