@@ -22,6 +22,11 @@ tensors of the model (B9.7), makes the exported update S_t / lambda_t have norm 
 the reference's recursion Delta_t = lambda_{t-1} tau_bar_{t-1} + P(tau_t), tau_bar_t =
 Delta_t / lambda_t, since lambda_t tau_bar_t = S_t (B2).
 
+Fused MoE expert stacks (transformers 5 ``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj``
+[E, H, I]) are E * parts linear maps: each is projected against its own slice of S_{t-1}, one SVD
+per expert and part (:mod:`.expert_stacks`), so the fused layout gives the per-expert 2-D layout's
+result bit for bit (``projected_tensors`` counts matrices).
+
 Projectable tensors (toolkit rule, B5): float, 2-D, name ends in ``weight`` (so open_clip's packed
 ``in_proj_weight`` is included, a deliberate deviation from the reference's leaf-module traversal
 which skips it), and not an embedding table (``EMBEDDING_PATTERN``: ``*embed*`` except
@@ -61,6 +66,7 @@ from typing import Any
 import torch
 
 from .errors import NoInputs, NonFiniteInput, ShapeMismatch
+from .expert_stacks import blocks, per_matrix
 from .registry import Fold, Operator, Param, Params, TensorTask, name_matches, register
 
 DEFAULT_ALPHA = 0.5
@@ -71,13 +77,37 @@ _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def is_projectable(name: str, tensor: torch.Tensor, params: Params | None = None) -> bool:
     """Whether ``name`` is a linear map's weight that OPCM projects (B5); otherwise identity path.
-    ``params`` None: the default rule."""
-    if not tensor.is_floating_point() or tensor.dim() != 2:
+    A fused MoE expert stack (3-D ``experts.gate_up_proj`` / ``down_proj``) holds E * parts linear
+    maps and is projected per map (:func:`project_tensor`). ``params`` None: the default rule."""
+    if not tensor.is_floating_point():
+        return False
+    stack = tensor.dim() == 3 and blocks(name, tuple(tensor.shape)) is not None
+    if tensor.dim() != 2 and not stack:
         return False
     override = params.projectable if params is not None else None
     if override is not None:
         return name_matches(override, name)
-    return name.endswith("weight") and not name_matches(EMBEDDING_PATTERN, name)
+    return (stack or name.endswith("weight")) and not name_matches(EMBEDDING_PATTERN, name)
+
+
+def project_tensor(name: str, tbar: torch.Tensor, tau: torch.Tensor, **options) -> tuple[torch.Tensor, int]:
+    """P(tau) of a projectable tensor and how many matrices were projected (not guarded): a 2-D
+    weight is one matrix; a fused expert stack one per expert and part, each projected against
+    its own slice of ``tbar`` as the per-expert 2-D layout is (equal results, bit for bit)."""
+    if tau.dim() == 2:
+        out, info = project(tbar, tau, **options)
+        return out, 0 if info["identity"] else 1
+    if tbar.shape != tau.shape:
+        raise ValueError(f"opcm: project needs two tensors of one shape, got {tuple(tbar.shape)} and {tuple(tau.shape)}")
+    count = 0
+
+    def rule(pair: list[torch.Tensor]) -> torch.Tensor:
+        nonlocal count
+        out, info = project(pair[0], pair[1], **options)
+        count += 0 if info["identity"] else 1
+        return out
+
+    return per_matrix(rule, [tbar, tau], blocks(name, tuple(tau.shape)), tau.dtype), count
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -196,8 +226,8 @@ def _step(prev: torch.Tensor | None, tau: torch.Tensor, i: int,
         raise ShapeMismatch(f"opcm: tensor '{name}' has shape {tuple(tau.shape)}, its state {tuple(prev.shape)}")
     projected = 0.0
     if is_projectable(name, tau, task.params):
-        ptau, info = project(prev, tau, **_options(task.params))
-        projected = 0.0 if info["identity"] else 1.0
+        ptau, count = project_tensor(name, prev, tau, **_options(task.params))
+        projected = float(count)
     else:
         ptau = tau
     new = prev.to(ptau.dtype) + ptau
@@ -284,7 +314,10 @@ def opcm_merge(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tenso
         nu = s_norm / t
         delta, ranks, p_norms, p_sq = {}, {}, {}, 0.0
         for k in keys:
-            if is_projectable(k, tau[k], p):
+            if is_projectable(k, tau[k], p) and tau[k].dim() == 3:  # a fused expert stack: per matrix
+                ptau, _ = project_tensor(k, tbar[k], tau[k], **opts)
+                p_norms[k] = math.sqrt(_sq(ptau))
+            elif is_projectable(k, tau[k], p):
                 ptau, info = project(tbar[k], tau[k], **opts)
                 ranks[k] = info["r"]
                 p_norms[k] = math.sqrt(_sq(ptau))
@@ -359,7 +392,8 @@ OPERATOR = register(
         "M = U^T tau V, remove M_ii (zero_diagonal) and M[:r, :r], r = first j with "
         "cumsum(s)_j / sum(s) > alpha (0 if none). Projected: float 2-D tensors named '*weight' "
         "(incl. in_proj_weight), except embedding tables (*embed*, wte, wpe, shared, "
-        "relative_attention_bias); override with `projectable`. All other float tensors (biases, "
+        "relative_attention_bias), and fused MoE expert stacks (3-D experts.gate_up_proj / down_proj), "
+        "projected per expert and part; override with `projectable`. All other float tensors (biases, "
         "norms, embeddings, conv kernels, class tokens) are summed and share the global scale. "
         "The result depends on model order. The continual state stores S_t per tensor (float32, "
         "memory constant in the number of models) plus lambda_t, sum of norms and t.",
