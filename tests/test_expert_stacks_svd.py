@@ -107,3 +107,52 @@ def test_opcm_fused_equals_per_expert_end_to_end(dtype, tol):
     summed = base[f"{P}.experts.down_proj"] + sum(m[f"{P}.experts.down_proj"] - base[f"{P}.experts.down_proj"]
                                                    for m in models)
     assert not torch.allclose(fused[f"{P}.experts.down_proj"], summed, atol=1e-3)
+
+
+# --- end to end: full fine-tunes of a tiny Mixtral in both layouts, merged through the CLI -----------
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    import json
+
+    import transformers
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("mixtral_stacks")
+    cfg = transformers.MixtralConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, vocab_size=32, num_local_experts=3, num_experts_per_tok=2,
+                                     max_position_embeddings=32, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, seed in (("base", None), ("ft1", 1), ("ft2", 2)):
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base_sd.items()})
+        model.save_pretrained(root / "per" / name)  # on disk per expert (transformers converts on save)
+        (root / "fused" / name).mkdir(parents=True)  # the in-memory layout: experts.gate_up_proj [E, 2I, H]
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(root / "fused" / name / "model.safetensors"))
+        (root / "fused" / name / "config.json").write_text(json.dumps(model.config.to_dict()))
+    return root, transformers.MixtralForCausalLM
+
+
+@pytest.mark.parametrize("method,exact", [("tsv", True), ("opcm", False)])
+def test_cli_merges_of_either_layout_agree(cli, tmp_path, mixtral, method, exact):
+    root, cls = mixtral
+    got = {}
+    for layout in ("per", "fused"):
+        d = root / layout
+        (tmp_path / "r.yaml").write_text(f"merge_method: {method}\nbase_model: {d / 'base'}\nmodels:\n"
+                                         f"  - model: {d / 'ft1'}\n  - model: {d / 'ft2'}\n")
+        code, out, err = cli("run", tmp_path / "r.yaml", "--out", tmp_path / layout)
+        assert code == 0, out + err
+        got[layout] = cls.from_pretrained(tmp_path / layout).state_dict()  # both seen fused in memory
+    stacks = [k for k in got["fused"] if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(stacks) == 2
+    for k in got["fused"]:
+        if exact:
+            assert torch.equal(got["fused"][k], got["per"][k]), k
+        else:
+            torch.testing.assert_close(got["fused"][k], got["per"][k], rtol=1e-6, atol=1e-6)
