@@ -156,3 +156,43 @@ def test_cli_merges_of_either_layout_agree(cli, tmp_path, mixtral, method, exact
             assert torch.equal(got["fused"][k], got["per"][k]), k
         else:
             torch.testing.assert_close(got["fused"][k], got["per"][k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def expert_loras(mixtral, tmp_path_factory):
+    """Two peft LoRAs on the expert parameters (target_parameters) of the tiny Mixtral."""
+    from peft import LoraConfig, get_peft_model
+
+    root, cls = mixtral
+    out = tmp_path_factory.mktemp("expert_loras")
+    for i, seed in enumerate((1, 2)):
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                         target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+        torch.manual_seed(seed)
+        model = get_peft_model(cls.from_pretrained(root / "per" / "base"), cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.3 * torch.randn_like(p))
+        model.save_pretrained(out / f"l{i}")
+    return out
+
+
+@pytest.mark.parametrize("inner", ["task_arithmetic", "tsv", "tsv_iso"])
+def test_core_space_on_a_fused_base_equals_the_per_expert_base(cli, tmp_path, mixtral, expert_loras, inner):
+    root, cls = mixtral
+    params = {"tsv_iso": "{inner_method: tsv, isotropize: true}", "tsv": "{inner_method: tsv}",
+              "iso": "{isotropize: true}"}.get(inner, "{}")
+    got = {}
+    for layout in ("per", "fused"):
+        (tmp_path / "r.yaml").write_text(f"merge_method: core_space\nbase_model: {root / layout / 'base'}\n"
+                                         f"parameters: {params}\nmodels:\n  - model: {expert_loras / 'l0'}\n"
+                                         f"  - model: {expert_loras / 'l1'}\noutput: {{format: full}}\n")
+        code, out, err = cli("run", tmp_path / "r.yaml", "--out", tmp_path / layout)
+        assert code == 0, out + err
+        got[layout] = cls.from_pretrained(tmp_path / layout).state_dict()
+    base = cls.from_pretrained(root / "per" / "base").state_dict()
+    stacks = [k for k in base if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert stacks and all((got["per"][k] - base[k]).abs().max() > 1e-2 for k in stacks)  # the LoRAs act
+    for k in got["fused"]:
+        torch.testing.assert_close(got["fused"][k], got["per"][k], rtol=1e-5, atol=1e-5)
