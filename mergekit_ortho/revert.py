@@ -7,7 +7,9 @@ renames the family at load time (ViT's ``encoder.layer.N.attention.attention.que
 ``layers.N.attention.q_proj``), so peft loads the reverted adapter. The rules need the base's
 config: the one the bundle recorded (``extras.base_config``), else ``config.json`` of ``--base``,
 of the bundle's base model or of its PEFT base path when that is a local directory. Without any,
-the bundle's own (checkpoint) names are kept. Issue 15."""
+the bundle's own (checkpoint) names are kept. A module on a fused checkpoint tensor that the
+installed transformers splits in memory (Dinov2's ``mlp.weights_in`` -> gate / up) is written as
+its parts (``adapters.transformers5_fused.split_outputs``), as `merge run` writes it. Issue 15."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +43,13 @@ def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: 
     dtype = getattr(torch, out_dtype) if out_dtype else torch.float32
     if fmt == "peft":
         def pack(modules):
+            from .adapters.transformers5_fused import split_outputs
+
+            out_shapes = shapes
+            if shapes is not None:  # fused checkpoint tensors transformers splits in memory: their parts
+                modules, out_shapes = split_outputs(modules, shapes, _base_config(b, base_ref))
             tensors, cfg = to_peft(modules, extras.get("peft_base_model") or b.manifest.get("base_model"),
-                                   shapes=shapes, layouts=extras.get("layouts") or None, dtype=dtype,
+                                   shapes=out_shapes, layouts=extras.get("layouts") or None, dtype=dtype,
                                    names=names)
             return tensors, {"format": "pt", "rmm_task": task}, cfg
     else:

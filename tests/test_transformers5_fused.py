@@ -147,3 +147,32 @@ def test_a_conversion_that_is_no_row_split_is_named_in_the_refusal(monkeypatch):
     assert "feed_forward.gate_kernel" in why
     assert fused.unsupported(["model.layers.0.self_attn.nope"], keys, {}) is None
     assert fused.aliases(keys, {keys[0]: (4, 8), keys[1]: (8, 8)}, {}) == []  # no row split: no alias
+
+
+def test_a_reverted_peft_adapter_of_a_fused_checkpoint_is_written_as_the_parts(cli, tmp_path, dino):
+    """`merge revert` names PEFT modules by `merge run`'s rule, splits included: a bundle over the
+    fused checkpoint reverts to gate/up modules that peft loads, equal to the full revert."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    (tmp_path / "r.yaml").write_text(f"merge_method: rmm\nbase_model: {dino['root'] / 'disk'}\n"
+                                     "parameters: {basis_size: 1, pad_ranks: true}\nmodels:\n"
+                                     f"  - model: {dino['a']}\n  - model: {dino['f']}\n")
+    code, out, err = cli("run", tmp_path / "r.yaml", "--out", tmp_path / "bundle")
+    assert code == 0, out + err
+    for task in ("a", "f"):  # tasks are named by the adapters' directory names
+        label = task
+        code, out, err = cli("revert", tmp_path / "bundle", "--model", label, "--out", tmp_path / f"p{task}")
+        assert code == 0, out + err
+        mods = {k[len("base_model.model."):].split(".lora_")[0] + ".weight"
+                for k in load_file(str(tmp_path / f"p{task}" / "adapter_model.safetensors"))}
+        assert mods <= dino["memory_keys"] and L + "mlp.up_proj.weight" in mods, sorted(mods)
+        code, out, err = cli("revert", tmp_path / "bundle", "--model", label, "--out", tmp_path / f"full{task}",
+                             "--format", "full")
+        assert code == 0, out + err
+        with torch.no_grad():
+            got = PeftModel.from_pretrained(dino["load"](), tmp_path / f"p{task}").eval()(
+                pixel_values=dino["pixels"]).last_hidden_state
+            want = AutoModel.from_pretrained(tmp_path / f"full{task}", dtype=torch.float32).eval()(
+                pixel_values=dino["pixels"]).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
