@@ -124,13 +124,12 @@ def merge_tensor(plan, name: str):
     # a weights method (linear) on full checkpoints never reads the base, even when one is given
     use_base = base_source is not None and (op.reads_base or bool(plan.lora_models))
     if plan.vocab is not None and name in VOCABULARY_TENSORS:  # rows re-indexed to the output vocabulary
-        from .inputs import aligned_inputs, operator_input
+        from .inputs import aligned_inputs
 
         base, weights = aligned_inputs(plan, name, base_source if use_base else None, sources, cdt)
         task = dense_task(plan, name, base)
         task.dtype = cdt
-        space_base = base if op.reads == "deltas" else None
-        out = apply_dense(op, task, lambda: (operator_input(w.clone(), space_base, cdt) for w in weights))
+        out = apply_dense(op, task, lambda: weights(op.reads == "deltas"))
         return out + base if op.reads == "deltas" else out
     base = base_tensor(plan, base_source, None if raw else cdt) if use_base else None
     task = dense_task(plan, name, base)

@@ -57,14 +57,31 @@ def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, devic
 
 def aligned_inputs(plan: "Plan", name: str, base_source: "Source | None", sources: "list[Source]", cdt):
     """A vocabulary tensor's inputs re-indexed to the plan's output vocabulary (mergekit M10):
-    every input's rows read and aligned at once (the default-row rule looks across models), then
-    the base (None when the operator does not read it) and each model's weight, in ``cdt``."""
-    rows = {}
+    the base in ``cdt`` (None when the operator does not read it) and ``weights(deltas)``, which
+    yields each model's aligned rows in ``cdt`` (minus the base with ``deltas``: operator inputs,
+    fresh buffers) one at a time, read afresh at each call like ``model_tensor``: at most one
+    model's rows are held besides the base and the operator's state (the
+    default rows, which look across models, are gathered first: vocab.Vocabulary.aligner)."""
+    present = {}
     for m, n in ([base_source] if base_source is not None else []) + sources:
-        rows.setdefault(m.label, stored(m, n, plan.load_dtype).to(plan.device, cdt))
-    aligned = plan.vocab.align(name, rows)
-    base = aligned[base_source[0].label] if base_source is not None else None
-    return base, [aligned[m.label] for m, _ in sources]
+        present.setdefault(m.label, (m, n))
+
+    def read(label):
+        m, n = present[label]
+        return stored(m, n, plan.load_dtype).to(plan.device)
+
+    shapes = {k: tuple(m.source.infos[n].shape) for k, (m, n) in present.items()}
+    aligned = plan.vocab.aligner(name, shapes, read, cdt, plan.device)
+    base = None
+    if base_source is not None:
+        base = aligned(base_source[0].label, read(base_source[0].label)).to(cdt)
+
+    def weights(deltas: bool = False):
+        # no loop variable holds a yielded tensor: the consumer's ``del`` frees it before the next read
+        for m, _ in sources:
+            yield operator_input(aligned(m.label, read(m.label)), base if deltas else None, cdt)
+
+    return base, weights
 
 
 def base_tensor(plan: "Plan", source: "Source", cdt=None):

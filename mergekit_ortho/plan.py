@@ -11,23 +11,23 @@ computable from the plan and the input files alone. ``execute`` runs the items.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
-from typing import Any
 
+from . import plan_adapters
 from . import recipe as recipe_mod
-from .dtypes import FP8, MERGEABLE, canonical
-from .prefixes import RenamedSource
+from .dtypes import canonical
 from .errors import UserError
 from .ops import registry
-from .planning import (ItemParams, ModelInput, Plan, PlanItem, Source, _plan_params, _same_ref, _shared_levels,
-                       _unique_label, check_model_count, config_of_source, open_source, output_dtype, promoted,
-                       resolve_items, tokenizer_donor, vocabulary_for, apply_recipe_dtypes, TIED_HEADS,
-                       VOCABULARY_TENSORS, _config_of)
+from .plan_items import plan_items
+from .planning import (ModelInput, Plan, PlanItem, _config_of, _plan_params, _same_ref, _shared_levels, _unique_label,
+                       apply_recipe_dtypes, check_model_count, config_of_source, open_source, output_dtype,
+                       resolve_items, tokenizer_donor, vocabulary_for)
 from .writer import OutTensor, plan_shards
 
-__all__ = ["ItemParams", "ModelInput", "Plan", "PlanItem", "Source", "build_plan", "check_model_count",
-           "open_source", "output_dtype", "plan_items", "promoted", "resolve_items", "tokenizer_donor"]
+# the plan's API; the types and helpers it is built from live in planning.py, the per-tensor
+# decisions in plan_items.py and the adapter-output side in plan_adapters.py
+__all__ = ["ModelInput", "Plan", "PlanItem", "build_plan", "close", "donor_dir", "input_paths", "map_prefixes",
+           "open_source", "output_dtype", "plan_items", "recipe_yaml"]
 
 
 def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
@@ -69,7 +69,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if (op.base_input and base is not None and not listed_base and models
             and not any(m.is_lora for m in models)):
         # mergekit's linear / karcher / passthrough: a base_model not listed is one more input
-        label = _unique_label(recipe_mod._label_from(base.ref), {m.label for m in models})
+        label = _unique_label(recipe_mod.label_from(base.ref), {m.label for m in models})
         levels[label] = _shared_levels(recipe)
         models.append(ModelInput(label, base.ref, base.source, _plan_params(op, levels[label], "model")))
         notes.append(f"base_model {base.ref} is one of the inputs of '{op.name}' (mergekit's rule), as '{label}'")
@@ -89,7 +89,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
     if op.needs_base and base is None and dense:
         raise UserError(f"method '{op.name}' needs 'base_model' (task vectors are relative to it)")
     check_model_count(op, len(models), "the recipe")
-    out_format = _output_format(recipe, op, params, base, models)
+    out_format = plan_adapters.output_format(recipe, op, params, base, models)
     if loras:
         from .adapters.arch import check_compatible
         from .adapters.experts import check_lora_output as check_expert_output, match_with_experts
@@ -106,7 +106,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                     notes.append(f"{m.label}: {match.summary()}")
             check_expert_output(loras, out_format)
         else:
-            notes += _align_without_base(loras)
+            notes += plan_adapters.align_without_base(loras)
 
     from .adapters.strengths import apply as apply_strengths
 
@@ -117,15 +117,15 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
         from .fp8_out import refuse_for_adapters
 
         refuse_for_adapters(recipe)
-        keys, shapes = _module_keys(op, base, models, recipe.include, recipe.exclude)
+        keys, shapes = plan_adapters.module_keys(op, base, models, recipe.include, recipe.exclude)
         if not keys:
             raise UserError("no LoRA module is left to merge (check include/exclude)")
         plan = Plan(recipe, op, params, base, models, {}, [], compute, device, out_format=out_format,
                     module_keys=keys, module_shapes=shapes, tokenizer_dir=tokenizer_dir,
                     item_params=resolve_items(op, [(k, k, [k] * len(models)) for k in keys], _positions(keys),
                                               _shared_levels(recipe), model_levels, models))
-        _lora_notes(plan)
-        _adapter_names(plan)
+        plan_adapters.lora_notes(plan)
+        plan_adapters.adapter_names(plan)
         plan.notes += notes
         return plan
 
@@ -212,276 +212,6 @@ def _input_name(item: PlanItem, i: int, name: str) -> str:
     return item.sources[i][1] if item.sources is not None else name
 
 
-def _output_format(recipe, op: registry.Operator, params: dict, base: ModelInput | None,
-                   models: list[ModelInput]) -> str:
-    """Resolve output.format against the method and the inputs (DESIGN: auto = LoRA out when every
-    input is a LoRA and the method yields low rank, else full)."""
-    from .adapters.experts import expert_output_format
-
-    loras = [m for m in models if m.is_lora]
-    dense = [m for m in models if not m.is_lora]
-    fmt = expert_output_format(recipe.output.format, [m.source for m in loras])
-    if op.input_kind == "lora" and dense:
-        if op.dense_rank_param and params.get(op.dense_rank_param) is not None and not loras:  # PT-SVD
-            if base is None:
-                raise UserError(f"method '{op.name}' on full checkpoints needs base_model (task vectors)")
-        else:
-            hint = (f"; set the method parameter {op.dense_rank_param} to extract each task vector by truncated SVD"
-                    if op.dense_rank_param else "")
-            raise UserError(f"method '{op.name}' merges LoRA adapters, but {dense[0].ref} is a full checkpoint"
-                            + hint)
-    if op.input_kind == "lora":
-        _check_lora_output(recipe, op, params, loras, fmt if fmt != "auto" else op.result)
-    if op.result == "bundle":
-        if fmt not in ("auto", "bundle"):
-            raise UserError(f"{op.name} writes a bundle (output.format bundle), not {fmt}; "
-                            "`merge revert BUNDLE --model NAME` rebuilds one task as peft, kohya or full")
-        return "bundle"
-    if fmt == "bundle":
-        writers = [o.name for o in registry.all_operators() if o.result == "bundle"]
-        raise UserError(f"output.format bundle is written by {', '.join(writers)} only, not by '{op.name}'")
-    if loras and base is None and op.input_kind == "dense" and (op.lora_fn is None or fmt == "full"):
-        raise UserError(f"method '{op.name}' applies the LoRA deltas to the base weights; set base_model to "
-                        "the model the LoRAs were trained on")
-    low_rank = op.input_kind == "lora" or op.lora_fn is not None
-    if fmt == "auto":
-        if dense or not low_rank or any(m.source.dense_modules() for m in loras):
-            return "full"  # full is exact; other adapter types reach a LoRA output only by SVD (P24)
-        fmt = "kohya" if all(m.source.format == "kohya" for m in loras) else "peft"
-    if fmt in ("peft", "kohya") and op.input_kind != "lora":
-        _check_lora_output(recipe, op, params, loras, fmt)
-    if fmt in ("peft", "kohya"):
-        if dense:
-            raise UserError(f"output.format {fmt} needs every input to be a LoRA; {dense[0].ref} is a full "
-                            "checkpoint (use format full)")
-        if not low_rank and recipe.output.rank is None:
-            raise UserError(f"method '{op.name}' gives full-rank deltas; set output.rank to extract a LoRA "
-                            "by truncated SVD, or use output.format full")
-        return fmt
-    if base is None and loras:
-        raise UserError("output.format full applies the merged LoRA to the base weights; set base_model")
-    return "full"
-
-
-def _check_lora_output(recipe, op: registry.Operator, params: dict, loras: list[ModelInput], fmt: str) -> None:
-    """Parts that are not LoRA factors reach a LoRA output (or a LoRA operator) only through a
-    truncated SVD; 1-D deltas and replacement tensors not at all (adapters.md P24)."""
-    exact_ok = op.factor_fold == "B" and op.input_kind != "lora" and op.lora_fn is not None
-    for m in loras:
-        for mod in m.source.dense_modules():
-            if exact_ok and m.source.has_exact_factors(mod):
-                continue  # an exact low-rank form (Tucker LoCon, LoHa, LoKr; adapters.md P24)
-            if m.source.one_dimensional(mod):
-                raise UserError(f"{m.ref}: {m.source.type_name(mod)} tensor(s) of '{mod}' are not a low-rank delta, "
-                                f"which a {op.name} merge with {fmt} output needs; use a dense method with "
-                                "output.format full")
-            rank = (params.get(op.dense_rank_param) if op.input_kind == "lora" and op.dense_rank_param
-                    else recipe.output.rank)
-            if rank is None:
-                what = (f"set the method parameter {op.dense_rank_param}" if op.input_kind == "lora"
-                        and op.dense_rank_param else "set output.rank")
-                raise UserError(f"{m.ref}: {m.source.type_name(mod)} module '{mod}' is not LoRA factors; {what} to "
-                                "approximate it by truncated SVD (the error is reported per module), or use "
-                                "output.format full")
-
-
-def _align_without_base(loras: list[ModelInput]) -> list[str]:
-    """No base model: LoRAs are aligned by their own module names, so they must share one format.
-
-    The key of a module is its name as the base key it adapts would read (PEFT prefix and
-    ``.base_layer`` stripped, ``.weight`` added), which is also what a PEFT output needs."""
-    from .adapters.detect import PEFT_PREFIX
-    from .adapters.matched import MatchedLora
-
-    from .adapters.experts import refuse_without_base
-
-    for m in loras:
-        refuse_without_base(m.source)
-        dense = m.source.dense_modules()
-        if dense:
-            raise UserError(f"{m.ref} has {m.source.type_name(dense[0])} modules (e.g. '{dense[0]}'), which are "
-                            "materialised against their base tensors; set base_model")
-    fmts = {m.source.format for m in loras}
-    if len(fmts) > 1:
-        raise UserError(f"LoRAs in different formats ({', '.join(sorted(fmts))}) can only be aligned through "
-                        "their base model; set base_model")
-    maps = []
-    for m in loras:
-        base_map = {}
-        for mod in m.source.modules:
-            key = mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
-            base_map[mod] = key.replace(".base_layer", "") + ".weight"
-        maps.append(base_map)
-    from .adapters.one_naming import align
-
-    notes = align([(m.ref, m.source.path, m.source.config, bm) for m, bm in zip(loras, maps)]) \
-        if fmts == {"peft"} else []  # transformers 4 / 5 module names mapped to one naming
-    for m, base_map in zip(loras, maps):
-        m.source = MatchedLora(m.source, base_map)
-    first = loras[0]
-    for m in loras[1:]:
-        for key, mod in m.source.by_base.items():
-            if key in first.source.by_base:
-                a = first.source.factor_shapes(first.source.by_base[key])
-                b = m.source.factor_shapes(mod)
-                if (a[0][1], a[1][0]) != (b[0][1], b[1][0]):
-                    raise UserError(f"LoRA module '{mod}' is {b[1][0]}x{b[0][1]} in {m.ref} but "
-                                    f"{a[1][0]}x{a[0][1]} in {first.ref}; are they for the same base model?")
-    return notes
-
-
-def _module_keys(op: registry.Operator, base: ModelInput | None, models: list[ModelInput],
-                 include: list[str], exclude: list[str]) -> tuple[list[str], dict[str, tuple[int, ...]]]:
-    """The base keys merged module by module (LoRA / bundle outputs) and each one's 2-D delta shape."""
-    include_re = [re.compile(p) for p in include]
-    exclude_re = [re.compile(p) for p in exclude]
-    shapes: dict[str, tuple[int, ...]] = {}
-    loras = [m for m in models if m.is_lora]
-    if loras:
-        for m in loras:
-            for key, mod in m.source.by_base.items():
-                (r, cols), (rows, _) = m.source.factor_shapes(mod)
-                shapes.setdefault(key, (rows, cols))
-    else:  # full fine-tunes through a LoRA method (rmm with rank): every 2-D float weight
-        for name, info in base.source.infos.items():
-            if len(info.shape) == 2 and info.dtype in MERGEABLE:
-                for m in models:
-                    other = m.source.infos.get(name)
-                    if other is None or other.shape != info.shape:
-                        raise UserError(f"tensor '{name}' is missing from {m.ref} or has another shape there")
-                shapes[name] = tuple(info.shape)
-    keys = [k for k in sorted(shapes)
-            if (not include_re or any(p.search(k) for p in include_re)) and not any(p.search(k) for p in exclude_re)]
-    return keys, {k: shapes[k] for k in keys}
-
-
-def _lora_notes(plan: Plan) -> None:
-    if plan.base is not None and not plan.lora_models:
-        skipped = sum(1 for n, i in plan.base.source.infos.items() if n not in plan.module_shapes)
-        if skipped:
-            plan.notes.append(f"{skipped} tensor(s) that are not 2-D weights are not stored in the bundle; "
-                              "a reverted full model takes them from the base")
-
-
-def _adapter_names(plan: Plan) -> None:
-    """PEFT outputs take the installed transformers 5's in-memory module names (so peft loads them)."""
-    if plan.out_format == "peft" and plan.base is not None:
-        from .adapters.transformers5 import output_names
-
-        plan.adapter_names, note = output_names(plan.module_keys, config_of_source(plan.base.source))
-        plan.notes += [note] if note else []
-
-
-def _tied_source(m: ModelInput, head: str) -> str | None:
-    return next((e for e in TIED_HEADS.get(head, ()) if e in m.source.infos), None)
-
-
-def plan_items(reference: ModelInput, models: list[ModelInput], include: list[str], exclude: list[str],
-               out_dtype: str | None, base: ModelInput | None = None, all_models: list[ModelInput] | None = None,
-               vocab_rows: int | None = None, module_reason=None) -> tuple[dict[str, PlanItem], dict[str, Any]]:
-    """Per tensor of the reference (the base, else the first model): merge or copy, and why; and
-    the config fields the output changes.
-
-    Every merged tensor must exist with the same shape in every model; extra tensors in a model
-    are an error too (they would be silently dropped otherwise). A head stored by some inputs
-    only (tied checkpoints do not store it) is written, and the tied inputs contribute their
-    embeddings as their head (mergekit M5); the output config then says untied. A merged tensor
-    is written in ``out_dtype``, else in its inputs' promoted dtype (mergekit's result dtype).
-    ``models`` are the full checkpoints checked; ``all_models`` every model in plan order (LoRAs
-    too), which an item's ``sources`` follow; ``base`` the base when the operator reads it.
-    ``vocab_rows``: the aligned vocabulary's row count (a tokenizer setting): vocabulary tensors
-    may then differ in rows between inputs and are written with that many.
-    ``module_reason``: name -> why it is copied unmerged ("" to merge it), for modular recipes.
-    """
-    ordered = all_models if all_models is not None else models
-    include_re = [re.compile(p) for p in include]
-    exclude_re = [re.compile(p) for p in exclude]
-    items: dict[str, PlanItem] = {}
-    config: dict[str, Any] = {}
-    infos = dict(reference.source.infos)
-    heads = [h for h in TIED_HEADS if h not in infos and any(h in m.source.infos for m in models)]
-    for h in heads:  # the reference is tied, some model stores the head: the head is written
-        infos[h] = next(m.source.infos[h] for m in models if h in m.source.infos)
-    for name, info in infos.items():
-        if info.dtype in FP8:
-            raise UserError(
-                f"{info.file}: tensor '{name}' is {info.dtype}; FP8 checkpoints need their scale tensors "
-                "and are not merged raw - dequantise to bf16/fp16 first"
-            )
-        reason = ""
-        outside = next((m for m in ordered if isinstance(m.source, RenamedSource) and name not in m.source.infos
-                        and not (name in TIED_HEADS and _tied_source(m, name))), None)
-        if info.dtype not in MERGEABLE:
-            reason = "not a float tensor"
-        elif outside is not None:  # e.g. a VLM base's vision tower, which a text-only input lacks
-            reason = f"not in {outside.label}, whose language model is mapped onto {reference.label}'s"
-        elif include_re and not any(p.search(name) for p in include_re):
-            reason = "not matched by include"
-        elif any(p.search(name) for p in exclude_re):
-            reason = "matched by exclude"
-        elif module_reason is not None:  # a module a modular recipe does not list
-            reason = module_reason(name)
-        action = "copy" if reason else "merge"
-        read = info.nbytes if name in reference.source.infos else 0
-        sources = None
-        dtypes = [info.dtype]
-        if action == "merge":
-            named = []
-            for m in ordered:
-                if m.is_lora:
-                    named.append((m, name))
-                    continue
-                src = name
-                other = m.source.infos.get(name)
-                if other is None and name in TIED_HEADS:
-                    src = _tied_source(m, name)
-                    other = m.source.infos.get(src) if src else None
-                if other is None:
-                    raise UserError(f"tensor '{name}' is in {reference.ref} but missing from {m.ref}"
-                                    + (_mismatch_hint(reference, m, name)
-                                       or "; exclude it or use matching checkpoints"))
-                aligned = vocab_rows is not None and name in VOCABULARY_TENSORS
-                if other.shape != info.shape and not (aligned and other.shape[1:] == info.shape[1:]):
-                    raise UserError(_shape_message(name, reference, info, m, other) + _mismatch_hint(reference, m))
-                if other.dtype in FP8 or other.dtype not in MERGEABLE:
-                    raise UserError(f"tensor '{name}' is {other.dtype} in {m.ref}, cannot merge it")
-                read += other.nbytes
-                dtypes.append(other.dtype)
-                named.append((m, src))
-            base_src = None
-            if base is not None:
-                bname = name if name in base.source.infos else _tied_source(base, name)
-                if bname is None:
-                    raise UserError(f"tensor '{name}' is missing from the base model {base.ref}")
-                base_src = (base, bname)
-                if bname != name:
-                    read += base.source.infos[bname].nbytes
-            if any(src != name for _, src in named) or (base_src is not None and base_src[1] != name):
-                sources = tuple(named)
-            od = out_dtype or promoted(dtypes)
-        else:
-            od = info.dtype
-        shape = info.shape
-        if vocab_rows is not None and name in VOCABULARY_TENSORS and action == "merge":
-            shape = (vocab_rows, *info.shape[1:])
-        item = PlanItem(name, action, shape, info.dtype, od, read, reason)
-        if sources is not None:
-            item.sources, item.base_source = sources, base_src
-        items[name] = item
-    if any(_head_differs_from_embeddings(items, h) for h in TIED_HEADS if h in items):
-        config["tie_word_embeddings"] = False
-    known = set(infos) | {e for es in TIED_HEADS.values() for e in es}
-    for m in models:
-        extra = sorted(set(m.source.infos) - known)
-        if extra:
-            raise UserError(
-                f"tensor '{extra[0]}' is in {m.ref} but not in {reference.ref}"
-                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                + (_mismatch_hint(reference, m) or "; use checkpoints of the same architecture")
-            )
-    return items, config
-
-
 def map_prefixes(recipe: recipe_mod.Recipe, base: ModelInput | None, models: list[ModelInput]) -> list[str]:
     """Inputs whose language model sits under another prefix than the reference's (a text-only
     fine-tune of a VLM's language tower, or the reverse) are seen under the reference's names
@@ -529,19 +259,6 @@ def _map_expert_layouts(reference: ModelInput, models: list[ModelInput]) -> list
     return notes
 
 
-def _head_differs_from_embeddings(items: dict[str, PlanItem], head: str) -> bool:
-    """Whether the written head can differ from the written embeddings, so that the output must
-    say untied (a tied config would make transformers use the embeddings and drop the head, or
-    refuse to tie them): some input contributes its embeddings as its head (it is tied and does
-    not store one), or the head is kept from the base while the embeddings are merged (``exclude:
-    lm_head`` on tied checkpoints). A head merged from heads the inputs all store can differ too (a
-    method with random masks, DARE, draws them per tensor), so any merged head says untied."""
-    it = items[head]
-    if it.action == "merge":
-        return True
-    return any(items[e].action == "merge" for e in TIED_HEADS[head] if e in items)
-
-
 def _fp8_notes(inputs: list[ModelInput], config_updates: dict, out_dtype: str | None = None) -> list[str]:
     """FP8 inputs are read dequantised (fp8.py): the output is not quantised, so its config drops
     ``quantization_config``, unless ``out_dtype`` asks for FP8 (fp8_out writes fresh scales and a
@@ -561,20 +278,6 @@ def _fp8_notes(inputs: list[ModelInput], config_updates: dict, out_dtype: str | 
                          + ("re-quantised with fresh scales" if requantised else "not quantised")
                          + (f" ({len(dropped)} activation scale(s) dropped, e.g. '{dropped[0]}')" if dropped else ""))
     return notes
-
-
-def _mismatch_hint(reference: ModelInput, m: ModelInput, missing: str | None = None) -> str:
-    from .prefixes import mismatch_hint
-
-    return mismatch_hint(reference.label, reference.source, m.source, missing)
-
-
-def _shape_message(name: str, reference: ModelInput, info, m: ModelInput, other) -> str:
-    if name in VOCABULARY_TENSORS and info.shape[1:] == other.shape[1:]:
-        return (f"tensor '{name}' has {info.shape[0]} vocabulary rows in {reference.ref} but {other.shape[0]} "
-                f"in {m.ref} (mergekit: Tensor size mismatch); align the vocabularies with tokenizer_source: "
-                "base, union or a model, or a tokenizer: section")
-    return f"tensor '{name}' has shape {list(info.shape)} in {reference.ref} but {list(other.shape)} in {m.ref}"
 
 
 # --- what a plan reads -------------------------------------------------------------------------

@@ -40,9 +40,9 @@ def slices_plan(recipe: recipe_mod.Recipe, op: registry.Operator, params: regist
         for known in opened.values():
             if _same_ref(known.ref, ref):
                 return known
-        label, k = recipe_mod._label_from(raw), 2
+        label, k = recipe_mod.label_from(raw), 2
         while label in taken:
-            label, k = f"{recipe_mod._label_from(raw)}_{k}", k + 1
+            label, k = f"{recipe_mod.label_from(raw)}_{k}", k + 1
         taken.add(label)
         m = ModelInput(label, ref, open_source(ref, label), registry.Params())
         if m.is_lora:

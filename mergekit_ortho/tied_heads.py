@@ -4,7 +4,7 @@ Spec: ../shared/specs/mergekit_compat.md (tied heads: if any input stores a head
 contribute their embeddings as their head and the output says untied; if none does, the output
 stays tied); issue 15. For most families (GPT-2, Qwen2, Llama, Gemma - whose sqrt(hidden)
 scale is on the embedding side, at run time) a tied input's head *is* its embeddings, and
-:func:`..plan.plan_items` reads it from them. T5 is different: when tied (config.json
+:func:`..plan_items.plan_items` reads it from them. T5 is different: when tied (config.json
 ``tie_word_embeddings`` true or absent; transformers 5 saves it as ``scale_decoder_outputs``, and
 then always says tied) it
 scales the decoder output by ``d_model^-0.5`` before the head, and an untied T5 does not. So

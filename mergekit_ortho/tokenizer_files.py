@@ -46,9 +46,11 @@ class Loaded:
         return p
 
 
-def load(directory: Path | None, label: str, vocab_size: int | None) -> Loaded | None:
+def load(directory: Path | None, label: str, vocab_size: int | None, seen: dict | None = None) -> Loaded | None:
     """``directory``'s tokenizer, or None when it has none (no tokenizer.json, and transformers,
-    if installed, cannot build one either)."""
+    if installed, cannot build one either). ``seen``: tokenizer.json digest -> Loaded, shared by
+    the models of one merge: fine-tunes usually ship their base's file byte for byte, and parsing a
+    150K-token tokenizer and listing its vocabulary costs about a second each."""
     if directory is None:
         return None
     directory = Path(directory)
@@ -57,6 +59,15 @@ def load(directory: Path | None, label: str, vocab_size: int | None) -> Loaded |
     if path.is_file():
         from tokenizers import Tokenizer
 
+        digest = None
+        if seen is not None:
+            import hashlib
+
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest in seen:
+                same = seen[digest]
+                return replace(same, label=label, directory=directory,
+                               vocab_size=len(same.vocab) if vocab_size is None else int(vocab_size))
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises plain Exception subclasses for bad files
@@ -67,7 +78,10 @@ def load(directory: Path | None, label: str, vocab_size: int | None) -> Loaded |
         return None
     vocab = tok.get_vocab(with_added_tokens=True)
     size = len(vocab) if vocab_size is None else int(vocab_size)
-    return Loaded(label, directory, tok, vocab, size, dict(tok.get_added_tokens_decoder()))
+    got = Loaded(label, directory, tok, vocab, size, dict(tok.get_added_tokens_decoder()))
+    if seen is not None and path.is_file():
+        seen[digest] = got
+    return got
 
 
 def _via_transformers(directory: Path):
@@ -118,7 +132,11 @@ def union(models: Sequence[Loaded]):
     base_vocab = {t for t, i in first.vocab.items() if i < first.vocab_size}  # the stripped base's
     plain: dict[str, None] = {}
     added: dict[str, Any] = {}
+    visited: set[tuple[int, int]] = set()
     for m in models:
+        if (id(m.vocab), m.vocab_size) in visited:
+            continue  # the same tokenizer file with the same vocab_size adds nothing the first did not
+        visited.add((id(m.vocab), m.vocab_size))
         added_here = {a.content for a in m.added.values()}
         new = [(i, t) for t, i in m.vocab.items()
                if i < m.vocab_size and t not in base_vocab and t not in added_here]

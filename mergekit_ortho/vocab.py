@@ -39,9 +39,10 @@ mergekit's wording where it has one.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -143,8 +144,9 @@ def build_vocabulary(spec: TokenizerSpec, models: Sequence[VocabModel], base: st
     loaded: dict[str, tf.Loaded] = {}
     notes: list[str] = []
     borrowed: set[str] = set()  # models without a tokenizer of their own (mergekit: the base's)
+    seen: dict = {}  # tokenizer.json digest -> Loaded: one parse per distinct file
     for m in order:
-        got = tf.load(m.directory, m.label, m.vocab_size)
+        got = tf.load(m.directory, m.label, m.vocab_size, seen)
         if got is None:
             if m is donor:
                 raise UserError(f"tokenizer alignment: the tokenizer base {m.label} has no readable tokenizer "
@@ -184,7 +186,14 @@ def build_vocabulary(spec: TokenizerSpec, models: Sequence[VocabModel], base: st
     pad = spec.pad_to_multiple_of
     if pad and size % pad:
         size = (size // pad + 1) * pad
-    perm = {m.label: loaded[m.label].permutation(tokens) for m in models}
+    perms: dict[tuple[int, int], np.ndarray] = {}  # models sharing a tokenizer share its permutation
+    perm = {}
+    for m in models:
+        got = loaded[m.label]
+        key = (id(got.vocab), got.vocab_size)
+        if key not in perms:
+            perms[key] = got.permutation(tokens)
+        perm[m.label] = perms[key]
     vocab = Vocabulary(tokens=tokens, size=size, base=base, donor=donor.label, perm=perm,
                        rules=[], tokenizer=out,
                        tokenizer_dir=out_dir, base_dir=donor.directory, notes=notes)
@@ -272,15 +281,31 @@ class Vocabulary:
         import torch
 
         labels = list(rows)
-        self.check(tensor_name, {k: int(rows[k].shape[0]) for k in labels})
-        rest = tuple(rows[labels[0]].shape[1:])
-        if any(tuple(rows[k].shape[1:]) != rest for k in labels):
-            raise UserError(f"{tensor_name}: non-vocabulary dimensions must match: "
-                            f"{[tuple(rows[k].shape) for k in labels]}")
         dtype = rows[labels[0]].dtype
         for k in labels:
             dtype = torch.promote_types(dtype, rows[k].dtype)
-        device = rows[labels[0]].device
+        aligner = self.aligner(tensor_name, {k: tuple(rows[k].shape) for k in labels}, rows.__getitem__, dtype,
+                               rows[labels[0]].device)
+        return {k: aligner(k, rows[k]) for k in labels}
+
+    def aligner(self, tensor_name: str, shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], Any], dtype,
+                device="cpu") -> Callable[[str, Any], Any]:
+        """Align one model at a time, for streaming merges: returns ``one(label, E)``, which gives
+        model ``label``'s rows ``E`` (as stored) re-indexed to the output vocabulary in ``dtype``
+        (``E`` itself when it needs no change and has that dtype). ``shapes``: the stored shape of
+        every model present for this tensor, in recipe order (as the keys of ``align``'s
+        ``rows``); ``read(label)``: that model's stored rows, called once per model here, and only
+        when some token takes its row from the default rule or a ``tokens:`` source (the default
+        rows D look across models: only their rows are gathered and kept). Gathers then converts,
+        so the values equal ``align`` on converted rows bit for bit."""
+        import torch
+
+        labels = list(shapes)
+        self.check(tensor_name, {k: int(shapes[k][0]) for k in labels})
+        rest = tuple(shapes[labels[0]][1:])
+        if any(tuple(shapes[k][1:]) != rest for k in labels):
+            raise UserError(f"{tensor_name}: non-vocabulary dimensions must match: "
+                            f"{[tuple(shapes[k]) for k in labels]}")
         V, M = len(self.tokens), len(labels)
         P = np.stack([self.perm[k] for k in labels])
         present = P >= 0
@@ -301,18 +326,25 @@ class Vocabulary:
         donor = np.full(J.size, -1)
         one = dflt & (cJ == 1)
         donor[one] = present[:, J[one]].argmax(0)
-        if self.base in rows:
+        if self.base in shapes:
             b = labels.index(self.base)
             donor[dflt & (cJ >= 2) & present[b, J]] = b
         mean = dflt & (cJ >= 2) & (donor < 0)
+        configured = [r for r in self.rules if pos[r.j] >= 0 and r.cfg.source.kind not in ("default", "zero")]
         for i, k in enumerate(labels):
-            E = rows[k].to(dtype)
-            sel = np.flatnonzero(donor == i)
-            if sel.size:
-                D[_t(sel, device)] = E[_t(P[i, J[sel]], device)]
-            sel = np.flatnonzero(mean & present[i, J])
-            if sel.size:  # summed in model order, divided once at the end: mergekit's rounding
-                D[_t(sel, device)] += E[_t(P[i, J[sel]], device)]
+            take_d, take_m = np.flatnonzero(donor == i), np.flatnonzero(mean & present[i, J])
+            own = [r for r in configured if r.label == k]
+            if not (take_d.size or take_m.size or own):
+                continue
+            E = read(k)
+            if take_d.size:
+                D[_t(take_d, device)] = E[_t(P[i, J[take_d]], device)].to(dtype)
+            if take_m.size:  # summed in model order, divided once at the end: mergekit's rounding
+                D[_t(take_m, device)] += E[_t(P[i, J[take_m]], device)].to(dtype)
+            for r in own:
+                r_id = int(self.perm[r.label][r.j]) if r.cfg.source.kind == "model" else r.src_id
+                D[int(pos[r.j])] = E[r_id].to(dtype)
+            del E
         sel = np.flatnonzero(mean)
         if sel.size:
             D[_t(sel, device)] /= torch.as_tensor(cJ[sel], dtype=dtype, device=device).reshape(-1, *([1] * len(rest)))
@@ -321,35 +353,35 @@ class Vocabulary:
             some = ", ".join(repr(self.tokens[j]) for j in J[missing[:5]])
             self._warn(f"{tensor_name}: {missing.size} token(s) are in no model ({some}{', …' if missing.size > 5 else ''}); "
                        "their rows are zeros")
-        for r in self.rules:
-            if pos[r.j] < 0 or r.cfg.source.kind == "default":
-                continue
-            D[int(pos[r.j])] = self._configured_row(r, rows, dtype)
+        for r in self.rules:  # zero sources; configured rows overwrite the default ones above
+            if pos[r.j] >= 0 and r.cfg.source.kind == "zero":
+                D[int(pos[r.j])] = 0.0
+        index = {k: i for i, k in enumerate(labels)}
 
-        out = {}
-        for i, k in enumerate(labels):
-            E = rows[k]
+        def aligned(k: str, E):
+            i = index[k]
             take = present[i] & ~forced
             if (take.all() and E.shape[0] == V == self.size and E.dtype == dtype
                     and np.array_equal(P[i], np.arange(V))):
-                out[k] = E
-                continue
+                return E
             new = torch.empty((self.size, *rest), dtype=dtype, device=device)
-            torch.index_select(E.to(dtype), 0, _t(np.where(take, P[i], 0), device), out=new[:V])
+            src = np.where(take, P[i], 0)
+            moved = src != np.arange(V)
+            same = int(moved.argmax()) if moved.any() else V  # rows [0, same) stay where they are
+            new[:same].copy_(E[:same])  # a plain copy: most rows of a fine-tune with added tokens
+            src = _t(src, device)
+            step = max(1, (1 << 22) // max(1, math.prod(rest)))  # gather + convert in ~16 MB row chunks
+            for lo in range(same, V, step):
+                hi = min(lo + step, V)
+                new[lo:hi].copy_(E.index_select(0, src[lo:hi]))
             miss = np.flatnonzero(~take)
             if miss.size:
                 new[_t(miss, device)] = D[_t(pos[miss], device)]
             if self.size > V:  # padding rows: the mean of this model's aligned rows
                 new[V:] = new[:V].mean(0)
-            out[k] = new
-        return out
+            return new
 
-    def _configured_row(self, r: _Rule, rows, dtype):
-        kind = r.cfg.source.kind
-        if kind == "zero":
-            return 0.0
-        E = rows[r.label].to(dtype)
-        return E[int(self.perm[r.label][r.j])] if kind == "model" else E[r.src_id]
+        return aligned
 
     def _warn(self, text: str) -> None:
         log.warning(text)

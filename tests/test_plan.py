@@ -10,6 +10,7 @@ from mergekit_ortho import outputs
 from mergekit_ortho import plan as plan_mod
 from mergekit_ortho import recipe as recipe_mod
 from mergekit_ortho.ops.registry import Params
+from mergekit_ortho.planning import ItemParams
 
 
 def _plan(tmp_path, tiny_models, method="task_arithmetic", params="{lambda: 1.0}", extra=""):
@@ -38,7 +39,7 @@ def test_the_executor_reads_each_items_own_parameters(tmp_path, tiny_models):
     plan = _plan(tmp_path, tiny_models)
     try:
         name = next(n for n, i in plan.items.items() if i.action == "merge" and len(i.shape) == 2)
-        other = plan_mod.ItemParams(Params({**plan.params, "lambda": 0.25}), plan.params_for(name).models)
+        other = ItemParams(Params({**plan.params, "lambda": 0.25}), plan.params_for(name).models)
         plan.item_params = {**plan.item_params, name: other}
         outputs.run(plan, tmp_path / "out")
     finally:

@@ -464,3 +464,36 @@ def test_large_vocabulary_is_vectorised(tmp_path, capsys):
     with capsys.disabled():
         print(f"\n[vocab timing] 152K union build {t1 - t0:.2f}s, align 2 x 152K x 64 {t2 - t1:.3f}s")
     np.testing.assert_array_equal(vocab.perm["b"][1000:n], np.arange(n - 1000))
+
+
+# --- streaming: one model at a time ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [
+    TokenizerSpec(source="union"),
+    TokenizerSpec.from_recipe(None, {"source": "union", "tokens": TOKENS}),
+    TokenizerSpec.from_recipe(None, {"source": "union", "pad_to_multiple_of": 4}),
+])
+def test_aligner_one_model_at_a_time_equals_align(dirs, spec):
+    """The streaming form (what a merge uses) gathers the stored rows (bf16 here) and converts
+    them: bit-equal to ``align`` on rows converted first; it reads a model only when that model
+    gives default or configured rows, and once."""
+    vocab = build(dirs, spec, ["tokA", "tokB", "tokC"])
+    g = torch.Generator().manual_seed(0)
+    stored = {k: torch.randn(10 if k == "tokC" else 8, 5, generator=g).to(torch.bfloat16)
+              for k in ["tokA", "tokB", "tokC"]}
+    want = vocab.align("lm_head.weight", {k: v.float() for k, v in stored.items()})
+    reads = []
+    one = vocab.aligner("lm_head.weight", {k: tuple(v.shape) for k, v in stored.items()},
+                        lambda k: reads.append(k) or stored[k], torch.float32)
+    assert len(reads) == len(set(reads))
+    for k, v in stored.items():
+        got = one(k, v)
+        assert got.dtype == torch.float32 and torch.equal(got, want[k]), k
+
+
+def test_aligner_reads_no_model_when_every_model_has_every_token(dirs):
+    vocab = build(dirs, TokenizerSpec(source="union"), ["tokA", "tokA2"])
+    reads = []
+    vocab.aligner("e", {"tokA": (8, 4), "tokA2": (8, 4)}, lambda k: reads.append(k), torch.float32)
+    assert reads == []

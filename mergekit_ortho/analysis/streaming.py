@@ -177,7 +177,7 @@ def _task_vectors(plan, name: str, labels: list[str]):
     params = {s[0].label: given.models[k] for k, s in chosen}
     if plan.vocab is not None and name in VOCABULARY_TENSORS:
         base, weights = aligned_inputs(plan, name, base_source, [s for _, s in chosen], cdt)
-        return {s[0].label: w.sub_(base) for (_, s), w in zip(chosen, weights)}, params
+        return {s[0].label: w for (_, s), w in zip(chosen, weights(True))}, params
     base = base_tensor(plan, base_source, cdt)
     out = {m.label: model_tensor(m, n, item.shape, base, "deltas", cdt, plan.device, load_dtype=plan.load_dtype)
            for _, (m, n) in chosen}
