@@ -22,10 +22,9 @@ tensors of the model (B9.7), makes the exported update S_t / lambda_t have norm 
 the reference's recursion Delta_t = lambda_{t-1} tau_bar_{t-1} + P(tau_t), tau_bar_t =
 Delta_t / lambda_t, since lambda_t tau_bar_t = S_t (B2).
 
-Fused MoE expert stacks (transformers 5 ``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj``
-[E, H, I]) are E * parts linear maps: each is projected against its own slice of S_{t-1}, one SVD
-per expert and part (:mod:`.expert_stacks`), so the fused layout gives the per-expert 2-D layout's
-result bit for bit (``projected_tensors`` counts matrices).
+Fused MoE expert stacks (``experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) are E * parts
+linear maps, each projected against its own slice of S_{t-1} (:mod:`.expert_stacks`): the per-expert
+layout's result, bit for bit (``projected_tensors`` counts matrices).
 
 Projectable tensors (toolkit rule, B5): float, 2-D, name ends in ``weight`` (so open_clip's packed
 ``in_proj_weight`` is included, a deliberate deviation from the reference's leaf-module traversal
@@ -76,9 +75,8 @@ _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def is_projectable(name: str, tensor: torch.Tensor, params: Params | None = None) -> bool:
-    """Whether ``name`` is a linear map's weight that OPCM projects (B5); otherwise identity path.
-    A fused MoE expert stack (3-D ``experts.gate_up_proj`` / ``down_proj``) holds E * parts linear
-    maps and is projected per map (:func:`project_tensor`). ``params`` None: the default rule."""
+    """Whether ``name`` is a linear map's weight that OPCM projects (B5; a fused expert stack: per
+    map, :func:`project_tensor`); otherwise identity path. ``params`` None: the default rule."""
     if not tensor.is_floating_point():
         return False
     stack = tensor.dim() == 3 and blocks(name, tuple(tensor.shape)) is not None
@@ -99,15 +97,15 @@ def project_tensor(name: str, tbar: torch.Tensor, tau: torch.Tensor, **options) 
         return out, 0 if info["identity"] else 1
     if tbar.shape != tau.shape:
         raise ValueError(f"opcm: project needs two tensors of one shape, got {tuple(tbar.shape)} and {tuple(tau.shape)}")
-    count = 0
+    infos: list[dict] = []
+    out = per_matrix(lambda pair: _noted(project(pair[0], pair[1], **options), infos), [tbar, tau],
+                     blocks(name, tuple(tau.shape)), tau.dtype)
+    return out, sum(0 if i["identity"] else 1 for i in infos)
 
-    def rule(pair: list[torch.Tensor]) -> torch.Tensor:
-        nonlocal count
-        out, info = project(pair[0], pair[1], **options)
-        count += 0 if info["identity"] else 1
-        return out
 
-    return per_matrix(rule, [tbar, tau], blocks(name, tuple(tau.shape)), tau.dtype), count
+def _noted(result: tuple[torch.Tensor, dict], infos: list[dict]) -> torch.Tensor:
+    infos.append(result[1])
+    return result[0]
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
