@@ -131,3 +131,24 @@ def test_adapters_of_one_naming_without_config_still_merge(cli, tmp_path, vit):
     a2 = _copy(vit["a"], tmp_path / "a2", None)
     code, out, err = _run(cli, tmp_path, a, a2)
     assert code == 0, out + err
+
+
+def test_the_config_is_found_in_the_hugging_face_cache_without_the_network(cli, tmp_path, vit, monkeypatch):
+    """base_model_name_or_path a hub id whose config.json is already cached: read from the cache."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny-vit" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    shutil.copy(vit["root"] / "base" / "config.json", snap / "config.json")
+    (cache / "models--someone--tiny-vit" / "refs").mkdir()
+    (cache / "models--someone--tiny-vit" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a = _copy(vit["a"], tmp_path / "a", "someone/tiny-vit")
+    b = _copy(vit["b"], tmp_path / "b", "someone/tiny-vit")
+    code, out, err = _run(cli, tmp_path, a, b)
+    assert code == 0, out + err
+    mods = {k[len("base_model.model."):].split(".lora_")[0] + ".weight"
+            for k in load_file(str(tmp_path / "out" / "adapter_model.safetensors"))}
+    assert mods == set(vit["deltas"][0])
