@@ -68,8 +68,14 @@ def recipe(method: str, paths: dict) -> dict:
                 "models": [{"model": str(paths[f"lora{i}"])} for i in range(3)],
                 "parameters": {"inner_method": "tsv", "isotropize": True}}
     params = {"density": 0.3} if method == "ties" else {}
+    if method == "opcm":
+        params = {"alpha": 0.5}
     return {"merge_method": method, "base_model": str(paths["base"]),
             "models": [{"model": str(paths[k])} for k in "abc"], "parameters": params}
+
+
+# the swept parameter: lambda, except for methods without one
+AXES = {"widen": "temperature", "opcm": "alpha"}
 
 
 def plain_run(doc: dict, path: Path, out: Path) -> float:
@@ -88,31 +94,42 @@ def plain_run(doc: dict, path: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def bench(method: str, paths: dict, small: dict, root: Path, lambdas: list[float]) -> dict:
+def bench(method: str, paths: dict, small: dict, root: Path, lambdas: list[float], rounds: int) -> dict:
     from mergekit_ortho.sweep.driver import sweep
 
     # unmeasured, on tiny models: first-call costs (imports, LAPACK set-up) land on neither side
     plain_run(recipe(method, small), root / f"{method}-warm.yaml", root / f"{method}-warm")
     shutil.rmtree(root / f"{method}-warm")
-    plain = []
-    for i, lam in enumerate(lambdas):
-        doc = recipe(method, paths)
-        doc["parameters"]["lambda"] = lam
-        plain.append(plain_run(doc, root / f"{method}-plain{i}.yaml", root / f"{method}-plain{i}"))
-        shutil.rmtree(root / f"{method}-plain{i}")
-    r = root / f"{method}-sweep.yaml"
-    r.write_text(yaml.safe_dump(recipe(method, paths)))
-    work = root / f"{method}-work"
-    start = time.perf_counter()
-    res = sweep(r, ["lambda=" + ",".join(map(str, lambdas))], root / f"{method}-sweep", work_dir=work)
-    total = time.perf_counter() - start
-    shutil.rmtree(root / f"{method}-sweep")
-    shutil.rmtree(work)
-    mean = statistics.mean(plain)
+    axis = AXES.get(method, "lambda")
+    plain_totals, plain_each, sweeps, firsts, laters, loads = [], [], [], [], [], []
+    for k in range(rounds):  # interleaved: N plain runs, one sweep, N plain runs, ...
+        loads.append(os.getloadavg()[0])
+        total = 0.0
+        for i, v in enumerate(lambdas):
+            doc = recipe(method, paths)
+            doc["parameters"][axis] = v
+            t = plain_run(doc, root / f"{method}-plain{i}.yaml", root / f"{method}-plain{i}")
+            shutil.rmtree(root / f"{method}-plain{i}")
+            plain_each.append(t)
+            total += t
+        plain_totals.append(total)
+        r = root / f"{method}-sweep.yaml"
+        r.write_text(yaml.safe_dump(recipe(method, paths)))
+        work = root / f"{method}-work"
+        start = time.perf_counter()
+        res = sweep(r, [f"{axis}=" + ",".join(map(str, lambdas))], root / f"{method}-sweep", work_dir=work)
+        sweeps.append(time.perf_counter() - start)
+        firsts.append(res.points[0].seconds)
+        laters.extend(p.seconds for p in res.points[1:])
+        shutil.rmtree(root / f"{method}-sweep")
+        shutil.rmtree(work)
+    loads.append(os.getloadavg()[0])
+    med = statistics.median
+    plain = med(plain_each)
     n = len(lambdas)
-    return {"method": method, "plain_mean": mean, "plain_total": sum(plain), "sweep": total,
-            "first": res.points[0].seconds, "later": statistics.mean(p.seconds for p in res.points[1:]),
-            "ratio": total / mean, "goal": 1 + 0.2 * n, "n": n}
+    return {"method": method, "axis": axis, "plain_median": plain, "plain_total": med(plain_totals),
+            "sweep": med(sweeps), "first": med(firsts), "later": med(laters), "ratio": med(sweeps) / plain,
+            "goal": 1 + 0.2 * n, "n": n, "rounds": rounds, "load": (min(loads), max(loads))}
 
 
 def main() -> None:
@@ -122,13 +139,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--points", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (N plain runs, then a sweep)")
     ap.add_argument("--small", action="store_true")
     a = ap.parse_args()
     if a.small:
         a.tensors, a.size, a.rank = 2, 64, 8
     import torch
 
-    lambdas = [round(0.2 + 0.2 * i, 3) for i in range(a.points)]
+    lambdas = [round(0.2 + 0.2 * i, 3) for i in range(a.points)]  # alpha too: 0.2 .. 1.0
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         root = Path(tmp)
         paths = write_models(root, a.tensors, a.size, a.rank)
@@ -136,18 +154,21 @@ def main() -> None:
         small = write_models(root / "small", 1, 32, 4)
         rows = []
         for m in a.methods.split(","):
-            rows.append(bench(m, paths, small, root, lambdas))
+            rows.append(bench(m, paths, small, root, lambdas, a.rounds))
             print(rows[-1], file=sys.stderr, flush=True)
     print(f"{a.tensors} x {a.size}x{a.size} float32 tensors (+ {a.tensors} norms), 3 models, LoRA rank {a.rank}, "
           f"N = {a.points}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| method | plain run (mean) | N plain runs | sweep (N points) | first point | later points (mean) "
-          "| sweep / plain run | goal |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method (axis) | plain run | N plain runs | sweep (N points) | first point | later point "
+          "| sweep / plain run | goal | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ok = "met" if r["ratio"] <= r["goal"] else "missed"
-        print(f"| {r['method']} | {r['plain_mean']:.2f} s | {r['plain_total']:.2f} s | {r['sweep']:.2f} s | "
-              f"{r['first']:.2f} s | {r['later']:.3f} s | {r['ratio']:.2f} | <= {r['goal']:.1f} ({ok}) |")
+        print(f"| {r['method']} ({r['axis']}) | {r['plain_median']:.2f} s | {r['plain_total']:.2f} s | "
+              f"{r['sweep']:.2f} s | {r['first']:.2f} s | {r['later']:.3f} s | {r['ratio']:.2f} | "
+              f"<= {r['goal']:.1f} ({ok}) | {r['load'][0]:.1f}-{r['load'][1]:.1f} |")
+    print(f"\nmedians over {a.rounds} interleaved rounds (N plain runs, then one sweep from an empty work "
+          "directory); load: 1-minute load average before each round and after the last")
 
 
 if __name__ == "__main__":

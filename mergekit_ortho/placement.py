@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -98,11 +99,27 @@ def _safetensors_by_us(path: Path) -> bool:
     return str(meta.get("merge_tool", "")).startswith("mergekit-ortho") or "rmm_task" in meta
 
 
+# the first bytes of the reports `merge analyze` writes (analysis/report.py: to_json, to_html)
+_REPORT_HEADS = (re.compile(rb'^\{\s*"generator":\s*"mergekit-ortho '),
+                 re.compile(rb"^<!DOCTYPE html><html><head><meta charset='utf-8'><meta name='generator' "
+                            rb"content='mergekit-ortho "))
+
+
+def _report_by_us(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return any(p.match(head) for p in _REPORT_HEADS)
+
+
 def written_by_us(path: Path) -> bool:
     """True for an output of ours: a directory with our marker (or, from before the marker, one whose
-    safetensors files carry our ``merge_tool`` metadata), or a single safetensors file we wrote."""
+    safetensors files carry our ``merge_tool`` metadata), a single safetensors file we wrote, or a
+    JSON / HTML report of ours (its generator mark at the very start)."""
     if path.is_file():
-        return path.suffix == ".safetensors" and _safetensors_by_us(path)
+        return (_safetensors_by_us(path) if path.suffix == ".safetensors" else _report_by_us(path))
     if (path / OWNER_MARKER).is_file():
         return True
     return any(_safetensors_by_us(f) for f in sorted(path.glob("*.safetensors"))[:1])

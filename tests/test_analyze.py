@@ -212,3 +212,81 @@ def test_html_renders_in_a_headless_browser(tiny_models, tmp_path, cli):
                          capture_output=True, text=True, timeout=60).stdout
     pngs = _pngs(dom)
     assert len(pngs) == 3 and all(p.startswith(PNG) for p in pngs)
+
+
+def _variant(src, dst, edit):
+    """A copy of checkpoint ``src`` at ``dst`` with its tensors passed through ``edit``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    f = next(dst.glob("*.safetensors"))
+    ts = edit(load_file(str(f)))
+    save_file(ts, str(f), metadata={"format": "pt"})
+    return dst
+
+
+def test_a_plan_refusal_is_a_finding_and_the_rest_is_analysed(tiny_models, tmp_path, cli):
+    m = tiny_models
+    gone = "model.layers.1.mlp.down_proj.weight"
+    lacking = _variant(m["b"], tmp_path / "lacking", lambda ts: {k: v for k, v in ts.items() if k != gone})
+
+    def wider_vocab(ts):
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            if k in ts:
+                ts[k] = torch.cat([ts[k], torch.zeros(4, ts[k].shape[1])])
+        return ts
+
+    vocab = _variant(m["c"], tmp_path / "vocab", wider_vocab)
+    # merge run refuses it
+    r = tmp_path / "r.yaml"
+    r.write_text(f"merge_method: ties\nbase_model: {m['base']}\nmodels:\n  - model: {m['a']}\n"
+                 f"  - model: {lacking}\n  - model: {vocab}\nparameters: {{density: 0.5}}\n")
+    code, _, err = cli("run", r, "--out", tmp_path / "merged")
+    assert code == 2 and "vocabulary rows" in err
+    j = tmp_path / "r.json"
+    code, out, err = cli("analyze", r, "--json", j, "--top-rank", "0")
+    assert code == 0, out + err
+    data = json.loads(j.read_text())
+    fails: dict = {}
+    for f in data["findings"]:
+        if f["level"] == "fail":
+            fails[f["what"]] = fails.get(f["what"], "") + " | " + f["detail"]
+    assert "merge run would refuse" in fails["plan"] and "vocabulary rows" in fails["plan"]
+    assert "leaves out the 3 tensor(s)" in fails["plan"]  # down_proj of layer 1, the embeddings, the head
+    assert gone in fails["missing tensor"] and "lacking" in fails["missing tensor"]
+    assert "'model.embed_tokens.weight' is [32, 16] in base but [36, 16] in vocab" in fails["vocabulary"]
+    assert "vocabulary rows differ" in fails["vocabulary"]  # the header comparison of compat.findings too
+    names = {row["name"] for row in data["tensors"]}
+    assert gone not in names and "model.embed_tokens.weight" not in names
+    assert "model.layers.0.mlp.down_proj.weight" in names and len(names) >= 15
+    assert data["models"] == ["a", "lacking", "vocab"]
+    assert "merge run would refuse" in out
+
+
+def test_overwrite_replaces_only_our_own_reports(tiny_models, tmp_path, cli):
+    from mergekit_ortho.placement import written_by_us
+
+    m = tiny_models
+    j, h = tmp_path / "r.json", tmp_path / "r.html"
+    args = ("analyze", "--base", m["base"], m["a"], m["b"], "--top-rank", "0")
+    assert cli(*args, "--json", j, "--html", h)[0] == 0
+    assert written_by_us(j) and written_by_us(h)
+    before = h.read_text()
+    # ours: --overwrite replaces both
+    code, _, err = cli(*args[:4], "--top-rank", "0", "--json", j, "--html", h, "--overwrite")
+    assert code == 0, err
+    assert json.loads(j.read_text())["models"] == ["a"] and h.read_text() != before
+    # not ours (the mark later in the file, or none): refused with --overwrite, nothing written ...
+    for text in ('{"note": "generator: mergekit-ortho merge analyze"}', "<html>mine</html>"):
+        mine = tmp_path / "mine.html"
+        mine.write_text(text)
+        assert not written_by_us(mine)
+        code, _, err = cli(*args, "--html", mine, "--overwrite")
+        assert code == 2 and "not written by mergekit-ortho" in err and "--force-replace" in err
+        assert mine.read_text() == text
+    # ... and replaced with --force-replace
+    assert cli(*args, "--html", mine, "--force-replace")[0] == 0 and written_by_us(mine)
+    # a refused second target leaves the first untouched (checked before the analysis runs)
+    j.write_text("{}")
+    code, _, err = cli(*args, "--json", tmp_path / "new.json", "--html", j, "--overwrite")
+    assert code == 2 and not (tmp_path / "new.json").exists() and j.read_text() == "{}"

@@ -46,8 +46,9 @@ def analyze(
     targets = []
     for out in (json_out, html_out):
         if out is not None:
-            replace = force_replace or (overwrite and _ours(out))
-            targets.append(AtomicFile(out, overwrite or force_replace, force_replace=replace))
+            # placement's rules: --overwrite replaces a report of ours (written_by_us: its generator
+            # mark), anything else needs --force-replace
+            targets.append(AtomicFile(out, overwrite, force_replace=force_replace))
     if html_out is not None:
         import importlib.util
 
@@ -71,14 +72,3 @@ def _exists(ref: str) -> None:
     for part in [p for p in split_lora_ref(ref) if p]:
         if not Path(part).exists() and not hub.looks_like_hub_id(part):
             raise UserError(f"{part}: no such file or directory (a checkpoint, a LoRA or a hub id)")
-
-
-def _ours(path: Path) -> bool:
-    """A report merge analyze wrote (its generator mark in the first bytes)."""
-    from ..analysis.report import GENERATOR
-
-    try:
-        with open(path, "rb") as f:
-            return GENERATOR.encode() in f.read(4096)
-    except OSError:
-        return False

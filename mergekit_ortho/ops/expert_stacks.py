@@ -59,3 +59,18 @@ def per_matrix(rule: Callable[[list[torch.Tensor]], torch.Tensor], stacks: Seque
             out = torch.empty(stacks[0].shape, dtype=dtype or got.dtype, device=got.device)
         out[e, rows] = got
     return out
+
+
+def project_stack(name: str, tbar: torch.Tensor, tau: torch.Tensor, project) -> tuple[torch.Tensor, list]:
+    """``project(tbar_m, tau_m) -> (P(tau_m), info)`` per matrix of a stack (opcm's projection):
+    the assembled P(tau) and the infos in block order."""
+    if tbar.shape != tau.shape:
+        raise ValueError(f"opcm: project needs two tensors of one shape, got {tuple(tbar.shape)} and {tuple(tau.shape)}")
+    infos: list = []
+
+    def rule(pair: list[torch.Tensor]) -> torch.Tensor:
+        out, info = project(pair[0], pair[1])
+        infos.append(info)
+        return out
+
+    return per_matrix(rule, [tbar, tau], blocks(name, tuple(tau.shape)), tau.dtype), infos

@@ -15,16 +15,13 @@ the base). Per tensor the running, UN-normalised sum S_t = sum_{i<=t} P_i(tau_i)
   ``P(tau) = tau - U (M restricted to those entries) V^T``. r = the 0-based index of the first j
   whose cumulative singular-value share c_j = sum_{i<=j} s_i / sum_i s_i exceeds ``alpha``
   (0 when there is none), the reference's ``argmax`` semantics (B9.2);
-* every other float tensor takes the identity path, P(tau) = tau (plain sum, B2).
+* every other float tensor takes the identity path, P(tau) = tau (plain sum, B2). A fused MoE expert
+  stack is E * parts maps, each projected on its own (:mod:`.expert_stacks`; matrices are counted).
 
 One global lambda_t = ||S_t|| / nu_t, with nu_t = mean_i ||tau_i|| and both norms over ALL merged
 tensors of the model (B9.7), makes the exported update S_t / lambda_t have norm nu_t. This equals
 the reference's recursion Delta_t = lambda_{t-1} tau_bar_{t-1} + P(tau_t), tau_bar_t =
 Delta_t / lambda_t, since lambda_t tau_bar_t = S_t (B2).
-
-Fused MoE expert stacks (``experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) are E * parts
-linear maps, each projected against its own slice of S_{t-1} (:mod:`.expert_stacks`): the per-expert
-layout's result, bit for bit (``projected_tensors`` counts matrices).
 
 Projectable tensors (toolkit rule, B5): float, 2-D, name ends in ``weight`` (so open_clip's packed
 ``in_proj_weight`` is included, a deliberate deviation from the reference's leaf-module traversal
@@ -60,12 +57,12 @@ Two entry points share the projection:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .errors import NoInputs, NonFiniteInput, ShapeMismatch
-from .expert_stacks import blocks, per_matrix
+from .expert_stacks import blocks, project_stack
 from .registry import Fold, Operator, Param, Params, TensorTask, name_matches, register
 
 DEFAULT_ALPHA = 0.5
@@ -88,24 +85,13 @@ def is_projectable(name: str, tensor: torch.Tensor, params: Params | None = None
     return (stack or name.endswith("weight")) and not name_matches(EMBEDDING_PATTERN, name)
 
 
-def project_tensor(name: str, tbar: torch.Tensor, tau: torch.Tensor, **options) -> tuple[torch.Tensor, int]:
-    """P(tau) of a projectable tensor and how many matrices were projected (not guarded): a 2-D
-    weight is one matrix; a fused expert stack one per expert and part, each projected against
-    its own slice of ``tbar`` as the per-expert 2-D layout is (equal results, bit for bit)."""
+def project_tensor(name: str, tbar: torch.Tensor, tau: torch.Tensor, **options) -> tuple[torch.Tensor, list[dict]]:
+    """P(tau) of a projectable tensor and the infos of :func:`project` per matrix: a 2-D weight is
+    one matrix, a fused expert stack one per expert and part (:func:`.expert_stacks.project_stack`)."""
     if tau.dim() == 2:
-        out, info = project(tbar, tau, **options)
-        return out, 0 if info["identity"] else 1
-    if tbar.shape != tau.shape:
-        raise ValueError(f"opcm: project needs two tensors of one shape, got {tuple(tbar.shape)} and {tuple(tau.shape)}")
-    infos: list[dict] = []
-    out = per_matrix(lambda pair: _noted(project(pair[0], pair[1], **options), infos), [tbar, tau],
-                     blocks(name, tuple(tau.shape)), tau.dtype)
-    return out, sum(0 if i["identity"] else 1 for i in infos)
-
-
-def _noted(result: tuple[torch.Tensor, dict], infos: list[dict]) -> torch.Tensor:
-    infos.append(result[1])
-    return result[0]
+        out, info = project(tbar, tau, **options)  # options may carry ``svd`` (sweep's cache)
+        return out, [info]
+    return project_stack(name, tbar, tau, lambda a, b: project(a, b, **options))
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -138,11 +124,14 @@ def project(
     zero_diagonal: bool = True,
     robust: bool = True,
     svd_dtype: str | torch.dtype = "float32",
+    svd: Callable[[torch.Tensor], tuple] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """P(tau) against the merged update ``tbar`` (any positive multiple of it gives the same P).
 
-    Returns (P(tau) in tau's dtype, info) with info = {"r": r, "k": k, "rank": numerical rank
-    used for the diagonal, "identity": True when the zero guard skipped the projection}.
+    ``svd(A) -> (U, s, Vh)``: the thin SVD to use (default :func:`thin_svd`; `merge sweep`
+    passes one that caches it by the content of A). Returns (P(tau) in tau's dtype, info) with
+    info = {"r": r, "k": k, "rank": numerical rank used for the diagonal, "identity": True when
+    the zero guard skipped the projection}.
     """
     if tbar.shape != tau.shape or tau.dim() != 2:
         raise ValueError(f"opcm: project needs two 2-D tensors of one shape, got {tuple(tbar.shape)} and {tuple(tau.shape)}")
@@ -153,7 +142,7 @@ def project(
         return tau.clone(), {"r": 0, "k": 0, "rank": 0, "identity": True}
     A = tbar.to(cdt)
     T = tau.to(cdt)
-    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    U, s, Vh = (svd or thin_svd)(A)
     if robust and not bool(s[0] > torch.finfo(cdt).tiny):  # zero (or NaN) merged update: no basis
         return tau.clone(), {"r": 0, "k": k, "rank": 0, "identity": True}
     if robust:
@@ -173,6 +162,11 @@ def project(
         C[idx, idx] = M[idx, idx]
     out = T - (U @ C) @ Vh
     return out.to(tau.dtype), {"r": r, "k": k, "rank": rank, "identity": False}
+
+
+def thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of the merged update that a projection is taken against."""
+    return torch.linalg.svd(A, full_matrices=False)
 
 
 def _options(params: Params) -> dict:
@@ -204,7 +198,7 @@ def _start(task: TensorTask) -> None:
 
 
 def _step(prev: torch.Tensor | None, tau: torch.Tensor, i: int,
-          task: TensorTask) -> tuple[torch.Tensor, dict[str, float]]:
+          task: TensorTask, svd: Callable | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """S_1 = tau_1; S_t = S_{t-1} + P_t(tau_t) (t = i + 1), P_t from the SVD of S_{t-1} for
     projectable tensors, identity otherwise. The projection needs no scalar of step t-1: U, V and r
     of S_{t-1} are those of tau_bar_{t-1} = S_{t-1}/lambda_{t-1}. Stats, float64, summed over the
@@ -224,8 +218,8 @@ def _step(prev: torch.Tensor | None, tau: torch.Tensor, i: int,
         raise ShapeMismatch(f"opcm: tensor '{name}' has shape {tuple(tau.shape)}, its state {tuple(prev.shape)}")
     projected = 0.0
     if is_projectable(name, tau, task.params):
-        ptau, count = project_tensor(name, prev, tau, **_options(task.params))
-        projected = float(count)
+        ptau, infos = project_tensor(name, prev, tau, svd=svd, **_options(task.params))
+        projected = float(sum(not i["identity"] for i in infos))
     else:
         ptau = tau
     new = prev.to(ptau.dtype) + ptau
@@ -271,6 +265,15 @@ def _finish(state: torch.Tensor, task: TensorTask) -> torch.Tensor:
 FOLD = Fold(_start, _step, _finish, reduce=_reduce)
 
 
+def fold_with_svd(svd: Callable[[torch.Tensor], tuple]) -> Fold:
+    """:data:`FOLD` with the projections' thin SVDs taken by ``svd`` (`merge sweep`'s cache,
+    issue 18: the SVD of S_{t-1} is keyed by its content, so it is reused wherever an earlier
+    point had the same merged update, e.g. S_1 = tau_1 for every alpha)."""
+    from dataclasses import replace
+
+    return replace(FOLD, step=lambda prev, tau, i, task: _step(prev, tau, i, task, svd))
+
+
 # -- in-memory reference (B3 pseudocode, literally) -------------------------------------------------
 
 
@@ -283,7 +286,7 @@ def opcm_merge(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tenso
     ``base``. The first model's float tensors are returned unchanged (B9.8). Outputs have each
     model tensor's dtype; the arithmetic runs in float32 or wider (the inputs' dtype if wider).
     If ``history`` is a list, one dict per step is appended: t, lambda, nu, task_norm,
-    projected_norm (global), merged_norm (||theta_bar_t - theta_0||), ranks {tensor: r} and
+    projected_norm (global), merged_norm (||theta_bar_t - theta_0||), ranks {tensor: r (a list for a stack)} and
     proj_norms {tensor: ||P(tau_t)||} of the projected tensors.
     """
     p = OPERATOR.resolve_params(params)
@@ -312,12 +315,9 @@ def opcm_merge(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tenso
         nu = s_norm / t
         delta, ranks, p_norms, p_sq = {}, {}, {}, 0.0
         for k in keys:
-            if is_projectable(k, tau[k], p) and tau[k].dim() == 3:  # a fused expert stack: per matrix
-                ptau, _ = project_tensor(k, tbar[k], tau[k], **opts)
-                p_norms[k] = math.sqrt(_sq(ptau))
-            elif is_projectable(k, tau[k], p):
-                ptau, info = project(tbar[k], tau[k], **opts)
-                ranks[k] = info["r"]
+            if is_projectable(k, tau[k], p):
+                ptau, infos = project_tensor(k, tbar[k], tau[k], **opts)
+                ranks[k] = infos[0]["r"] if tau[k].dim() == 2 else [i["r"] for i in infos]
                 p_norms[k] = math.sqrt(_sq(ptau))
             else:
                 ptau = tau[k]

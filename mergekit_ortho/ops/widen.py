@@ -231,6 +231,25 @@ def _gather(stats, x: torch.Tensor, i: int, task: TensorTask):
     return stats
 
 
+def stats_tensors(stats) -> dict[str, torch.Tensor]:
+    """The gathered statistics (pass 1) as named tensors, for `merge sweep`'s cache (issue 18):
+    they read the inputs, the base, ``task.dtype`` and the unit rule (``embedding_pattern`` /
+    ``transpose_pattern``) only, not ``threshold``, ``calibration`` or ``temperature``."""
+    if isinstance(stats, list):
+        return {f"signal.{i}": t for i, t in enumerate(stats)}
+    return {"sq0": stats.sq0, "db": stats.db, "dd": stats.dd,
+            "rows_are_units": torch.tensor([stats.rows_are_units])}
+
+
+def stats_from_tensors(tensors: dict[str, torch.Tensor]):
+    """The inverse of :func:`stats_tensors` (the same values, bit for bit)."""
+    if "sq0" not in tensors:
+        return [tensors[f"signal.{i}"] for i in range(len(tensors))]
+    stats = _UnitStats(0, 0, bool(tensors["rows_are_units"][0]), tensors["sq0"].device)
+    stats.sq0, stats.db, stats.dd = tensors["sq0"], tensors["db"], tensors["dd"]
+    return stats
+
+
 def _start(task: TensorTask):
     """Per-unit weights (N x units) from the statistics, and a zero accumulator."""
     p = task.params

@@ -8,8 +8,9 @@ vectors, raw weights or LoRA factors). Anything that changes an input's values (
 checkpoint, another base, a vocabulary alignment, a LoRA scale) changes the key.
 
 An entry is written to a temporary file and renamed into place; its metadata holds the key and a
-digest of its tensors, checked on every read, so a truncated, edited or foreign file is deleted
-and recomputed (never used). Eviction is least-recently-used by bytes (file mtimes, touched on
+digest of its tensors, checked on the first read in a process (and again whenever the file's size,
+mtime, ctime or inode changed since), so a truncated, edited or foreign file is deleted and
+recomputed (never used). Eviction is least-recently-used by bytes (file mtimes, touched on
 every hit): when an entry would exceed ``max_bytes``, entries this process has not used go
 first, oldest first; if that is not enough the new entry is not stored (this sweep's own
 entries are never evicted by it) and :attr:`Cache.skipped` counts it.
@@ -102,6 +103,7 @@ class Cache:
         self.skipped = 0  # entries not stored: the cache was full of this sweep's own entries
         self._sizes: dict[str, int] = {}
         self._times: dict[str, float] = {}
+        self._verified: dict[str, tuple] = {}  # key -> stamp of the file when this process last checked it
         if self.root.is_dir():
             for f in self.root.iterdir():
                 if f.name.endswith(SUFFIX) and f.is_file():
@@ -119,19 +121,19 @@ class Cache:
         return self.root / f"{key}{SUFFIX}"
 
     def get(self, key: str, device: Any = "cpu") -> dict | None:
-        """The entry's tensors (fresh, on ``device``), or None (missing, or corrupt: then deleted)."""
+        """The entry's tensors (fresh, on ``device``), or None (missing, or corrupt: then deleted).
+        The digest is checked on the first read in this process; later reads of an entry whose
+        size, mtime and inode are as this process last saw them skip it."""
         path = self._path(key)
         if key not in self._sizes and not path.is_file():
             return None
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                names = json.loads(meta.get("names", "null"))
-                tensors = {n: f.get_tensor(n) for n in names}
-            ok = meta.get("format") == FORMAT and meta.get("key") == key and \
-                meta.get("digest") == tensors_digest([tensors[n] for n in names])
+            st = path.stat()
+            meta, tensors = _read(path)
+            names = json.loads(meta.get("names", "null"))
+            ok = meta.get("format") == FORMAT and meta.get("key") == key and sorted(tensors) == sorted(names)
+            if ok and self._verified.get(key) != _stamp(st):
+                ok = meta.get("digest") == tensors_digest([tensors[n] for n in names])
         except Exception:  # noqa: BLE001 - any unreadable file is a corrupt entry
             ok = False
         if not ok:
@@ -143,8 +145,9 @@ class Cache:
             os.utime(path)
             st = path.stat()
             self._sizes[key], self._times[key] = st.st_size, st.st_mtime
+            self._verified[key] = _stamp(st)
         except OSError:
-            pass
+            self._verified.pop(key, None)
         return {n: t.to(device) for n, t in tensors.items()}
 
     def put(self, key: str, tensors: dict) -> bool:
@@ -168,8 +171,9 @@ class Cache:
         except OSError:
             _unlink(tmp)
             raise
-        self._sizes[key] = len(blob)
-        self._times[key] = self._path(key).stat().st_mtime
+        st = self._path(key).stat()
+        self._sizes[key], self._times[key] = len(blob), st.st_mtime
+        self._verified[key] = _stamp(st)
         self.used.add(key)
         return True
 
@@ -188,8 +192,51 @@ class Cache:
 
     def _drop(self, key: str) -> None:
         _unlink(self._path(key))
+        self._verified.pop(key, None)
         self._sizes.pop(key, None)
         self._times.pop(key, None)
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a safetensors file read into one writable buffer: the tensors are
+    views of it (copied only where an offset is not aligned to the dtype), so a cached entry
+    costs one read, not the page faults of a copy-on-write mapping when apply scales it in place."""
+    import torch
+
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < size:
+            n = fh.readinto(view[got:])
+            if not n:
+                raise ValueError("truncated")
+            got += n
+    hlen = int.from_bytes(bytes(view[:8]), "little")
+    header = json.loads(bytes(view[8:8 + hlen]))
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + hlen
+    tensors = {}
+    for name, info in header.items():
+        dtype = getattr(torch, _DTYPES[info["dtype"]])
+        lo, hi = info["data_offsets"]
+        if not 0 <= lo <= hi <= size - start:
+            raise ValueError("offsets out of range")
+        raw = buf[start + lo:start + hi]
+        item = torch.empty((), dtype=dtype).element_size()
+        if (start + lo) % item:
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(info["shape"])
+    return meta, tensors
 
 
 def _unlink(p: Path) -> None:

@@ -4,8 +4,11 @@ the operator's prepared part (:mod:`mergekit_ortho.ops.prepare`) read from or wr
 
 Per point: the recipe mapping with the point's values (:func:`.grid.point_recipe`), validated
 like a recipe file, planned (``plan.build_plan``), its operator replaced by one whose ``fn`` is
-``apply(task, cached prepare(task))``, and run by ``outputs.run`` into ``OUT/<point>``. A method
-without a split runs unchanged (no cache). All points are written inside one atomic output
+``apply(task, cached prepare(task))``, and run into ``OUT/<point>`` (:func:`run_point`): for a
+full-model output a tensor whose key the sweep already knows (:mod:`.reuse`: inputs hashed once per
+sweep) and whose entry is cached is finished from the entry and the base alone, without reading
+the models; WIDEN and OPCM run with their cached statistics / SVDs. A method without any of these
+runs unchanged (no cache). All points are written inside one atomic output
 directory: any error (a bad value, a failing ``--eval``) leaves no output at all.
 
 ``--eval "CMD {out}"``: run through the shell with ``{out}`` replaced by the point's directory
@@ -28,7 +31,8 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from . import grid
-from .cache import Cache, input_tensors, part_key, task_key, tensors_digest
+from .cache import Cache, input_tensors, part_key, task_key
+from .reuse import FileGuard, InputMemo, dense_hit, dense_sig, digests_of, lora_sig, opcm_svd, widen_fold
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
@@ -55,18 +59,23 @@ class SweepResult:
     corrupt: int = 0
     skipped: int = 0
     cache_bytes: int = 0
+    hashed: int = 0  # input tensors hashed (each once per sweep)
 
 
-def _counted(op, prep, cache: Cache, tally: dict) -> Callable:
+def _counted(plan, op, prep, cache: Cache, memo: InputMemo, tally: dict, use_parts: bool = True) -> Callable:
+    from ..ops.registry import LoraTask
+
     def fn(task):
         tensors = input_tensors(task)
         device = tensors[0].device if tensors else "cpu"
-        digests = [tensors_digest([t]) for t in tensors]
+        sig = lora_sig(plan, task) if isinstance(task, LoraTask) else dense_sig(plan, task.name)
+        digests = digests_of(memo, sig, tensors)
         key = task_key(op.name, task, prep.skips, digests)
         got = cache.get(key, device)
         if got is None:
             tally["misses"] += 1
-            parts = _parts(op, prep, cache, task, digests, device, tally) if prep.part is not None else None
+            parts = (_parts(op, prep, cache, task, digests, device, tally)
+                     if prep.part is not None and use_parts else None)
             got = prep.run(task, parts)
             cache.put(key, got)  # stored before apply may scale it in place
         else:
@@ -92,6 +101,62 @@ def _parts(op, prep, cache: Cache, task, digests: list[str], device, tally: dict
             tally["part_hits"] += 1
         out.append(got)
     return out
+
+
+def reuses(method: str) -> bool:
+    """Whether `merge sweep` reuses anything of ``method`` across points."""
+    from ..ops.prepare import preparation
+
+    return preparation(method) is not None or method in ("widen", "opcm")
+
+
+def parts_help(axes) -> bool:
+    """Whether per-model parts (ties' cuts) can be reused by a grid over ``axes``: not when every
+    axis is lambda (the whole merge before lambda is reused) or a density of every model (each
+    point changes every model's cut); computing them costs a separate top-k pass."""
+    return any(not (a.name == "lambda" or (a.name == "density" and a.model is None)) for a in axes)
+
+
+def run_point(plan, target: Path, cache: Cache, memo: InputMemo, tally: dict, use_parts: bool = True) -> None:
+    """Merge one point's ``plan`` into ``target`` as `merge run` would, reusing what the cache and
+    the memo hold (:mod:`.reuse`); ``use_parts``: compute and reuse per-model parts."""
+    from .. import outputs
+    from ..execute import full_item, write_full_model
+    from ..ops.opcm import fold_with_svd
+    from ..ops.prepare import preparation
+    from ..plan import input_paths
+
+    op = plan.op
+    prep = preparation(op.name)
+    full_dense = plan.out_format == "full" and op.input_kind != "lora" and op.merges_one_tensor_alone
+    if op.name == "opcm":
+        plan.op = dataclasses.replace(op, fold=fold_with_svd(opcm_svd(cache, tally)))
+    elif prep is not None:
+        plan.op = dataclasses.replace(op, fn=_counted(plan, op, prep, cache, memo, tally, use_parts))
+        if full_dense:
+            plain = full_item(plan)
+
+            def compute(name: str):
+                hit = dense_hit(plan, name, prep, cache, memo, tally)
+                return (hit, None) if hit is not None else plain(name)
+
+            write_full_model(plan, target, compute, inputs=input_paths(plan))
+            return
+    elif op.name == "widen" and full_dense:
+        plain = full_item(plan)
+
+        def compute(name: str):
+            if plan.items[name].action != "merge":
+                return plain(name)
+            plan.op = dataclasses.replace(op, fold=widen_fold(plan, name, cache, memo, tally))
+            try:
+                return plain(name)
+            finally:
+                plan.op = op
+
+        write_full_model(plan, target, compute, inputs=input_paths(plan))
+        return
+    outputs.run(plan, target)
 
 
 def parse_score(stdout: str) -> float | None:
@@ -127,7 +192,6 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
     from .. import plan as plan_mod
     from .. import recipe as recipe_mod
     from ..ops import registry
-    from ..ops.prepare import preparation
     from ..sources import hub_plan
     from ..placement import AtomicDirectory, check_output, refuse_overlap
 
@@ -161,7 +225,8 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
         r._source_path = Path(recipe_path).resolve()
         recipes.append(r)
     check_output(out, overwrite, recipe_mod.input_paths(base_recipe), force_replace)
-    prep = preparation(op.name)
+    cached = reuses(op.name)
+    use_parts = parts_help(axes)
     work = Path(work_dir) if work_dir else Path(recipe_path).resolve().parent / ".merge-sweep"
     try:
         refuse_overlap(work, [p for p in recipe_mod.input_paths(base_recipe) if p != base_recipe._source_path])
@@ -169,22 +234,29 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
     except UserError as e:
         raise UserError(f"--work-dir: {e}") from None
     cache = Cache(work, cache_max)
+    memo = InputMemo()
+    guard: FileGuard | None = None
     result = SweepResult(out)
     atomic = AtomicDirectory(out, overwrite, recipe_mod.input_paths(base_recipe), force_replace)
     with atomic as tmp:
         for i, (values, r) in enumerate(zip(values_list, recipes)):
             name = grid.point_name(i, axes, values)
-            point = PointResult(i, name, {a.text: v for a, v in zip(axes, values)}, cached=prep is not None)
+            point = PointResult(i, name, {a.text: v for a, v in zip(axes, values)}, cached=cached)
             tally = {"hits": 0, "misses": 0, "part_hits": 0}
             start = time.perf_counter()
             plan = hub_plan.build_plan(r, device=device)  # as `merge run`: hub models fetch what is read
             try:
                 if i == 0 and on_notes is not None:
                     on_notes(list(plan.notes))
-                if prep is not None:
-                    plan.op = dataclasses.replace(plan.op, fn=_counted(plan.op, prep, cache, tally))
+                if guard is None:  # before the first read of any tensor
+                    guard = FileGuard([p for p in plan_mod.input_paths(plan) if p != r._source_path])
+                else:
+                    guard.check()
                 target = tmp / name
-                outputs.run(plan, target)
+                if cached:
+                    run_point(plan, target, cache, memo, tally, use_parts)
+                else:
+                    outputs.run(plan, target)
             finally:
                 plan_mod.close(plan)
             point.seconds = time.perf_counter() - start
@@ -203,6 +275,9 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
             result.points.append(point)
             if on_point is not None:
                 on_point(point)
+        if guard is not None:
+            guard.check()  # the last point read the same bytes as the first
+        result.hashed = memo.hashed
         result.corrupt, result.skipped, result.cache_bytes = cache.corrupt, cache.skipped, cache.total_bytes
         (tmp / "sweep.json").write_text(json.dumps(_summary(result, axes, eval_cmd, cache), indent=1) + "\n",
                                         encoding="utf-8")
@@ -217,6 +292,7 @@ def _summary(result: SweepResult, axes, eval_cmd, cache: Cache) -> dict:
         "eval": eval_cmd,
         "best": result.points[result.best].name if result.best is not None else None,
         "work_dir": str(cache.root),
+        "inputs_hashed": result.hashed,  # input tensors hashed: each once per sweep
         "points": [{"name": p.name, "values": p.values, "score": p.score, "seconds": round(p.seconds, 3),
                     "cache_hits": p.hits, "cache_misses": p.misses, "part_hits": p.part_hits, "kept": p.kept} for p in result.points],
     }
