@@ -4,8 +4,10 @@ The same unit function as `merge run --shard i/N --stage DIR` (``schedule.run_un
 per unit, then the same ``schedule.finalize`` as `merge finalize`, so the output is bit-identical to
 a serial run. A task gets the recipe's path, the unit's (i, N) and the staging directory, never a
 tensor: each worker plans from the recipe (headers only), reads its inputs from the (shared)
-filesystem and commits its unit atomically with its receipt (``stage``); finalize verifies every
-receipt against the driver's plan, so a node that saw other input files is refused, not merged.
+filesystem (hub ids: downloads the weight files of its own items only, into the node's cache; the
+driver reads headers only) and commits its unit atomically with its receipt (``stage``); finalize
+verifies every receipt against the driver's plan, so a node that saw other input files (another
+commit of a hub model) is refused, not merged.
 
 Resources per task, from the plan's per-unit estimate (``schedule.unit_estimate``): ``num_cpus=1``
 (a unit is one stream of tensors; torch uses the node's threads within it) and ``memory`` = the
@@ -33,7 +35,7 @@ def unit_task(recipe_path: str, i: int, n: int, stage: str, device: str) -> str:
     from . import schedule
 
     docs = recipe_mod.load_all(Path(recipe_path))
-    plan = plan_mod.build_plan(docs[0], device=device)
+    plan = schedule.plan_unit(docs[0], i, n, device)  # hub models: this unit's files only
     try:
         return str(schedule.run_unit(plan, i, n, Path(stage)))
     finally:

@@ -76,6 +76,40 @@ def _reduces(plan) -> bool:
     return not plan.op.merges_one_tensor_alone
 
 
+def unit_items(plan, i: int, n: int) -> list[str]:
+    """The items unit ``i`` of ``n`` computes (a fold's unit: the merged ones; copies wait for
+    finalize's second map)."""
+    names = [t.name for si in unit_shards(plan, i, n) for t in plan.shards[si]]
+    return [x for x in names if plan.items[x].action == "merge"] if _reduces(plan) else names
+
+
+# --- planning a unit on hub ids ------------------------------------------------------------------
+
+
+def plan_unit(recipe, i: int, n: int, device: str = "cpu"):
+    """The plan of unit ``i`` of ``n``: planned on the hub models' headers, downloading only the
+    weight files the unit's own items read (``sources.hub_plan``); its plan hash is the plan hash
+    of every other unit and of finalize, whatever each downloaded."""
+    from .sources import hub_plan
+
+    def reads(plan):
+        check_shardable(plan, n)
+        return hub_plan.files_read(plan, unit_items(plan, i, n))
+
+    return hub_plan.build_plan(recipe, device=device, reads=reads)
+
+
+def plan_finalize(recipe, device: str = "cpu"):
+    """The plan `merge finalize` verifies and commits with: headers only, except a fold's second
+    map, which reads the base (and copies) itself."""
+    from .sources import hub_plan
+
+    def reads(plan):
+        return hub_plan.files_read(plan, base_only=True) if _reduces(plan) else {}
+
+    return hub_plan.build_plan(recipe, device=device, reads=reads)
+
+
 def _retry(recipe_path, i: int, n: int, stage: Path) -> str:
     return f"merge run {recipe_path or 'RECIPE'} --shard {i}/{n} --stage {stage}"
 
@@ -98,6 +132,7 @@ def run_unit(plan, i: int, n: int, stage: Path, *, on_tensor: Callable[[str, int
     chosen = unit_shards(plan, i, n)
     atomic = AtomicDirectory(stage / stage_mod.unit_dir_name(i, n), overwrite=True, inputs=input_paths(plan))
     receipt = {"plan_hash": digest, "unit": i, "units": n, "device": plan.device,
+               "inputs": stage_mod.input_identities(plan),
                "shards": chosen, "recipe": str(plan.recipe._source_path or "")}
     with atomic as tmp:
         if _reduces(plan):
@@ -177,6 +212,7 @@ def finalize(plan, stage: Path, target: Path, *, overwrite: bool = False, force_
     inputs = input_paths(plan) + [stage]
     check_output(target, overwrite, inputs, force_replace)
     digest = stage_mod.plan_hash(plan)
+    idents = stage_mod.input_identities(plan)
     all_names = shard_names(len(plan.shards))
     meta = merge_metadata(plan.recipe, plan.op.name)
     receipts = []
@@ -189,7 +225,8 @@ def finalize(plan, stage: Path, target: Path, *, overwrite: bool = False, force_
             phase = "fold"
         else:
             files, phase = [(all_names[si], plan.shards[si], meta) for si in chosen], "shards"
-        receipts.append(stage_mod.verify_unit(stage, i, n, digest, phase, files, _retry(rpath, i, n, stage)))
+        receipts.append(stage_mod.verify_unit(stage, i, n, digest, phase, files, _retry(rpath, i, n, stage),
+                                              inputs=idents))
     dirs = [stage / stage_mod.unit_dir_name(i, n) for i in range(n)]
     guard = dict(overwrite=overwrite, inputs=inputs, force_replace=force_replace)
     if _reduces(plan):

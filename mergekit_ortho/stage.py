@@ -6,11 +6,14 @@ place; a killed unit leaves only a hidden ``.unit-...partial-PID`` that the next
 removes), so re-running a unit replaces its own directory and nothing else.
 
 A receipt records: the plan hash (``plan_hash``: SHA-256 of the resolved plan — recipe, method,
-items, per-item parameters, output layout and metadata — and of the input files' identities:
-path, size and mtime, or the blob name for files in a Hugging Face cache, whose name is their
-content hash), the unit id and count, the phase (``shards``: output shards; ``fold``: the running
-sums of a fold with a reduce), and per file its bytes and per tensor its SHA-256, byte count and
-whether it is finite; a fold's per-tensor statistics; the items' reports.
+items, per-item parameters, output layout and metadata — and of the inputs' identities, which
+do not depend on where this machine keeps them: a hub model by repository and commit sha (so a
+unit that downloaded only its own files and a finalize that read only headers agree; another
+commit is another plan), a local file by its name inside its input, size and mtime), the inputs'
+identities themselves (to name a hub model that moved on), the unit id and count, the phase
+(``shards``: output shards; ``fold``: the running sums of a fold with a reduce), and per file
+its bytes and per tensor its SHA-256, byte count and whether it is finite; a fold's per-tensor
+statistics; the items' reports.
 
 ``verify_unit`` checks a unit against the plan before `merge finalize` uses it: present, receipt
 readable, same plan (else *stale*: another recipe, other inputs, or another --shard count),
@@ -55,30 +58,42 @@ def _jsonable(v):
     return repr(v)
 
 
-def _file_identity(p: Path) -> list:
+def _file_identity(p: Path, rel: str) -> list:
     st = p.stat()
     real = p.resolve()
     if real.parent.name == "blobs":  # a Hugging Face cache blob: its name is its content hash
         return ["blob", real.name, st.st_size]
-    return [str(p.absolute()), st.st_size, st.st_mtime_ns]
+    return ["file", rel, st.st_size, st.st_mtime_ns]
 
 
 def input_identities(plan) -> list:
-    """Every input file the plan may read (a directory: its files), by identity, not content."""
+    """Every input the plan may read, by identity, not content, and not by where it lies: a hub
+    model by (repository, commit), however much of it this machine downloaded (a header-only view
+    and a full snapshot are the same input); a local file by its name inside the input, size and
+    mtime (a directory: each of its files)."""
     from .plan import input_paths
+    from .sources.hub_remote import hub_identity
 
     recipe_path = plan.recipe._source_path
     seen, out = set(), []
     for p in input_paths(plan):
         if recipe_path is not None and Path(p) == recipe_path:
             continue  # its content is in the plan; a copy of it elsewhere is the same recipe
-        files = sorted(f for f in Path(p).iterdir() if f.is_file() and not f.name.startswith(".")) \
-            if Path(p).is_dir() else [Path(p)] if Path(p).is_file() else []
+        hub = hub_identity(Path(p))
+        if hub is not None:
+            key = ("hub", *hub)
+            if key not in seen:
+                seen.add(key)
+                out.append(list(key))
+            continue
+        p = Path(p)
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) \
+            if p.is_dir() else [p] if p.is_file() else []
         for f in files:
             key = str(f.absolute())
             if key not in seen:
                 seen.add(key)
-                out.append(_file_identity(f))
+                out.append(_file_identity(f, f.name))
     return out
 
 
@@ -129,10 +144,23 @@ def _hash_range(fh, start: int, length: int) -> str:
     return h.hexdigest()
 
 
+def _changed_hub_input(receipt: dict, inputs) -> str:
+    """`` (org/name is at commit X now, the unit read Y; pin a revision ...)`` where a hub model
+    got a new commit between the unit and now, else ""."""
+    old = {x[1]: x[2] for x in receipt.get("inputs") or []
+           if isinstance(x, list) and len(x) > 2 and x[0] == "hub" and isinstance(x[2], str)}
+    for x in (y for y in inputs or [] if y[0] == "hub"):
+        if x[1] in old and old[x[1]] != x[2]:
+            return (f" ({x[1]} is at commit {x[2][:12]} now, the unit read {old[x[1]][:12]}; pin a revision, "
+                    f"{x[1]}@{x[2]}, so that every unit reads the same files)")
+    return ""
+
+
 def verify_unit(stage: Path, i: int, n: int, want_hash: str, phase: str, files: list[tuple[str, list, dict]],
-                retry: str) -> dict:
+                retry: str, inputs=None) -> dict:
     """The receipt of unit ``i`` of ``n`` once every check passes; ``files``: (file name, planned
-    shard, metadata) the unit must hold. ``retry``: the command line that recomputes the unit."""
+    shard, metadata) the unit must hold. ``retry``: the command line that recomputes the unit;
+    ``inputs``: the plan's ``input_identities`` (to name a hub model whose commit changed)."""
     from .writer import shard_header
 
     d = stage / unit_dir_name(i, n)
@@ -148,7 +176,7 @@ def verify_unit(stage: Path, i: int, n: int, want_hash: str, phase: str, files: 
     if receipt.get("plan_hash") != want_hash or receipt.get("unit") != i or receipt.get("units") != n \
             or receipt.get("phase") != phase:
         raise UserError(f"{label} is stale: it was computed for another plan (recipe, inputs or --shard count "
-                        f"changed); run `{retry}`")
+                        f"changed){_changed_hub_input(receipt, inputs)}; run `{retry}`")
     listed = {f.get("name"): f for f in receipt.get("files", []) if isinstance(f, dict)}
     if sorted(listed) != sorted(name for name, _, _ in files):
         raise UserError(f"{label} is stale: its files are not the planned ones; run `{retry}`")

@@ -179,7 +179,8 @@ def _run_unit(docs, shard: Optional[str], stage: Optional[Path], device: str, dr
     if shard is None or stage is None:
         raise UserError("--shard and --stage go together: --shard i/N --stage DIR computes unit i of N into DIR")
     i, n = schedule.parse_shard(shard)
-    plan = _plan(_single(docs, "--shard"), device) if dry_run else plan_mod.build_plan(_single(docs, "--shard"), device=device)
+    r = _single(docs, "--shard")
+    plan = _plan(r, device) if dry_run else schedule.plan_unit(r, i, n, device)  # hub: its own files only
     try:
         schedule.check_shardable(plan, n)
         est = schedule.unit_estimate(plan, i, n)
@@ -207,6 +208,7 @@ def _run_ray(docs, recipe: Path, out, stage, executor, address, device: str, dry
 
     from .. import plan as plan_mod
     from .. import recipe as recipe_mod
+    from .. import schedule
     from ..errors import UserError
 
     if executor != "ray":
@@ -227,7 +229,7 @@ def _run_ray(docs, recipe: Path, out, stage, executor, address, device: str, dry
     stage = Path(stage) if stage is not None else target.parent / f".{target.name}.stage"
     if own_stage:
         shutil.rmtree(stage, ignore_errors=True)  # a crashed earlier run's units, perhaps of another N
-    plan = plan_mod.build_plan(r, device=device)
+    plan = schedule.plan_finalize(r, device)  # hub: headers only; each task downloads its own files
     try:
         with _progress(units=True) as p:
             cb = None
@@ -261,7 +263,7 @@ def finalize(
 
     r = _single(recipe_mod.load_all(recipe), "merge finalize")
     target = _output_of(r, out, recipe)
-    plan = plan_mod.build_plan(r)
+    plan = schedule.plan_finalize(r)
     try:
         result = schedule.finalize(plan, stage, target, overwrite=overwrite, force_replace=force_replace)
     finally:

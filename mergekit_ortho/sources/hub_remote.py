@@ -40,11 +40,14 @@ class View:
     ref: str
     weights: list[str]  # the checkpoint's weight files, as the index (or the listing) names them
     sizes: dict[str, int] = field(default_factory=dict)  # header-only files: their real sizes
+    repo: str = ""
+    sha: str = ""  # the commit the view shows: it pins every file's content
 
 
 _VIEWS: dict[Path, View] = {}
 _TOUCHED: list[str] = []  # hub ids resolved through a view or a partial download, in order
 _MADE: dict[tuple, Path] = {}  # (ref, files downloaded) -> its view: one per process, however often resolved
+_HEADERS: dict[tuple, bytes] = {}  # (repo, sha, file) -> its header, fetched once per process
 
 
 @contextmanager
@@ -71,6 +74,22 @@ def remote_size(path: Path) -> int | None:
     """The real size of ``path`` if it is a header-only file of a view this process made."""
     v = _VIEWS.get(Path(path).absolute().parent)
     return None if v is None else v.sizes.get(Path(path).name)
+
+
+def hub_identity(path: Path) -> tuple[str, str, str] | None:
+    """(repository, commit sha, path inside it) of a file or folder of a hub model, wherever this
+    machine keeps it: a view of this process, or a snapshot of a Hugging Face cache
+    (``.../models--org--name/snapshots/<sha>/...``); None for anything else. The commit pins the
+    content of every file, so this identifies a hub input without its local path or its bytes."""
+    p = Path(path).absolute()
+    for d in (p, *p.parents):
+        v = _VIEWS.get(d)
+        if v is not None and v.sha:
+            return v.repo, v.sha, p.relative_to(d).as_posix()
+        if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+            repo = d.parent.parent.name.removeprefix("models--").replace("--", "/")
+            return repo, d.name, p.relative_to(d).as_posix()
+    return None
 
 
 def _offline() -> bool:
@@ -128,10 +147,12 @@ def view(ref: str, repo: str, revision: str | None, config_patterns: list[str]) 
         return folder  # every weight file is read: the snapshot itself
     out = Path(tempfile.mkdtemp(prefix=".mergekit-ortho-view-", dir=_cache_root()))
     atexit.register(shutil.rmtree, out, True)
-    v = View(ref, weights)
+    v = View(ref, weights, repo=repo, sha=sha)
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = f.relative_to(folder).as_posix()
-        if rel.endswith(".safetensors") and rel not in weights:
+        if rel.endswith(".safetensors") and rel not in wanted:
+            # not read (header-only below), though perhaps in the snapshot from an earlier run:
+            # never linked, so writing its header can never write through a link into the cache
             continue
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         if rel in weights:  # downloaded because the plan reads it
@@ -167,12 +188,16 @@ def fetch_header(repo: str, filename: str, revision: str, size: int | None) -> b
     """The first 8 + n bytes of a hub safetensors file: its header, nothing else."""
     from ..io.safetensors import MAX_HEADER_BYTES
 
+    key = (repo, revision, filename)
+    if key in _HEADERS:
+        return _HEADERS[key]
     head = _fetch_range(repo, filename, revision, 0, 8)
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER_BYTES or (size is not None and 8 + n > size):
         raise UserError(f"hub model '{repo}': {filename} is not a readable safetensors file (header length {n} "
                         "points past the end of the file)")
-    return head + _fetch_range(repo, filename, revision, 8, n)
+    _HEADERS[key] = out = head + _fetch_range(repo, filename, revision, 8, n)
+    return out
 
 
 def _fetch_range(repo: str, filename: str, revision: str, start: int, length: int) -> bytes:
