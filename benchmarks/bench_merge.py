@@ -455,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     envs = {"this": None}
     if args.against is not None:  # both through `python -m`, each with its own code first on the path
         merge_cmd = [sys.executable, "-m", "mergekit_ortho.cli"]
-        envs = {"this": dict(os.environ, PYTHONPATH=str(REPO)),
-                "against": dict(os.environ, PYTHONPATH=str(args.against.resolve()))}
+        # PYTHONSAFEPATH: `python -m` would put the working directory first on sys.path, ahead of
+        # PYTHONPATH, so run from a checkout both sides would import that checkout's code
+        envs = {"this": dict(os.environ, PYTHONPATH=str(REPO), PYTHONSAFEPATH="1"),
+                "against": dict(os.environ, PYTHONPATH=str(args.against.resolve()), PYTHONSAFEPATH="1")}
     listed = available_methods(merge_cmd)
     print(f"merge command: {' '.join(merge_cmd)}; methods listed: "
           f"{', '.join(sorted(listed)) if listed else '(could not list)'}", flush=True)

@@ -112,6 +112,7 @@ def merge_tensor(plan, name: str):
 
     from .inputs import base_tensor, dense_task, model_tensor
     from .planning import VOCABULARY_TENSORS
+    from .row_merge import by_rows
 
     op = plan.op
     if op.input_kind == "lora":
@@ -131,6 +132,13 @@ def merge_tensor(plan, name: str):
         task.dtype = cdt
         out = apply_dense(op, task, lambda: weights(op.reads == "deltas"))
         return out + base if op.reads == "deltas" else out
+    rows = by_rows(plan, name)
+    if rows is not None:  # a large tensor of the TIES family: two passes over row blocks
+        from .inputs import row_inputs
+        from .ops import gta_rows
+
+        task, shape = rows
+        return gta_rows.merge_rows(task, op.name, shape, *row_inputs(plan, base_source, sources, shape, cdt), cdt)
     base = base_tensor(plan, base_source, None if raw else cdt) if use_base else None
     task = dense_task(plan, name, base)
     task.dtype, task.raw_inputs = cdt, raw

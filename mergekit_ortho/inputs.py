@@ -84,6 +84,43 @@ def aligned_inputs(plan: "Plan", name: str, base_source: "Source | None", source
     return base, weights
 
 
+def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", shape, cdt):
+    """Row-block readers of one tensor for the bounded-memory merge (:mod:`.ops.gta_rows`):
+    ``rows(i, r0, r1)``, model i's task vector rows r0..r1 in ``cdt`` (:func:`operator_input` of
+    its stored rows, rounded to the recipe's ``dtype`` as :func:`stored` does), and
+    ``base_rows(r0, r1)``, the base's (the last block read is kept: every model reads it); on the
+    CPU; every input read by rows (:func:`.row_merge.readable`). ``rows(..., out=t)`` writes
+    into ``t`` (1-D, the block's size) instead of a fresh tensor."""
+    import torch
+
+    load = plan.load_dtype
+
+    def read(m, n, r0, r1):
+        x = m.source.get_rows(n, r0, r1)
+        return x.to(load) if load is not None and x.is_floating_point() and x.dtype != load else x
+
+    last: dict = {}
+
+    def base_rows(r0: int, r1: int):
+        if last.get("at") != (r0, r1):
+            x = read(*base_source, r0, r1)
+            buf = last.get("buf")
+            if buf is None or buf.numel() < x.numel():
+                buf = last["buf"] = torch.empty(x.numel(), dtype=cdt)
+            last["x"] = buf[:x.numel()].view(x.shape).copy_(x)  # x.to(cdt), into one reused buffer
+            last["at"] = (r0, r1)
+        return last["x"]
+
+    def rows(i: int, r0: int, r1: int, out=None):
+        m, n = sources[i]
+        x = read(m, n, r0, r1)
+        if out is None:
+            return operator_input(x, base_rows(r0, r1), cdt)
+        return out.view(x.shape).copy_(x).sub_(base_rows(r0, r1))  # operator_input, into ``out``
+
+    return rows, base_rows
+
+
 def base_tensor(plan: "Plan", source: "Source", cdt=None):
     """The base input (a model and its tensor name) on the plan's device, in ``cdt`` (None: as stored)."""
     m, name = source

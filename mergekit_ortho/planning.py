@@ -209,6 +209,8 @@ class Plan:
             worst = max((math.prod(s) for s in self.module_shapes.values()), default=0)
             factors = max((self.module_read_bytes(k) for k in self.module_keys), default=0)
             return _RUNTIME_BYTES + worst * c * ((len(self.models) + 3) if dense else 2) + 4 * factors
+        from .row_merge import by_rows
+
         fold = self.op.fold
         raw = fold is not None and fold.raw_weights and not self.lora_models
         base = self.base is not None and (self.op.reads_base or bool(self.lora_models))
@@ -221,6 +223,8 @@ class Plan:
                 step = i.numel * (c + max(stored, out) + (stored if base else 0))
             elif fold is not None:  # the state, a prepared input (and its stored read), the base
                 step = i.numel * (2 * c + stored + (c if base else 0))
+            elif by_rows(self, i.name) is not None:  # two passes (ops/gta_rows.py): a task vector, then the output
+                step = i.numel * (c + out)  # and its cast (the row blocks are a few MiB)
             else:  # every prepared input at once, the base, about one work buffer of the operator
                 step = i.numel * (len(self.models) * c + stored + (c if base else 0) + c)
             worst = max(worst, step)

@@ -155,6 +155,17 @@ class SafetensorsFile:
         self._fh = None
 
     def read(self, name: str):
+        e = self.entries[name]
+        return self._read(name, e.begin, e.end - e.begin, e.shape)
+
+    def read_rows(self, name: str, lo: int, hi: int):
+        """Rows lo..hi (along dim 0; 0 <= lo <= hi <= shape[0]) of tensor ``name``: one positioned
+        read of their bytes (row-major storage), a fresh buffer."""
+        e = self.entries[name]
+        row = (e.end - e.begin) // max(e.shape[0], 1)
+        return self._read(name, e.begin + lo * row, (hi - lo) * row, (hi - lo, *e.shape[1:]))
+
+    def _read(self, name: str, begin: int, length: int, shape):
         import torch
 
         e = self.entries[name]
@@ -164,9 +175,9 @@ class SafetensorsFile:
         try:
             if self._fh is None:
                 self._fh = open(self.path, "rb", buffering=0)
-            buf = torch.empty(e.end - e.begin, dtype=torch.uint8)
+            buf = torch.empty(length, dtype=torch.uint8)
             view = memoryview(buf.numpy())
-            self._fh.seek(self.header.data_start + e.begin)
+            self._fh.seek(self.header.data_start + begin)
             got = 0
             while got < len(view):
                 r = self._fh.readinto(view[got:])
@@ -175,7 +186,7 @@ class SafetensorsFile:
                 got += r
         except OSError as err:
             raise UserError(f"{self.path}: cannot read tensor '{name}' ({err.strerror or err})") from None
-        return buf.view(getattr(torch, e.dtype)).reshape(e.shape)
+        return buf.view(getattr(torch, e.dtype)).reshape(shape)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -45,7 +45,10 @@ fresh for each call; an input passed twice or non-contiguous is copied first) an
 full-size temporary: the L1 rescale is two chunked reductions, the sparsifiers and the
 sign election are the kernels of :mod:`.kernels` (radix top-k, chunked DARE drop, bit-pattern
 disjoint mean), tested bit-equal to the plain formulations (``*_plain``) in tests/test_kernels.py
-and re-derived in tests/test_baselines.py and tests/test_gta.py.
+and re-derived in tests/test_baselines.py and tests/test_gta.py. Large tensors (the n task vectors
+together >= 256 MiB: embeddings, heads) of every row here (ties with trim_rule topk; della on 2+
+dims) are merged by the executor in two passes over row blocks instead (:mod:`.gta_rows`,
+bit-identical, one task vector in memory).
 """
 from __future__ import annotations
 

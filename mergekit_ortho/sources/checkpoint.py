@@ -141,6 +141,15 @@ class CheckpointSource:
             return self._load_pickle(info.file)[key].clone()
         return self._handle(info.file).read(key)
 
+    def reads_rows(self, key: str) -> bool:
+        """Whether :meth:`get_rows` can read ``key`` (a safetensors tensor of at least one dim)."""
+        info = self.infos.get(key)
+        return self.format == "safetensors" and info is not None and len(info.shape) >= 1
+
+    def get_rows(self, key: str, lo: int, hi: int):
+        """Rows lo..hi (dim 0) of tensor ``key`` as stored, a fresh buffer (:meth:`reads_rows`)."""
+        return self._handle(self.infos[key].file).read_rows(key, lo, hi)
+
     def metadata(self) -> dict[str, str]:
         if self.format != "safetensors" or not self._files:
             return {}

@@ -225,12 +225,24 @@ def keep_top_k_(flat: torch.Tensor, k: int) -> None:
     magnitude exceeds the k-th largest magnitude t, then the entries with magnitude t in
     increasing index until k are kept. 1 <= k <= numel; dtype in ``RADIX_DTYPES``."""
     n = flat.numel()
+    if k >= n:  # everything is kept
+        return
     dt = flat.dtype
     src = flat if dt in (torch.float32, torch.float64) else flat.abs().float()  # exact, monotone
     t, m, n_eq, c = radix_threshold(src, k)
-    if m == n_eq:  # the whole tie group at t is kept (always, without ties at the threshold)
-        c = n
-    # keep |x| >= t before index c and |x| > t from c on (c = 1 + the last kept entry equal to t)
+    keep_top_at_(flat, 0, t, n if m == n_eq else c, src)
+
+
+def keep_top_at_(flat: torch.Tensor, offset: int, t: int, c: int, src: torch.Tensor | None = None) -> None:
+    """Zero, in place, the entries of ``flat`` (contiguous 1-D, entries ``offset``.. of the tensor
+    whose top-k cut (t, c) this is, :func:`cut`) outside that top set: kept are |x| > t, and
+    |x| == t at flat indices below c. ``src``: the float32/float64 magnitudes compared (``flat``
+    itself by default; an exact float32 copy of |x| for half types). Elementwise given the cut,
+    so any split of the tensor gives :func:`keep_top_k_`'s result (:mod:`..gta_rows`)."""
+    n = flat.numel()
+    dt = flat.dtype
+    src = flat if src is None else src
+    c = min(max(c - offset, 0), n)  # local: keep |x| >= t before c, |x| > t from c on
     itype = INT_OF[src.element_size()]
     min_normal, inf = (0x00800000, 0x7F800000) if itype == torch.int32 else (1 << 52, 0x7FF << 52)
     step = chunk_len(flat)
@@ -249,28 +261,51 @@ def keep_top_k_(flat: torch.Tensor, k: int) -> None:
                 torch.hardshrink(part, float(tf), out=part)
         return
     # a zero, subnormal, infinite or NaN threshold, or a half dtype: compare the bit patterns of
-    # |x| (exact whatever the denormal mode; NaN patterns sit above +inf)
-    mag_bits = src.view(itype).bitwise_and(torch.iinfo(itype).max)
-    drop = torch.empty(n, dtype=torch.bool, device=flat.device)
-    torch.lt(mag_bits[:c], t, out=drop[:c])
-    torch.le(mag_bits[c:], t, out=drop[c:])
-    del mag_bits
-    flat.masked_fill_(drop, 0)
+    # |x| (exact whatever the denormal mode; NaN patterns sit above +inf), chunk by chunk
+    keep_band_at_(flat, 0, None, (t, c), src.view(itype))
 
 
-def _cut(src: torch.Tensor, k: int) -> tuple[int, int]:
+def cut(src: torch.Tensor, k: int) -> tuple[int, int]:
     """The top-k set of ``src`` as (t, c): entry i is in it iff |x_i| > t, or |x_i| == t and i < c
     (bit patterns, sign cleared). 1 <= k <= numel."""
     t, m, n_eq, c = radix_threshold(src, k)
     return t, (src.numel() if m == n_eq else c)
 
 
-def _in_top(mag: torch.Tensor, lo: int, cut: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
-    t, c = cut
+def _in_top(mag: torch.Tensor, lo: int, top: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    t, c = top
     s = min(max(c - lo, 0), mag.numel())
     torch.ge(mag[:s], t, out=out[:s])
     torch.gt(mag[s:], t, out=out[s:])
     return out
+
+
+def keep_band_at_(flat: torch.Tensor, offset: int, lower: tuple[int, int] | None,
+                  upper: tuple[int, int] | None, bits: torch.Tensor | None = None) -> None:
+    """Zero, in place, the entries of ``flat`` (contiguous 1-D float32/float64, entries
+    ``offset``.. of a larger tensor whose cuts these are) that are in the top set ``lower`` or
+    outside the top set ``upper`` (None: no such bound): ranks lo..hi-1 when the cuts are the
+    tensor's top-lo and top-hi (:func:`cut`). ``bits``: the integer view whose magnitudes are
+    compared (default ``flat``'s own). Elementwise given the cuts, so any split of the tensor into
+    pieces gives the same result (the bounded-memory path of :mod:`..gta_rows`)."""
+    n = flat.numel()
+    if bits is None:
+        bits = flat.view(INT_OF[flat.element_size()])
+    itype = bits.dtype
+    step = chunk_len(flat)
+    buf = torch.empty(min(step, n), dtype=itype, device=flat.device)
+    keep = torch.empty(min(step, n), dtype=torch.bool, device=flat.device)
+    drop = torch.empty_like(keep)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        mag = torch.bitwise_and(bits[a:b], torch.iinfo(itype).max, out=buf[:b - a])
+        if lower is not None:
+            d = _in_top(mag, offset + a, lower, drop[:b - a])
+            if upper is not None:
+                d.logical_or_(_in_top(mag, offset + a, upper, keep[:b - a]).logical_not_())
+        else:
+            d = _in_top(mag, offset + a, upper, drop[:b - a]).logical_not_()
+        flat[a:b].masked_fill_(d, 0)
 
 
 def keep_rank_band_(flat: torch.Tensor, lo: int, hi: int) -> None:
@@ -283,18 +318,6 @@ def keep_rank_band_(flat: torch.Tensor, lo: int, hi: int) -> None:
             keep_top_k_(flat, hi)
         return
     src = flat if flat.dtype in (torch.float32, torch.float64) else flat.abs().float()
-    upper = _cut(src, hi) if hi < n else None
-    lower = _cut(src, lo)
-    itype = INT_OF[src.element_size()]
-    bits = src.view(itype)
-    step = chunk_len(flat)
-    buf = torch.empty(min(step, n), dtype=itype, device=flat.device)
-    keep = torch.empty(min(step, n), dtype=torch.bool, device=flat.device)
-    drop = torch.empty_like(keep)
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        mag = torch.bitwise_and(bits[a:b], torch.iinfo(itype).max, out=buf[:b - a])
-        d = _in_top(mag, a, lower, drop[:b - a])
-        if upper is not None:
-            d.logical_or_(_in_top(mag, a, upper, keep[:b - a]).logical_not_())
-        flat[a:b].masked_fill_(d, 0)
+    upper = cut(src, hi) if hi < n else None
+    lower = cut(src, lo)
+    keep_band_at_(flat, 0, lower, upper, src.view(INT_OF[src.element_size()]))

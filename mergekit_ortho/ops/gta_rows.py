@@ -1,0 +1,201 @@
+"""Generalized task arithmetic on a large tensor in bounded memory: two passes over row blocks
+instead of every model's task vector at once.
+
+Spec: ../shared/specs/mergekit_compat.md M15 (the method, :mod:`.gta`); issue 17 (peak RSS of
+``ties`` <= 15 % of mergekit's). The in-memory path (:func:`.gta.merge`) holds the n task vectors
+of a tensor in the compute dtype together (TinyLlama's 32000 x 2048 embeddings and head: 3 x 262
+MB of float32, plus the base). Only two of its steps look at the whole tensor: each model's trim
+(the k-th largest magnitude t, with equal magnitudes ordered by flat index: the cut (t, c) of
+:func:`.kernels.topk.radix_threshold`, keep |x| > t and |x| == t before flat index c) and the L1
+norms of the rescale. Given those, every other step is elementwise:
+
+* pass 1, one model at a time (one task vector in memory, filled block by block): model i's cut -
+  :func:`.prepare.ties_cut` for ties (the threshold `merge sweep` caches), :func:`.kernels.topk.cut`
+  for breadcrumbs' band (top hi minus top lo) - and, when rescaling, |tau_i|_1 and |tau~_i|_1 (the
+  trim applied to that copy), hence s_i = :func:`.sparsify.rescale_factor`. DARE and DELLA read
+  nothing here unless they rescale (then they drop with model i's generator, re-seeded for pass 2);
+* pass 2 walks blocks of whole rows: each model's task-vector rows are read again, trimmed by its
+  cut at their flat offset (:func:`.kernels.topk.keep_top_at_`, ``keep_band_at_``) or dropped
+  with the next draws of its generator (flat order, as :func:`.kernels.dare_drop.random_drop_` and
+  :func:`.sparsify.della_` draw), scaled by s_i then
+  w_i (:func:`.gta._scale_`), combined by the same sign election or sum (:func:`.gta._mix`), and
+  the base rows added into the output.
+
+Every entry sees the in-memory path's operations on the same values in the same order, so the
+result is bit-identical (tests/test_gta_rows.py). Peak: one task vector in pass 1, then the
+output in pass 2 (allocated after pass 1's buffer is freed), plus a block per model: for 3 models
+of a 262 MB float32 tensor ~0.3 GB instead of ~1.2 GB (3 task vectors, the base, the result).
+
+Used (:func:`applies`) for ties (``trim_rule: topk``), dare_ties, dare_linear, breadcrumbs,
+breadcrumbs_ties, della and della_linear (tensors of 2+ dims: DELLA ranks along dim 1 within each
+row, so blocks of whole dim-0 rows see their own ranks, and its draws run in flat order) when the task vectors would take ``n_models x numel x itemsize >=
+STREAM_MIN_BYTES`` (256 MiB) together, in float32/float64, on tensors the radix kernel handles;
+the executor also needs row reads of every input (:func:`mergekit_ortho.row_merge.by_rows`
+decides, :func:`mergekit_ortho.inputs.row_inputs` reads).
+Pass 2 reads each input a second time (pass 1 a third for the base): 2-3x the reads of those few
+tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import gta, prepare
+from . import sparsify as sp
+from .kernels import dare_drop, topk
+from .registry import TensorTask, generator
+
+STREAM_MIN_BYTES = 256 << 20  # task vectors of one tensor at least this large together: two passes
+BLOCK = 1 << 21  # entries of one model's rows per block (8 MiB of float32)
+SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+
+
+def applies(variant: str, task: TensorTask, shape, dtype) -> bool:
+    """Whether method ``variant`` (a :data:`.gta.VARIANTS` name) on a tensor of ``shape`` in the
+    compute ``dtype`` with ``task``'s parameters takes the two-pass path."""
+    v = gta.VARIANTS.get(variant)
+    numel = math.prod(shape)
+    if v is None or v.sparsifier not in SPARSIFIERS or len(shape) == 0 or numel == 0:
+        return False
+    if dtype not in (torch.float32, torch.float64) or numel < topk.RADIX_MIN_NUMEL:
+        return False
+    if v.sparsifier == "magnitude" and task.params.trim_rule != "topk":
+        return False
+    if v.sparsifier == "della_magprune" and len(shape) < 2:  # one row: its ranks span the whole tensor
+        return False
+    return len(task.model_params) * numel * dtype.itemsize >= STREAM_MIN_BYTES
+
+
+@dataclass
+class _Trim:
+    """Model i's sparsification as found in pass 1: ``zero`` (nothing kept), ``random`` (DARE
+    drop at ``density``), ``della`` (MAGPRUNE at ``density`` +/- ``epsilon``: ranks within each
+    row along dim 1, so a block of whole dim-0 rows is sparsified as in the whole tensor), else keep the band between the cuts ``lower`` (exclusive; None: from
+    the top) and ``upper`` (None: to the bottom); then times ``scale`` (the L1 ratio) and w_i."""
+
+    zero: bool = False
+    random: bool = False
+    della: bool = False
+    density: float = 1.0
+    epsilon: float = 0.0
+    lower: tuple[int, int] | None = None
+    upper: tuple[int, int] | None = None
+    scale: float = 1.0
+
+    def apply_(self, x: torch.Tensor, offset: int, gen, draws: torch.Tensor | None, rest=()) -> None:
+        """Sparsify ``x`` (1-D contiguous, flat entries ``offset``.. of the tensor, whole rows of
+        shape ``rest``) in place."""
+        if self.zero:
+            x.zero_()
+        elif self.della:
+            sp.della_(x.view(-1, *rest), self.density, self.epsilon, gen)
+        elif self.random:
+            u = torch.rand(x.shape, generator=gen, dtype=torch.float32, device=x.device, out=draws[:x.numel()])
+            dare_drop.keep_below_(x, u, self.density)
+        elif self.lower is None and self.upper is not None:  # ties: the radix kernel's own pass
+            topk.keep_top_at_(x, offset, *self.upper)
+        elif self.lower is not None:
+            topk.keep_band_at_(x, offset, self.lower, self.upper)
+
+
+def _gen(task: TensorTask, i: int):
+    return generator(task.params.seed, f"{task.name}\x00{i}")
+
+
+def _find_trim(task: TensorTask, v: gta.Variant, i: int, x: torch.Tensor, shape) -> _Trim:
+    """Model i's trim from its whole task vector x (1-D, owned: overwritten when rescaling) of
+    the tensor's ``shape``."""
+    mp = task.model_params[i]
+    d = mp.density
+    rescale = task.params.rescale
+    before = sp.l1_norm(x) if rescale else 0.0
+    n = x.numel()
+    if v.sparsifier == "random":
+        trim = _Trim(random=True, density=d)
+        if rescale:
+            sp.random_(x, d, _gen(task, i))
+    elif v.sparsifier == "della_magprune":
+        trim = _Trim(della=True, density=d, epsilon=mp.epsilon)
+        if rescale:
+            trim.apply_(x, 0, _gen(task, i), None, shape[1:])
+    else:
+        if v.sparsifier == "magnitude":
+            lo, hi = 0, (max(int(d * n), 1) if d > 0.0 else 0)
+        else:  # magnitude_outliers (sparsify.outliers_)
+            n_keep, n_top = int(d * n), int(mp.gamma * n)
+            n_top = min(n_top, n - n_keep)
+            lo, hi = n_top, n_top + n_keep
+        if hi <= lo:
+            trim = _Trim(zero=True)
+        elif v.sparsifier == "magnitude":
+            found = prepare.ties_cut(x, i, task).get("cut")
+            trim = _Trim(upper=None if found is None else (int(found[0]), int(found[1])))  # None: k >= n
+        else:
+            trim = _Trim(lower=topk.cut(x, lo) if lo > 0 else None, upper=topk.cut(x, hi) if hi < n else None)
+        if rescale:
+            trim.apply_(x, 0, None, None)
+    if rescale:
+        trim.scale = sp.rescale_factor(before, sp.l1_norm(x))
+    return trim
+
+
+def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, int], torch.Tensor],
+               base_rows: Callable[[int, int], torch.Tensor] | None, dtype) -> torch.Tensor:
+    """The merged tensor of ``shape`` (``dtype``): the in-memory path's merged delta plus the base.
+
+    ``rows(i, r0, r1, out)``: model i's task vector rows r0..r1 (along dim 0) in ``dtype``,
+    written into ``out`` (1-D, their size); ``base_rows(r0, r1)``: the base's rows in ``dtype`` (None: the
+    delta alone). :func:`applies` holds."""
+    v = gta.VARIANTS[variant]
+    gta._check(task, v)  # della's density +/- epsilon, before anything is read
+    n_models = len(task.model_params)
+    R = shape[0]
+    row_len = math.prod(shape[1:])
+    numel = R * row_len
+    per = max(1, BLOCK // max(row_len, 1))
+    blocks = [(r0, min(R, r0 + per)) for r0 in range(0, R, per)]
+
+    # pass 1: one task vector at a time
+    trims: list[_Trim] = []
+    buf = None
+    for i, mp in enumerate(task.model_params):
+        if mp.density >= 1.0:  # every sparsifier leaves tau as it is (gta._sparsify_one)
+            trims.append(_Trim())
+            continue
+        if v.sparsifier in gta.RANDOM and not task.params.rescale:  # nothing to find: the draws come in pass 2
+            trims.append(_Trim(random=v.sparsifier == "random", della=v.sparsifier != "random",
+                               density=mp.density, epsilon=mp.epsilon if v.sparsifier != "random" else 0.0))
+            continue
+        if buf is None:
+            buf = torch.empty(numel, dtype=dtype)
+        for r0, r1 in blocks:
+            rows(i, r0, r1, buf[r0 * row_len:r1 * row_len])
+        trims.append(_find_trim(task, v, i, buf, shape))
+    del buf
+
+    # pass 2: row blocks of every model at once
+    gens = [_gen(task, i) if t.random or t.della else None for i, t in enumerate(trims)]
+    draws = torch.empty(per * row_len, dtype=torch.float32) if any(t.random for t in trims) else None
+    weights = [mp.weight for mp in task.model_params]
+    blk = [torch.empty(per * row_len, dtype=dtype) for _ in range(n_models)]
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    for r0, r1 in blocks:
+        g0, g1 = r0 * row_len, r1 * row_len
+        parts = []
+        for i in range(n_models):
+            x = blk[i][:g1 - g0]
+            rows(i, r0, r1, x)
+            trims[i].apply_(x, g0, gens[i], draws, shape[1:])
+            gta._scale_(x, trims[i].scale, weights[i])
+            parts.append(x)
+        mixed = gta._mix(task, parts, v.consensus)
+        if base_rows is None:
+            flat[g0:g1].copy_(mixed)
+        else:
+            torch.add(mixed, base_rows(r0, r1).reshape(-1), out=flat[g0:g1])
+        del parts, mixed
+    return out
