@@ -344,13 +344,18 @@ _, status, ru = os.wait4(p.pid, 0)
 wall = time.perf_counter() - t0
 timer.cancel()
 tail = err.decode(errors="replace").strip().splitlines()
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall,
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": wall, "cpu": ru.ru_utime + ru.ru_stime,
                   "maxrss_kib": ru.ru_maxrss, "tail": tail[-1] if tail else ""}))
 """
 
 
+LAST_CPU = [float("nan")]  # CPU seconds of the last run_child's child
+
+
 def run_child(cmd: list[str], env: dict | None = None, timeout: float = 1e9) -> tuple[int, float, float, str]:
     """Run ``cmd``; return (exit code, wall seconds, this child's peak RSS in GiB, last stderr line).
+    The child's CPU seconds (user + system, from the same rusage) go to ``LAST_CPU[0]``: on shared
+    cores they move far less with other jobs' load than the wall time does.
 
     ``os.wait4`` in the lean wrapper gives the rusage of exactly that one child (ru_maxrss in KiB
     on Linux), unlike ``RUSAGE_CHILDREN``, which is a maximum over all children reaped so far.
@@ -361,6 +366,7 @@ def run_child(cmd: list[str], env: dict | None = None, timeout: float = 1e9) -> 
     if r.returncode != 0:
         return r.returncode, float("nan"), float("nan"), "wrapper failed: " + r.stderr.strip()[-200:]
     res = json.loads(r.stdout)
+    LAST_CPU[0] = res["cpu"]
     return res["rc"], res["wall"], res["maxrss_kib"] * 1024 / 2**30, res["tail"]
 
 
@@ -491,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = rdir / f"{method}.yaml"
         recipe.write_text(recipe_text(method, paths, out / "this", args.recipe_dtype))
         recipes[method] = (recipe, out)
-        rows[method] = {"walls": [], "rsss": [], "error": "", "against": {"walls": [], "rsss": []},
+        rows[method] = {"walls": [], "rsss": [], "cpus": [], "error": "", "against": {"walls": [], "rsss": [], "cpus": []},
                         "mergekit": {"walls": [], "rsss": [], "error": "", "compare": None}}
         tools_of[method] = list(envs)
         if mk_exe is not None and (args.mergekit_methods is None or method in args.mergekit_methods):
@@ -543,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
                 dest = row if which == "this" else row[which]
                 dest["walls"].append(wall)
                 dest["rsss"].append(rss)
-                print(f"round {i + 1}/{args.repeat} {method} ({which}): {wall:.2f} s, peak RSS {rss:.3f} GiB",
-                      flush=True)
+                dest.setdefault("cpus", []).append(LAST_CPU[0])
+                print(f"round {i + 1}/{args.repeat} {method} ({which}): {wall:.2f} s, CPU {LAST_CPU[0]:.2f} s, "
+                      f"peak RSS {rss:.3f} GiB", flush=True)
             mk = row["mergekit"]
             if "mergekit" in tools and mk["compare"] is None and not mk["error"] and not row["error"]:
                 try:  # once, on the first round both tools finished
@@ -657,16 +664,19 @@ def render_against(rows, against: Path) -> str:
     except OSError:
         rev = ""
     out = ["", f"## This code against `{against.name}`{f' ({rev})' if rev else ''}\n",
-           "Same rounds, alternating which runs first; ratio = median over rounds of this wall / that wall.\n",
-           "| method | this wall s | that wall s | wall ratio | this peak RSS GiB | that peak RSS GiB | RSS ratio |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           "Same rounds, alternating which runs first; ratio = median over rounds of this wall / that wall; "
+           "CPU = the child's user + system seconds (median).\n",
+           "| method | this wall s | that wall s | wall ratio | this CPU s | that CPU s | CPU ratio | "
+           "this peak RSS GiB | that peak RSS GiB | RSS ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in rows.items():
         a = r.get("against") or {}
         if r.get("skip") or r.get("error") or not r.get("walls") or not a.get("walls"):
             continue
         ratio = statistics.median(x / y for x, y in zip(r["walls"], a["walls"]))
+        tc, ac = statistics.median(r["cpus"]), statistics.median(a["cpus"])
         out.append(f"| {m} | {statistics.median(r['walls']):.2f} | {statistics.median(a['walls']):.2f} | "
-                   f"{ratio:.3f}× | {max(r['rsss']):.3f} | {max(a['rsss']):.3f} | "
+                   f"{ratio:.3f}× | {tc:.2f} | {ac:.2f} | {tc / ac:.3f}× | {max(r['rsss']):.3f} | {max(a['rsss']):.3f} | "
                    f"{max(r['rsss']) / max(a['rsss']):.3f}× |")
     return "\n".join(out) + "\n"
 
@@ -726,22 +736,25 @@ def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd,
                f"peak RSS {import_rss:.3f} GiB")
     out.append("")
     out.append("## Results\n")
-    out.append("| method | wall s (median) | wall s (min–max of the rounds) | wall − import torch s | peak RSS GiB "
-               "| wall ratio to linear | RSS ratio to linear |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    out.append("CPU s: the child's user + system seconds (median; on shared cores it moves far less with other "
+               "jobs' load than the wall time).\n")
+    out.append("| method | wall s (median) | wall s (min–max of the rounds) | wall − import torch s | CPU s "
+               "| peak RSS GiB | wall ratio to linear | RSS ratio to linear |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m, r in rows.items():
         if r.get("skip"):
-            out.append(f"| {m} | skipped: {r['skip']} | | | | | |")
+            out.append(f"| {m} | skipped: {r['skip']} | | | | | | |")
             continue
         s = stats(m)
         if s is None:
-            out.append(f"| {m} | FAILED: `{r.get('error', '').replace('|', '/')}` | | | | | |")
+            out.append(f"| {m} | FAILED: `{r.get('error', '').replace('|', '/')}` | | | | | | |")
             continue
         w, rss = s
         wr = w / lin[0] if lin else None
         rr = rss / lin[1] if lin else None
         spread = f"{min(r['walls']):.2f}–{max(r['walls']):.2f}"
-        out.append(f"| {m} | {w:.2f} | {spread} | {w - import_wall:.2f} | {rss:.3f} | {_fmt_ratio(wr)} "
+        cpu = f"{statistics.median(r['cpus']):.2f}" if r.get("cpus") else "—"
+        out.append(f"| {m} | {w:.2f} | {spread} | {w - import_wall:.2f} | {cpu} | {rss:.3f} | {_fmt_ratio(wr)} "
                    f"| {_fmt_ratio(rr)} |")
     out.append("")
     out.append("## Against the targets\n")

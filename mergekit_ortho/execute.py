@@ -163,6 +163,11 @@ def module_result(plan, key: str) -> registry.LoraResult:
     op = plan.op
     approx = approximations(plan, key)
     if op.input_kind == "lora":
+        from .expert_stack_tasks import stack_result
+
+        stacked = stack_result(plan, key)  # a fused MoE expert stack: the method per expert and part
+        if stacked is not None:
+            return stacked
         # full fine-tunes (the plan allows them only with the operator's dense_rank_param): their
         # task vectors truncated by SVD to factors (PT-SVD); the operator sees factors either way.
         # Adapter modules that are not LoRA factors are truncated the same way (inputs.approximated_factors)

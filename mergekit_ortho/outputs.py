@@ -45,6 +45,16 @@ def _peft_base_name(plan) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
+def config_of_source(source) -> dict:
+    from .planning import config_of_source as of
+
+    return of(source)
+
+
+def _base_config(plan) -> dict:
+    return config_of_source(plan.base.source) if plan.base is not None else {}
+
+
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
@@ -84,6 +94,10 @@ def _adapter_sink(plan, out: Path, guard: dict):
             tasks = {m.source.config.get("task_type") for m in plan.lora_models if m.source.config}
             plain, experts, expert_cfg = split_expert_modules(modules, sources, dtype)
             shaped = {k: shaped[k] for k in plain} if shaped is not None else None
+            if plan.base is not None and shaped is not None:
+                from .adapters.transformers5_fused import split_outputs
+
+                plain, shaped = split_outputs(plain, shaped, config_of_source(plan.base.source))
             tensors, cfg = to_peft(plain, _peft_base_name(plan), shapes=shaped, layouts=layouts_of(sources),
                                    dtype=dtype, task_type=tasks.pop() if len(tasks) == 1 else None,
                                    names=plan.adapter_names)
@@ -119,6 +133,7 @@ def _bundle_sink(plan, out: Path, guard: dict):
             "input_formats": {m.label: (m.source.format if m.is_lora else "full") for m in plan.models},
             "base_shapes": ({k: list(plan.base.source.infos[k].shape) for k in reports} if plan.base else {}),
             "peft_base_model": _peft_base_name(plan),
+            "base_config": _base_config(plan),  # `merge revert` names PEFT modules by its family's rules
         }
         return bundle.build_manifest([m.label for m in plan.models], reports, p=p, center=plan.params["center"],
                                      base_model=plan.base.ref if plan.base else None, extras=extras)

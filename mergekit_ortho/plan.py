@@ -106,7 +106,7 @@ def build_plan(recipe: recipe_mod.Recipe, device: str = "cpu") -> Plan:
                     notes.append(f"{m.label}: {match.summary()}")
             check_expert_output(loras, out_format)
         else:
-            plan_adapters.align_without_base(loras)
+            notes += plan_adapters.align_without_base(loras)
 
     from .adapters.strengths import apply as apply_strengths
 

@@ -89,8 +89,10 @@ def _check_lora_output(recipe, op: registry.Operator, params: dict, loras: list[
                                 "output.format full")
 
 
-def align_without_base(loras: list[ModelInput]) -> None:
-    """No base model: LoRAs are aligned by their own module names, so they must share one format.
+def align_without_base(loras: list[ModelInput]) -> list[str]:
+    """No base model: LoRAs are aligned by their own module names, so they must share one format;
+    PEFT adapters of different transformers namings are first mapped to one (``adapters.one_naming``).
+    Returns the plan's notes.
 
     The key of a module is its name as the base key it adapts would read (PEFT prefix and
     ``.base_layer`` stripped, ``.weight`` added), which is also what a PEFT output needs."""
@@ -109,13 +111,19 @@ def align_without_base(loras: list[ModelInput]) -> None:
     if len(fmts) > 1:
         raise UserError(f"LoRAs in different formats ({', '.join(sorted(fmts))}) can only be aligned through "
                         "their base model; set base_model")
+    maps = []
     for m in loras:
-        src = m.source
         base_map = {}
-        for mod in src.modules:
+        for mod in m.source.modules:
             key = mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
             base_map[mod] = key.replace(".base_layer", "") + ".weight"
-        m.source = MatchedLora(src, base_map)
+        maps.append(base_map)
+    from .adapters.one_naming import align
+
+    notes = align([(m.ref, m.source.path, m.source.config, bm) for m, bm in zip(loras, maps)]) \
+        if fmts == {"peft"} else []  # transformers 4 / 5 module names mapped to one naming
+    for m, base_map in zip(loras, maps):
+        m.source = MatchedLora(m.source, base_map)
     first = loras[0]
     for m in loras[1:]:
         for key, mod in m.source.by_base.items():
@@ -125,6 +133,7 @@ def align_without_base(loras: list[ModelInput]) -> None:
                 if (a[0][1], a[1][0]) != (b[0][1], b[1][0]):
                     raise UserError(f"LoRA module '{mod}' is {b[1][0]}x{b[0][1]} in {m.ref} but "
                                     f"{a[1][0]}x{a[0][1]} in {first.ref}; are they for the same base model?")
+    return notes
 
 
 def module_keys(op: registry.Operator, base: ModelInput | None, models: list[ModelInput],

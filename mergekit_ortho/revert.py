@@ -1,5 +1,15 @@
 """`merge revert`: rebuild one task from an RMM bundle alone, as an adapter (PEFT / kohya, scale 1)
-or a full model (base + the task's B @ A), through the same loop and sinks as `merge run`."""
+or a full model (base + the task's B @ A), through the same loop and sinks as `merge run`.
+
+A PEFT revert names its modules by the rule of `merge run`'s PEFT outputs
+(``adapters.transformers5.output_names``): the installed transformers 5's in-memory names where it
+renames the family at load time (ViT's ``encoder.layer.N.attention.attention.query`` is
+``layers.N.attention.q_proj``), so peft loads the reverted adapter. The rules need the base's
+config: the one the bundle recorded (``extras.base_config``), else ``config.json`` of ``--base``,
+of the bundle's base model or of its PEFT base path when that is a local directory. Without any,
+the bundle's own (checkpoint) names are kept. A module on a fused checkpoint tensor that the
+installed transformers splits in memory (Dinov2's ``mlp.weights_in`` -> gate / up) is written as
+its parts (``adapters.transformers5_fused.split_outputs``), as `merge run` writes it. Issue 15."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +43,14 @@ def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: 
     dtype = getattr(torch, out_dtype) if out_dtype else torch.float32
     if fmt == "peft":
         def pack(modules):
+            from .adapters.transformers5_fused import split_outputs
+
+            out_shapes = shapes
+            if shapes is not None:  # fused checkpoint tensors transformers splits in memory: their parts
+                modules, out_shapes = split_outputs(modules, shapes, _base_config(b, base_ref))
             tensors, cfg = to_peft(modules, extras.get("peft_base_model") or b.manifest.get("base_model"),
-                                   shapes=shapes, layouts=extras.get("layouts") or None, dtype=dtype)
+                                   shapes=out_shapes, layouts=extras.get("layouts") or None, dtype=dtype,
+                                   names=names)
             return tensors, {"format": "pt", "rmm_task": task}, cfg
     else:
         def pack(modules):
@@ -49,6 +65,7 @@ def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: 
         sink.card = sinks.Card("rmm (reverted)", b.manifest.get("base_model"), [(task, str(bundle_dir))],
                                "", card_text.format(p=b.manifest["p"]))
     keys = _task_modules(b, task, bundle_dir)
+    names = _peft_names(b, keys, base_ref) if fmt == "peft" else {}
 
     def compute(key: str):
         A, B = b.revert_module(key, task)
@@ -57,6 +74,28 @@ def revert(bundle_dir: Path, task: str, out: Path, fmt: str = "peft", base_ref: 
     with sink:
         execute([Work(k) for k in keys], compute, sink, check_finite=False)
         return sink.commit()
+
+
+def _base_config(b, base_ref: str | None) -> dict:
+    """The base's config.json: recorded in the bundle, else next to a local base path it names."""
+    from .planning import _config_of
+
+    extras = b.manifest.get("extras") or {}
+    if isinstance(extras.get("base_config"), dict) and extras["base_config"]:
+        return extras["base_config"]
+    for ref in (base_ref, b.manifest.get("base_model"), extras.get("peft_base_model")):
+        if ref and Path(ref).is_dir():
+            cfg = _config_of(Path(ref))
+            if cfg:
+                return cfg
+    return {}
+
+
+def _peft_names(b, keys: list[str], base_ref: str | None) -> dict[str, str]:
+    """{bundle key: PEFT module key}: `merge run`'s rule for PEFT outputs (see the module doc)."""
+    from .adapters.transformers5 import output_names
+
+    return output_names(keys, _base_config(b, base_ref))[0]
 
 
 def _task_modules(b, task: str, bundle_dir) -> list[str]:

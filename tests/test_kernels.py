@@ -209,22 +209,41 @@ def test_radix_rank_band_equals_the_stable_sort(chunk, monkeypatch, name, x):
 # --- della's packed-key rank lookup == table[stable-sort ranks]; chunked della == della by the definition
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (7, 5), (40, 333), (2, 4097)])
-def test_della_rank_lookup_equals_the_stable_sort(shape):
+def _della_rank_inputs(shape, g):
+    xs = [torch.randn(shape, generator=g), (torch.randint(-3, 4, shape, generator=g) / 2).float()]
+    dirty = (torch.randint(-3, 4, shape, generator=g) / 2).float()  # long runs of equal prefixes...
+    dirty.view(-1)[::7] += 2.0 ** -20  # ...some holding entries with low bits below the prefix
+    xs.append(dirty)
+    bf = torch.randn(shape, generator=g).to(torch.bfloat16)  # a bf16 model's task vector: few dirty
+    xs.append((bf.float() + 0.3 * torch.randn(shape, generator=g)).to(torch.bfloat16).float() - bf.float())
+    return xs
+
+
+@pytest.mark.parametrize("dirty_max", [0.0, 1 / 32, 1.0])  # 64-bit keys; the default; 32-bit keys always
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (7, 5), (40, 333), (2, 4097), (1, 70000)])
+def test_della_rank_lookup_equals_the_stable_sort(monkeypatch, shape, dirty_max):
     from mergekit_ortho.ops.kernels import della_drop
     import numpy as np
 
+    monkeypatch.setattr(della_drop, "DIRTY_MAX", dirty_max)
     g = torch.Generator().manual_seed(shape[1])
-    table = torch.rand(shape[1], generator=g)
-    xs = [torch.randn(shape, generator=g), (torch.randint(-3, 4, shape, generator=g) / 2).float()]
+    xs = _della_rank_inputs(shape, g)
     xs.append(torch.tensor([[float("nan"), 1.0, float("inf"), 0.0, 1e-45, -0.0, -float("nan"), -1.0]]))
     for x in xs:
         x.view(-1)[::11] = -0.0
         table = torch.rand(x.shape[1], generator=g)
         bits = x.view(torch.int32).numpy()
-        keys = della_drop.sorted_keys(bits, np.empty(x.shape + (2,), dtype=np.int32))
-        got = della_drop.rank_lookup(keys, table, torch.empty(x.shape))
+        cols = della_drop.sorted_columns(bits, np.empty(x.shape + (2,), dtype=np.int32),
+                                         np.empty(x.shape, dtype=np.int32))
+        got = della_drop.rank_lookup(cols, table, torch.empty(x.shape))
         assert bits_equal(got, table[sparsify.row_ranks_plain(x.abs())])
+        # the strided bits of a (A, R, L) view, as della_drop_ hands them over
+        y = x.reshape(x.shape[0], 1, -1).expand(-1, 2, -1).contiguous().transpose(1, 2)  # (A, L, 2)
+        yb = y.contiguous().view(torch.int32).numpy().transpose(0, 2, 1).reshape(-1, x.shape[1])
+        cols = della_drop.sorted_columns(yb, np.empty(yb.shape + (2,), dtype=np.int32),
+                                         np.empty(yb.shape, dtype=np.int32))
+        want = sparsify.row_ranks_plain(torch.from_numpy(yb.copy()).view(torch.float32).abs())
+        assert bits_equal(della_drop.rank_lookup(cols, table, torch.empty(yb.shape)), table[want])
 
 
 @pytest.mark.parametrize("shape", [(5,), (1,), (9, 1), (31, 17), (6, 5, 4), (3, 4, 2, 5)])
@@ -237,11 +256,13 @@ def test_della_equals_the_plain_formulation(chunk, shape):
         assert bits_equal(got, want), (shape, d)
 
 
+@pytest.mark.parametrize("grain", [1, 1 << 15])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_della_in_many_blocks_equals_the_plain_formulation(monkeypatch, threads):
+def test_della_in_many_blocks_equals_the_plain_formulation(monkeypatch, threads, grain):
     from mergekit_ortho.ops.kernels import della_drop
 
     monkeypatch.setattr(_chunks, "CHUNK", 64)  # 2-row blocks, the last one partial
+    monkeypatch.setattr(della_drop, "GRAIN", grain)  # torch steps of one row each, or whole blocks
     monkeypatch.setattr(della_drop, "workers", lambda: threads)  # serial path, and blocks on the pool
     g = torch.Generator().manual_seed(5)
     for x in (torch.randn(37, 32, generator=g), (torch.randint(-2, 3, (9, 16, 3), generator=g) / 2).float()):

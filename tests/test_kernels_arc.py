@@ -53,3 +53,23 @@ def test_fold_refuses_a_second_model():
     state = op.fold.step(None, torch.zeros(3), 0, task)
     with pytest.raises(UserError, match="exactly one model"):
         op.fold.step(state, torch.zeros(3), 1, task)
+
+
+def test_fold_is_the_same_whatever_the_thread_count():
+    # MKL's dot product splits 2^13+ entries over threads and then rounds differently; the arc's
+    # sums run on one thread, so --threads never changes the coefficients (nor the output)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(256, 512, generator=g).to(torch.bfloat16)
+    x = (base.float() + 0.3 * torch.randn(256, 512, generator=g)).to(torch.bfloat16)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_fold(base, x, 0.4))
+            assert torch.get_num_threads() == threads  # restored after the fold
+    finally:
+        torch.set_num_threads(n)
+    for out in outs[1:]:
+        assert torch.equal(out.view(torch.int32), outs[0].view(torch.int32))
+    assert torch.equal(outs[0].view(torch.int32), _plain(base, x, 0.4).view(torch.int32))

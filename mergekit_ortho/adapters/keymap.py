@@ -292,8 +292,9 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
     found = _scan(src, base_modules, aliases, tiers, first_components)
     if config and src.format == "peft" and {stem_of(m)[0] for m in src.modules} - set(found):
         from .transformers5 import aliases as t5_aliases
+        from .transformers5_fused import aliases as split_aliases  # row splits / fusions: block LoRAs
 
-        extra = t5_aliases(base_keys, config)
+        extra = t5_aliases(base_keys, config) + split_aliases(base_keys, base_shapes, config)
         if extra:
             aliases = list(aliases) + extra
             found = _scan(src, base_modules, aliases, tiers, first_components)
@@ -307,6 +308,12 @@ def match_to_base(lora_source: LoraSource, base_keys: Sequence[str],
                 + (f"but the base has {list(base_shapes[hits[0]])} at '{hits[0]}'" if hits else "that the base lacks")
                 + " (resized vocabulary?)")
     miss = sorted({stem_of(m)[0] for m in src.modules} - set(found))
+    if miss and config and src.format == "peft":
+        from .transformers5_fused import unsupported
+
+        why = unsupported(miss, base_keys, config)  # a conversion that is no row split: name it
+        if why:
+            raise UserError(f"{src.file}: {why}")
     if miss:
         example = next(iter(base_modules), None)
         ex = _candidates(src, example, 0, first_components)[:1] if example else []

@@ -15,7 +15,8 @@ the base). Per tensor the running, UN-normalised sum S_t = sum_{i<=t} P_i(tau_i)
   ``P(tau) = tau - U (M restricted to those entries) V^T``. r = the 0-based index of the first j
   whose cumulative singular-value share c_j = sum_{i<=j} s_i / sum_i s_i exceeds ``alpha``
   (0 when there is none), the reference's ``argmax`` semantics (B9.2);
-* every other float tensor takes the identity path, P(tau) = tau (plain sum, B2).
+* every other float tensor takes the identity path, P(tau) = tau (plain sum, B2). A fused MoE expert
+  stack is E * parts maps, each projected on its own (:mod:`.expert_stacks`; matrices are counted).
 
 One global lambda_t = ||S_t|| / nu_t, with nu_t = mean_i ||tau_i|| and both norms over ALL merged
 tensors of the model (B9.7), makes the exported update S_t / lambda_t have norm nu_t. This equals
@@ -61,6 +62,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import NoInputs, NonFiniteInput, ShapeMismatch
+from .expert_stacks import blocks, project_stack
 from .registry import Fold, Operator, Param, Params, TensorTask, name_matches, register
 
 DEFAULT_ALPHA = 0.5
@@ -70,14 +72,26 @@ _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def is_projectable(name: str, tensor: torch.Tensor, params: Params | None = None) -> bool:
-    """Whether ``name`` is a linear map's weight that OPCM projects (B5); otherwise identity path.
-    ``params`` None: the default rule."""
-    if not tensor.is_floating_point() or tensor.dim() != 2:
+    """Whether ``name`` is a linear map's weight that OPCM projects (B5; a fused expert stack: per
+    map, :func:`project_tensor`); otherwise identity path. ``params`` None: the default rule."""
+    if not tensor.is_floating_point():
+        return False
+    stack = tensor.dim() == 3 and blocks(name, tuple(tensor.shape)) is not None
+    if tensor.dim() != 2 and not stack:
         return False
     override = params.projectable if params is not None else None
     if override is not None:
         return name_matches(override, name)
-    return name.endswith("weight") and not name_matches(EMBEDDING_PATTERN, name)
+    return (stack or name.endswith("weight")) and not name_matches(EMBEDDING_PATTERN, name)
+
+
+def project_tensor(name: str, tbar: torch.Tensor, tau: torch.Tensor, **options) -> tuple[torch.Tensor, list[dict]]:
+    """P(tau) of a projectable tensor and the infos of :func:`project` per matrix: a 2-D weight is
+    one matrix, a fused expert stack one per expert and part (:func:`.expert_stacks.project_stack`)."""
+    if tau.dim() == 2:
+        out, info = project(tbar, tau, **options)  # options may carry ``svd`` (sweep's cache)
+        return out, [info]
+    return project_stack(name, tbar, tau, lambda a, b: project(a, b, **options))
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -204,8 +218,8 @@ def _step(prev: torch.Tensor | None, tau: torch.Tensor, i: int,
         raise ShapeMismatch(f"opcm: tensor '{name}' has shape {tuple(tau.shape)}, its state {tuple(prev.shape)}")
     projected = 0.0
     if is_projectable(name, tau, task.params):
-        ptau, info = project(prev, tau, **_options(task.params), svd=svd)
-        projected = 0.0 if info["identity"] else 1.0
+        ptau, infos = project_tensor(name, prev, tau, svd=svd, **_options(task.params))
+        projected = float(sum(not i["identity"] for i in infos))
     else:
         ptau = tau
     new = prev.to(ptau.dtype) + ptau
@@ -272,7 +286,7 @@ def opcm_merge(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tenso
     ``base``. The first model's float tensors are returned unchanged (B9.8). Outputs have each
     model tensor's dtype; the arithmetic runs in float32 or wider (the inputs' dtype if wider).
     If ``history`` is a list, one dict per step is appended: t, lambda, nu, task_norm,
-    projected_norm (global), merged_norm (||theta_bar_t - theta_0||), ranks {tensor: r} and
+    projected_norm (global), merged_norm (||theta_bar_t - theta_0||), ranks {tensor: r (a list for a stack)} and
     proj_norms {tensor: ||P(tau_t)||} of the projected tensors.
     """
     p = OPERATOR.resolve_params(params)
@@ -302,8 +316,8 @@ def opcm_merge(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tenso
         delta, ranks, p_norms, p_sq = {}, {}, {}, 0.0
         for k in keys:
             if is_projectable(k, tau[k], p):
-                ptau, info = project(tbar[k], tau[k], **opts)
-                ranks[k] = info["r"]
+                ptau, infos = project_tensor(k, tbar[k], tau[k], **opts)
+                ranks[k] = infos[0]["r"] if tau[k].dim() == 2 else [i["r"] for i in infos]
                 p_norms[k] = math.sqrt(_sq(ptau))
             else:
                 ptau = tau[k]
@@ -376,7 +390,8 @@ OPERATOR = register(
         "M = U^T tau V, remove M_ii (zero_diagonal) and M[:r, :r], r = first j with "
         "cumsum(s)_j / sum(s) > alpha (0 if none). Projected: float 2-D tensors named '*weight' "
         "(incl. in_proj_weight), except embedding tables (*embed*, wte, wpe, shared, "
-        "relative_attention_bias); override with `projectable`. All other float tensors (biases, "
+        "relative_attention_bias), and fused MoE expert stacks (3-D experts.gate_up_proj / down_proj), "
+        "projected per expert and part; override with `projectable`. All other float tensors (biases, "
         "norms, embeddings, conv kernels, class tokens) are summed and share the global scale. "
         "The result depends on model order. The continual state stores S_t per tensor (float32, "
         "memory constant in the number of models) plus lambda_t, sum of norms and t.",

@@ -15,8 +15,9 @@ Each tensor is one flat vector. v0 is the base (t = 0 gives the base), v1 the ot
 on the un-normalised vectors. A zero vector gives c = 0, so theta = pi/2 and the result is
 sin(t pi/2) v1, not a lerp (mergekit's behaviour, kept). ``t`` must lie in [0, 1] (mergekit
 extrapolates; here that is refused as the likely typo it is). The dot products are float32
-(float64 for float64 inputs) per chunk of 2^18 entries, summed in float64; the coefficients in
-float64. The fold streams both weights as stored, converting chunk by chunk
+(float64 for float64 inputs) per chunk of 2^18 entries, on one thread (so the same whatever
+``merge --threads`` says), summed in float64; the coefficients in float64. The fold streams both
+weights as stored in two passes, the base converted straight into the output
 (:mod:`.kernels.arc`): no full-size float32 copy of either input, bit-equal to :func:`slerp`.
 
 Reads weights, needs the base (it is one end of the arc) and exactly one other model; a recipe
@@ -40,7 +41,7 @@ import math
 import torch
 
 from .errors import BadParameters, ShapeMismatch
-from .kernels.arc import arc_sums, weighted_pair
+from .kernels.arc import arc_sums, slerp_fold
 from .registry import Fold, Operator, Param, TensorTask, register
 
 #: |cos| above which the two directions count as colinear and slerp falls back to lerp (mergekit)
@@ -97,9 +98,8 @@ def _step(state, x: torch.Tensor, i: int, task: TensorTask) -> torch.Tensor:
     base = task.base
     if base.shape != x.shape:
         raise ShapeMismatch(f"slerp: tensors of shapes {tuple(base.shape)} and {tuple(x.shape)}")
-    cdt = _compute_dtype(base, x)
-    w0, w1 = _arc_weights(*arc_sums(base, x, cdt), task.params.t)
-    return weighted_pair(base, x, w0, w1, cdt)
+    t = task.params.t
+    return slerp_fold(base, x, lambda dot, aa, bb: _arc_weights(dot, aa, bb, t), _compute_dtype(base, x))
 
 
 def _finish(state, task: TensorTask) -> torch.Tensor:

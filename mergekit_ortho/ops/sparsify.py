@@ -35,6 +35,7 @@ import torch
 from ..errors import UserError
 from .kernels import dare_drop, della_drop, topk
 from .kernels._chunks import chunk_len
+from .kernels.threads import serial
 
 # ----------------------------------------------------------------------------- plain formulations
 
@@ -207,10 +208,16 @@ L1_EPS = 1e-7
 
 
 def l1_norm(x: torch.Tensor) -> float:
-    """sum |x| over the whole tensor, accumulated in float64 chunk by chunk (no full-size |x|)."""
+    """sum |x| over the whole tensor, accumulated in float64 chunk by chunk (no full-size |x|), on
+    one thread (:func:`.kernels.threads.serial`: the same sum whatever the thread count, and no
+    parallel region per chunk)."""
     flat = x.reshape(-1)
     step = chunk_len(flat)
-    return float(sum(torch.sum(flat[lo:lo + step].abs(), dtype=torch.float64) for lo in range(0, flat.numel(), step)))
+    total = 0.0
+    with serial():
+        for lo in range(0, flat.numel(), step):
+            total += float(torch.sum(flat[lo:lo + step].abs(), dtype=torch.float64))
+    return total
 
 
 def rescale_factor(before: float, after: float) -> float:

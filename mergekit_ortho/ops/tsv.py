@@ -17,8 +17,12 @@ Per tensor:
   V_cat = [V_1[:, :c], ..., V_T[:, :c]]; P_U, P_V = the polar factors (U V^T of their own SVDs,
   i.e. the nearest matrices with orthonormal columns); merged delta
   ``lambda * P_U diag(S_1[:c], ..., S_T[:c]) P_V^T``.
-* **3-D and higher** (conv kernels out x in x kh x kw, ...): flattened to out x prod(rest), the
-  2-D rule, reshaped back (as WIDEN flattens them).
+* **Fused MoE expert stacks** (transformers 5 ``experts.gate_up_proj`` [E, 2I, H] /
+  ``experts.down_proj`` [E, H, I], :mod:`.expert_stacks`): each expert's part is its own linear
+  map, so the 2-D rule runs once per expert and part (E * parts SVD merges), exactly as on the
+  per-expert 2-D layout of published checkpoints: both layouts give the same result, bit for bit.
+* **Other 3-D and higher** (conv kernels out x in x kh x kw, ...): flattened to out x prod(rest),
+  the 2-D rule, reshaped back (as WIDEN flattens them).
 * **1-D and 0-D** (biases, norm weights, scalars): ``lambda * sum_t w_t tau_t / T``, the mean of
   the weighted task vectors (the TSV-M reference averages every non-matrix parameter).
 * **Input embeddings** (name matches ``embedding_pattern``; default: Llama/Qwen/Mistral/OPT
@@ -62,6 +66,7 @@ import torch
 
 from ..errors import UserError
 from .core_space import merge_matrices
+from .expert_stacks import blocks, matrix_shape, per_matrix
 from .registry import Operator, Param, TensorTask, name_matches, register
 from .widen import DEFAULT_EMBEDDING_PATTERN  # the same input-embedding tables
 
@@ -71,9 +76,13 @@ def is_embedding(name: str, pattern: str) -> bool:
 
 
 def uses_svd(name: str, shape: tuple[int, ...], n_tasks: int, pattern: str = DEFAULT_EMBEDDING_PATTERN) -> bool:
-    """True when a tensor of this name and shape goes through the SVD rule (else: weighted mean)."""
+    """True when a tensor of this name and shape goes through the SVD rule (else: weighted mean);
+    a fused expert stack by the shape of one expert's matrix."""
     if len(shape) < 2 or is_embedding(name, pattern):
         return False
+    per_expert = matrix_shape(name, shape)
+    if per_expert is not None:
+        return min(per_expert) >= n_tasks
     m = int(shape[0])
     n = 1
     for s in shape[1:]:
@@ -123,6 +132,12 @@ def tsv_prepare(task: TensorTask) -> dict[str, torch.Tensor]:
     like = torch.empty(0, dtype=out_dtype, device=xs[0].device)
     if not uses_svd(task.name, tuple(shape), T, pattern):
         return {"merged": weighted_mean(xs, w), "dtype": like}
+    stack = blocks(task.name, tuple(shape))
+    if stack is not None:  # one SVD merge per expert and part, as the per-expert layout gets
+        def rule(mats):
+            return merge_matrices([m.to(torch.float64) for m in mats], "tsv", weights=w, name=task.name,
+                                  tsv_keep="uniform")
+        return {"merged": per_matrix(rule, xs, stack, torch.float64), "dtype": like}
     # 2-D view (3-D+ flattened to out x prod(rest)), float64 for the SVDs
     mats = [x.reshape(shape[0], -1).to(torch.float64) for x in xs]
     merged = merge_matrices(mats, "tsv", weights=w, name=task.name, tsv_keep="uniform")
@@ -156,7 +171,8 @@ register(
         "X_t = weight_t * tau_t; SVD of each X_t; keep each task's first floor(min(m,n)/T) "
         "singular triplets; concatenate the U blocks and the V blocks; replace each "
         "concatenation by its polar factor (U V^T of its SVD); merged delta = lambda * P_U "
-        "diag(S) P_V^T. 3-D+ tensors: flattened to out x prod(rest), same rule, reshaped. "
+        "diag(S) P_V^T. Fused MoE expert stacks (experts.gate_up_proj / down_proj, 3-D): the 2-D rule "
+        "per expert and part, as on the per-expert layout. Other 3-D+ tensors: flattened to out x prod(rest), same rule, reshaped. "
         "Not SVD-merged, given lambda * the mean of the weighted task vectors "
         "(sum_t weight_t tau_t / T, the reference's rule for non-matrix parameters): 1-D and 0-D "
         "tensors (biases, norms), tensors matching embedding_pattern (input embeddings; lm_head "

@@ -7,6 +7,8 @@ file (or in tests/test_kernels.py) computes, only with less memory traffic.
 * :mod:`.dare_drop` - DARE's random keep mask from the sign bit of ``u - density``, chunked;
 * :mod:`.della_drop` - DELLA's keep probabilities by row rank from one sort of packed keys (no
   rank tensor), then the DARE-style sign-bit mask;
+* :mod:`.arc` - SLERP's dot products and weighted sum from the stored weights, on one thread;
+* :mod:`.threads` - :func:`~.threads.serial`, one-thread sections for chunked kernels;
 * :mod:`.convert` - chunked dtype conversion of fold inputs (raw bf16 weights, minus the base);
 * :mod:`.select` - MagMax's in-place chunked ``where(|tau| >= |sel|, tau, sel)``;
 * :mod:`.kmeans` - weighted k-means in kernel form (on the Gram matrix), LoRA-LEGO;

@@ -1,46 +1,88 @@
 """Chunked SLERP: the arc's three reductions and the weighted sum, from weights as stored.
 
 Plain formulation (:func:`mergekit_ortho.ops.slerp.slerp_vectors`): with a, b the two tensors as
-flat float32 vectors, ``<a, b>``, ``|a|^2``, ``|b|^2``, then ``w0 a + w1 b``. Here both tensors
-are converted ``FOLD_CHUNK`` entries at a time into cache-sized buffers (bf16 in, no full-size
-float32 copy of either), the three float32 dot products of each chunk are summed in float64
-(:func:`arc_sums`, which the plain form uses too, so both see the same coefficients), and the
-result is written straight into one float32 output (:func:`weighted_pair`). The elementwise
-arithmetic is the plain form's (``a * w0``, then ``+ w1 * b``), so the outputs are bit-equal
-(tests/test_kernels_arc.py).
+flat float32 vectors, ``<a, b>``, ``|a|^2``, ``|b|^2`` (:func:`arc_sums`: one float32 dot product
+per chunk of ``FOLD_CHUNK`` entries, the chunks' sums in float64), then ``a * w0 + w1 * b``.
+
+:func:`slerp_fold` computes the same from the weights as stored, in two passes over
+``FOLD_CHUNK``-entry chunks (cache-sized; no full-size float32 copy of either input):
+
+1. each chunk of a is converted straight into the float32 output (a's only conversion), b's
+   into one chunk buffer, and the chunk's three dot products are taken there;
+2. once the coefficients are known, each output chunk becomes ``chunk * w0 + w1 * b`` with b's
+   chunk converted again (the same elementwise operations as the plain form).
+
+Bit-equal to the plain form (tests/test_kernels_arc.py).
+
+Threads: both passes run with torch on one thread (:func:`.threads.serial`). MKL's dot product
+is multi-threaded from 2^13 entries on, and then its result depends on the thread count (the
+same chunk summed by 1 and 2 threads differs in the last bits), and each of the ~9 ops a chunk
+took on several threads was a parallel region that, on shared cores, waits for a descheduled
+thread: at load 5-12 on the 2-core dev box the old 2-thread fold took 2-8 s on a 32000 x 1024
+bf16 tensor, this one 0.2-0.3 s. On one thread the coefficients, hence the output, are the same
+whatever ``merge --threads`` says; the passes are memory-bound, so one core loses little.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from . import convert
 from .convert import converted_chunks
+from .threads import serial
 
 if TYPE_CHECKING:
     import torch
 
 
+def _step(x: "torch.Tensor", chunk: int | None) -> int:
+    n = x.numel()
+    return max(1, min(n, chunk or convert.FOLD_CHUNK) if x.device.type == "cpu" else n)
+
+
+def _dots(va: "torch.Tensor", vb: "torch.Tensor") -> tuple[float, float, float]:
+    import torch
+
+    return float(torch.dot(va, vb)), float(torch.dot(va, va)), float(torch.dot(vb, vb))
+
+
 def arc_sums(a: "torch.Tensor", b: "torch.Tensor", dtype: "torch.dtype",
              chunk: int | None = None) -> tuple[float, float, float]:
     """(<a, b>, |a|^2, |b|^2) of a and b in ``dtype``, chunk by chunk: each chunk's dot products
-    in ``dtype``, their sum in float64 (Python floats)."""
-    import torch
-
+    in ``dtype`` on one thread, their sum in float64 (Python floats)."""
     dot = aa = bb = 0.0
-    for (_, _, va), (_, _, vb) in zip(converted_chunks(a, dtype, chunk=chunk), converted_chunks(b, dtype, chunk=chunk)):
-        dot += float(torch.dot(va, vb))
-        aa += float(torch.dot(va, va))
-        bb += float(torch.dot(vb, vb))
+    step = _step(a, chunk)
+    with serial():
+        for (_, _, va), (_, _, vb) in zip(converted_chunks(a, dtype, chunk=step), converted_chunks(b, dtype, chunk=step)):
+            d, x, y = _dots(va, vb)
+            dot, aa, bb = dot + d, aa + x, bb + y
     return dot, aa, bb
 
 
-def weighted_pair(a: "torch.Tensor", b: "torch.Tensor", w0: float, w1: float, dtype: "torch.dtype",
-                  chunk: int | None = None) -> "torch.Tensor":
-    """A new tensor of a's shape in ``dtype``: ``a * w0 + w1 * b`` (a and b converted chunk by
-    chunk, rounded as ``a.to(dtype).mul(w0).add_(b.to(dtype), alpha=w1)``)."""
+def slerp_fold(a: "torch.Tensor", b: "torch.Tensor", weights: Callable[[float, float, float], tuple[float, float]],
+               dtype: "torch.dtype", chunk: int | None = None) -> "torch.Tensor":
+    """A new tensor of a's shape in ``dtype``: ``a * w0 + w1 * b`` with ``(w0, w1) =
+    weights(<a, b>, |a|^2, |b|^2)``, the sums as :func:`arc_sums` takes them; a and b (same
+    shape, any float dtype) converted chunk by chunk, rounded as
+    ``a.to(dtype).mul(w0).add_(b.to(dtype), alpha=w1)``."""
     import torch
 
     out = torch.empty(a.shape, dtype=dtype, device=a.device)
-    o = out.view(-1)
-    for (lo, hi, va), (_, _, vb) in zip(converted_chunks(a, dtype, chunk=chunk), converted_chunks(b, dtype, chunk=chunk)):
-        torch.mul(va, w0, out=o[lo:hi]).add_(vb, alpha=w1)
+    o, af, bf = out.view(-1), a.reshape(-1), b.reshape(-1)
+    n = o.numel()
+    step = _step(o, chunk)
+    direct = bf.dtype == dtype
+    buf = None if direct or n == 0 else torch.empty(step, dtype=dtype, device=a.device)
+    dot = aa = bb = 0.0
+    with serial():
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            va = o[lo:hi].copy_(af[lo:hi])
+            vb = bf[lo:hi] if direct else buf[:hi - lo].copy_(bf[lo:hi])
+            d, x, y = _dots(va, vb)
+            dot, aa, bb = dot + d, aa + x, bb + y
+        w0, w1 = weights(dot, aa, bb)
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            vb = bf[lo:hi] if direct else buf[:hi - lo].copy_(bf[lo:hi])
+            o[lo:hi].mul_(w0).add_(vb, alpha=w1)
     return out
