@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vit_namings import lora_deltas
+
 from mergekit_ortho.adapters import transformers5
 
 pytestmark = pytest.mark.skipif(transformers5.version() is None, reason="needs transformers >= 5")
@@ -56,16 +58,8 @@ def dino(tmp_path_factory):
     d = 2.0 * B @ A
     torch.manual_seed(5)
     return {"root": root, "load": load, "a": a, "f": root / "f", "pixels": torch.randn(2, 3, 8, 8),
-            "a_deltas": _deltas(a), "f_deltas": {L + "mlp.gate_proj.weight": d[:48], L + "mlp.up_proj.weight": d[48:]},
+            "a_deltas": lora_deltas(a), "f_deltas": {L + "mlp.gate_proj.weight": d[:48], L + "mlp.up_proj.weight": d[48:]},
             "memory_keys": set(model.state_dict())}
-
-
-def _deltas(adapter) -> dict[str, torch.Tensor]:
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    sd = load_file(str(adapter / "adapter_model.safetensors"))
-    return {k[len("base_model.model."):].replace(".lora_A.weight", ".weight"):
-            cfg["lora_alpha"] / cfg["r"] * sd[k.replace(".lora_A.", ".lora_B.")] @ A
-            for k, A in sd.items() if ".lora_A." in k}
 
 
 def _expected(dino, deltas):

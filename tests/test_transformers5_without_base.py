@@ -10,57 +10,21 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from vit_namings import lora_deltas, vit_with_two_namings
 
 from mergekit_ortho.adapters import transformers5
 
 pytestmark = pytest.mark.skipif(transformers5.version() is None, reason="needs transformers >= 5")
 
-V4 = (("vit.layers.", "vit.encoder.layer."), (".attention.q_proj", ".attention.attention.query"),
-      (".attention.v_proj", ".attention.attention.value"))
-
-
-def _to_v4(key: str) -> str:
-    for a, b in V4:
-        key = key.replace(a, b)
-    return key
-
-
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
-    import transformers
-    from transformers import AutoModelForImageClassification
-
-    from mergekit_ortho.testing.loras import make_peft_adapter
-
     root = tmp_path_factory.mktemp("vit_nobase")
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                                 image_size=8, patch_size=4, num_labels=3)
-    transformers.ViTForImageClassification(cfg).eval().save_pretrained(root / "base")
-
-    def load():
-        return AutoModelForImageClassification.from_pretrained(root / "base", dtype=torch.float32).eval()
-
-    a = make_peft_adapter(load(), root / "a", seed=1, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
-    b5 = make_peft_adapter(load(), root / "b5", seed=2, r=3, lora_alpha=3, target_modules=["q_proj", "v_proj"])
-    (root / "b").mkdir()  # the second adapter as peft under transformers 4 names it
-    save_file({_to_v4(k): v for k, v in load_file(str(b5 / "adapter_model.safetensors")).items()},
-              str(root / "b" / "adapter_model.safetensors"))
-    c = json.loads((b5 / "adapter_config.json").read_text())
-    c["target_modules"] = ["query", "value"]
-    (root / "b" / "adapter_config.json").write_text(json.dumps(c))
+    got = vit_with_two_namings(root, layers=2, rank_b=3)
     torch.manual_seed(5)
-    return {"root": root, "load": load, "a": a, "b": root / "b", "pixels": torch.randn(2, 3, 8, 8),
-            "deltas": [_deltas(a), _deltas(b5)], "memory_keys": set(load().state_dict())}
-
-
-def _deltas(adapter) -> dict[str, torch.Tensor]:
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    sd = load_file(str(adapter / "adapter_model.safetensors"))
-    return {k[len("base_model.model."):].replace(".lora_A.weight", ".weight"):
-            cfg["lora_alpha"] / cfg["r"] * sd[k.replace(".lora_A.", ".lora_B.")] @ A
-            for k, A in sd.items() if ".lora_A." in k}
+    return {"root": root, "load": got["load"], "a": got["a"], "b": got["b"], "pixels": torch.randn(2, 3, 8, 8),
+            "deltas": [lora_deltas(got["a"]), lora_deltas(got["b5"])], "memory_keys": set(got["load"]().state_dict())}
 
 
 def _copy(src, dst, base_ref: str | None):
