@@ -58,8 +58,12 @@ def cast_checked(t, dtype, name: str):
     values that were already non-finite before the cast (a copied mask) are left alone."""
     import torch
 
-    out = t.to(dtype)
-    if out.dtype == t.dtype or not out.is_floating_point() or bool(torch.isfinite(out.sum())):
+    if t.dtype == dtype:
+        return t
+    from . import buffers
+
+    out = buffers.like(t, dtype)  # a reused buffer: no page clearing
+    if not out.is_floating_point() or bool(torch.isfinite(out.sum())):
         return out
     lost = torch.isfinite(t) & ~torch.isfinite(out)
     if bool(lost.any()):

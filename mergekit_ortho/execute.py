@@ -39,15 +39,23 @@ def execute(items: Iterable[Work], compute: Callable[[str], tuple[Any, dict | No
             peak_bytes: int = 0, inputs_hint: str = "", check_finite: bool = True,
             on_item: Callable[[str, int], None] | None = None) -> None:
     """Run every item through ``compute`` into ``sink`` (already entered; the caller commits)."""
-    for work in items:
-        with memory_guard(work.name, work.need_bytes, peak_bytes):
-            value, report = compute(work.name)
-        if check_finite and work.merged:
-            _check_finite(work.name, value, inputs_hint)
-        sink.put(work.name, value, report)
-        del value
-        if on_item:
-            on_item(work.name, work.read_bytes)
+    import gc
+
+    # the plan, headers and imports are long-lived: keep the collector's full passes off them
+    # (chunked kernels allocate many short-lived objects; perf: ~4 % of linear's CPU in gc)
+    gc.freeze()
+    try:
+        for work in items:
+            with memory_guard(work.name, work.need_bytes, peak_bytes):
+                value, report = compute(work.name)
+            if check_finite and work.merged:
+                _check_finite(work.name, value, inputs_hint)
+            sink.put(work.name, value, report)
+            del value
+            if on_item:
+                on_item(work.name, work.read_bytes)
+    finally:
+        gc.unfreeze()
 
 
 def _check_finite(name: str, value, inputs_hint: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from . import buffers
 from .ops import registry
 
 if TYPE_CHECKING:
@@ -23,7 +24,8 @@ def operator_input(x, base, cdt):
     save the conversion's buffer but runs slower than convert-then-subtract on CPU.)"""
     if x.dtype == cdt:
         return x if base is None else x.sub_(base)
-    return x.to(cdt) if base is None else x.to(cdt).sub_(base)
+    v = buffers.like(x, cdt)  # a reused buffer: no page clearing
+    return v if base is None else v.sub_(base)
 
 
 def stored(m: "ModelInput", name: str, load_dtype=None):

@@ -348,35 +348,6 @@ def yaml_load(text: str):
     return yaml.safe_load(text) if text else {}
 
 
-def test_background_sync_writes_the_same_files_and_surfaces_its_errors(tiny_models, tmp_path, cli, monkeypatch):
-    import errno
-
-    from mergekit_ortho import writer
-
-    r = write_recipe(tmp_path / "r.yaml", recipe_text([tiny_models[k] for k in "abc"], "linear",
-                                                      extra="output:\n  shard_size: 4KB\n"))
-    code, _, err = cli("run", r, "--out", tmp_path / "plain")
-    assert code == 0, err
-    calls = []
-    real = os.fdatasync
-    monkeypatch.setattr(writer, "_SYNC_EVERY", 1)  # a sync thread after every tensor
-    monkeypatch.setattr(writer.os, "fdatasync", lambda fd: calls.append(fd) or real(fd))
-    code, _, err = cli("run", r, "--out", tmp_path / "synced")
-    assert code == 0, err
-    assert calls
-    for f in sorted((tmp_path / "plain").glob("*.safetensors")):
-        assert f.read_bytes() == (tmp_path / "synced" / f.name).read_bytes()
-
-    def fail(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(writer.os, "fdatasync", fail)
-    code, out, err = cli("run", r, "--out", tmp_path / "failed")
-    assert code == 2 and "No space left" in (out + err)
-    assert not (tmp_path / "failed").exists()
-    assert not any(p.name.startswith(".failed") for p in tmp_path.iterdir())  # no temporary left
-
-
 @pytest.mark.parametrize("chunk", [None, 7])
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_raw_weight_folds_equal_the_prepared_input_folds(monkeypatch, chunk, method):

@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import buffers
 from ..dtypes import ST_DTYPES
 from ..errors import UserError
 
@@ -175,7 +176,7 @@ class SafetensorsFile:
         try:
             if self._fh is None:
                 self._fh = open(self.path, "rb", buffering=0)
-            buf = torch.empty(length, dtype=torch.uint8)
+            buf = buffers.empty((length,), torch.uint8)  # a reused buffer: no page clearing
             view = memoryview(buf.numpy())
             self._fh.seek(self.header.data_start + begin)
             got = 0

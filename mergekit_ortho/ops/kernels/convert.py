@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
+from ... import buffers
+
 if TYPE_CHECKING:
     import torch
 
@@ -22,7 +24,7 @@ FOLD_CHUNK = 1 << 18  # entries a fold prepares at a time (1 MiB of float32: sta
 def fold_input(x: "torch.Tensor", task: Any) -> "torch.Tensor":
     """Model input x as a whole tensor in ``task.dtype`` (x itself when it already is one; it is
     owned by the caller): raw weights of a deltas method also have the base subtracted."""
-    v = x if task.dtype is None or x.dtype == task.dtype else x.to(task.dtype)
+    v = x if task.dtype is None or x.dtype == task.dtype else buffers.like(x, task.dtype)
     return v if not task.raw_inputs or task.base is None else add_converted_(v, task.base, -1.0)
 
 
