@@ -16,6 +16,10 @@ map: each unit folds its tensors and stages the running sums S_T with each tenso
 and runs the second map (base + finish(S_T), reading the base and the staged sums, no model) into
 the output itself.
 
+An adapter or bundle output (``plan.module_mode``: one file that depends on every module) splits
+into runs of whole modules instead: each unit stages its modules' factors, and `merge finalize`
+packs the output from them through the serial run's sink (:mod:`.module_units`).
+
 A plan's per-unit estimate (``unit_estimate``: bytes read, bytes written, peak memory) sizes the
 resources of a distributed executor's tasks.
 """

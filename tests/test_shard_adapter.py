@@ -142,6 +142,12 @@ def test_more_units_than_modules_is_refused_in_one_line(loras, tmp_path, cli):
     assert code == 0 and "unit 2/3: module(s) 5..6 of 6" in out, out + err
 
 
+def test_a_method_that_reduces_over_every_module_is_refused_in_one_line(loras, tmp_path, cli):
+    r = adapter_recipe(tmp_path / "r.yaml", loras, "opcm", "", "  format: peft\n  rank: 2\n")
+    code, _, err = cli("run", r, "--shard", "0/2", "--stage", tmp_path / "st")
+    assert code == 2 and "not supported yet" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_unit_modules_cover_every_module_once():
     from types import SimpleNamespace
 
@@ -192,3 +198,25 @@ def test_safetensors_metadata_is_written_in_the_callers_order(tmp_path):
     assert list(header["__metadata__"]) == list(meta)
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
         assert f.metadata() == meta and torch.equal(f.get_tensor("b"), torch.ones(3))
+
+
+def test_hub_adapters_sharded_on_machines_of_their_own_equal_serial(loras, tmp_path):
+    """Base and LoRAs as hub ids (the local fake Hub): each unit on its own cache, finalize on a
+    third, the output bit-identical to the serial run of the same recipe."""
+    from fakehub import FakeHub, run_cli
+
+    base, a, b = loras
+    hub = FakeHub({"org/base": base, "org/la": a, "org/lb": b})
+    try:
+        r = adapter_recipe(tmp_path / "r.yaml", ("org/base", "org/la", "org/lb"), "ties", "{density: 0.5}",
+                           "  format: peft\n  rank: 3\n")
+        got = run_cli(hub, tmp_path / "serial-machine", "run", r, "--out", tmp_path / "serial")
+        assert got.returncode == 0, got.stderr
+        for i in (1, 0):
+            got = run_cli(hub, tmp_path / f"machine{i}", "run", r, "--shard", f"{i}/2", "--stage", tmp_path / "st")
+            assert got.returncode == 0, got.stderr
+        got = run_cli(hub, tmp_path / "finalizer", "finalize", r, "--stage", tmp_path / "st", "--out", tmp_path / "out")
+        assert got.returncode == 0, got.stderr
+    finally:
+        hub.close()
+    assert tree(tmp_path / "out") == tree(tmp_path / "serial")
