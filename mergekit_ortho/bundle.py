@@ -134,6 +134,8 @@ def write_bundle(dir_path: str | Path, modules: dict[str, dict[str, Any]], manif
     import torch
     from safetensors.torch import save_file
 
+    from .stable_header import fix_order
+
     root = Path(dir_path)
     if not root.is_dir():
         raise UserError(f"RMM bundle directory {root} does not exist (the caller creates it)")
@@ -160,8 +162,9 @@ def write_bundle(dir_path: str | Path, modules: dict[str, dict[str, Any]], manif
         if stray:
             raise ValueError(f"RMM bundle: module '{key}' has unexpected tensors {stray}")
     tensor_path = root / TENSORS
-    save_file(flat, str(tensor_path),
-              metadata={"format": "pt", "rmm_format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    meta = {"format": "pt", "rmm_format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    save_file(flat, str(tensor_path), metadata=meta)
+    fix_order(tensor_path, meta)  # the same bytes (and manifest sha256) in every process
     out = {"format": FORMAT, "format_version": FORMAT_VERSION}
     out.update({k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
     out["files"] = {TENSORS: {"bytes": tensor_path.stat().st_size, "sha256": _sha256(tensor_path)}}

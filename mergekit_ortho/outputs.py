@@ -21,15 +21,22 @@ def run(plan, out: Path, overwrite: bool = False, on_tensor: Callable[[str, int]
         return run_sequential(plan, out, on_tensor=on_tensor, **guard)
     if plan.out_format == "full":
         return write_full_model(plan, out, full_item(plan), on_tensor=on_tensor, **guard)
-    if plan.out_format == "bundle":
-        sink, compute = _bundle_sink(plan, out, guard), (lambda key: bundle_result(plan, key))
-    else:
-        sink, compute = _adapter_sink(plan, out, guard), (lambda key: lowrank_result(plan, key))
-    work = {k: Work(k, plan.module_read_bytes(k), _module_need(plan, k)) for k in plan.module_keys}
+    sink = _bundle_sink(plan, out, guard) if plan.out_format == "bundle" else _adapter_sink(plan, out, guard)
     with sink:
-        execute(in_order(sink, work), compute, sink, peak_bytes=plan.peak_bytes,
-                inputs_hint=", ".join(m.ref for m in plan.models), on_item=on_tensor)
+        fill_modules(plan, sink, plan.module_keys, on_tensor)
         return sink.commit()
+
+
+def fill_modules(plan, sink, keys: list[str], on_tensor: Callable[[str, int], None] | None = None) -> None:
+    """The loop over the modules ``keys`` of an adapter or bundle plan into ``sink`` (a serial
+    run: all of them; a unit of a sharded run, :mod:`.module_units`: its own)."""
+    if plan.out_format == "bundle":
+        compute = lambda key: bundle_result(plan, key)  # noqa: E731
+    else:
+        compute = lambda key: lowrank_result(plan, key)  # noqa: E731
+    work = {k: Work(k, plan.module_read_bytes(k), _module_need(plan, k)) for k in keys}
+    execute(in_order(sink, work), compute, sink, peak_bytes=plan.peak_bytes,
+            inputs_hint=", ".join(m.ref for m in plan.models), on_item=on_tensor)
 
 
 def _module_need(plan, key: str) -> int:

@@ -9,6 +9,9 @@ driver reads headers only) and commits its unit atomically with its receipt (``s
 verifies every receipt against the driver's plan, so a node that saw other input files (another
 commit of a hub model) is refused, not merged.
 
+An adapter or bundle output (``plan.module_mode``) splits into runs of modules
+(:mod:`.module_units`), one per CPU of the cluster unless ``units`` is given.
+
 Resources per task, from the plan's per-unit estimate (``schedule.unit_estimate``): ``num_cpus=1``
 (a unit is one stream of tensors; torch uses the node's threads within it) and ``memory`` = the
 plan's peak estimate, so Ray packs no more units on a node than its memory holds. A task lost with
@@ -68,11 +71,12 @@ def run(plan, recipe_path: Path, stage: Path, target: Path, *, address: str | No
     """Run every unit of ``plan`` as a Ray task into ``stage``, then finalize into ``target``."""
     from . import schedule
 
-    n = units or len(plan.shards)
-    schedule.check_shardable(plan, n)
+    schedule.check_shardable(plan, units or (1 if plan.module_mode else len(plan.shards)))  # before Ray starts
     ray = _ray()
     started = _connect(ray, address)
     try:
+        n = units or _default_units(ray, plan)
+        schedule.check_shardable(plan, n)
         est = max((schedule.unit_estimate(plan, i, n) for i in range(n)), key=lambda e: e.peak_bytes)
         largest = max((node.get("Resources", {}).get("memory", 0) for node in ray.nodes() if node.get("Alive")),
                       default=0)
@@ -97,6 +101,15 @@ def run(plan, recipe_path: Path, stage: Path, target: Path, *, address: str | No
         if started:
             ray.shutdown()
     return schedule.finalize(plan, stage, target, overwrite=overwrite, force_replace=force_replace)
+
+
+def _default_units(ray, plan) -> int:
+    """One unit per output shard; an adapter or bundle output (one file, any number of modules):
+    one unit per CPU of the cluster, at most one per module."""
+    if not plan.module_mode:
+        return len(plan.shards)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(len(plan.module_keys), cpus))
 
 
 def _result(ray, ref):

@@ -16,6 +16,10 @@ map: each unit folds its tensors and stages the running sums S_T with each tenso
 and runs the second map (base + finish(S_T), reading the base and the staged sums, no model) into
 the output itself.
 
+An adapter or bundle output (``plan.module_mode``: one file that depends on every module) splits
+into runs of whole modules instead: each unit stages its modules' factors, and `merge finalize`
+packs the output from them through the serial run's sink (:mod:`.module_units`).
+
 A plan's per-unit estimate (``unit_estimate``: bytes read, bytes written, peak memory) sizes the
 resources of a distributed executor's tasks.
 """
@@ -43,8 +47,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def check_shardable(plan, n: int) -> None:
     if plan.module_mode:
-        raise UserError(f"--shard: a {plan.out_format} output is one file written at once (one unit); "
-                        "run it without --shard / --stage")
+        from . import module_units
+
+        module_units.check(plan, n)
+        return
     if plan.fp8_out is not None:
         raise UserError("not supported yet: --shard with an FP8 out_dtype (block scales are written beside their "
                         "weights by one writer); run it without --shard / --stage")
@@ -59,6 +65,21 @@ def unit_shards(plan, i: int, n: int) -> list[int]:
     return list(range(i * s // n, (i + 1) * s // n))
 
 
+def unit_total(plan) -> int:
+    """How many units the plan has at most: output shards, or modules of an adapter or bundle."""
+    return len(plan.module_keys) if plan.module_mode else len(plan.shards)
+
+
+def describe_unit(plan, i: int, n: int) -> str:
+    """``output shard(s) a..b of S`` / ``module(s) a..b of M``: what unit ``i`` of ``n`` computes."""
+    if plan.module_mode:
+        from .module_units import describe
+
+        return describe(plan, i, n)
+    shards = unit_shards(plan, i, n)
+    return f"output shard(s) {shards[0] + 1}..{shards[-1] + 1} of {len(plan.shards)}"
+
+
 @dataclass(frozen=True)
 class UnitEstimate:
     read_bytes: int
@@ -67,6 +88,11 @@ class UnitEstimate:
 
 
 def unit_estimate(plan, i: int, n: int) -> UnitEstimate:
+    if plan.module_mode:
+        from .module_units import unit_keys
+
+        read = sum(plan.module_read_bytes(k) for k in unit_keys(plan, i, n))
+        return UnitEstimate(read, read // max(1, len(plan.models)), plan.peak_bytes)
     names = [t.name for si in unit_shards(plan, i, n) for t in plan.shards[si]]
     return UnitEstimate(sum(plan.items[x].read_bytes for x in names),
                         sum(t.nbytes for si in unit_shards(plan, i, n) for t in plan.shards[si]), plan.peak_bytes)
@@ -79,6 +105,10 @@ def _reduces(plan) -> bool:
 def unit_items(plan, i: int, n: int) -> list[str]:
     """The items unit ``i`` of ``n`` computes (a fold's unit: the merged ones; copies wait for
     finalize's second map)."""
+    if plan.module_mode:
+        from .module_units import unit_keys
+
+        return unit_keys(plan, i, n)
     names = [t.name for si in unit_shards(plan, i, n) for t in plan.shards[si]]
     return [x for x in names if plan.items[x].action == "merge"] if _reduces(plan) else names
 
@@ -135,7 +165,11 @@ def run_unit(plan, i: int, n: int, stage: Path, *, on_tensor: Callable[[str, int
                "inputs": stage_mod.input_identities(plan),
                "shards": chosen, "recipe": str(plan.recipe._source_path or "")}
     with atomic as tmp:
-        if _reduces(plan):
+        if plan.module_mode:
+            from . import module_units
+
+            receipt.update(module_units.compute_unit(plan, i, n, tmp, on_tensor))
+        elif _reduces(plan):
             names = [t.name for si in chosen for t in plan.shards[si] if plan.items[t.name].action == "merge"]
             spill = sequential.spill_shards(plan, names)
             sink = sinks.UnitShards(tmp, spill, shard_names(len(spill), "sums"), {"format": "pt"})
@@ -213,6 +247,15 @@ def finalize(plan, stage: Path, target: Path, *, overwrite: bool = False, force_
     check_output(target, overwrite, inputs, force_replace)
     digest = stage_mod.plan_hash(plan)
     idents = stage_mod.input_identities(plan)
+    guard = dict(overwrite=overwrite, inputs=inputs, force_replace=force_replace)
+    dirs = [stage / stage_mod.unit_dir_name(i, n) for i in range(n)]
+    if plan.module_mode:
+        from . import module_units
+
+        receipts = [stage_mod.verify_modules(stage, i, n, digest, module_units.PHASE, module_units.PART,
+                                             module_units.unit_keys(plan, i, n), _retry(rpath, i, n, stage),
+                                             inputs=idents) for i in range(n)]
+        return module_units.commit(plan, dirs, receipts, target, guard, on_tensor)
     all_names = shard_names(len(plan.shards))
     meta = merge_metadata(plan.recipe, plan.op.name)
     receipts = []
@@ -227,8 +270,6 @@ def finalize(plan, stage: Path, target: Path, *, overwrite: bool = False, force_
             files, phase = [(all_names[si], plan.shards[si], meta) for si in chosen], "shards"
         receipts.append(stage_mod.verify_unit(stage, i, n, digest, phase, files, _retry(rpath, i, n, stage),
                                               inputs=idents))
-    dirs = [stage / stage_mod.unit_dir_name(i, n) for i in range(n)]
-    guard = dict(overwrite=overwrite, inputs=inputs, force_replace=force_replace)
     if _reduces(plan):
         stats = {}
         for r in receipts:

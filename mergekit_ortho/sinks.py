@@ -87,8 +87,11 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> Non
     """A whole (small) safetensors file at once: adapters and bundles, never full models."""
     from safetensors.torch import save_file
 
+    from .stable_header import fix_order
+
     try:
         save_file(tensors, str(path), metadata=metadata)
+        fix_order(path, metadata)  # the same bytes in every process
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 

@@ -116,6 +116,8 @@ def plan_hash(plan) -> str:
         "metadata": merge_metadata(recipe, plan.op.name),
         "inputs": input_identities(plan),
     }
+    if plan.module_mode:  # an adapter or bundle output has no items or shards: its modules instead
+        data["modules"] = [[k, list(plan.module_shapes.get(k, ()))] for k in plan.module_keys]
     raw = json.dumps(data, sort_keys=True, default=_jsonable, separators=(",", ":"))
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()
 
@@ -156,13 +158,9 @@ def _changed_hub_input(receipt: dict, inputs) -> str:
     return ""
 
 
-def verify_unit(stage: Path, i: int, n: int, want_hash: str, phase: str, files: list[tuple[str, list, dict]],
-                retry: str, inputs=None) -> dict:
-    """The receipt of unit ``i`` of ``n`` once every check passes; ``files``: (file name, planned
-    shard, metadata) the unit must hold. ``retry``: the command line that recomputes the unit;
-    ``inputs``: the plan's ``input_identities`` (to name a hub model whose commit changed)."""
-    from .writer import shard_header
-
+def _open_receipt(stage: Path, i: int, n: int, want_hash: str, phase: str, retry: str, inputs):
+    """(unit directory, its label, its receipt) once the unit is present, its receipt readable and
+    of this plan, unit, count and phase."""
     d = stage / unit_dir_name(i, n)
     label = f"unit {i}/{n} ({d})"
     if not d.is_dir():
@@ -177,6 +175,17 @@ def verify_unit(stage: Path, i: int, n: int, want_hash: str, phase: str, files: 
             or receipt.get("phase") != phase:
         raise UserError(f"{label} is stale: it was computed for another plan (recipe, inputs or --shard count "
                         f"changed){_changed_hub_input(receipt, inputs)}; run `{retry}`")
+    return d, label, receipt
+
+
+def verify_unit(stage: Path, i: int, n: int, want_hash: str, phase: str, files: list[tuple[str, list, dict]],
+                retry: str, inputs=None) -> dict:
+    """The receipt of unit ``i`` of ``n`` once every check passes; ``files``: (file name, planned
+    shard, metadata) the unit must hold. ``retry``: the command line that recomputes the unit;
+    ``inputs``: the plan's ``input_identities`` (to name a hub model whose commit changed)."""
+    from .writer import shard_header
+
+    d, label, receipt = _open_receipt(stage, i, n, want_hash, phase, retry, inputs)
     listed = {f.get("name"): f for f in receipt.get("files", []) if isinstance(f, dict)}
     if sorted(listed) != sorted(name for name, _, _ in files):
         raise UserError(f"{label} is stale: its files are not the planned ones; run `{retry}`")
@@ -202,4 +211,56 @@ def verify_unit(stage: Path, i: int, n: int, want_hash: str, phase: str, files: 
                     raise UserError(f"{label}: tensor '{t.name}' in {fname} does not match its receipt: tampered; "
                                     f"run `{retry}`")
                 offset += t.nbytes
+    return receipt
+
+
+# --- a unit of modules (an adapter or bundle output, :mod:`.module_units`) ---------------------------
+
+
+def header_sha256(path: Path) -> str:
+    """SHA-256 of a safetensors file's length prefix and JSON header."""
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        return hashlib.sha256(prefix + fh.read(int.from_bytes(prefix, "little"))).hexdigest()
+
+
+def verify_modules(stage: Path, i: int, n: int, want_hash: str, phase: str, fname: str, keys: list[str],
+                   retry: str, inputs=None) -> dict:
+    """The receipt of unit ``i`` of ``n`` of a module-mode output once every check passes: its
+    modules are ``keys`` in order, and ``fname`` has the recorded size, header and tensor hashes
+    (the factors' ranks are known only once computed, so the receipt, not the plan, holds the
+    layout; its header is hashed whole)."""
+    d, label, receipt = _open_receipt(stage, i, n, want_hash, phase, retry, inputs)
+    modules = receipt.get("modules")
+    listed = [f for f in receipt.get("files", []) if isinstance(f, dict)]
+    if not isinstance(modules, list) or [m.get("key") if isinstance(m, dict) else None for m in modules] != keys \
+            or [f.get("name") for f in listed] != [fname]:
+        raise UserError(f"{label} is stale: its modules are not the planned ones; run `{retry}`")
+    entry, path = listed[0], d / fname
+    if not path.is_file():
+        raise UserError(f"{label}: {fname} is missing; run `{retry}`")
+    got, size = path.stat().st_size, entry.get("bytes")
+    if not isinstance(size, int):
+        raise UserError(f"{label}: its receipt gives no size of {fname}: tampered; run `{retry}`")
+    if got < size:
+        raise UserError(f"{label}: {fname} is truncated ({got} of {size} bytes); run `{retry}`")
+    if got > size:
+        raise UserError(f"{label}: {fname} has {got} bytes, its receipt {size}: tampered; run `{retry}`")
+    records = {r.get("name"): r for r in entry.get("tensors", []) if isinstance(r, dict)}
+    stored = {s for m in modules for s in (m.get("tensors") or {}).values()}
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        length = int.from_bytes(prefix, "little")
+        raw = fh.read(length) if 8 + length <= got else b""
+        if hashlib.sha256(prefix + raw).hexdigest() != entry.get("header_sha256"):
+            raise UserError(f"{label}: {fname} does not have the header of its receipt: tampered; run `{retry}`")
+        header = json.loads(raw)
+        header.pop("__metadata__", None)
+        if set(header) != set(records) or not stored <= set(records):
+            raise UserError(f"{label}: {fname} does not hold the tensors of its receipt: tampered; run `{retry}`")
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            if _hash_range(fh, 8 + length + start, end - start) != records[name].get("sha256"):
+                raise UserError(f"{label}: tensor '{name}' in {fname} does not match its receipt: tampered; "
+                                f"run `{retry}`")
     return receipt

@@ -118,3 +118,24 @@ def test_cli_executor_ray_on_the_cluster(cluster, tiny_models, tmp_path, cli):
     assert code == 2 and "--executor dask" in err
     code, _, err = cli("run", r, "--out", tmp_path / "o2", "--executor", "ray", "--shard", "0/2")
     assert code == 2 and "--shard" in err
+
+
+def test_cli_executor_ray_writes_a_peft_output_bit_identical_to_serial(cluster, tiny_models, tmp_path, cli):
+    """An adapter output's units are runs of modules (module_units.py), one per cluster CPU here."""
+    from conftest import TINY, write_recipe
+    from mergekit_ortho.testing.checkpoints import llama_shapes
+    from mergekit_ortho.testing.loras import write_peft_adapter
+
+    shapes = llama_shapes(**TINY)
+    for k, seed in (("la", 1), ("lb", 2)):
+        write_peft_adapter(tmp_path / k, shapes, ("q_proj", "v_proj"), rank=2, alpha=4, seed=seed)
+    r = write_recipe(tmp_path / "r.yaml", f"merge_method: ties\nbase_model: {tiny_models['base']}\nmodels:\n"
+                     f"  - model: {tmp_path / 'la'}\n  - model: {tmp_path / 'lb'}\nparameters: {{density: 0.5}}\n"
+                     "output:\n  format: peft\n  rank: 2\n")
+    assert cli("run", r, "--out", tmp_path / "serial")[0] == 0
+    got = subprocess.run(CLI + ["run", str(r), "--out", str(tmp_path / "out"), "--executor", "ray",
+                                "--address", cluster.address, "--stage", str(tmp_path / "st")],
+                         capture_output=True, text=True, timeout=180)
+    assert got.returncode == 0, got.stderr
+    assert tree(tmp_path / "serial") == tree(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["unit-00000-of-00002", "unit-00001-of-00002"]

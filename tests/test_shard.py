@@ -80,7 +80,8 @@ def test_lora_inputs_to_full_model_sharded_equals_serial(tiny_models, tmp_path, 
     assert_same_as_serial(cli, tmp_path, r, n=2)
 
 
-def test_adapter_output_is_one_unit(tiny_models, tmp_path, cli):
+def test_adapter_output_shards_by_modules(tiny_models, tmp_path, cli):
+    """An adapter output splits into runs of modules (tests/test_shard_adapter.py has the rest)."""
     from mergekit_ortho.testing.checkpoints import llama_shapes
     from mergekit_ortho.testing.loras import write_peft_adapter
     from conftest import TINY
@@ -90,8 +91,11 @@ def test_adapter_output_is_one_unit(tiny_models, tmp_path, cli):
     write_peft_adapter(tmp_path / "lb", shapes, ("q_proj",), rank=2, alpha=4, seed=2)
     r = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\n"
                      f"models:\n  - model: {tmp_path / 'la'}\n  - model: {tmp_path / 'lb'}\noutput:\n  format: peft\n")
-    code, _, err = cli("run", r, "--shard", "0/1", "--stage", tmp_path / "st")
-    assert code == 2 and "one file" in err and "without --shard" in err
+    code, _, err = cli("run", r, "--shard", "0/3", "--stage", tmp_path / "st")
+    assert code == 2 and "2 module(s)" in err and "at most 2" in err
+    assert cli("run", r, "--out", tmp_path / "serial")[0] == 0
+    sharded(cli, r, tmp_path / "st", tmp_path / "out", 2)
+    assert tree(tmp_path / "out") == tree(tmp_path / "serial")
 
 
 def test_bad_shard_arguments(tiny_models, tmp_path, cli):

@@ -105,8 +105,8 @@ def run(
         None, "--intermediates",
         help="Multi-document recipes: where the named (intermediate) merges go (default: <out>.intermediates)."),
     shard: Optional[str] = typer.Option(
-        None, "--shard", help="Compute only unit i of N (i from 0; whole output shards) into --stage; "
-        "then `merge finalize`."),
+        None, "--shard", help="Compute only unit i of N (i from 0; whole output shards, or an adapter's modules) "
+        "into --stage; then `merge finalize`."),
     stage: Optional[Path] = typer.Option(None, "--stage", help="Staging directory of a --shard or --executor ray run."),
     executor: Optional[str] = typer.Option(
         None, "--executor", help="ray: run the units (one per output shard) as Ray tasks, then finalize "
@@ -184,10 +184,10 @@ def _run_unit(docs, shard: Optional[str], stage: Optional[Path], device: str, dr
     try:
         schedule.check_shardable(plan, n)
         est = schedule.unit_estimate(plan, i, n)
-        shards = schedule.unit_shards(plan, i, n)
+        what = schedule.describe_unit(plan, i, n)
         if dry_run:
             _print_plan(plan)
-            stdout_console().print(f"unit {i}/{n}: output shard(s) {shards[0] + 1}..{shards[-1] + 1} of {len(plan.shards)}; "
+            stdout_console().print(f"unit {i}/{n}: {what}; "
                              f"read {fmt_bytes(est.read_bytes)}, write {fmt_bytes(est.write_bytes)}")
             return
         with _progress() as p:
@@ -196,8 +196,7 @@ def _run_unit(docs, shard: Optional[str], stage: Optional[Path], device: str, dr
                 task = p.add_task("merge", total=est.read_bytes, tensor="")
                 cb = lambda name, k: p.update(task, advance=k, tensor=clean(name))  # noqa: E731
             result = schedule.run_unit(plan, i, n, stage, on_tensor=cb)
-        stdout_console().print(f"wrote unit {i}/{n} to {result} (output shard(s) {shards[0] + 1}..{shards[-1] + 1} of "
-                         f"{len(plan.shards)})")
+        stdout_console().print(f"wrote unit {i}/{n} to {result} ({what})")
     finally:
         plan_mod.close(plan)
 
@@ -234,16 +233,19 @@ def _run_ray(docs, recipe: Path, out, stage, executor, address, device: str, dry
         with _progress(units=True) as p:
             cb = None
             if p is not None:
-                task = p.add_task("merge", total=len(plan.shards), tensor="units")
-                cb = lambda done, n: p.update(task, completed=done)  # noqa: E731
+                task = p.add_task("merge", total=schedule.unit_total(plan), tensor="units")
+                cb = lambda done, n: p.update(task, completed=done, total=n)  # noqa: E731
             result = ray_executor.run(plan, recipe, stage, target, address=address, overwrite=overwrite,
                                       force_replace=force_replace, on_unit=cb)
     finally:
         plan_mod.close(plan)
     if own_stage:
         shutil.rmtree(stage, ignore_errors=True)
-    stdout_console().print(f"wrote {result} ({len(plan.shards)} unit(s) on Ray, {plan.merge_count} tensors merged, "
-                           f"{plan.copy_count} copied)")
+    if plan.module_mode:
+        stdout_console().print(f"wrote {result} ({plan.out_format}, {plan.merge_count} modules, units on Ray)")
+    else:
+        stdout_console().print(f"wrote {result} ({len(plan.shards)} unit(s) on Ray, {plan.merge_count} tensors "
+                               f"merged, {plan.copy_count} copied)")
 
 
 @app.command()
@@ -268,8 +270,11 @@ def finalize(
         result = schedule.finalize(plan, stage, target, overwrite=overwrite, force_replace=force_replace)
     finally:
         plan_mod.close(plan)
-    stdout_console().print(f"wrote {result} ({len(plan.shards)} shard(s), {plan.merge_count} tensors merged, "
-                     f"{plan.copy_count} copied)")
+    if plan.module_mode:
+        stdout_console().print(f"wrote {result} ({plan.out_format}, {plan.merge_count} modules)")
+    else:
+        stdout_console().print(f"wrote {result} ({len(plan.shards)} shard(s), {plan.merge_count} tensors merged, "
+                               f"{plan.copy_count} copied)")
 
 
 def _output_of(r, out: Optional[Path], recipe: Path) -> Path:
