@@ -162,7 +162,8 @@ class Plan:
     @property
     def units(self) -> list[list[str]]:
         """The output items in execution order, grouped by what they fill: one output shard of a
-        full model each; an adapter or a bundle is one file, so one unit."""
+        full model each; an adapter or a bundle is one file, so one group here (``--shard`` splits
+        its modules: ``module_units``)."""
         if self.module_mode:
             return [list(self.module_keys)]
         return [[t.name for t in shard] for shard in self.shards]
