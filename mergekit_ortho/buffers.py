@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-MIN_BYTES = 4 * 2**20
+MIN_BYTES = 256 * 2**10
 _ALIGN = 2 * 2**20  # huge-page multiples: a kept buffer serves slightly larger requests too
 _lock = threading.Lock()
 _pool: list = []  # UntypedStorage objects, ascending by size

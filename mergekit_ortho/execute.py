@@ -239,6 +239,8 @@ def full_item(plan) -> Callable[[str], tuple[Any, dict | None]]:
     method's result applied to the base), copied items as stored."""
     import torch
 
+    from . import blockwise
+
     reference = plan.base or plan.models[0]
 
     def compute(name: str):
@@ -247,6 +249,8 @@ def full_item(plan) -> Callable[[str], tuple[Any, dict | None]]:
             m, n = item.base_source or (item.sources[0] if item.sources else (reference, name))
             return m.source.get(n), None
         if plan.op.input_kind != "lora":
+            if blockwise.applies(plan, name):  # in cache-sized blocks, into the output dtype
+                return blockwise.merge(plan, name), None
             return merge_tensor(plan, name), None
         res = module_result(plan, name)
         out = plan.base.source.get(name).to(torch.float32)

@@ -25,7 +25,7 @@ from collections import deque
 
 CHUNK = 4 * 2**20  # bytes per direct write (a multiple of every block size in use)
 ALIGN = 4096  # buffer address, length and file offset of a direct write
-BUFFERS = 4  # direct mode: staging buffers of CHUNK bytes (filled by write, written by the helper)
+BUFFERS = 16  # direct mode: staging buffers of CHUNK bytes (filled by write, written by the helper)
 SYNC_EVERY = 64 * 2**20  # buffered mode: bytes between background fdatasyncs
 DIRECT = hasattr(os, "O_DIRECT")  # tests set False to exercise the buffered mode
 

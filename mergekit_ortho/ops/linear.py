@@ -139,6 +139,7 @@ register(
         params=(Param("normalize", bool, True, "divide by the sum of the weights"),),
         model_params=(_WEIGHT,),
         fold=Fold(_sum_start, _sum_step, _linear_finish, raw_weights=True),
+        elementwise=True,
         lora_fn=linear_lora,
         details="theta = sum w_i theta_i / sum w_i. Equal weights give the plain mean. "
         "mergekit-compatible; no base model needed. A base_model is one of the inputs, listed or not "
@@ -164,6 +165,7 @@ register(
                                      "(task_arithmetic does not sparsify; use ties or dare_linear to trim)",
                                      minimum=0.0, maximum=1.0)),
         fold=Fold(_sum_start, _sum_step, _ta_finish, raw_weights=True),
+        elementwise=True,
         lora_fn=task_arithmetic_lora,
         details="theta = theta_0 + lambda * sum w_i (theta_i - theta_0). lambda = 1/T with unit "
         "weights equals simple averaging. mergekit-compatible.",

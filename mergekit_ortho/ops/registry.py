@@ -288,6 +288,9 @@ class Operator:
     model_params: tuple[Param, ...] = ()
     aliases: tuple[str, ...] = ()
     fold: Fold | None = None  # the fold form: the executor folds the models one at a time
+    # each merged entry depends only on the same entry of every input and the base (and the
+    # parameters): the executor may merge a tensor block by block (blockwise.py)
+    elementwise: bool = False
     details: str = ""  # longer help shown by `merge methods NAME` (tensor rules, defaults, paper)
     # exact low-rank form of a dense operator on LoRA inputs (linear, task_arithmetic): called with a
     # LoraTask listing EVERY recipe model (rank-0 factors for models that do not adapt the module)

@@ -1,0 +1,87 @@
+"""Elementwise methods merged block by block, straight into the output dtype (issue 17).
+
+An elementwise operator (``Operator.elementwise``: linear, task_arithmetic) gives each merged entry
+from the same entry of every input and the base, so a tensor can be merged one block of rows at a
+time: each model's stored rows are read into a cache-sized block, folded by the operator's own fold
+(the same torch operations on every entry, so the same bits as the whole-tensor fold), and the block
+is written into the output tensor in the output dtype. The whole-tensor fold makes about seven
+passes over a float32 accumulator as large as the tensor (the first model converted, each further
+model added, the division, the finite check, the cast, the cast's check): ~45 GB of memory traffic
+for `linear` over three 1.1B models, where here the blocks stay in the cache and only the stored
+inputs and the output cross memory, once. The float32 accumulator of the whole tensor is gone too.
+
+Taken by ``execute.full_item`` (a full-model output) when :func:`applies`: an elementwise method with
+a raw-weights fold, full safetensors checkpoints read by rows (``row_merge.readable``), the CPU, no
+LoRA inputs, no vocabulary alignment of this tensor, no FP8 output, a tensor of at least
+``MIN_ENTRIES``. Values past the output dtype's range are refused as ``dtypes.cast_checked`` does;
+a NaN/Inf is left to the executor's finite check of the result.
+"""
+from __future__ import annotations
+
+from . import buffers
+from .ops.kernels.convert import add_converted_
+
+BLOCK_ENTRIES = 1 << 19  # entries per block (1 MiB of bf16 per model, 2 MiB of float32 state)
+MIN_ENTRIES = 1 << 21  # smaller tensors take the whole-tensor fold (its per-call overhead is less)
+
+
+def applies(plan, name: str) -> bool:
+    from .planning import VOCABULARY_TENSORS
+    from .row_merge import readable
+
+    op, item = plan.op, plan.items[name]
+    if (not op.elementwise or op.fold is None or not op.fold.raw_weights or op.input_kind == "lora"
+            or plan.lora_models or str(plan.device) != "cpu" or plan.fp8_out is not None
+            or (plan.vocab is not None and name in VOCABULARY_TENSORS)):
+        return False
+    shape = tuple(item.shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    dtype = str(item.out_dtype)
+    if not shape or numel < MIN_ENTRIES or not dtype.startswith(("float", "bfloat")) or dtype.startswith("float8"):
+        return False
+    base_source, sources = plan.sources_of(name)
+    inputs = ([base_source] if base_source is not None and op.reads_base else []) + sources
+    return readable(inputs, shape)
+
+
+def merge(plan, name: str):
+    """Tensor ``name`` merged block by block into a tensor of its output dtype (:func:`applies`)."""
+    import torch
+
+    from .dtypes import cast_checked
+    from .execute import apply_dense
+    from .inputs import dense_task
+
+    op, item = plan.op, plan.items[name]
+    shape = tuple(item.shape)
+    cdt, out_dtype = getattr(torch, plan.compute_dtype), getattr(torch, item.out_dtype)
+    base_source, sources = plan.sources_of(name)
+    use_base = base_source is not None and op.reads_base
+    load = plan.load_dtype
+
+    def read(source, r0, r1):  # the stored rows, rounded to the recipe's dtype as inputs.stored does
+        m, n = source
+        x = m.source.get_rows(n, r0, r1)
+        return x.to(load) if load is not None and x.is_floating_point() and x.dtype != load else x
+
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    step = max(1, BLOCK_ENTRIES // max(row, 1))
+    out = buffers.empty(shape, out_dtype)
+    task = dense_task(plan, name, None)
+    task.dtype, task.raw_inputs = cdt, True
+    for r0 in range(0, shape[0], step):
+        r1 = min(r0 + step, shape[0])
+        base = read(base_source, r0, r1) if use_base else None
+        task.base = base
+        got = apply_dense(op, task, lambda: (read(s, r0, r1) for s in sources))
+        if op.reads == "deltas":
+            got = add_converted_(got, base)
+        dst = out[r0:r1]
+        dst.copy_(got)
+        if dst.dtype != got.dtype and not bool(torch.isfinite(dst.sum())):
+            cast_checked(got, out_dtype, name)  # values beyond the output's range: refused as there
+    return out
