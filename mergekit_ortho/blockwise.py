@@ -1,6 +1,7 @@
 """Elementwise methods merged block by block, straight into the output dtype (issue 17).
 
-An elementwise operator (``Operator.elementwise``: linear, task_arithmetic) gives each merged entry
+An elementwise operator (``Operator.elementwise``: linear, task_arithmetic, magmax's magnitude
+selection) gives each merged entry
 from the same entry of every input and the base, so a tensor can be merged one block of rows at a
 time: each model's stored rows are read into a cache-sized block, folded by the operator's own fold
 (the same torch operations on every entry, so the same bits as the whole-tensor fold), and the block
@@ -30,7 +31,8 @@ def applies(plan, name: str) -> bool:
     from .row_merge import readable
 
     op, item = plan.op, plan.items[name]
-    if (not op.elementwise or op.fold is None or not op.fold.raw_weights or op.input_kind == "lora"
+    elementwise = op.elementwise(plan.params_for(name).method) if callable(op.elementwise) else op.elementwise
+    if (not elementwise or op.fold is None or not op.fold.raw_weights or op.input_kind == "lora"
             or plan.lora_models or str(plan.device) != "cpu" or plan.fp8_out is not None
             or (plan.vocab is not None and name in VOCABULARY_TENSORS)):
         return False
@@ -51,8 +53,8 @@ def merge(plan, name: str):
     import torch
 
     from .dtypes import cast_checked
-    from .execute import apply_dense
     from .inputs import dense_task
+    from .ops.apply import apply_dense
 
     op, item = plan.op, plan.items[name]
     shape = tuple(item.shape)

@@ -52,6 +52,7 @@ CASES = {
                        "    parameters: {{weight: 0.3}}\n  - model: {c}\n",
     "recipe dtype float16": "merge_method: task_arithmetic\nbase_model: {base}\ndtype: float16\n"
                             "models:\n  - model: {a}\n  - model: {b}\n",
+    "magmax": "merge_method: magmax\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
     "slices": "merge_method: linear\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [1, 2]\n"
               "      - model: {b}\n        layer_range: [1, 2]\n  - sources:\n      - model: {b}\n"
               "        layer_range: [0, 1]\n      - model: {c}\n        layer_range: [0, 1]\n",
@@ -65,6 +66,13 @@ def test_blocks_write_the_same_bytes_as_the_whole_tensor(bf16_models, tmp_path, 
     assert len(taken) >= 5  # every merged tensor of the tiny model
     assert whole.keys() == blocks.keys()
     assert [k for k in whole if whole[k] != blocks[k]] == []
+
+
+def test_magmax_random_selection_is_not_merged_in_blocks(bf16_models, tmp_path, cli, monkeypatch):
+    text = (f"merge_method: magmax\nbase_model: {bf16_models / 'base'}\nparameters: {{selection: random, seed: 3}}\n"
+            f"models:\n  - model: {bf16_models / 'a'}\n  - model: {bf16_models / 'b'}\n")
+    whole, blocks, taken = _both_ways(cli, tmp_path, monkeypatch, text)
+    assert taken == [] and whole == blocks
 
 
 def test_values_past_the_output_range_are_refused_in_blocks(bf16_models, tmp_path, cli, monkeypatch):

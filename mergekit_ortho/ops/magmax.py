@@ -76,6 +76,11 @@ def _finish(sel: torch.Tensor | None, task: TensorTask) -> torch.Tensor:
     return out
 
 
+def _selects_by_magnitude(params: Params) -> bool:
+    # the random selection draws per tensor, so its result depends on the tensor as a whole
+    return params.selection == "magnitude"
+
+
 def magmax(task: TensorTask) -> torch.Tensor:
     """Merged delta lambda * select(tau_1..tau_T) for one tensor (A2 / C4). The inputs are not
     modified (the fold works on a copy of the first)."""
@@ -109,6 +114,7 @@ register(
             Param("seed", int, 0, "random selection only; draws depend on (seed, tensor name)"),
         ),
         fold=Fold(_start, _step, _finish, raw_weights=True),
+        elementwise=_selects_by_magnitude,
         details="theta = theta_0 + lambda * tau_sel. magnitude: tau_sel[j] = tau_{i*}[j] with "
         "i* = the LAST argmax_i |tau_i[j]| (sign kept; fold m = where(|tau_i| >= |m|, tau_i, m)). "
         "random: tau_sel[j] = tau_i[j] for i uniform per element, drawn by reservoir sampling "

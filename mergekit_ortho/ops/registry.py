@@ -119,8 +119,7 @@ class Params(dict):
     coerced to the declared type, read-only. Read them as attributes (``p.density``; a Python
     keyword by item, ``p["lambda"]``). The default lives once, in the :class:`Param`, so an
     operator never writes ``params.get(name, default)``. A dict underneath, so reports, JSON
-    state files and pickles (processes of a scheduler) take it as it is.
-    """
+    state files and pickles (processes of a scheduler) take it as it is."""
 
     __slots__ = ()
 
@@ -288,9 +287,7 @@ class Operator:
     model_params: tuple[Param, ...] = ()
     aliases: tuple[str, ...] = ()
     fold: Fold | None = None  # the fold form: the executor folds the models one at a time
-    # each merged entry depends only on the same entry of every input and the base (and the
-    # parameters): the executor may merge a tensor block by block (blockwise.py)
-    elementwise: bool = False
+    elementwise: bool | Callable[[Params], bool] = False  # entry j from entry j of each input: blockwise.py
     details: str = ""  # longer help shown by `merge methods NAME` (tensor rules, defaults, paper)
     # exact low-rank form of a dense operator on LoRA inputs (linear, task_arithmetic): called with a
     # LoraTask listing EVERY recipe model (rank-0 factors for models that do not adapt the module)
