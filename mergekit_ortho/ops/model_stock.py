@@ -15,12 +15,17 @@ being one row and a 0-D scalar a row of one):
 t is not clamped: c < 0 gives t < 0, a step away from the models (mergekit's formula, kept).
 The direct form :func:`model_stock` computes every pair, as the spec states it.
 
-Streaming (:data:`FOLD`, one read per model, one model tensor in memory at a time; raw weights:
-each later model is prepared chunk by chunk from its weight as stored, twice - once for its norm
-and its dot product with U, once to add it to both sums (a third time, for <T, tau_j>, only where
-the guard's small side applies) - so no full-size float32 copy of the
-weight, the base or tau_j is made; per-vector sums are float32 per chunk, float64 across chunks,
-and filter_wise chunks hold whole rows). The state holds two
+Streaming (:data:`FOLD`, one read per model; raw weights: each later model is prepared chunk by
+chunk from its weight as stored, twice - once for its norm and its dot product with U, once to add
+it to both sums (a third time, for <T, tau_j>, only where the guard's small side applies) - so no
+full-size float32 copy of the weight, the base or tau_j is made; per-vector sums are float32 per
+chunk, float64 across chunks, and filter_wise chunks hold whole rows). The adding pass of model j
+is deferred into model j+1's first pass (each chunk added, then read for the dot products: the
+same values in the same order, the base chunk converted once for both), so the state holds model
+j's input until then (two model tensors in memory, the second as stored); after the last model
+finish adds it to T only, scaled by t/N in the same pass (U is dead), and packing the state for
+continual merging adds it to both first. U lives in a :mod:`.kernels.scratch` buffer reused by
+the next tensor (no page faults for a fresh full-size tensor). The state holds two
 full-size sums, T = sum tau_i and U = sum u_i with u_i = tau_i/|tau_i| (0 for a zero vector), and
 per vector the running sum of the pair terms and the least and largest nonzero norm so far
 (continual merging stores these parts between models as they are, float64 pair sums included).

@@ -17,8 +17,11 @@ base; no per-model weights. Per tensor, with tau_1..tau_N the task vectors:
 ``int8_mask`` is accepted and has no numeric effect (mergekit's mask dtype). Deviation: equal
 variances at the selection threshold are kept lowest flat index first (mergekit's topk leaves
 it unspecified). Speed: in place on the task vectors, chunk by chunk (chunk-sized scratch
-only); the selection adds one full-size variance tensor, the radix top-k of
-:mod:`.kernels.topk` and a bit-mask pass (no bool masks: ``masked_fill_`` is ~10x slower);
+only); the selection adds one full-size variance tensor (a :mod:`.kernels.scratch` buffer, reused
+by the next tensor: no page faults), the radix cut of :mod:`.kernels.topk` (the top-k set as a
+threshold and an index, v itself left as it is) and a bit-mask pass built from that cut (no bool
+masks: ``masked_fill_`` is ~10x slower), tested against the zeroing form in
+tests/test_method_speed.py;
 steps 2 and 4 are :func:`.kernels.sign_election.energy_merge_` on the bit patterns, tested
 against :func:`erase_merge_plain` in tests/test_kernels.py.
 """
