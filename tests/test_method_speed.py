@@ -136,8 +136,7 @@ def _row_sums_before(x, task, rows, length, others):
 
 
 def _step_before(state, x, i, task):
-    """model_stock's fold step before the speed-up: a pass for the norms and dot products, then a
-    second pass adding model i to total and units (units then a fresh tensor, no deferral)."""
+    """model_stock's fold step before the speed-up (units a fresh tensor)."""
     fw = task.params.filter_wise
     if state is None:
         v = ms._rows(fold_input(x, task), fw)
@@ -204,7 +203,7 @@ def _ms_inputs(shape, n, seed, tiny):
 @pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("tiny", [False, True])
-def test_deferred_fold_equals_the_two_pass_fold(monkeypatch, threads, chunk, fw, n, raw, tiny):
+def test_fold_with_scratch_units_equals_the_previous_fold(monkeypatch, threads, chunk, fw, n, raw, tiny):
     monkeypatch.setattr(ms, "FOLD_CHUNK", chunk)
     base, ws = _ms_inputs((37, 29), n, n, tiny)
     if raw:
@@ -216,7 +215,7 @@ def test_deferred_fold_equals_the_two_pass_fold(monkeypatch, threads, chunk, fw,
     for i, x in enumerate(xs):
         got_state = ms.FOLD.step(got_state, x.clone(), i, _ms_task(b, n, fw, raw))
         want_state = _step_before(want_state, x.clone(), i, _ms_task(b, n, fw, raw))
-        packs.append((ms._pack(got_state), ms._pack(want_state)))  # flushes the deferred model
+        packs.append((ms._pack(got_state), ms._pack(want_state)))
         for k, (a, w) in enumerate(zip(*(p.values() for p in packs[-1]))):
             assert torch.equal(a, w), k
         # an unpacked copy continues exactly (continual merging's round trip)
@@ -228,7 +227,7 @@ def test_deferred_fold_equals_the_two_pass_fold(monkeypatch, threads, chunk, fw,
 
 @pytest.mark.parametrize("fw", [False, True])
 @pytest.mark.parametrize("n", [2, 3, 5])
-def test_deferred_fold_without_packing_equals_the_two_pass_fold(monkeypatch, threads, fw, n):
+def test_fold_without_packing_equals_the_previous_fold(monkeypatch, threads, fw, n):
     monkeypatch.setattr(ms, "FOLD_CHUNK", 100)
     base, ws = _ms_inputs((41, 23), n, 7, False)
     got_state, want_state = None, None

@@ -15,17 +15,13 @@ being one row and a 0-D scalar a row of one):
 t is not clamped: c < 0 gives t < 0, a step away from the models (mergekit's formula, kept).
 The direct form :func:`model_stock` computes every pair, as the spec states it.
 
-Streaming (:data:`FOLD`, one read per model; raw weights: each later model is prepared chunk by
-chunk from its weight as stored, twice - once for its norm and its dot product with U, once to add
-it to both sums (a third time, for <T, tau_j>, only where the guard's small side applies) - so no
-full-size float32 copy of the weight, the base or tau_j is made; per-vector sums are float32 per
-chunk, float64 across chunks, and filter_wise chunks hold whole rows). The adding pass of model j
-is deferred into model j+1's first pass (each chunk added, then read for the dot products: the
-same values in the same order, the base chunk converted once for both), so the state holds model
-j's input until then (two model tensors in memory, the second as stored); after the last model
-finish adds it to T only, scaled by t/N in the same pass (U is dead), and packing the state for
-continual merging adds it to both first. U lives in a :mod:`.kernels.scratch` buffer reused by
-the next tensor (no page faults for a fresh full-size tensor). The state holds two
+Streaming (:data:`FOLD`, one read per model, one model tensor in memory at a time; raw weights:
+each later model is prepared chunk by chunk from its weight as stored, twice - once for its norm
+and its dot product with U, once to add it to both sums (a third time, for <T, tau_j>, only where
+the guard's small side applies) - so no full-size float32 copy of the
+weight, the base or tau_j is made; per-vector sums are float32 per chunk, float64 across chunks,
+and filter_wise chunks hold whole rows; U lives in a :mod:`.kernels.scratch` buffer that the next
+tensor reuses, so its pages are not faulted in afresh). The state holds two
 full-size sums, T = sum tau_i and U = sum u_i with u_i = tau_i/|tau_i| (0 for a zero vector), and
 per vector the running sum of the pair terms and the least and largest nonzero norm so far
 (continual merging stores these parts between models as they are, float64 pair sums included).
@@ -132,10 +128,6 @@ class _Stock:
     split: int = 0  # vectors where some step split (difference 1 of the module docstring)
     # units is a :mod:`.kernels.scratch` buffer, handed back at finish (not once packed: stored parts)
     pooled: bool = False
-    # (x, 1/|tau| per row as a column, task) of the last model, not yet added to total and units:
-    # the next step adds it in the same pass as its own dot products, finish adds it to total only
-    # (units are not needed after the last model), pack adds it to both
-    pending: tuple | None = None
 
 
 def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -151,47 +143,13 @@ def _chunk(rows: int, length: int) -> int:
     return max(1, FOLD_CHUNK // max(length, 1)) * length
 
 
-def _prepared(xs: list[torch.Tensor], task: TensorTask, chunk: int):
-    """Yield ``(lo, hi, vs)``: entries lo..hi of each model input of ``xs`` prepared as
-    ``fold_input_chunks(x, task, chunk)`` yields them (the same values), the base of raw weights
-    converted once per chunk for all of them."""
-    base = task.base.reshape(-1) if task.raw_inputs and task.base is not None else None
-    flats = [x.reshape(-1) for x in xs]
-    n = flats[0].numel()
-    step = max(1, min(n, chunk) if xs[0].device.type == "cpu" else n)
-    dtypes = [task.dtype if task.dtype is not None else f.dtype for f in flats]
-    bufs = [None if f.dtype == dt and base is None else torch.empty(step, dtype=dt, device=f.device)
-            for f, dt in zip(flats, dtypes)]
-    base_bufs = {} if base is None else {dt: torch.empty(step, dtype=dt, device=base.device)
-                                         for dt in set(dtypes) if dt != base.dtype}
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
-        bs = {dt: b[:hi - lo].copy_(base[lo:hi]) for dt, b in base_bufs.items()}
-        vs = []
-        for f, dt, buf in zip(flats, dtypes, bufs):
-            if buf is None:
-                vs.append(f[lo:hi])
-                continue
-            v = buf[:hi - lo].copy_(f[lo:hi])
-            if base is not None:
-                v.sub_(bs.get(dt, base[lo:hi]))
-            vs.append(v)
-        yield lo, hi, vs
-
-
-def _row_sums(x: torch.Tensor, task: TensorTask, rows: int, length: int, others,
-              pending: "_Stock | None" = None) -> list[torch.Tensor]:
+def _row_sums(x: torch.Tensor, task: TensorTask, rows: int, length: int, others) -> list[torch.Tensor]:
     """One pass over model input x (tau), prepared chunk by chunk: per vector <o, tau> for each
-    o of ``others`` (None: tau itself; else a full-size (R, L) tensor), float32 products per chunk,
-    float64 across chunks. ``pending`` (a state): its pending model is first added to the sums
-    total and units, chunk by chunk in the same pass (each chunk before it is read)."""
+    o of ``others`` (None: tau itself; else a full-size tensor of x's shape), float32 products
+    per chunk, float64 across chunks."""
     flats = [None if o is None else o.view(-1) for o in others]
     sums = [torch.zeros(rows, dtype=torch.float64) for _ in flats]
-    xs = [x] if pending is None else [pending.pending[0], x]
-    for lo, hi, vs in _prepared(xs, task, _chunk(rows, length)):
-        if pending is not None:
-            _add_pending(pending, lo, hi, vs[0], True)
-        v = vs[-1]
+    for lo, hi, v in fold_input_chunks(x, task, _chunk(rows, length)):
         if rows == 1:
             for acc, o in zip(sums, flats):
                 acc[0] += float(torch.dot(v if o is None else o[lo:hi], v))
@@ -200,40 +158,7 @@ def _row_sums(x: torch.Tensor, task: TensorTask, rows: int, length: int, others,
         vr = v.view(-1, length)
         for acc, o in zip(sums, flats):
             acc[r0:r1] += _dot_rows(vr if o is None else o[lo:hi].view(-1, length), vr)
-    if pending is not None:
-        pending.pending = None
     return sums
-
-
-def _add_pending(state: _Stock, lo: int, hi: int, v: torch.Tensor, units: bool) -> None:
-    """Entries lo..hi of the pending model's task vector v added to total (and to units, scaled)."""
-    state.total.view(-1)[lo:hi].add_(v)
-    if not units:
-        return
-    rows, length = state.total.shape
-    scale = state.pending[1]
-    if rows == 1:
-        state.units.view(-1)[lo:hi].addcmul_(v, scale[0])
-    else:
-        r0, r1 = lo // length, hi // length
-        state.units.view(-1)[lo:hi].view(-1, length).addcmul_(v.view(-1, length), scale[r0:r1])
-
-
-def _flush(state: _Stock, units: bool, factor: torch.Tensor | None = None) -> None:
-    """Add the pending model to total (and units), one pass; ``factor`` (R, 1): then scale total's
-    rows by it in the same pass (finish's step t / N)."""
-    if state.pending is None:
-        return
-    rows, length = state.total.shape
-    total = state.total.view(-1)
-    for lo, hi, (v,) in _prepared([state.pending[0]], state.pending[2], _chunk(rows, length)):
-        _add_pending(state, lo, hi, v, units)
-        if factor is not None:
-            if rows == 1:
-                total[lo:hi].mul_(factor[0])
-            else:
-                total[lo:hi].view(-1, length).mul_(factor[lo // length:hi // length])
-    state.pending = None
 
 
 def _start(task: TensorTask) -> None:
@@ -241,11 +166,9 @@ def _start(task: TensorTask) -> None:
 
 
 def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _Stock:
-    """Model i: one pass adding the previous model to both sums (deferred from its step: its norm
-    was not known in its own pass) and taking model i's norms and dot products with the sums so far,
-    each preparing x (a weight as stored, or a task vector) chunk by chunk: no full-size float32
-    copy of x, of the base or of tau_i (raw_weights). Model i itself is added by the next step, or
-    by finish (total only), or when the state is packed."""
+    """Model i: one pass for its norms and dot products with the sums so far, one pass adding it
+    to both sums, each preparing x (a weight as stored, or a task vector) chunk by chunk: no
+    full-size float32 copy of x, of the base or of tau_i (raw_weights)."""
     fw = task.params.filter_wise
     if state is None:
         v = _rows(fold_input(x, task), fw)  # the first task vector becomes the sum T
@@ -261,7 +184,7 @@ def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _S
         raise BadParameters(f"model_stock: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, "
                             f"expected {tuple(state.shape)}")
     rows, length = state.total.shape
-    sq, du = _row_sums(x, task, rows, length, (None, state.units), state if state.pending else None)
+    sq, du = _row_sums(x, task, rows, length, (None, state.units))
     norm = sq.sqrt().to(state.hi.dtype)
     nonzero = norm > 0
     inv = torch.where(nonzero, 1.0 / norm, torch.zeros_like(norm))
@@ -277,7 +200,15 @@ def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _S
         term = torch.where(small, dt / GUARD, by_units)  # lo <= hi: never both small and large
     state.pair_sum += torch.where(active, term, torch.zeros_like(term))
     state.split += int((active & ~large & ~small).sum())
-    state.pending = (x, inv.unsqueeze(-1), task)
+    total, units = state.total.view(-1), state.units.view(-1)
+    scale = inv.unsqueeze(-1)
+    for lo_, hi_, v in fold_input_chunks(x, task, _chunk(rows, length)):
+        total[lo_:hi_].add_(v)
+        if rows == 1:
+            units[lo_:hi_].addcmul_(v, scale[0])
+        else:
+            r0, r1 = lo_ // length, hi_ // length
+            units[lo_:hi_].view(-1, length).addcmul_(v.view(-1, length), scale[r0:r1])
     state.lo = torch.where(nonzero, torch.minimum(state.lo, norm), state.lo)
     state.hi = torch.maximum(state.hi, norm)
     state.count += 1
@@ -290,14 +221,10 @@ def _finish(state: _Stock | None, task: TensorTask) -> torch.Tensor:
     n = state.count
     if n < 2:
         raise _too_few(task, n)
-    if state.pooled:  # U is not needed after the last model
+    if state.pooled:  # U is not needed after the last model: the next tensor reuses its pages
         state.pooled = False
         scratch.give(state.units)
-    t = _step_size(state.pair_sum, n)
-    if state.pending is not None:  # the last model and _apply's scaling in one pass (the same values)
-        _flush(state, False, (t / n).to(state.total.dtype).unsqueeze(-1))
-        return state.total.reshape(state.shape)
-    return _apply(state.total, t, n, state.shape)
+    return _apply(state.total, _step_size(state.pair_sum, n), n, state.shape)
 
 
 def _layout(shape: tuple[int, ...], params) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -309,7 +236,6 @@ def _layout(shape: tuple[int, ...], params) -> dict[str, tuple[tuple[int, ...], 
 
 
 def _pack(s: _Stock) -> dict[str, torch.Tensor]:
-    _flush(s, True)  # the stored parts hold every model folded so far
     s.pooled = False  # the parts leave the fold: never hand their buffer back
     return {"pair_sum": s.pair_sum, "count": torch.tensor(s.count), "split": torch.tensor(s.split),
             "total": s.total.reshape(s.shape), "units": s.units.reshape(s.shape), "lo": s.lo, "hi": s.hi}
