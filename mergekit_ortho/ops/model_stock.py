@@ -20,7 +20,8 @@ each later model is prepared chunk by chunk from its weight as stored, twice - o
 and its dot product with U, once to add it to both sums (a third time, for <T, tau_j>, only where
 the guard's small side applies) - so no full-size float32 copy of the
 weight, the base or tau_j is made; per-vector sums are float32 per chunk, float64 across chunks,
-and filter_wise chunks hold whole rows). The state holds two
+and filter_wise chunks hold whole rows; U lives in a :mod:`.kernels.scratch` buffer that the next
+tensor reuses, so its pages are not faulted in afresh). The state holds two
 full-size sums, T = sum tau_i and U = sum u_i with u_i = tau_i/|tau_i| (0 for a zero vector), and
 per vector the running sum of the pair terms and the least and largest nonzero norm so far
 (continual merging stores these parts between models as they are, float64 pair sums included).
@@ -54,6 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BadParameters
+from .kernels import scratch
 from .kernels.convert import FOLD_CHUNK, fold_input, fold_input_chunks
 from .registry import Fold, Operator, Param, StateParts, TensorTask, register
 
@@ -124,6 +126,8 @@ class _Stock:
     hi: torch.Tensor  # (R,) largest norm so far (0: none nonzero yet)
     count: int
     split: int = 0  # vectors where some step split (difference 1 of the module docstring)
+    # units is a :mod:`.kernels.scratch` buffer, handed back at finish (not once packed: stored parts)
+    pooled: bool = False
 
 
 def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -171,9 +175,11 @@ def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _S
         norm = torch.linalg.vector_norm(v, dim=-1)
         nonzero = norm > 0
         inv = torch.where(nonzero, 1.0 / norm, torch.zeros_like(norm))
-        units = v * inv.unsqueeze(-1)
+        # v * inv into pages kept from the last tensor (a fresh full-size buffer faults every page in)
+        units = torch.mul(v, inv.unsqueeze(-1), out=scratch.take(v.numel(), v.dtype, v.device).view(v.shape))
         lo = torch.where(nonzero, norm, torch.full_like(norm, float("inf")))
-        return _Stock(x.shape, v, units, torch.zeros_like(norm, dtype=torch.float64), lo, norm.clone(), 1)
+        return _Stock(x.shape, v, units, torch.zeros_like(norm, dtype=torch.float64), lo, norm.clone(), 1,
+                      pooled=True)
     if _rows(x, fw).shape != state.total.shape:
         raise BadParameters(f"model_stock: tensor '{task.name}' has shape {tuple(x.shape)} in model {i}, "
                             f"expected {tuple(state.shape)}")
@@ -215,6 +221,9 @@ def _finish(state: _Stock | None, task: TensorTask) -> torch.Tensor:
     n = state.count
     if n < 2:
         raise _too_few(task, n)
+    if state.pooled:  # U is not needed after the last model: the next tensor reuses its pages
+        state.pooled = False
+        scratch.give(state.units)
     return _apply(state.total, _step_size(state.pair_sum, n), n, state.shape)
 
 
@@ -227,6 +236,7 @@ def _layout(shape: tuple[int, ...], params) -> dict[str, tuple[tuple[int, ...], 
 
 
 def _pack(s: _Stock) -> dict[str, torch.Tensor]:
+    s.pooled = False  # the parts leave the fold: never hand their buffer back
     return {"pair_sum": s.pair_sum, "count": torch.tensor(s.count), "split": torch.tensor(s.split),
             "total": s.total.reshape(s.shape), "units": s.units.reshape(s.shape), "lo": s.lo, "hi": s.hi}
 

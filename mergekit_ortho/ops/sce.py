@@ -17,8 +17,11 @@ base; no per-model weights. Per tensor, with tau_1..tau_N the task vectors:
 ``int8_mask`` is accepted and has no numeric effect (mergekit's mask dtype). Deviation: equal
 variances at the selection threshold are kept lowest flat index first (mergekit's topk leaves
 it unspecified). Speed: in place on the task vectors, chunk by chunk (chunk-sized scratch
-only); the selection adds one full-size variance tensor, the radix top-k of
-:mod:`.kernels.topk` and a bit-mask pass (no bool masks: ``masked_fill_`` is ~10x slower);
+only); the selection adds one full-size variance tensor (a :mod:`.kernels.scratch` buffer, reused
+by the next tensor: no page faults), the radix cut of :mod:`.kernels.topk` (the top-k set as a
+threshold and an index, v itself left as it is) and a bit-mask pass built from that cut (no bool
+masks: ``masked_fill_`` is ~10x slower), tested against the zeroing form in
+tests/test_method_speed.py;
 steps 2 and 4 are :func:`.kernels.sign_election.energy_merge_` on the bit patterns, tested
 against :func:`erase_merge_plain` in tests/test_kernels.py.
 """
@@ -28,7 +31,7 @@ import torch
 
 from . import sparsify as sp
 from .gta import _owned
-from .kernels import sign_election
+from .kernels import scratch, sign_election, topk
 from .kernels._chunks import chunk_len
 from .registry import Operator, Param, TensorTask, register
 
@@ -37,7 +40,7 @@ def _variance(flats: list[torch.Tensor]) -> torch.Tensor:
     """Per-entry population variance across the models (two-pass, chunk by chunk): the mean
     sum_i t_i / N, then sum_i (t_i - mean)^2 / N, in model order (chunk-sized scratch)."""
     n = flats[0].numel()
-    v = torch.empty_like(flats[0])
+    v = scratch.take(n, flats[0].dtype, flats[0].device)  # pages kept between tensors (no faults)
     step = chunk_len(v)
     mean_buf = torch.empty(min(step, n), dtype=v.dtype, device=v.device)
     sq_buf = torch.empty_like(mean_buf)
@@ -77,30 +80,73 @@ def _select_(flats: list[torch.Tensor], kappa: float) -> list[float] | None:
     if k == 0:
         for f in flats:
             f.zero_()
+        if v is not None:
+            scratch.give(v)
         return None
-    sp.keep_largest_(v.view(-1), k)  # radix select: the kept positions have v > 0 (or NaN)
+    flat = v.view(-1)
+    top = None  # the top-k cut (t, c) of :func:`.kernels.topk.cut`: kept iff |v| > t, or == t before c
+    if k < flat.numel() and topk.applies(flat) and flat.dtype in (torch.float32, torch.float64):
+        top = topk.cut(flat, k)  # the set keep_largest_ keeps, without its pass zeroing v
+    else:
+        sp.keep_largest_(flat, k)  # the kept positions have v > 0 (or NaN)
+    sums = _mask_(flats, v, top)
+    scratch.give(v)
+    return sums
+
+
+def _mask_(flats: list[torch.Tensor], v: torch.Tensor, top: tuple[int, int] | None) -> list[float]:
+    """Zero every tau_i where position is not selected, chunk by chunk, and sum the squares of the
+    masked tau_i (float32 squares, float64 sums of each chunk's, in chunk order). ``top``: the cut
+    (t, c) on v's bit patterns; None: v itself is already zero outside the selection."""
     vbits = v.view(torch.int32 if v.element_size() == 4 else torch.int64).view(-1)
+    n = vbits.numel()
     step = chunk_len(v)
-    keep = torch.empty(min(step, v.numel()), dtype=vbits.dtype, device=v.device)
-    sq = torch.empty(min(step, v.numel()), dtype=v.dtype, device=v.device)
+    keep = torch.empty(min(step, n), dtype=vbits.dtype, device=v.device)
+    sq = torch.empty(min(step, n), dtype=v.dtype, device=v.device)
+    # the float64 sum of a float32 chunk as torch.sum(sq, dtype=float64) gives it, bit for bit (the
+    # same values into the same reduction; tests/test_method_speed.py), without its slow cast-on-load
+    # path (about 17x slower on two threads)
+    dsq = torch.empty(min(step, n), dtype=torch.float64, device=v.device)
     sums = [0.0] * len(flats)
-    for lo in range(0, v.numel(), step):
-        # all ones where v != 0, else 0: -(|v|'s bit pattern) has its sign bit set iff v != 0,
-        # spread by the arithmetic shift (masked_fill_ with a bool mask is ~10x slower)
-        m = torch.bitwise_and(vbits[lo:lo + step], torch.iinfo(vbits.dtype).max, out=keep[:vbits[lo:lo + step].numel()])
-        m.neg_().bitwise_right_shift_(vbits.element_size() * 8 - 1)
+    smax = torch.iinfo(vbits.dtype).max
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        m = torch.bitwise_and(vbits[lo:hi], smax, out=keep[:hi - lo])  # |v|'s bit pattern
+        if top is None:
+            # all ones where v != 0, else 0: -(|v|'s bit pattern) has its sign bit set iff v != 0,
+            # spread by the arithmetic shift (masked_fill_ with a bool mask is ~10x slower)
+            m.neg_().bitwise_right_shift_(vbits.element_size() * 8 - 1)
+        else:
+            t, c = top
+            s = min(max(c - lo, 0), hi - lo)  # before c: |v| >= t kept, from c on: |v| > t
+            if s:
+                torch.ge(m[:s], t, out=m[:s])
+            if s < hi - lo:
+                torch.gt(m[s:], t, out=m[s:])
+            m.neg_()  # 1 -> all ones, 0 -> 0
         for i, f in enumerate(flats):
-            c = f[lo:lo + step]
-            c.view(vbits.dtype).bitwise_and_(m)
-            sums[i] += float(torch.sum(torch.square(c, out=sq[:c.numel()]), dtype=torch.float64))  # step 3's, in cache
+            ch = f[lo:hi]
+            ch.view(vbits.dtype).bitwise_and_(m)
+            torch.square(ch, out=sq[:hi - lo])
+            sums[i] += float(dsq[:hi - lo].copy_(sq[:hi - lo]).sum())  # step 3's, in cache
     return sums
 
 
 def _energy_sums(flats: list[torch.Tensor]) -> list[float]:
-    """sum(tau_i^2) per model, chunk by chunk (float64 sums of the chunks' sums)."""
+    """sum(tau_i^2) per model, chunk by chunk (float64 sums of the chunks' float32 squares, each as
+    torch.sum(sq, dtype=float64) gives it: see :func:`_mask_`)."""
     step = chunk_len(flats[0])
-    return [float(sum(torch.sum(f[lo:lo + step].square(), dtype=torch.float64)
-                      for lo in range(0, f.numel(), step))) for f in flats]
+    n = flats[0].numel()
+    sq = torch.empty(min(step, n), dtype=flats[0].dtype, device=flats[0].device)
+    dsq = torch.empty(min(step, n), dtype=torch.float64, device=flats[0].device)
+    sums = []
+    for f in flats:
+        total = 0.0
+        for lo in range(0, n, step):
+            c = f[lo:lo + step]
+            total += float(dsq[:c.numel()].copy_(torch.square(c, out=sq[:c.numel()])).sum())
+        sums.append(total)
+    return sums
 
 
 def _energy_weights(flats: list[torch.Tensor], sums: list[float] | None = None) -> list[float]:
