@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 MIN_BYTES = 256 * 2**10
-_ALIGN = 2 * 2**20  # huge-page multiples: a kept buffer serves slightly larger requests too
+_ALIGN = 2 * 2**20  # huge-page multiples (64 KiB below): a kept buffer serves slightly larger requests too
 _lock = threading.Lock()
 _pool: list = []  # UntypedStorage objects, ascending by size
 
@@ -33,11 +33,13 @@ def _use_count(storage) -> int:
     return torch._C._storage_Use_Count(storage._cdata)
 
 
-def empty(shape, dtype: "torch.dtype") -> "torch.Tensor":
-    """An uninitialised contiguous CPU tensor, like ``torch.empty(shape, dtype=dtype)``, in a reused
-    buffer when one is free."""
+def empty(shape, dtype: "torch.dtype", device="cpu") -> "torch.Tensor":
+    """An uninitialised contiguous tensor, like ``torch.empty(shape, dtype=dtype, device=device)``,
+    in a reused buffer when one is free (CPU; other devices have caching allocators of their own)."""
     import torch
 
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     shape = tuple(shape)
     numel = 1
     for d in shape:
@@ -58,7 +60,8 @@ def _take(nbytes: int):
             return s
     # nothing fits: release the free buffers too small for this request, keep the rest
     _pool[:] = [s for s in _pool if s.nbytes() >= nbytes or _use_count(s) > 1]
-    s = torch.UntypedStorage(-(-nbytes // _ALIGN) * _ALIGN)
+    align = _ALIGN if nbytes >= _ALIGN else 2**16
+    s = torch.UntypedStorage(-(-nbytes // align) * align)
     _pool.append(s)
     _pool.sort(key=lambda x: x.nbytes())
     return s

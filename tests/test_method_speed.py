@@ -1,6 +1,6 @@
 """The issue-14 speed-ups of sce and model_stock change no bit: each new form against the form it
 replaced (kept here as the reference), over chunk sizes, thread counts and edge cases; and the
-scratch buffers of ops/kernels/scratch.py."""
+reused buffers of buffers.py."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 from mergekit_ortho.ops import model_stock as ms
 from mergekit_ortho.ops import registry, sce
 from mergekit_ortho.ops import sparsify as sp
-from mergekit_ortho.ops.kernels import scratch, topk
+from mergekit_ortho.ops.kernels import topk
 from mergekit_ortho.ops.kernels.convert import fold_input, fold_input_chunks
 from mergekit_ortho.ops.registry import TensorTask
 
@@ -104,15 +104,18 @@ def test_energy_sums_equal_the_float64_sums(monkeypatch, threads, chunk):
 
 
 def test_sce_leaves_the_variance_buffer_for_the_next_tensor():
-    scratch.release()
+    from mergekit_ortho import buffers
+
+    buffers.release()
     op = registry.get("sce")
     g = torch.Generator().manual_seed(0)
-    taus = [torch.randn(4000, generator=g) for _ in range(3)]
-    task = TensorTask("w", torch.zeros(4000), [t.clone() for t in taus], op.resolve_params({"select_topk": 0.5}),
+    n = buffers.MIN_BYTES  # float32: four times the pool's smallest request
+    taus = [torch.randn(n, generator=g) for _ in range(3)]
+    task = TensorTask("w", torch.zeros(n), [t.clone() for t in taus], op.resolve_params({"select_topk": 0.5}),
                       [op.resolve_model_params({})] * 3)
     first = sce.sce(task)
-    held = scratch._FREE[(torch.float32, "cpu")]
-    assert held.numel() == 4000 and held.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+    free = [s for s in buffers._pool if buffers._use_count(s) == 1 and s.nbytes() >= 4 * n]
+    assert free and all(s.data_ptr() != first.untyped_storage().data_ptr() for s in free)
     task.inputs = [t.clone() for t in taus]
     assert torch.equal(_bits(sce.sce(task)), _bits(first))  # the reused buffer gives the same result
 
@@ -203,7 +206,7 @@ def _ms_inputs(shape, n, seed, tiny):
 @pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("tiny", [False, True])
-def test_fold_with_scratch_units_equals_the_previous_fold(monkeypatch, threads, chunk, fw, n, raw, tiny):
+def test_fold_with_pooled_units_equals_the_previous_fold(monkeypatch, threads, chunk, fw, n, raw, tiny):
     monkeypatch.setattr(ms, "FOLD_CHUNK", chunk)
     base, ws = _ms_inputs((37, 29), n, n, tiny)
     if raw:
@@ -236,24 +239,3 @@ def test_fold_without_packing_equals_the_previous_fold(monkeypatch, threads, fw,
         want_state = _step_before(want_state, w.clone(), i, _ms_task(base, n, fw, True))
     got = ms.FOLD.finish(got_state, _ms_task(base, n, fw, True))
     assert torch.equal(_bits(got), _bits(_finish_before(want_state, _ms_task(base, n, fw, True))))
-
-
-# ----------------------------------------------------------------------------- scratch
-
-
-def test_scratch_hands_a_buffer_out_once_and_keeps_the_largest():
-    scratch.release()
-    a = scratch.take(100, torch.float32)
-    scratch.give(a)
-    b = scratch.take(50, torch.float32)
-    assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and b.numel() == 50
-    c = scratch.take(50, torch.float32)  # b is taken: a new buffer
-    assert c.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
-    scratch.give(c)
-    scratch.give(b)  # the larger storage (100 entries) is kept
-    assert scratch._FREE[(torch.float32, "cpu")].numel() == 100
-    big = scratch.take(1000, torch.float32)  # larger than the kept one: new
-    assert big.numel() == 1000 and scratch._FREE[(torch.float32, "cpu")].numel() == 100
-    assert scratch.take(10, torch.float64).dtype == torch.float64
-    scratch.release()
-    assert not scratch._FREE

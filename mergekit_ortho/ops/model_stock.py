@@ -20,7 +20,7 @@ each later model is prepared chunk by chunk from its weight as stored, twice - o
 and its dot product with U, once to add it to both sums (a third time, for <T, tau_j>, only where
 the guard's small side applies) - so no full-size float32 copy of the
 weight, the base or tau_j is made; per-vector sums are float32 per chunk, float64 across chunks,
-and filter_wise chunks hold whole rows; U lives in a :mod:`.kernels.scratch` buffer that the next
+and filter_wise chunks hold whole rows; U lives in a :mod:`mergekit_ortho.buffers` buffer that the next
 tensor reuses, so its pages are not faulted in afresh). The state holds two
 full-size sums, T = sum tau_i and U = sum u_i with u_i = tau_i/|tau_i| (0 for a zero vector), and
 per vector the running sum of the pair terms and the least and largest nonzero norm so far
@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BadParameters
-from .kernels import scratch
+from .. import buffers
 from .kernels.convert import FOLD_CHUNK, fold_input, fold_input_chunks
 from .registry import Fold, Operator, Param, StateParts, TensorTask, register
 
@@ -126,7 +126,7 @@ class _Stock:
     hi: torch.Tensor  # (R,) largest norm so far (0: none nonzero yet)
     count: int
     split: int = 0  # vectors where some step split (difference 1 of the module docstring)
-    # units is a :mod:`.kernels.scratch` buffer, handed back at finish (not once packed: stored parts)
+    # units is a :mod:`mergekit_ortho.buffers` buffer, handed back at finish (not once packed: stored parts)
     pooled: bool = False
 
 
@@ -176,7 +176,7 @@ def _step(state: _Stock | None, x: torch.Tensor, i: int, task: TensorTask) -> _S
         nonzero = norm > 0
         inv = torch.where(nonzero, 1.0 / norm, torch.zeros_like(norm))
         # v * inv into pages kept from the last tensor (a fresh full-size buffer faults every page in)
-        units = torch.mul(v, inv.unsqueeze(-1), out=scratch.take(v.numel(), v.dtype, v.device).view(v.shape))
+        units = torch.mul(v, inv.unsqueeze(-1), out=buffers.empty(v.shape, v.dtype, v.device))
         lo = torch.where(nonzero, norm, torch.full_like(norm, float("inf")))
         return _Stock(x.shape, v, units, torch.zeros_like(norm, dtype=torch.float64), lo, norm.clone(), 1,
                       pooled=True)
@@ -223,7 +223,7 @@ def _finish(state: _Stock | None, task: TensorTask) -> torch.Tensor:
         raise _too_few(task, n)
     if state.pooled:  # U is not needed after the last model: the next tensor reuses its pages
         state.pooled = False
-        scratch.give(state.units)
+        state.units = None  # its buffer goes back to the pool (buffers.py)
     return _apply(state.total, _step_size(state.pair_sum, n), n, state.shape)
 
 

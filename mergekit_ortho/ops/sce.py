@@ -17,7 +17,7 @@ base; no per-model weights. Per tensor, with tau_1..tau_N the task vectors:
 ``int8_mask`` is accepted and has no numeric effect (mergekit's mask dtype). Deviation: equal
 variances at the selection threshold are kept lowest flat index first (mergekit's topk leaves
 it unspecified). Speed: in place on the task vectors, chunk by chunk (chunk-sized scratch
-only); the selection adds one full-size variance tensor (a :mod:`.kernels.scratch` buffer, reused
+only); the selection adds one full-size variance tensor (a :mod:`mergekit_ortho.buffers` buffer, reused
 by the next tensor: no page faults), the radix cut of :mod:`.kernels.topk` (the top-k set as a
 threshold and an index, v itself left as it is) and a bit-mask pass built from that cut (no bool
 masks: ``masked_fill_`` is ~10x slower), tested against the zeroing form in
@@ -31,7 +31,8 @@ import torch
 
 from . import sparsify as sp
 from .gta import _owned
-from .kernels import scratch, sign_election, topk
+from .. import buffers
+from .kernels import sign_election, topk
 from .kernels._chunks import chunk_len
 from .registry import Operator, Param, TensorTask, register
 
@@ -40,7 +41,7 @@ def _variance(flats: list[torch.Tensor]) -> torch.Tensor:
     """Per-entry population variance across the models (two-pass, chunk by chunk): the mean
     sum_i t_i / N, then sum_i (t_i - mean)^2 / N, in model order (chunk-sized scratch)."""
     n = flats[0].numel()
-    v = scratch.take(n, flats[0].dtype, flats[0].device)  # pages kept between tensors (no faults)
+    v = buffers.empty((n,), flats[0].dtype, flats[0].device)  # pages kept between tensors (no faults)
     step = chunk_len(v)
     mean_buf = torch.empty(min(step, n), dtype=v.dtype, device=v.device)
     sq_buf = torch.empty_like(mean_buf)
@@ -80,8 +81,6 @@ def _select_(flats: list[torch.Tensor], kappa: float) -> list[float] | None:
     if k == 0:
         for f in flats:
             f.zero_()
-        if v is not None:
-            scratch.give(v)
         return None
     flat = v.view(-1)
     top = None  # the top-k cut (t, c) of :func:`.kernels.topk.cut`: kept iff |v| > t, or == t before c
@@ -89,9 +88,7 @@ def _select_(flats: list[torch.Tensor], kappa: float) -> list[float] | None:
         top = topk.cut(flat, k)  # the set keep_largest_ keeps, without its pass zeroing v
     else:
         sp.keep_largest_(flat, k)  # the kept positions have v > 0 (or NaN)
-    sums = _mask_(flats, v, top)
-    scratch.give(v)
-    return sums
+    return _mask_(flats, v, top)
 
 
 def _mask_(flats: list[torch.Tensor], v: torch.Tensor, top: tuple[int, int] | None) -> list[float]:
