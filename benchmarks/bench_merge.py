@@ -843,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {n: model_bytes(p) for n, p in paths.items()}
     bf16_out = args.recipe_dtype in (None, "bfloat16", "bf16")
     floors = {m: floor_of(m, sizes, params, r.get("out_bytes"), roof, import_wall, bf16_out)
-              for m, r in rows.items() if not r.get("skip")}
+              for m, r in rows.items() if not r.get("skip")} if roof and "error" not in roof else {}
     md = render(rows, dims, params, import_wall, import_rss, rounds_done, (load_before, max(loads)), merge_cmd,
                 torch_version, size, floors, argv)
     if args.recipe_dtype:
