@@ -23,6 +23,21 @@ are compared on a few tensors (max relative difference, and the difference relat
 change from the base; kept fraction and L1 for the random methods). ``--models DIR`` reads the
 checkpoints from another work tree (read-only) so outputs and recipes stay under ``--work``.
 
+``--scaling 2 4 8`` adds, to the same rounds, linear (the N task models, no base, weight 1 each) and
+magmax (base + the N task models) for each N (``--scaling-methods`` picks others), building the
+extra task models it needs (task_d, task_e, ... : base + seeded noise like the first three,
+reused when present), and writes a table of how wall time, CPU time and peak RSS grow with N:
+a least-squares fit wall = a + b·N with its largest residual, and peak RSS against the smallest N
+(the issue's verdicts: time linear in N, RSS flat within ±10 %). Results then default to
+``benchmarks/results_merge_scaling.md``.
+
+Before the rounds a probe child measures the machine's roofline: page-cache read bandwidth (an
+input shard read twice, the second timed), bf16→f32 and f32→bf16 conversion throughput (torch, the
+thread count a merge child gets), and durable-write bandwidth (``--probe-write-mib``, default 1024,
+through ``mergekit_ortho.io.durable.DurableFile`` on the output's file system). Each method's row
+then has a floor = import torch + bytes read / read bandwidth + entries converted / conversion rates
++ bytes written / write bandwidth, and its wall / floor.
+
 Results go to ``benchmarks/results_merge.md`` (or ``--results``) and are printed.
 """
 from __future__ import annotations
@@ -32,6 +47,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -44,6 +60,9 @@ REPO = HERE.parent
 DEFAULT_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "magmax", "widen"]
 OPTIONAL_METHODS = {"magmax", "widen"}  # run only if `merge methods` lists them
 TASKS = ("task_a", "task_b", "task_c")
+# --scaling: task models beyond the first three are built on demand (same recipe, next seeds)
+ALL_TASKS = tuple(f"task_{c}" for c in "abcdefghijklmnopqrstuvwxyz")
+SCALING_METHODS = ["linear", "magmax"]
 # Methods whose masks are random: their outputs are compared by statistics, not values.
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 
@@ -125,9 +144,7 @@ def build_checkpoints(root: Path, dims: dict, rebuild: bool) -> dict[str, Path]:
     print(f"checkpoint shape: hidden={dims['hidden']} layers={dims['layers']} vocab={dims['vocab']} "
           f"intermediate={dims['intermediate']} -> {count:,} parameters "
           f"({count * 2 / 2**20:.1f} MiB in bf16 per model)", flush=True)
-    cfg = {"hidden_size": dims["hidden"], "num_hidden_layers": dims["layers"],
-           "vocab_size": dims["vocab"], "intermediate_size": dims["intermediate"],
-           "num_attention_heads": max(1, dims["hidden"] // 64)}
+    cfg = _config(dims)
     stamp = {"dims": dims, "params": count, "dtype": "bfloat16", "shards": 3, "noise": 0.01}
     marker = root / "built.json"
     paths = {"base": root / "base", **{n: root / n for n in ("task_a", "task_b", "task_c")}}
@@ -145,6 +162,44 @@ def build_checkpoints(root: Path, dims: dict, rebuild: bool) -> dict[str, Path]:
                          dtype="bfloat16", shards=3, config=cfg)
     marker.write_text(json.dumps(stamp))
     print(f"built 4 checkpoints in {time.perf_counter() - t0:.1f} s", flush=True)
+    return paths
+
+
+def _config(dims: dict) -> dict:
+    return {"hidden_size": dims["hidden"], "num_hidden_layers": dims["layers"],
+            "vocab_size": dims["vocab"], "intermediate_size": dims["intermediate"],
+            "num_attention_heads": max(1, dims["hidden"] // 64)}
+
+
+def build_extra_tasks(root: Path, dims: dict, names: list[str]) -> dict[str, Path]:
+    """Task models beyond the first three (``--scaling``), next to them in ``root``: base + 0.01
+    noise seeded by the model's index (task_d seed 4, ...), each reused when its stamp in
+    ``extra.json`` matches. Each is written to a temporary folder and renamed, so an interrupted
+    build leaves no half model behind."""
+    from mergekit_ortho.testing.checkpoints import llama_shapes, write_checkpoint
+
+    marker = root / "extra.json"
+    built = json.loads(marker.read_text()) if marker.is_file() else {}
+    base_stamp = json.loads((root / "built.json").read_text())
+    paths = {}
+    for name in names:
+        seed = ALL_TASKS.index(name) + 1
+        stamp = {"base": base_stamp, "seed": seed}
+        path = root / name
+        paths[name] = path
+        if built.get(name) == stamp and (path / "config.json").is_file():
+            continue
+        shapes = llama_shapes(dims["hidden"], dims["layers"], dims["vocab"], dims["intermediate"])
+        tmp = root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        write_checkpoint(tmp, shapes, seed=seed, base=root / "base", noise=0.01, dtype="bfloat16", shards=3,
+                         config=_config(dims))
+        tmp.rename(path)
+        built[name] = stamp
+        marker.write_text(json.dumps(built))
+        print(f"built {name} in {time.perf_counter() - t0:.1f} s", flush=True)
     return paths
 
 
@@ -172,6 +227,33 @@ def recipe_text(method: str, paths: dict[str, Path], out: Path, dtype: str | Non
 
 def merge_method_of(method: str) -> str:
     return RECIPES.get(method, (method,))[0]
+
+
+def add_scaling_recipes(methods: list[str], ns: list[int]) -> list[str]:
+    """Register ``METHOD@N`` in RECIPES for each method and N: linear over the first N task models
+    (no base, weight 1 each), any other method base + the first N task models at its defaults
+    (as the generic recipe does for the three). Returns the names, N-major (all methods at the
+    smallest N first)."""
+    names = []
+    for n in ns:
+        tasks = ALL_TASKS[:n]
+        for m in methods:
+            if m == "linear":
+                spec = ("linear", False, [(t, _W) for t in tasks], "")
+            else:
+                spec = (m, True, [(t, "") for t in tasks], "")
+            RECIPES[f"{m}@{n}"] = spec
+            names.append(f"{m}@{n}")
+    return names
+
+
+def models_read(method: str) -> list[str]:
+    """The checkpoints a method's recipe reads (the base once, even where it is listed as a model)."""
+    _, with_base, models, _ = RECIPES.get(method, (method, True, [(t, "") for t in TASKS], ""))
+    names = [n for n, _ in models]
+    if with_base and "base" not in names:
+        names.insert(0, "base")
+    return list(dict.fromkeys(names))
 
 
 def available_methods(merge_cmd: list[str]) -> set[str] | None:
@@ -398,6 +480,139 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# --------------------------------------------------------------------------- roofline
+
+# Runs in its own interpreter with the environment a merge child gets, so the thread count and
+# the library code are the merge's. Prints one JSON line.
+_PROBE = r"""
+import json, os, sys, time
+a = json.loads(sys.argv[1])
+res = {}
+view = memoryview(bytearray(64 * 2**20))  # a reused buffer, as the merge's reader uses
+
+
+def read_once():
+    t = time.perf_counter()
+    with open(a["shard"], "rb", buffering=0) as f:
+        while f.readinto(view):
+            pass
+    return time.perf_counter() - t
+
+
+res["read_cold_s"] = read_once()  # warms the page cache if the shard was not in it
+res["read_s"] = min(read_once() for _ in range(2))
+res["read_bytes"] = os.path.getsize(a["shard"])
+
+t = time.perf_counter()
+import torch
+res["import_torch_s"] = time.perf_counter() - t
+
+
+def best(fn, reps=20, at_least=0.3):
+    # best of >= reps calls and >= at_least seconds: on shared cores a call that waits for a
+    # descheduled pool thread takes a scheduler slice (~4 ms), so a short window can miss every fast call
+    fn()
+    out, t_end, i = float("inf"), time.perf_counter() + at_least, 0
+    while i < reps or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t)
+        i += 1
+    return out
+
+
+res["threads"] = torch.get_num_threads()
+res["convert"] = {}
+for label, n in a["convert_entries"].items():
+    src = torch.randn(n).to(torch.bfloat16)
+    f32, b16 = torch.empty(n), torch.empty(n, dtype=torch.bfloat16)
+    res["convert"][label] = {"entries": n, "up_s": best(lambda: f32.copy_(src)), "down_s": best(lambda: b16.copy_(f32))}
+    del src, f32, b16
+
+block = os.urandom(16 * 2**20)
+total = a["write_bytes"]
+try:
+    from mergekit_ortho.io.durable import DurableFile
+except ImportError:  # an older checkout: plain writes and one fsync
+    DurableFile = None
+t = time.perf_counter()
+if DurableFile is not None:
+    f = DurableFile(a["write_path"])
+    res["write_via"] = "DurableFile (O_DIRECT)" if f.direct else "DurableFile (buffered: no O_DIRECT here)"
+    for _ in range(total // len(block)):
+        f.write(block)
+    f.close()
+else:
+    res["write_via"] = "buffered writes + fsync (no mergekit_ortho.io.durable)"
+    with open(a["write_path"], "wb") as fh:
+        for _ in range(total // len(block)):
+            fh.write(block)
+        fh.flush()
+        os.fsync(fh.fileno())
+res["write_s"] = time.perf_counter() - t
+res["write_bytes"] = total // len(block) * len(block)
+os.unlink(a["write_path"])
+print(json.dumps(res))
+"""
+
+# Tensor sizes the conversion is timed at: one MLP matrix of the 271M shape (its bf16 source and f32
+# result fit a large L3, like the blockwise path's blocks) and the embedding (DRAM-sized, like the
+# per-tensor path's largest inputs). The floor takes the faster rate.
+CONVERT_ENTRIES = {"MLP matrix 2816×1024": 2816 * 1024, "embedding 32000×1024": 32000 * 1024}
+
+
+def measure_roofline(shard: Path, write_path: Path, write_bytes: int, env: dict | None) -> dict:
+    """The probe's numbers plus the derived rates (bytes/s, entries/s); {"error": ...} if it failed."""
+    arg = json.dumps({"shard": str(shard), "write_path": str(write_path), "write_bytes": write_bytes,
+                      "convert_entries": CONVERT_ENTRIES})
+    write_path.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-c", _PROBE, arg], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        write_path.unlink(missing_ok=True)
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["read_bw"] = res["read_bytes"] / res["read_s"]
+    for c in res["convert"].values():
+        c["up_rate"], c["down_rate"] = c["entries"] / c["up_s"], c["entries"] / c["down_s"]
+    res["up_rate"] = max(c["up_rate"] for c in res["convert"].values())
+    res["down_rate"] = max(c["down_rate"] for c in res["convert"].values())
+    res["write_bw"] = res["write_bytes"] / res["write_s"]
+    return res
+
+
+def model_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def floor_of(method: str, sizes: dict[str, int], params: int, out_bytes: int | None, roof: dict,
+             import_s: float, bf16_out: bool) -> dict | None:
+    """The I/O-and-conversion floor of one method's run, its terms summed (no overlap assumed):
+    import torch + bytes read / read bw + entries read / bf16→f32 rate (+ entries written /
+    f32→bf16 rate for a bf16 output) + bytes written / write bw."""
+    if not roof or "error" in roof or out_bytes is None:
+        return None
+    read = sum(sizes[n] for n in models_read(method))
+    n_in = len(models_read(method))
+    t = {"models": n_in, "read_bytes": read, "write_bytes": out_bytes, "import": import_s,
+         "read": read / roof["read_bw"], "convert": n_in * params / roof["up_rate"]
+         + (params / roof["down_rate"] if bf16_out else 0.0), "write": out_bytes / roof["write_bw"]}
+    t["floor"] = t["import"] + t["read"] + t["convert"] + t["write"]
+    return t
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, list[float]]:
+    """Least squares y = a + b·x: (a, b, residuals y − fit)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    a = my - b * mx
+    return a, b, [y - (a + b * x) for x, y in zip(xs, ys)]
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,7 +644,25 @@ def main(argv: list[str] | None = None) -> int:
                     "(the results say how many rounds ran)")
     ap.add_argument("--keep", action="store_true", help="keep the last round's outputs (<work>/<size>/out/)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is killed (default 900)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--scaling", type=int, nargs="+", default=None, metavar="N",
+                    help="also run each --scaling-methods method over N task models for each N (e.g. 2 4 8), "
+                    "in the same rounds, building the extra task models; adds a table of wall, CPU and peak RSS "
+                    "against N with a linear fit (results default to benchmarks/results_merge_scaling.md)")
+    ap.add_argument("--scaling-methods", nargs="+", default=SCALING_METHODS,
+                    help="methods for --scaling (default: linear magmax); linear takes no base, the others the "
+                    "base + the N task models")
+    ap.add_argument("--probe-write-mib", type=int, default=None,
+                    help="MiB the roofline probe writes durably (default 1024; 128 with --small)")
+    ap.add_argument("--no-roofline", action="store_true",
+                    help="skip the roofline probe (read, conversion and durable-write bandwidths) and the floor "
+                    "columns")
+    args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+    argv = argv if argv is not None else sys.argv[1:]
+    if args.scaling is not None:
+        bad = [n for n in args.scaling if not 1 <= n <= len(ALL_TASKS)]
+        if bad:
+            ap.error(f"--scaling: N must be 1..{len(ALL_TASKS)}, got {', '.join(map(str, bad))}")
+        args.scaling = sorted(set(args.scaling))
 
     from importlib.metadata import version
 
@@ -438,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     dims = SMALL if args.small else FULL
     size = "small" if args.small else "full"
     work = args.work / size
-    results = args.results or (args.work / "results_merge_small.md" if args.small else HERE / "results_merge.md")
+    stem = "results_merge_scaling" if args.scaling else "results_merge"
+    results = args.results or (args.work / f"{stem}_small.md" if args.small else HERE / f"{stem}.md")
     load_before = load1()
     if args.models is not None:
         models_dir = args.models.resolve()
@@ -449,6 +683,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reading checkpoints from {models_dir} (--models)", flush=True)
     else:
         paths = build_checkpoints(work / "models", dims, args.rebuild)
+    extra = list(ALL_TASKS[len(TASKS):max(args.scaling)]) if args.scaling else []
+    if extra and args.models is not None:
+        paths.update({n: models_dir / n for n in extra})
+        missing = [n for n in extra if not (paths[n] / "config.json").is_file()]
+        if missing:
+            ap.error(f"--models {models_dir} is read-only here and has no {', '.join(missing)} for --scaling "
+                     f"{max(args.scaling)}; run without --models to build them under --work")
+    elif extra:
+        paths.update(build_extra_tasks(work / "models", dims, extra))
     from mergekit_ortho.testing.checkpoints import llama_shapes
     params = n_params(llama_shapes(dims["hidden"], dims["layers"], dims["vocab"], dims["intermediate"]))
     stamp_file = None if args.models is None else models_dir / "built.json"
@@ -484,10 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     loads = [load_before]
     recipes: dict[str, tuple[Path, Path]] = {}
     tools_of: dict[str, list[str]] = {}
-    for method in args.methods:
+    scaling_names = add_scaling_recipes(args.scaling_methods, args.scaling) if args.scaling else []
+    for method in list(dict.fromkeys(args.methods + scaling_names)):
         mm = merge_method_of(method)
         if listed is not None and mm not in listed:
-            if method in OPTIONAL_METHODS:
+            if mm in OPTIONAL_METHODS:
                 rows[method] = {"skip": "not listed by `merge methods` (not implemented yet)"}
                 print(f"{method}: skipped (not listed by `merge methods`)", flush=True)
                 continue
@@ -500,11 +744,26 @@ def main(argv: list[str] | None = None) -> int:
         rows[method] = {"walls": [], "rsss": [], "cpus": [], "error": "", "against": {"walls": [], "rsss": [], "cpus": []},
                         "mergekit": {"walls": [], "rsss": [], "error": "", "compare": None}}
         tools_of[method] = list(envs)
-        if mk_exe is not None and (args.mergekit_methods is None or method in args.mergekit_methods):
+        if mk_exe is not None and method not in scaling_names and (
+                args.mergekit_methods is None or method in args.mergekit_methods):
             if mk_listed is None or mm in mk_listed:
                 tools_of[method].append("mergekit")
             else:
                 rows[method]["mergekit"]["error"] = "mergekit has no such method"
+
+    roof: dict = {}
+    if not args.no_roofline:
+        base_shards = sorted(paths["base"].glob("*.safetensors"), key=lambda f: f.stat().st_size)
+        mib = args.probe_write_mib or (128 if args.small else 1024)
+        print(f"roofline probe: reading {base_shards[-1].name} of the base, converting, writing {mib} MiB durably "
+              f"under {work / 'out'} ...", flush=True)
+        roof = measure_roofline(base_shards[-1], work / "out" / "_probe_write.bin", mib * 2**20, envs["this"])
+        if "error" in roof:
+            print(f"roofline probe failed: {roof['error']}", flush=True)
+        else:
+            print(f"read {roof['read_bw'] / 2**30:.2f} GiB/s (page cache), bf16→f32 {roof['up_rate'] / 1e9:.2f} G "
+                  f"entries/s, f32→bf16 {roof['down_rate'] / 1e9:.2f} G entries/s ({roof['threads']} threads), "
+                  f"durable write {roof['write_bw'] / 2**20:.0f} MiB/s ({roof['write_via']})", flush=True)
 
     # Round-robin: every round runs the bare start-up and then each method once, so a drift in
     # the machine's speed (shared cores) touches all of them alike. Outputs are removed before
@@ -547,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     continue
                 dest = row if which == "this" else row[which]
+                if which == "this" and "out_bytes" not in row:
+                    row["out_bytes"] = dir_bytes(dest_dir)  # for the floor: what the run wrote
                 dest["walls"].append(wall)
                 dest["rsss"].append(rss)
                 dest.setdefault("cpus", []).append(LAST_CPU[0])
@@ -579,11 +840,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python -c 'import torch': median {import_wall:.2f} s, peak RSS {import_rss:.3f} GiB", flush=True)
     loads.append(load1())
 
+    sizes = {n: model_bytes(p) for n, p in paths.items()}
+    bf16_out = args.recipe_dtype in (None, "bfloat16", "bf16")
+    floors = {m: floor_of(m, sizes, params, r.get("out_bytes"), roof, import_wall, bf16_out)
+              for m, r in rows.items() if not r.get("skip")} if roof and "error" not in roof else {}
     md = render(rows, dims, params, import_wall, import_rss, rounds_done, (load_before, max(loads)), merge_cmd,
-                torch_version, size)
+                torch_version, size, floors, argv)
     if args.recipe_dtype:
         md = md.replace("## Results\n", f"## Results\n\n**Every recipe here has `dtype: {args.recipe_dtype}`** (inputs "
                         f"rounded to it, output written in it, mergekit computing in it).\n", 1)
+    if roof:
+        md += render_roofline(roof, floors, rows, import_wall, bf16_out)
+    if scaling_names:
+        md += render_scaling(rows, args.scaling_methods, args.scaling, floors)
     md += render_loads(round_loads, args.repeat)
     if args.against is not None:
         md += render_against(rows, args.against)
@@ -611,6 +880,109 @@ def render_loads(round_loads, requested: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_roofline(roof: dict, floors: dict, rows: dict, import_wall: float, bf16_out: bool) -> str:
+    """The probe's bandwidths and, per method, the floor's terms beside the wall time."""
+    out = ["", "## Roofline\n"]
+    if "error" in roof:
+        return "\n".join(out + [f"The probe failed: `{roof['error']}`; no floors.\n"])
+    out += [f"Measured before the rounds by a probe child (same interpreter and environment as the merge children, "
+            f"torch's {roof['threads']} threads):\n",
+            "| quantity | how | measured |", "|---|---|---:|",
+            f"| page-cache read | one base shard ({roof['read_bytes'] / 2**20:.0f} MiB) read with `readinto` into a reused "
+            f"64 MiB buffer; the first read ({roof['read_cold_s']:.2f} s) warms the cache, best of the next 2 | "
+            f"**{roof['read_bw'] / 2**30:.2f} GiB/s** |",
+            *[f"| bf16 → f32, {label} | `f32.copy_(bf16)` into a preallocated tensor, best of ≥ 20 calls over ≥ 0.3 s "
+              f"| {c['up_rate'] / 1e9:.2f} G entries/s |" for label, c in roof["convert"].items()],
+            *[f"| f32 → bf16, {label} | `bf16.copy_(f32)`, the same | {c['down_rate'] / 1e9:.2f} G entries/s |"
+              for label, c in roof["convert"].items()],
+            f"| conversion rates the floor uses | the faster size of each direction | bf16 → f32 **"
+            f"{roof['up_rate'] / 1e9:.2f}**, f32 → bf16 **{roof['down_rate'] / 1e9:.2f} G entries/s** |",
+            f"| durable write | {roof['write_bytes'] / 2**20:.0f} MiB in 16 MiB writes through {roof['write_via']}, open to "
+            f"`close()` (fsync), on the output's file system | **{roof['write_bw'] / 2**20:.0f} MiB/s** |",
+            f"| `import torch` | median of the rounds' bare start-ups (the probe's own in-process import: "
+            f"{roof['import_torch_s']:.2f} s) | **{import_wall:.2f} s** |",
+            "",
+            "On these shared cores a conversion call can wait a scheduler slice (~4 ms) for a descheduled torch pool "
+            "thread, for a whole process at a time (seen on this machine: the MLP-sized bf16 → f32 at 0.55 G entries/s "
+            "in one probe, 19-22 in the next two); hence two sizes, a long window, and the faster rate in the floor.",
+            "",
+            "floor = import torch + bytes read / read bandwidth + entries read / (bf16→f32 rate)"
+            + (" + entries written / (f32→bf16 rate)" if bf16_out else "")
+            + " + bytes written / write bandwidth. Bytes read: the safetensors files of every model the recipe "
+            "reads (linear: its N task models; task_arithmetic, ties, dare_ties, magmax, widen, model_stock, ...: "
+            "the base as well; slerp/nearswap: base + task_a); entries: parameters per model × models read; "
+            "bytes written: what the run's output folder held after the first round. The terms are summed as "
+            "if nothing overlapped (the merge writes on a helper thread while it computes, so a method near "
+            "its floor can come in under it); every other cost (the merge arithmetic itself, planning, page "
+            "faults of fresh buffers, Python) is what wall / floor measures.\n",
+            "| method | models read | MiB read | MiB written | import s | read s | convert s | write s | floor s "
+            "| wall s | wall / floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, f in floors.items():
+        r = rows[m]
+        if f is None or not r.get("walls") or r.get("error"):
+            continue
+        w = statistics.median(r["walls"])
+        out.append(f"| {m} | {f['models']} | {f['read_bytes'] / 2**20:.0f} | {f['write_bytes'] / 2**20:.0f} | {f['import']:.2f} "
+                   f"| {f['read']:.2f} | {f['convert']:.2f} | {f['write']:.2f} | {f['floor']:.2f} | {w:.2f} "
+                   f"| {w / f['floor']:.2f}× |")
+    return "\n".join(out) + "\n"
+
+
+def render_scaling(rows: dict, methods: list[str], ns: list[int], floors: dict) -> str:
+    """Wall, CPU and peak RSS against the number of task models, with the issue's two verdicts."""
+    out = ["", "## How cost grows with the number of models (`--scaling`)\n",
+           "Each method over the first N task models (linear: no base, weight 1 each; the others: base + "
+           "the N models at their defaults), in the same rounds as the table above. wall = median over the "
+           "rounds, CPU = the child's user + system seconds (median), RSS = max of the child's peak. Verdicts: "
+           "**time linear in N** when a least-squares fit wall = a + b·N over the medians leaves no residual "
+           "above 10 % of the fitted value; **RSS flat** when every N's peak RSS is within ±10 % of the "
+           "smallest N's.\n"]
+    for m in methods:
+        pts, failed = [], []
+        for n in ns:
+            r = rows.get(f"{m}@{n}")
+            if r is None:
+                continue
+            if r.get("skip") or r.get("error") or not r.get("walls"):
+                failed.append(f"{n}: {r.get('skip') or r.get('error') or 'no run'}")
+                continue
+            pts.append((n, statistics.median(r["walls"]), statistics.median(r["cpus"]), max(r["rsss"]),
+                        (floors or {}).get(f"{m}@{n}")))
+        out.append(f"### {m}\n")
+        if failed:
+            out.append("Not measured at N = " + "; ".join("`" + x.replace("|", "/")[:160] + "`" for x in failed) + "\n")
+        if not pts:
+            continue
+        rss0 = pts[0][3]
+        out.append(f"| N | wall s | CPU s | peak RSS GiB | wall / N s | RSS / RSS at N = {pts[0][0]} | floor s "
+                   "| wall / floor |")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n, w, c, rss, f in pts:
+            fc = f"{f['floor']:.2f} | {w / f['floor']:.2f}×" if f else "— | —"
+            out.append(f"| {n} | {w:.2f} | {c:.2f} | {rss:.3f} | {w / n:.2f} | {rss / rss0:.3f}× | {fc} |")
+        out.append("")
+        if len(pts) >= 3:
+            xs = [p[0] for p in pts]
+            a, b, res = linear_fit(xs, [p[1] for p in pts])
+            worst = max(abs(e) / (a + b * x) for e, x in zip(res, xs))
+            ca, cb, cres = linear_fit(xs, [p[2] for p in pts])
+            cworst = max(abs(e) / (ca + cb * x) for e, x in zip(cres, xs))
+            out.append(f"- wall ≈ {a:.2f} s {'+' if b >= 0 else '−'} {abs(b):.2f} s · N; residuals "
+                       + ", ".join(f"{e:+.2f} s at N = {x}" for e, x in zip(res, xs))
+                       + f"; largest {100 * worst:.1f} % of the fit → time linear in N: "
+                       f"**{'yes' if worst <= 0.10 else 'no'}**")
+            out.append(f"- CPU ≈ {ca:.2f} s {'+' if cb >= 0 else '−'} {abs(cb):.2f} s · N; largest residual {100 * cworst:.1f} % of the fit")
+        else:
+            out.append("- fewer than 3 values of N: no linearity verdict (a line fits any two points)")
+        spread = max(abs(p[3] / rss0 - 1) for p in pts)
+        out.append(f"- peak RSS {min(p[3] for p in pts):.3f}–{max(p[3] for p in pts):.3f} GiB, at most "
+                   f"{100 * spread:.1f} % from N = {pts[0][0]} → RSS flat within ±10 %: "
+                   f"**{'yes' if spread <= 0.10 else 'no'}**")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def render_mergekit(rows, mk_info: str, mk_flags: list[str]) -> str:
     """Ours against mergekit-yaml on the same recipe files, in the same rounds."""
     out = ["", f"## Against mergekit-yaml ({mk_info})\n",
@@ -631,7 +1003,7 @@ def render_mergekit(rows, mk_info: str, mk_flags: list[str]) -> str:
            "| output dtype ours / mk | agreement |",
            "|---|---:|---:|---:|---:|---:|---|---|---|"]
     for m, r in rows.items():
-        if r.get("skip"):
+        if r.get("skip") or "@" in m:
             continue
         mk = r.get("mergekit") or {}
         mm = merge_method_of(m)
@@ -686,7 +1058,7 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd, torch_version,
-           size) -> str:
+           size, floors: dict | None = None, argv: list[str] | None = None) -> str:
     def stats(m):
         r = rows.get(m)
         if not r or not r.get("walls") or r.get("error"):
@@ -696,7 +1068,8 @@ def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd,
     lin = stats("linear")
     out = []
     out.append("# `merge run` end-to-end speed and memory\n")
-    out.append(f"Generated by `python benchmarks/bench_merge.py{' --small' if size == 'small' else ''}` "
+    cmdline = shlex.join(argv) if argv is not None else ("--small" if size == "small" else "")
+    out.append(f"Generated by `python benchmarks/bench_merge.py{' ' + cmdline if cmdline else ''}` "
                f"on {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}.\n")
     out.append("## Machine\n")
     out.append(f"- nproc: {os.cpu_count()} (affinity: {len(os.sched_getaffinity(0))})")
@@ -737,25 +1110,33 @@ def render(rows, dims, params, import_wall, import_rss, repeat, load, merge_cmd,
     out.append("")
     out.append("## Results\n")
     out.append("CPU s: the child's user + system seconds (median; on shared cores it moves far less with other "
-               "jobs' load than the wall time).\n")
+               "jobs' load than the wall time)." + (" floor s: the I/O-and-conversion floor measured in the same run (see "
+                                          "Roofline below); wall / floor: how far above it the method runs."
+                                          if floors else "") + "\n")
+    fl = bool(floors)
     out.append("| method | wall s (median) | wall s (min–max of the rounds) | wall − import torch s | CPU s "
-               "| peak RSS GiB | wall ratio to linear | RSS ratio to linear |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+               "| peak RSS GiB | wall ratio to linear | RSS ratio to linear |" + (" floor s | wall / floor |" if fl else ""))
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if fl else ""))
+    blank = " | | | | | |" + (" | |" if fl else "")
     for m, r in rows.items():
+        if "@" in m:  # --scaling runs: their own table
+            continue
         if r.get("skip"):
-            out.append(f"| {m} | skipped: {r['skip']} | | | | | | |")
+            out.append(f"| {m} | skipped: {r['skip']}{blank}")
             continue
         s = stats(m)
         if s is None:
-            out.append(f"| {m} | FAILED: `{r.get('error', '').replace('|', '/')}` | | | | | | |")
+            out.append(f"| {m} | FAILED: `{r.get('error', '').replace('|', '/')}`{blank}")
             continue
         w, rss = s
         wr = w / lin[0] if lin else None
         rr = rss / lin[1] if lin else None
         spread = f"{min(r['walls']):.2f}–{max(r['walls']):.2f}"
         cpu = f"{statistics.median(r['cpus']):.2f}" if r.get("cpus") else "—"
+        f = (floors or {}).get(m)
+        fcells = ((f" {f['floor']:.2f} | {w / f['floor']:.2f}× |" if f else " — | — |") if fl else "")
         out.append(f"| {m} | {w:.2f} | {spread} | {w - import_wall:.2f} | {cpu} | {rss:.3f} | {_fmt_ratio(wr)} "
-                   f"| {_fmt_ratio(rr)} |")
+                   f"| {_fmt_ratio(rr)} |" + fcells)
     out.append("")
     out.append("## Against the targets\n")
     checks = []
