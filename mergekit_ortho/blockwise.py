@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from . import buffers
 from .ops.kernels.convert import add_converted_
+from .ops.kernels.threads import serial
 
 BLOCK_ENTRIES = 1 << 19  # entries per block (1 MiB of bf16 per model, 2 MiB of float32 state)
 MIN_ENTRIES = 1 << 21  # smaller tensors take the whole-tensor fold (its per-call overhead is less)
@@ -52,9 +53,7 @@ def merge(plan, name: str):
     """Tensor ``name`` merged block by block into a tensor of its output dtype (:func:`applies`)."""
     import torch
 
-    from .dtypes import cast_checked
     from .inputs import dense_task
-    from .ops.apply import apply_dense
 
     op, item = plan.op, plan.items[name]
     shape = tuple(item.shape)
@@ -75,15 +74,26 @@ def merge(plan, name: str):
     out = buffers.empty(shape, out_dtype)
     task = dense_task(plan, name, None)
     task.dtype, task.raw_inputs = cdt, True
-    for r0 in range(0, shape[0], step):
-        r1 = min(r0 + step, shape[0])
-        base = read(base_source, r0, r1) if use_base else None
-        task.base = base
-        got = apply_dense(op, task, lambda: (read(s, r0, r1) for s in sources))
-        if op.reads == "deltas":
-            got = add_converted_(got, base)
-        dst = out[r0:r1]
-        dst.copy_(got)
-        if dst.dtype != got.dtype and not bool(torch.isfinite(dst.sum())):
-            cast_checked(got, out_dtype, name)  # values beyond the output's range: refused as there
+    with serial():  # ~12 small ops a block: parallel regions would cost more than they share
+        for r0 in range(0, shape[0], step):
+            _block(op, task, out, read, base_source if use_base else None, sources, r0, min(r0 + step, shape[0]),
+                   out_dtype, name)
     return out
+
+
+def _block(op, task, out, read, base_source, sources, r0: int, r1: int, out_dtype, name: str) -> None:
+    """Rows r0..r1 of every input folded by the operator, cast into the same rows of ``out``."""
+    import torch
+
+    from .dtypes import cast_checked
+    from .ops.apply import apply_dense
+
+    base = read(base_source, r0, r1) if base_source is not None else None
+    task.base = base
+    got = apply_dense(op, task, lambda: (read(s, r0, r1) for s in sources))
+    if op.reads == "deltas":
+        got = add_converted_(got, base)
+    dst = out[r0:r1]
+    dst.copy_(got)
+    if dst.dtype != got.dtype and not bool(torch.isfinite(dst.sum())):
+        cast_checked(got, out_dtype, name)  # values beyond the output's range: refused as there
