@@ -37,18 +37,19 @@ def _ta_recipe(root: Path, models: dict[str, Path], extra: str = "") -> Path:
 
 
 @pytest.mark.parametrize("out_rel", [".", "a", "a/merged", "recipe.yaml", ".."])
-def test_output_overlapping_an_input_is_refused_even_with_overwrite(tiny_models, tmp_path, out_rel):
+def test_output_overlapping_an_input_is_refused_even_with_overwrite(tiny_models, tmp_path, out_rel, cli, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     models = _copy_models(tiny_models, work)
     (work / "notes.txt").write_text("mine")
     r = _ta_recipe(work, models)
     before = _snapshot(tmp_path)
+    monkeypatch.chdir(work)  # --out relative to the working directory, as a user types it
     for flag in ("--overwrite", "--force-replace"):
-        p = subprocess.run(CLI + ["run", str(r), "--out", out_rel, flag], cwd=work, capture_output=True, text=True)
-        assert p.returncode == 2, p.stderr
-        assert "input" in p.stderr and "Traceback" not in p.stderr
-        assert len(p.stderr.strip().splitlines()) == 1
+        code, _, err = cli("run", str(r), "--out", out_rel, flag)
+        assert code == 2, err
+        assert "input" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
     assert _snapshot(tmp_path) == before  # nothing deleted, nothing written
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, write_recipe
-from test_shard import sharded, tree
+from test_shard import _finalize_fails, sharded, tree  # one refusal check for both kinds of unit
 
 TARGETS = ("q_proj", "v_proj", "o_proj")  # x 2 layers: 6 modules
 
@@ -84,13 +84,6 @@ def staged(loras, tmp_path, cli):
     for i in range(3):
         assert cli("run", r, "--shard", f"{i}/3", "--stage", tmp_path / "st")[0] == 0
     return r, tmp_path / "st"
-
-
-def _finalize_fails(cli, r, stage, out, *words):
-    code, _, err = cli("finalize", r, "--stage", stage, "--out", out)
-    assert code == 2, err
-    assert "unit 1/3" in err and all(w in err for w in words), err
-    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_finalize_refuses_a_missing_unit(staged, tmp_path, cli):
