@@ -1,9 +1,8 @@
 """Elementwise methods merged block by block, straight into the output dtype (issue 17).
 
 An elementwise operator (``Operator.elementwise``: linear, task_arithmetic, magmax's magnitude
-selection) gives each merged entry
-from the same entry of every input and the base, so a tensor can be merged one block of rows at a
-time: each model's stored rows are read into a cache-sized block, folded by the operator's own fold
+selection) gives each merged entry from the same entry of every input and the base, so a tensor
+can be merged one block of rows at a time: each model's stored rows are read into a cache-sized block, folded by the operator's own fold
 (the same torch operations on every entry, so the same bits as the whole-tensor fold), and the block
 is written into the output tensor in the output dtype. The whole-tensor fold makes about seven
 passes over a float32 accumulator as large as the tensor (the first model converted, each further
@@ -53,19 +52,16 @@ def merge(plan, name: str):
     """Tensor ``name`` merged block by block into a tensor of its output dtype (:func:`applies`)."""
     import torch
 
-    from .inputs import dense_task
+    from .inputs import dense_task, stored_rows
 
     op, item = plan.op, plan.items[name]
     shape = tuple(item.shape)
     cdt, out_dtype = getattr(torch, plan.compute_dtype), getattr(torch, item.out_dtype)
     base_source, sources = plan.sources_of(name)
     use_base = base_source is not None and op.reads_base
-    load = plan.load_dtype
 
-    def read(source, r0, r1):  # the stored rows, rounded to the recipe's dtype as inputs.stored does
-        m, n = source
-        x = m.source.get_rows(n, r0, r1)
-        return x.to(load) if load is not None and x.is_floating_point() and x.dtype != load else x
+    def read(source, r0, r1):
+        return stored_rows(*source, r0, r1, plan.load_dtype)
 
     row = 1
     for d in shape[1:]:

@@ -44,7 +44,7 @@ def empty(shape, dtype: "torch.dtype", device="cpu") -> "torch.Tensor":
     numel = 1
     for d in shape:
         numel *= d
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     with _lock:
@@ -77,6 +77,6 @@ def like(t: "torch.Tensor", dtype: "torch.dtype | None" = None) -> "torch.Tensor
 
 
 def release() -> None:
-    """Drop every free buffer (the end of a merge)."""
+    """Drop every free buffer (``execute.execute`` at the end of its loop)."""
     with _lock:
         _pool[:] = [s for s in _pool if _use_count(s) > 1]

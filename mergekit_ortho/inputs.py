@@ -35,6 +35,13 @@ def stored(m: "ModelInput", name: str, load_dtype=None):
     return x.to(load_dtype) if load_dtype is not None and x.is_floating_point() and x.dtype != load_dtype else x
 
 
+def stored_rows(m: "ModelInput", name: str, r0: int, r1: int, load_dtype=None):
+    """Rows r0..r1 of model ``m``'s tensor ``name`` as stored, rounded to ``load_dtype`` as
+    :func:`stored` rounds the whole tensor."""
+    x = m.source.get_rows(name, r0, r1)
+    return x.to(load_dtype) if load_dtype is not None and x.is_floating_point() and x.dtype != load_dtype else x
+
+
 def model_tensor(m: "ModelInput", name: str, shape, base, space: str, cdt, device="cpu", raw: bool = False,
                  load_dtype=None):
     """Model ``m``'s tensor ``name`` as an operator input in ``space`` ("deltas" | "weights").
@@ -98,8 +105,7 @@ def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", sha
     load = plan.load_dtype
 
     def read(m, n, r0, r1):
-        x = m.source.get_rows(n, r0, r1)
-        return x.to(load) if load is not None and x.is_floating_point() and x.dtype != load else x
+        return stored_rows(m, n, r0, r1, load)
 
     last: dict = {}
 

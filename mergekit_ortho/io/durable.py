@@ -4,8 +4,8 @@ Two ways, the same bytes:
 
 * **direct** (``O_DIRECT``, Linux): ``write`` copies the bytes into page-aligned staging buffers
   of ``CHUNK`` bytes (``BUFFERS`` of them); a helper thread writes each full one and hands it
-  back, so the disk writes while the next tensors are computed, in bounded memory. The page cache is bypassed: no page
-  cache memory is allocated and filled (on the 2-core VM of the benchmarks, buffered writes of a
+  back, so the disk writes while the next tensors are computed, in bounded memory. The page
+  cache is bypassed: no page cache memory is allocated and filled (on the 2-core VM of the benchmarks, buffered writes of a
   2 GiB output cost 0.4-5 s of system time - fresh page-cache pages - where direct writes cost
   0.1 s and the disk took 0.8-1.1 s), and a large merge no longer evicts its own inputs from the
   cache. The last block is padded to the alignment, written, and the file truncated to its size.
