@@ -47,9 +47,8 @@ def empty(shape, dtype: "torch.dtype", device="cpu") -> "torch.Tensor":
     nbytes = numel * dtype.itemsize
     if nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
-    with _lock:
-        storage = _take(nbytes)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    with _lock:  # taken and referenced under the lock: no other thread sees it free meanwhile
+        return torch.empty(0, dtype=dtype).set_(_take(nbytes), 0, shape)
 
 
 def _take(nbytes: int):

@@ -38,8 +38,11 @@ class Work:
 
 def execute(items: Iterable[Work], compute: Callable[[str], tuple[Any, dict | None]], sink, *,
             peak_bytes: int = 0, inputs_hint: str = "", check_finite: bool = True,
-            on_item: Callable[[str, int], None] | None = None) -> None:
-    """Run every item through ``compute`` into ``sink`` (already entered; the caller commits)."""
+            on_item: Callable[[str, int], None] | None = None, lanes: int = 1) -> None:
+    """Run every item through ``compute`` into ``sink`` (already entered; the caller commits).
+
+    ``lanes`` > 1: that many items are computed at once, each on its own thread with torch on one
+    thread (:func:`_lanes`); the sink still gets them one by one in order."""
     import gc
 
     from . import buffers
@@ -48,6 +51,9 @@ def execute(items: Iterable[Work], compute: Callable[[str], tuple[Any, dict | No
     # (one walked them for ~0.1 s during a 1.1B linear run)
     gc.freeze()
     try:
+        if lanes > 1:
+            _lanes(list(items), compute, sink, peak_bytes, inputs_hint, check_finite, on_item, lanes)
+            return
         for work in items:
             with memory_guard(work.name, work.need_bytes, peak_bytes):
                 value, report = compute(work.name)
@@ -60,6 +66,82 @@ def execute(items: Iterable[Work], compute: Callable[[str], tuple[Any, dict | No
     finally:
         gc.unfreeze()
         buffers.release()  # a long-lived process (the merge server) does not keep the peak between jobs
+
+
+def _lanes(items: list[Work], compute, sink, peak_bytes: int, inputs_hint: str, check_finite: bool, on_item,
+           lanes: int) -> None:
+    """The loop with up to ``lanes`` items in flight (computed, or waiting for the sink).
+
+    Why items, not threads inside each operator: most passes are a dozen short torch calls per
+    cache-sized block, too short for torch's thread pool (its parallel regions cost more than they
+    share, and stall on shared cores), so one item ran on one core while the other idled. Each lane
+    runs torch on one thread, so an item's bits do not depend on ``--threads`` (reductions split
+    over threads round by their count) and equal a ``--threads 1`` run. Memory: an item starts only
+    while the estimated needs of the items in flight, its own included, stay within the largest
+    single item's (so the estimated peak is the serial loop's): small items overlap, the largest
+    run alone."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepare = getattr(sink, "prepare", None)  # the sink's own conversion (a cast), done in the lane
+
+    def one(work: Work):
+        value, report = compute(work.name)
+        if check_finite and work.merged:
+            _check_finite(work.name, value, inputs_hint)
+        return (prepare(work.name, value) if prepare is not None else value), report
+
+    limit = max((w.need_bytes for w in items), default=0)
+    pending: deque = deque()  # (work, future), in the sink's order
+    todo = iter(items)
+    state = {"next": next(todo, None), "held": 0}  # held: estimated bytes of the items not yet put
+
+    def fill() -> None:
+        nxt = state["next"]
+        while nxt is not None and len(pending) < lanes and (state["held"] == 0 or state["held"] + nxt.need_bytes <= limit):
+            pending.append((nxt, pool.submit(one, nxt)))
+            state["held"] += nxt.need_bytes
+            nxt = state["next"] = next(todo, None)
+
+    with ThreadPoolExecutor(lanes, thread_name_prefix="lane", initializer=_one_torch_thread) as pool:
+        try:
+            fill()
+            while pending:
+                work, fut = pending.popleft()
+                with memory_guard(work.name, work.need_bytes, peak_bytes):
+                    value, report = fut.result()
+                fill()  # the lanes keep computing while the sink writes this one
+                sink.put(work.name, value, report)
+                del value, report, fut
+                state["held"] -= work.need_bytes
+                if on_item:
+                    on_item(work.name, work.read_bytes)
+                fill()
+        except BaseException:
+            for _, f in pending:
+                f.cancel()
+            raise
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # this thread's OpenMP/MKL setting only (the main thread keeps its own)
+
+
+def lanes_for(plan) -> int:
+    """How many items of a full-model ``plan`` may be computed at once: torch's thread count for a
+    dense method on the CPU over safetensors inputs, else 1 (LoRA inputs and pickles keep caches
+    that one thread at a time may use; a GPU runs one item's kernels on all of itself)."""
+    import torch
+
+    n = torch.get_num_threads()
+    if n <= 1 or str(plan.device) != "cpu" or plan.op.input_kind == "lora" or plan.lora_models:
+        return 1
+    models = [plan.base, *plan.models] if plan.base is not None else list(plan.models)
+    if any(getattr(m.source, "format", None) != "safetensors" for m in models):
+        return 1
+    return n
 
 
 def _check_finite(name: str, value, inputs_hint: str) -> None:
@@ -268,17 +350,19 @@ def full_work(plan, merged_read: bool = True) -> dict[str, Work]:
 
 
 def write_full_model(plan, out: Path, compute, *, card_extra: str = "", on_tensor=None, overwrite: bool = False,
-                     inputs=(), force_replace: bool = False) -> Path:
-    """A full model directory from ``compute`` over the plan's items."""
+                     inputs=(), force_replace: bool = False, lanes: int | None = None) -> Path:
+    """A full model directory from ``compute`` over the plan's items (``lanes``: see :func:`fill_full`)."""
     sink = full_sink(plan, out, card_extra=card_extra, overwrite=overwrite, inputs=inputs,
                      force_replace=force_replace)
     with sink:
-        fill_full(plan, sink, compute, on_tensor)
+        fill_full(plan, sink, compute, on_tensor, lanes)
         return sink.commit()
 
 
-def fill_full(plan, sink, compute, on_tensor=None) -> None:
+def fill_full(plan, sink, compute, on_tensor=None, lanes: int | None = None) -> None:
     """The loop over the items ``sink`` orders (a full model: all; a unit of a sharded run: its
-    shards' items) of a full-model plan."""
+    shards' items) of a full-model plan. ``lanes``: items computed at once (None: :func:`lanes_for`;
+    a caller whose ``compute`` keeps state across items passes 1)."""
     execute(in_order(sink, full_work(plan)), compute, sink, peak_bytes=plan.peak_bytes,
-            inputs_hint=", ".join(m.ref for m in plan.models), on_item=on_tensor)
+            inputs_hint=", ".join(m.ref for m in plan.models), on_item=on_tensor,
+            lanes=lanes_for(plan) if lanes is None else lanes)

@@ -10,8 +10,9 @@ from .execute import Work, bundle_result, execute, full_item, in_order, lowrank_
 
 
 def run(plan, out: Path, overwrite: bool = False, on_tensor: Callable[[str, int], None] | None = None,
-        force_replace: bool = False) -> Path:
-    """Execute ``plan`` into ``out`` atomically, in the plan's output format."""
+        force_replace: bool = False, lanes: int | None = None) -> Path:
+    """Execute ``plan`` into ``out`` atomically, in the plan's output format (``lanes``: see
+    :func:`.execute.fill_full`)."""
     from .plan import input_paths
 
     guard = dict(overwrite=overwrite, inputs=input_paths(plan), force_replace=force_replace)
@@ -20,7 +21,7 @@ def run(plan, out: Path, overwrite: bool = False, on_tensor: Callable[[str, int]
 
         return run_sequential(plan, out, on_tensor=on_tensor, **guard)
     if plan.out_format == "full":
-        return write_full_model(plan, out, full_item(plan), on_tensor=on_tensor, **guard)
+        return write_full_model(plan, out, full_item(plan), on_tensor=on_tensor, lanes=lanes, **guard)
     sink = _bundle_sink(plan, out, guard) if plan.out_format == "bundle" else _adapter_sink(plan, out, guard)
     with sink:
         fill_modules(plan, sink, plan.module_keys, on_tensor)

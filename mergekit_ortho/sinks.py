@@ -156,16 +156,24 @@ class FullModel(_AtomicDirSink):
             return
         self.writer = ShardedWriter(self.tmp, self.shards, self.metadata)
 
-    def put(self, name: str, value, report: dict | None = None) -> None:
+    def prepare(self, name: str, value):
+        """``value`` as ``put`` will write it: cast to the tensor's output dtype (refusing values
+        beyond its range). ``execute`` calls this on the thread that computed the item, so the
+        cast of one item overlaps the writing of another; ``put`` then has nothing to convert."""
         import torch
 
         from .dtypes import cast_checked
 
         if self.fp8 is not None and name in self.fp8.weights:
+            return value
+        dtype = getattr(torch, self.dtypes[name])
+        return value if value.dtype == dtype else cast_checked(value, dtype, name)
+
+    def put(self, name: str, value, report: dict | None = None) -> None:
+        if self.fp8 is not None and name in self.fp8.weights:
             self.fp8.put(self.writer.write, name, value)
         else:
-            dtype = getattr(torch, self.dtypes[name])
-            self.writer.write(name, value if value.dtype == dtype else cast_checked(value, dtype, name))
+            self.writer.write(name, self.prepare(name, value))
         if report is not None:
             self.reports[name] = json_safe(report)
 

@@ -14,7 +14,9 @@ it at the live tensors.
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +156,7 @@ class SafetensorsFile:
         self.entries = self.header.entries
         self.metadata = self.header.metadata
         self._fh = None
+        self._open_lock = threading.Lock()
 
     def read(self, name: str):
         e = self.entries[name]
@@ -174,20 +177,25 @@ class SafetensorsFile:
             raise UserError(f"{self.path.name}: only its header was fetched from the Hub, so tensor '{name}' cannot be "
                             "read here; run without --dry-run (merge run downloads the files a merge reads)")
         try:
-            if self._fh is None:
-                self._fh = open(self.path, "rb", buffering=0)
+            fd = self._fd()
             buf = buffers.empty((length,), torch.uint8)  # a reused buffer: no page clearing
             view = memoryview(buf.numpy())
-            self._fh.seek(self.header.data_start + begin)
+            start = self.header.data_start + begin
             got = 0
-            while got < len(view):
-                r = self._fh.readinto(view[got:])
+            while got < len(view):  # positioned reads: items merged on several threads share the file
+                r = os.preadv(fd, [view[got:]], start + got)
                 if not r:
                     raise UserError(f"{self.path}: file ended while reading tensor '{name}' (truncated?)")
                 got += r
         except OSError as err:
             raise UserError(f"{self.path}: cannot read tensor '{name}' ({err.strerror or err})") from None
         return buf.view(getattr(torch, e.dtype)).reshape(shape)
+
+    def _fd(self) -> int:
+        with self._open_lock:
+            if self._fh is None:
+                self._fh = open(self.path, "rb", buffering=0)
+            return self._fh.fileno()
 
     def close(self) -> None:
         if self._fh is not None:

@@ -106,7 +106,8 @@ class CheckpointSource:
         if h is None:
             from .hub_remote import remote_size
 
-            h = self._handles[f] = SafetensorsFile(f, remote_size=remote_size(f))
+            h = SafetensorsFile(f, remote_size=remote_size(f))
+            h = self._handles.setdefault(f, h)  # items merged on two threads open a file once
         return h
 
     def _load_pickle(self, f: Path) -> dict:

@@ -119,7 +119,8 @@ def parts_help(axes) -> bool:
 
 def run_point(plan, target: Path, cache: Cache, memo: InputMemo, tally: dict, use_parts: bool = True) -> None:
     """Merge one point's ``plan`` into ``target`` as `merge run` would, reusing what the cache and
-    the memo hold (:mod:`.reuse`); ``use_parts``: compute and reuse per-model parts."""
+    the memo hold (:mod:`.reuse`); ``use_parts``: compute and reuse per-model parts. One item at a
+    time (lanes=1): the cache, the memo, the tally and the swapped ``plan.op`` are shared state."""
     from .. import outputs
     from ..execute import full_item, write_full_model
     from ..ops.opcm import fold_with_svd
@@ -140,7 +141,7 @@ def run_point(plan, target: Path, cache: Cache, memo: InputMemo, tally: dict, us
                 hit = dense_hit(plan, name, prep, cache, memo, tally)
                 return (hit, None) if hit is not None else plain(name)
 
-            write_full_model(plan, target, compute, inputs=input_paths(plan))
+            write_full_model(plan, target, compute, inputs=input_paths(plan), lanes=1)
             return
     elif op.name == "widen" and full_dense:
         plain = full_item(plan)
@@ -154,9 +155,9 @@ def run_point(plan, target: Path, cache: Cache, memo: InputMemo, tally: dict, us
             finally:
                 plan.op = op
 
-        write_full_model(plan, target, compute, inputs=input_paths(plan))
+        write_full_model(plan, target, compute, inputs=input_paths(plan), lanes=1)
         return
-    outputs.run(plan, target)
+    outputs.run(plan, target, lanes=1)
 
 
 def parse_score(stdout: str) -> float | None:
@@ -256,7 +257,7 @@ def sweep(recipe_path: Path, sets: list[str], out: Path | None = None, *, work_d
                 if cached:
                     run_point(plan, target, cache, memo, tally, use_parts)
                 else:
-                    outputs.run(plan, target)
+                    outputs.run(plan, target, lanes=1)
             finally:
                 plan_mod.close(plan)
             point.seconds = time.perf_counter() - start
