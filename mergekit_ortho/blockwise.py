@@ -19,7 +19,7 @@ a NaN/Inf is left to the executor's finite check of the result.
 from __future__ import annotations
 
 from . import buffers
-from .ops.kernels.convert import add_converted_
+from .ops.kernels.convert import add_converted_, store_checked_
 from .ops.kernels.threads import serial
 
 BLOCK_ENTRIES = 1 << 19  # entries per block (1 MiB of bf16 per model, 2 MiB of float32 state)
@@ -79,9 +79,6 @@ def merge(plan, name: str):
 
 def _block(op, task, out, read, base_source, sources, r0: int, r1: int, out_dtype, name: str) -> None:
     """Rows r0..r1 of every input folded by the operator, cast into the same rows of ``out``."""
-    import torch
-
-    from .dtypes import cast_checked
     from .ops.apply import apply_dense
 
     base = read(base_source, r0, r1) if base_source is not None else None
@@ -89,7 +86,4 @@ def _block(op, task, out, read, base_source, sources, r0: int, r1: int, out_dtyp
     got = apply_dense(op, task, lambda: (read(s, r0, r1) for s in sources))
     if op.reads == "deltas":
         got = add_converted_(got, base)
-    dst = out[r0:r1]
-    dst.copy_(got)
-    if dst.dtype != got.dtype and not bool(torch.isfinite(dst.sum())):
-        cast_checked(got, out_dtype, name)  # values beyond the output's range: refused as there
+    store_checked_(out[r0:r1], got, name)  # values beyond the output's range: refused

@@ -83,10 +83,13 @@ def _lanes(items: list[Work], compute, sink, peak_bytes: int, inputs_hint: str, 
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    from .ops.kernels import _chunks
+
     prepare = getattr(sink, "prepare", None)  # the sink's own conversion (a cast), done in the lane
 
-    def one(work: Work):
-        value, report = compute(work.name)
+    def one(work: Work, alone: bool):
+        with _chunks.width(lanes if alone else 1):  # an item that runs alone splits its kernels
+            value, report = compute(work.name)
         if check_finite and work.merged:
             _check_finite(work.name, value, inputs_hint)
         return (prepare(work.name, value) if prepare is not None else value), report
@@ -99,9 +102,12 @@ def _lanes(items: list[Work], compute, sink, peak_bytes: int, inputs_hint: str, 
     def fill() -> None:
         nxt = state["next"]
         while nxt is not None and len(pending) < lanes and (state["held"] == 0 or state["held"] + nxt.need_bytes <= limit):
-            pending.append((nxt, pool.submit(one, nxt)))
+            after = next(todo, None)
+            # alone: nothing in flight and the item after it cannot join it, so it has the cores
+            alone = state["held"] == 0 and (after is None or nxt.need_bytes + after.need_bytes > limit)
+            pending.append((nxt, pool.submit(one, nxt, alone)))
             state["held"] += nxt.need_bytes
-            nxt = state["next"] = next(todo, None)
+            nxt = state["next"] = after
 
     with ThreadPoolExecutor(lanes, thread_name_prefix="lane", initializer=_one_torch_thread) as pool:
         try:
@@ -209,6 +215,9 @@ def merge_tensor(plan, name: str):
     base = base_tensor(plan, base_source, None if raw else cdt) if use_base else None
     task = dense_task(plan, name, base)
     task.dtype, task.raw_inputs = cdt, raw
+    dt = str(item.out_dtype)
+    if op.reads == "weights" and plan.fp8_out is None and dt.startswith(("float", "bfloat")) and "float8" not in dt:
+        task.out_dtype = getattr(torch, item.out_dtype)  # the result is the output as it is written
     out = apply_dense(op, task, lambda: (model_tensor(m, n, item.shape, base, op.reads, cdt, plan.device, raw,
                                                       plan.load_dtype) for m, n in sources))
     if op.reads == "deltas":

@@ -11,9 +11,10 @@ from mergekit_ortho.ops.kernels import convert
 from mergekit_ortho.ops.registry import TensorTask
 
 
-def _fold(base, x, t):
+def _fold(base, x, t, out_dtype=None):
     op = registry.get("slerp")
-    task = TensorTask("w", base, [], op.resolve_params({"t": t}), [{}], dtype=torch.float32, raw_inputs=True)
+    task = TensorTask("w", base, [], op.resolve_params({"t": t}), [{}], dtype=torch.float32, raw_inputs=True,
+                      out_dtype=out_dtype)
     f = op.fold
     return f.finish(f.step(f.start(task), x, 0, task), task)
 
@@ -35,6 +36,28 @@ def test_fold_is_bit_equal_to_the_plain_operator(monkeypatch, dtype, fold_chunk,
     ref = _plain(base, x, t)
     assert out.dtype == torch.float32 and out.shape == base.shape
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_fold_into_the_output_dtype_is_the_cast_of_the_float32_result(monkeypatch, dtype, out_dtype):
+    monkeypatch.setattr(convert, "FOLD_CHUNK", 64)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(41, 13, generator=g).to(dtype)
+    x = (base.float() + 0.3 * torch.randn(41, 13, generator=g)).to(dtype)
+    out = _fold(base, x, 0.4, out_dtype)
+    ref = _plain(base, x, 0.4).to(out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
+def test_fold_into_a_narrow_output_refuses_values_beyond_its_range():
+    from mergekit_ortho.dtypes import OutOfRange
+
+    base = torch.full((4, 5), 1e5)
+    x = torch.full((4, 5), 1e5)
+    x[2, 3] = 9e5  # beyond float16's 65504 wherever t moves towards it
+    with pytest.raises(OutOfRange, match="tensor 'w'"):
+        _fold(base, x, 0.5, torch.float16)
 
 
 @pytest.mark.parametrize("case", ["colinear", "zero_base"])

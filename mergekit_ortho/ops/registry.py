@@ -157,12 +157,12 @@ class TensorTask:
     model_names: list[str] = field(default_factory=list)
     # the compute dtype; inputs arrive in it, except raw weights (below)
     dtype: "torch.dtype | None" = None
-    # True when a Fold with ``raw_weights`` is handed the models' weights as stored
-    raw_inputs: bool = False
+    raw_inputs: bool = False  # True: a Fold with ``raw_weights`` is handed the weights as stored
     # what a Fold's ``gather`` pre-pass collected over every model (see Fold)
     stats: Any = None
     # what a Fold's ``reduce`` combined over every tensor of the models so far (see Fold)
     scalars: Any = None
+    out_dtype: "torch.dtype | None" = None  # the output's, when written as is: a fold may return that
 
 
 @dataclass

@@ -99,7 +99,8 @@ def _step(state, x: torch.Tensor, i: int, task: TensorTask) -> torch.Tensor:
     if base.shape != x.shape:
         raise ShapeMismatch(f"slerp: tensors of shapes {tuple(base.shape)} and {tuple(x.shape)}")
     t = task.params.t
-    return slerp_fold(base, x, lambda dot, aa, bb: _arc_weights(dot, aa, bb, t), _compute_dtype(base, x))
+    return slerp_fold(base, x, lambda dot, aa, bb: _arc_weights(dot, aa, bb, t), _compute_dtype(base, x),
+                      out_dtype=task.out_dtype, name=task.name)
 
 
 def _finish(state, task: TensorTask) -> torch.Tensor:

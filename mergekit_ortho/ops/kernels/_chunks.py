@@ -1,6 +1,9 @@
 """Chunking shared by the elementwise kernels."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 
 # Every full-tensor pass of the TIES/DARE kernels (radix histograms, applying the threshold, the
@@ -26,22 +29,41 @@ def chunk_len(t: torch.Tensor) -> int:
 # are spread over the cores by splitting them between Python threads: numpy and torch release
 # the GIL inside their kernels. One pool for the process, as many workers as torch's intra-op
 # threads (``merge --threads``), created on first use; with one thread nothing is submitted.
+# The executor's item lanes (execute._lanes) run torch on one thread each and set a width of
+# their own: 1 while items share the cores, all of them for an item that runs alone. Every
+# kernel split this way gives the same bits for any width (tests/test_topk_parallel.py).
 _POOL = None
+_local = threading.local()
+_pool_lock = threading.Lock()
 
 
 def workers() -> int:
-    """How many threads a kernel may split a serial pass over (torch's intra-op thread count)."""
-    return max(1, torch.get_num_threads())
+    """How many threads a kernel may split a serial pass over: the width the calling thread was
+    given (:func:`width`), else torch's intra-op thread count."""
+    w = getattr(_local, "width", None)
+    return w if w is not None else max(1, torch.get_num_threads())
+
+
+@contextmanager
+def width(n: int):
+    """Kernels called from this thread inside the block split their passes over ``n`` workers."""
+    old = getattr(_local, "width", None)
+    _local.width = max(1, n)
+    try:
+        yield
+    finally:
+        _local.width = old
 
 
 def pool():
-    """The shared worker pool (``workers()`` threads)."""
+    """The shared worker pool (at least ``workers()`` threads; a larger one serves as well)."""
     global _POOL
     from concurrent.futures import ThreadPoolExecutor
 
-    if _POOL is None or _POOL._max_workers != workers():
-        _POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="kernels")
-    return _POOL
+    with _pool_lock:
+        if _POOL is None or _POOL._max_workers < workers():
+            _POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="kernels")
+        return _POOL
 
 
 def split_map(fn, n: int, step: int) -> list:
@@ -49,8 +71,6 @@ def split_map(fn, n: int, step: int) -> list:
     whole number of ``step``-entry chunks (so a chunk loop inside ``fn`` cuts the same chunks as
     one loop over [0, n) would); run on the pool, results in range order. Serial (one range)
     with one worker, one chunk, or when called from a pool thread (no nested waits)."""
-    import threading
-
     chunks = -(-n // step) if n else 0
     parts = min(workers(), chunks)
     if parts <= 1 or threading.current_thread().name.startswith("kernels"):

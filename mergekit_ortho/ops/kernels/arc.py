@@ -59,30 +59,46 @@ def arc_sums(a: "torch.Tensor", b: "torch.Tensor", dtype: "torch.dtype",
 
 
 def slerp_fold(a: "torch.Tensor", b: "torch.Tensor", weights: Callable[[float, float, float], tuple[float, float]],
-               dtype: "torch.dtype", chunk: int | None = None) -> "torch.Tensor":
-    """A new tensor of a's shape in ``dtype``: ``a * w0 + w1 * b`` with ``(w0, w1) =
-    weights(<a, b>, |a|^2, |b|^2)``, the sums as :func:`arc_sums` takes them; a and b (same
-    shape, any float dtype) converted chunk by chunk, rounded as
-    ``a.to(dtype).mul(w0).add_(b.to(dtype), alpha=w1)``."""
+               dtype: "torch.dtype", chunk: int | None = None, out_dtype: "torch.dtype | None" = None,
+               name: str = "") -> "torch.Tensor":
+    """A tensor of a's shape: ``a * w0 + w1 * b`` with ``(w0, w1) = weights(<a, b>, |a|^2,
+    |b|^2)``, the sums as :func:`arc_sums` takes them; a and b (same shape, any float dtype)
+    converted chunk by chunk, rounded as ``a.to(dtype).mul(w0).add_(b.to(dtype), alpha=w1)``.
+    ``out_dtype``: each chunk is stored straight into a tensor of that dtype (values beyond its
+    range refused as :func:`mergekit_ortho.dtypes.cast_checked` refuses them, ``name`` in the
+    message), else the result is in ``dtype``."""
     import torch
 
-    out = torch.empty(a.shape, dtype=dtype, device=a.device)
+    from ... import buffers
+    from .convert import store_checked_
+
+    out = buffers.empty(a.shape, out_dtype or dtype, device=a.device)
     o, af, bf = out.view(-1), a.reshape(-1), b.reshape(-1)
     n = o.numel()
     step = _step(o, chunk)
-    direct = bf.dtype == dtype
-    buf = None if direct or n == 0 else torch.empty(step, dtype=dtype, device=a.device)
+    direct_out = out.dtype == dtype  # the result is formed in the output itself
+    a_buf = None if direct_out or n == 0 else torch.empty(step, dtype=dtype, device=a.device)
+    b_buf = None if n == 0 or bf.dtype == dtype else torch.empty(step, dtype=dtype, device=a.device)
+
+    def b_chunk(lo, hi):
+        return bf[lo:hi] if b_buf is None else b_buf[:hi - lo].copy_(bf[lo:hi])
+
+    def a_chunk(lo, hi):  # a's chunk converted to ``dtype`` where this chunk's result is formed
+        return (o[lo:hi] if direct_out else a_buf[:hi - lo]).copy_(af[lo:hi])
+
     dot = aa = bb = 0.0
     with serial():
         for lo in range(0, n, step):
             hi = min(lo + step, n)
-            va = o[lo:hi].copy_(af[lo:hi])
-            vb = bf[lo:hi] if direct else buf[:hi - lo].copy_(bf[lo:hi])
-            d, x, y = _dots(va, vb)
+            va = a_chunk(lo, hi) if direct_out or af.dtype != dtype else af[lo:hi]
+            d, x, y = _dots(va, b_chunk(lo, hi))
             dot, aa, bb = dot + d, aa + x, bb + y
         w0, w1 = weights(dot, aa, bb)
         for lo in range(0, n, step):
             hi = min(lo + step, n)
-            vb = bf[lo:hi] if direct else buf[:hi - lo].copy_(bf[lo:hi])
-            o[lo:hi].mul_(w0).add_(vb, alpha=w1)
+            vb = b_chunk(lo, hi)
+            if direct_out:
+                o[lo:hi].mul_(w0).add_(vb, alpha=w1)
+            else:
+                store_checked_(o[lo:hi], a_chunk(lo, hi).mul_(w0).add_(vb, alpha=w1), name)
     return out

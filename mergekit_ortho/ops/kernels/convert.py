@@ -39,6 +39,18 @@ def add_converted_(acc: "torch.Tensor", x: "torch.Tensor", alpha: float = 1.0) -
     return acc
 
 
+def store_checked_(dst: "torch.Tensor", src: "torch.Tensor", name: str) -> None:
+    """``dst.copy_(src)`` (a chunk of an output in its own dtype), refusing values the cast turns
+    into inf as :func:`mergekit_ortho.dtypes.cast_checked` does (one reduction when all is well)."""
+    import torch
+
+    dst.copy_(src)
+    if dst.dtype != src.dtype and not bool(torch.isfinite(dst.sum())):
+        from ...dtypes import cast_checked
+
+        cast_checked(src, dst.dtype, name)
+
+
 def fold_input_chunks(x: "torch.Tensor", task: Any, chunk: int | None = None):
     """Yield ``(lo, hi, v)`` over the flat entries of model input x, ``chunk`` (default
     ``FOLD_CHUNK``) at a time on CPU, one chunk on other devices: ``v`` holds entries lo..hi as
