@@ -3,7 +3,9 @@
 ``execute`` walks output items in the sink's order; for each it calls ``compute(name)`` (which
 gathers the item's inputs through :mod:`.inputs` and calls the operator), checks the merged value
 is finite, and hands it to the sink, which casts and writes it; then everything is freed. Peak
-memory is bounded by (inputs + a few) x the largest item, never by the model size.
+memory is bounded by (inputs + a few) x the largest item, never by the model size. On the CPU a
+full model's items may be computed several at a time (``lanes``), each on one thread: the same
+loop, the same order into the sink, the same bits, the same estimated peak.
 
 ``run`` executes a plan into its output (full model, adapter, bundle, or a sequential method's
 single pass). ``merge continual add/export`` and ``merge revert`` use the same loop with their own
@@ -27,8 +29,8 @@ class NonFinite(UserError):
 @dataclass(frozen=True)
 class Work:
     """One output item as the loop sees it: its name, the bytes it reads (progress), the memory
-    one step may need (for the out-of-memory message), and whether its value is merged (checked
-    finite) or copied as stored."""
+    one step may need (the out-of-memory message; the lanes' admission), and whether its value is
+    merged (checked finite) or copied as stored."""
 
     name: str
     read_bytes: int = 0

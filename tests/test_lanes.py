@@ -188,3 +188,32 @@ def test_the_buffer_pool_never_hands_one_buffer_to_two_threads():
         t.join()
     buffers.release()
     assert not clashes
+
+
+def test_chunk_loops_split_over_workers_give_the_same_bits(monkeypatch):
+    """The chunk loops an item that runs alone splits (_chunks.over_ranges): TIES's disjoint mean,
+    SCE's variance, mask (with its float64 sums) and energy merge, for widths 1, 2 and 3."""
+    from mergekit_ortho.ops import sce
+    from mergekit_ortho.ops.kernels import _chunks, sign_election
+
+    monkeypatch.setattr(_chunks, "CHUNK", 64)
+    g = torch.Generator().manual_seed(11)
+    taus = [torch.randn(1000, generator=g) * 0.01 for _ in range(3)]
+    taus[1][17] = float("nan")
+    taus[2][900] = float("inf")
+
+    def run(width: int):
+        with _chunks.width(width):
+            ties = sign_election.disjoint_merge_([t.clone() for t in taus], [1.0, 0.5, 2.0], True, 0.7)
+            var = sce._variance([t.clone() for t in taus])
+            masked = [t.clone() for t in taus]
+            sums = sce._mask_(masked, var.clone(), (int(var.view(torch.int32)[5]) & 0x7FFFFFFF, 300))
+            energy = sign_election.energy_merge_([t.clone() for t in taus], [0.2, 0.3, 0.5])
+        return [x.view(torch.int32) for x in (ties, var, energy, *masked)], sums
+
+    want, want_sums = run(1)
+    for width in (2, 3):
+        got, sums = run(width)
+        assert torch.equal(torch.tensor(sums, dtype=torch.float64).view(torch.int64),
+                           torch.tensor(want_sums, dtype=torch.float64).view(torch.int64))
+        assert all(torch.equal(a, b) for a, b in zip(want, got))

@@ -118,8 +118,9 @@ def _main(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     threads: Optional[int] = typer.Option(
         None, "--threads", min=1,
-        help="CPU threads for the tensor math (default: one per core). On cores shared with other "
-        "jobs, --threads 1 avoids stalls of torch's thread pool."),
+        help="CPU threads for the tensor math (default: one per core): a full-model merge computes "
+        "that many tensors at once, each on one thread, with the same result for any N. On cores "
+        "shared with other jobs, --threads 1 avoids stalls of torch's thread pool."),
 ):
     STATE["verbose"] = verbose
     STATE["quiet"] = quiet

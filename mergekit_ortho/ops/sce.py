@@ -33,7 +33,7 @@ from . import sparsify as sp
 from .gta import _owned
 from .. import buffers
 from .kernels import sign_election, topk
-from .kernels._chunks import chunk_len
+from .kernels._chunks import chunk_len, over_ranges
 from .registry import Operator, Param, TensorTask, register
 
 
@@ -43,10 +43,15 @@ def _variance(flats: list[torch.Tensor]) -> torch.Tensor:
     n = flats[0].numel()
     v = buffers.empty((n,), flats[0].dtype, flats[0].device)  # pages kept between tensors (no faults)
     step = chunk_len(v)
-    mean_buf = torch.empty(min(step, n), dtype=v.dtype, device=v.device)
+    over_ranges(lambda a, b: _variance_range(flats, v, a, b, step), n, step)  # chunks are independent
+    return v
+
+
+def _variance_range(flats: list[torch.Tensor], v: torch.Tensor, a: int, b: int, step: int) -> None:
+    mean_buf = torch.empty(min(step, b - a), dtype=v.dtype, device=v.device)
     sq_buf = torch.empty_like(mean_buf)
-    for lo in range(0, n, step):
-        ts = [f[lo:lo + step] for f in flats]
+    for lo in range(a, b, step):
+        ts = [f[lo:min(lo + step, b)] for f in flats]
         mean = mean_buf[:ts[0].numel()]
         if len(ts) > 1:
             torch.add(ts[0], ts[1], out=mean)  # == copy of t_0, then += t_1
@@ -55,12 +60,11 @@ def _variance(flats: list[torch.Tensor]) -> torch.Tensor:
         for t in ts[2:]:
             mean += t
         mean.div_(len(ts))
-        out = torch.sub(ts[0], mean, out=v[lo:lo + step]).square_()  # == 0 + (t_0 - mean)^2
+        out = torch.sub(ts[0], mean, out=v[lo:min(lo + step, b)]).square_()  # == 0 + (t_0 - mean)^2
         for t in ts[1:]:
             d = torch.sub(t, mean, out=sq_buf[:t.numel()])
             out.add_(d.square_())  # += (t_i - mean)^2
         out.div_(len(ts))
-    return v
 
 
 def variance_plain(taus: list[torch.Tensor]) -> torch.Tensor:
@@ -96,18 +100,28 @@ def _mask_(flats: list[torch.Tensor], v: torch.Tensor, top: tuple[int, int] | No
     masked tau_i (float32 squares, float64 sums of each chunk's, in chunk order). ``top``: the cut
     (t, c) on v's bit patterns; None: v itself is already zero outside the selection."""
     vbits = v.view(torch.int32 if v.element_size() == 4 else torch.int64).view(-1)
-    n = vbits.numel()
     step = chunk_len(v)
-    keep = torch.empty(min(step, n), dtype=vbits.dtype, device=v.device)
-    sq = torch.empty(min(step, n), dtype=v.dtype, device=v.device)
+    parts = over_ranges(lambda a, b: _mask_range_(flats, vbits, top, a, b, step), vbits.numel(), step)
+    sums = [0.0] * len(flats)
+    for per_chunk in parts:  # the chunks' sums added in chunk order, as one loop adds them
+        for chunk_sums in per_chunk:
+            for i, x in enumerate(chunk_sums):
+                sums[i] += x
+    return sums
+
+
+def _mask_range_(flats: list[torch.Tensor], vbits: torch.Tensor, top, a: int, b: int, step: int) -> list[list[float]]:
+    """:func:`_mask_` on the chunks of entries a..b; per chunk, each model's sum of squares."""
+    keep = torch.empty(min(step, b - a), dtype=vbits.dtype, device=vbits.device)
+    sq = torch.empty(min(step, b - a), dtype=flats[0].dtype, device=vbits.device)
     # the float64 sum of a float32 chunk as torch.sum(sq, dtype=float64) gives it, bit for bit (the
     # same values into the same reduction; tests/test_method_speed.py), without its slow cast-on-load
     # path (about 17x slower on two threads)
-    dsq = torch.empty(min(step, n), dtype=torch.float64, device=v.device)
-    sums = [0.0] * len(flats)
+    dsq = torch.empty(min(step, b - a), dtype=torch.float64, device=vbits.device)
+    out = []
     smax = torch.iinfo(vbits.dtype).max
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
+    for lo in range(a, b, step):
+        hi = min(lo + step, b)
         m = torch.bitwise_and(vbits[lo:hi], smax, out=keep[:hi - lo])  # |v|'s bit pattern
         if top is None:
             # all ones where v != 0, else 0: -(|v|'s bit pattern) has its sign bit set iff v != 0,
@@ -121,12 +135,14 @@ def _mask_(flats: list[torch.Tensor], v: torch.Tensor, top: tuple[int, int] | No
             if s < hi - lo:
                 torch.gt(m[s:], t, out=m[s:])
             m.neg_()  # 1 -> all ones, 0 -> 0
-        for i, f in enumerate(flats):
+        chunk_sums = []
+        for f in flats:
             ch = f[lo:hi]
             ch.view(vbits.dtype).bitwise_and_(m)
             torch.square(ch, out=sq[:hi - lo])
-            sums[i] += float(dsq[:hi - lo].copy_(sq[:hi - lo]).sum())  # step 3's, in cache
-    return sums
+            chunk_sums.append(float(dsq[:hi - lo].copy_(sq[:hi - lo]).sum()))  # step 3's, in cache
+        out.append(chunk_sums)
+    return out
 
 
 def _energy_sums(flats: list[torch.Tensor]) -> list[float]:

@@ -78,3 +78,16 @@ def split_map(fn, n: int, step: int) -> list:
     per = -(-chunks // parts) * step
     ranges = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
     return list(pool().map(lambda r: fn(*r), ranges))
+
+
+def over_ranges(fn, n: int, step: int) -> list:
+    """:func:`split_map` of ``fn(lo, hi)`` for a chunk loop whose chunks are independent (each
+    reads and writes only its own entries), each range with torch on one thread: the same bits
+    as one loop over [0, n), for any number of workers. Results in range order."""
+    from .threads import serial
+
+    def one(lo: int, hi: int):
+        with serial():
+            return fn(lo, hi)
+    return split_map(one, n, step)
+

@@ -20,23 +20,30 @@ import math
 
 import torch
 
-from ._chunks import INT_OF, chunk_len
+from ._chunks import INT_OF, chunk_len, over_ranges
 
 
 def disjoint_merge_(flats: list[torch.Tensor], weights: list[float], normalize: bool, lam: float) -> torch.Tensor:
     """The TIES merge of the weighted task vectors ``flats`` (contiguous 1-D, one dtype, owned:
     all are overwritten); returns ``flats[0]``, which holds the result."""
     mixed = flats[0]
-    n = mixed.numel()
     step = chunk_len(mixed)
+    over_ranges(lambda a, b: _disjoint_range_(flats, weights, normalize, lam, a, b, step), mixed.numel(), step)
+    return mixed
+
+
+def _disjoint_range_(flats: list[torch.Tensor], weights: list[float], normalize: bool, lam: float, a: int, b: int,
+                     step: int) -> None:
+    """:func:`disjoint_merge_` on the chunks of entries a..b (whole chunks of ``step``)."""
+    mixed = flats[0]
     itype = INT_OF[mixed.element_size()]
     sign_bit = torch.iinfo(itype).min
     inf = float("inf")
-    scratch = torch.empty(min(n, step), dtype=mixed.dtype, device=mixed.device)
+    scratch = torch.empty(min(b - a, step), dtype=mixed.dtype, device=mixed.device)
     div_buf = torch.empty_like(scratch) if normalize else None
     positive_weights = all(w > 0 for w in weights)
-    for lo in range(0, n, step):
-        ds = [f[lo:lo + step] for f in flats]
+    for lo in range(a, b, step):
+        ds = [f[lo:min(lo + step, b)] for f in flats]
         total = scratch[:ds[0].numel()]
         if len(ds) == 1:
             total.copy_(ds[0])
@@ -69,7 +76,6 @@ def disjoint_merge_(flats: list[torch.Tensor], weights: list[float], normalize: 
             ds[0] /= divisor
         if lam != 1.0:
             ds[0].mul_(lam)
-    return mixed
 
 
 def _energy_chunk_plain_(ts: list[torch.Tensor], weights: list[float]) -> None:
@@ -102,15 +108,21 @@ def energy_merge_(flats: list[torch.Tensor], weights: list[float]) -> torch.Tens
     the plain path, and so does every chunk when a weight is not finite. Bit-equal (tests/test_kernels.py) except the sign of a zero result where
     every kept w_i t_i is zero (w_i = 0, or underflow)."""
     mixed = flats[0]
-    n = mixed.numel()
     step = chunk_len(mixed)
+    over_ranges(lambda a, b: _energy_range_(flats, weights, a, b, step), mixed.numel(), step)
+    return mixed
+
+
+def _energy_range_(flats: list[torch.Tensor], weights: list[float], a: int, b: int, step: int) -> None:
+    """:func:`energy_merge_` on the chunks of entries a..b (whole chunks of ``step``)."""
+    mixed = flats[0]
     itype = INT_OF[mixed.element_size()]
     sign_bit = torch.iinfo(itype).min
-    scratch = torch.empty(min(n, step), dtype=mixed.dtype, device=mixed.device)
+    scratch = torch.empty(min(b - a, step), dtype=mixed.dtype, device=mixed.device)
     div_buf, kept_buf = torch.empty_like(scratch), torch.empty_like(scratch)
     finite_weights = all(math.isfinite(w) for w in weights)  # a NaN weight (a NaN input): plain
-    for lo in range(0, n, step):
-        ts = [f[lo:lo + step] for f in flats]
+    for lo in range(a, b, step):
+        ts = [f[lo:min(lo + step, b)] for f in flats]
         total = scratch[:ts[0].numel()]
         if len(ts) == 1:
             total.copy_(ts[0])
@@ -140,4 +152,3 @@ def energy_merge_(flats: list[torch.Tensor], weights: list[float]) -> torch.Tens
                 ts[0] += t
         ts[0].view(itype).bitwise_xor_(flip)
         ts[0].div_(divisor.clamp_(min=1e-6))
-    return mixed
