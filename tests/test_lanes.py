@@ -192,11 +192,14 @@ def test_the_buffer_pool_never_hands_one_buffer_to_two_threads():
 
 def test_chunk_loops_split_over_workers_give_the_same_bits(monkeypatch):
     """The chunk loops an item that runs alone splits (_chunks.over_ranges): TIES's disjoint mean,
-    SCE's variance, mask (with its float64 sums) and energy merge, for widths 1, 2 and 3."""
-    from mergekit_ortho.ops import sce
-    from mergekit_ortho.ops.kernels import _chunks, sign_election
+    SCE's variance, mask (with its float64 sums) and energy merge, the L1 norm of the rescale and
+    slerp's fold (dot products, then the mix into bf16), for widths 1, 2 and 3."""
+    from mergekit_ortho.ops import sce, sparsify
+    from mergekit_ortho.ops.kernels import _chunks, convert, sign_election
+    from mergekit_ortho.ops.kernels.arc import slerp_fold
 
     monkeypatch.setattr(_chunks, "CHUNK", 64)
+    monkeypatch.setattr(convert, "FOLD_CHUNK", 64)
     g = torch.Generator().manual_seed(11)
     taus = [torch.randn(1000, generator=g) * 0.01 for _ in range(3)]
     taus[1][17] = float("nan")
@@ -209,7 +212,10 @@ def test_chunk_loops_split_over_workers_give_the_same_bits(monkeypatch):
             masked = [t.clone() for t in taus]
             sums = sce._mask_(masked, var.clone(), (int(var.view(torch.int32)[5]) & 0x7FFFFFFF, 300))
             energy = sign_election.energy_merge_([t.clone() for t in taus], [0.2, 0.3, 0.5])
-        return [x.view(torch.int32) for x in (ties, var, energy, *masked)], sums
+            l1 = sparsify.l1_norm(taus[0])
+            arc = slerp_fold(taus[0].bfloat16(), taus[1].nan_to_num(0.0), lambda d, a, b: (d / (a + b), 0.5),
+                             torch.float32, out_dtype=torch.bfloat16)
+        return [x.view(torch.int32) for x in (ties, var, energy, *masked)] + [arc.view(torch.int16)], sums + [l1]
 
     want, want_sums = run(1)
     for width in (2, 3):

@@ -34,8 +34,7 @@ import torch
 
 from ..errors import UserError
 from .kernels import dare_drop, della_drop, topk
-from .kernels._chunks import chunk_len
-from .kernels.threads import serial
+from .kernels._chunks import chunk_len, over_ranges
 
 # ----------------------------------------------------------------------------- plain formulations
 
@@ -208,15 +207,18 @@ L1_EPS = 1e-7
 
 
 def l1_norm(x: torch.Tensor) -> float:
-    """sum |x| over the whole tensor, accumulated in float64 chunk by chunk (no full-size |x|), on
-    one thread (:func:`.kernels.threads.serial`: the same sum whatever the thread count, and no
-    parallel region per chunk)."""
+    """sum |x| over the whole tensor, accumulated in float64 chunk by chunk (no full-size |x|), each
+    chunk on one thread (:func:`.kernels._chunks.over_ranges`: the same sum whatever the thread
+    count or the split, and no parallel region per chunk)."""
     flat = x.reshape(-1)
     step = chunk_len(flat)
+
+    def sums(a: int, b: int) -> list[float]:
+        return [float(torch.sum(flat[lo:min(lo + step, b)].abs(), dtype=torch.float64)) for lo in range(a, b, step)]
     total = 0.0
-    with serial():
-        for lo in range(0, flat.numel(), step):
-            total += float(torch.sum(flat[lo:lo + step].abs(), dtype=torch.float64))
+    for part in over_ranges(sums, flat.numel(), step):  # split when an item runs alone
+        for chunk_sum in part:  # added in chunk order: the same sum for any split
+            total += chunk_sum
     return total
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import convert
 from .convert import converted_chunks
+from ._chunks import over_ranges
 from .threads import serial
 
 if TYPE_CHECKING:
@@ -77,28 +78,38 @@ def slerp_fold(a: "torch.Tensor", b: "torch.Tensor", weights: Callable[[float, f
     n = o.numel()
     step = _step(o, chunk)
     direct_out = out.dtype == dtype  # the result is formed in the output itself
-    a_buf = None if direct_out or n == 0 else torch.empty(step, dtype=dtype, device=a.device)
-    b_buf = None if n == 0 or bf.dtype == dtype else torch.empty(step, dtype=dtype, device=a.device)
 
-    def b_chunk(lo, hi):
-        return bf[lo:hi] if b_buf is None else b_buf[:hi - lo].copy_(bf[lo:hi])
+    def buffers_for(a0: int, a1: int):  # chunk buffers of one range (None: not needed)
+        m = min(step, a1 - a0)
+        return (None if direct_out else torch.empty(m, dtype=dtype, device=a.device),
+                None if bf.dtype == dtype else torch.empty(m, dtype=dtype, device=a.device))
 
-    def a_chunk(lo, hi):  # a's chunk converted to ``dtype`` where this chunk's result is formed
-        return (o[lo:hi] if direct_out else a_buf[:hi - lo]).copy_(af[lo:hi])
+    def chunks(a0: int, a1: int):
+        a_buf, b_buf = buffers_for(a0, a1)
+        for lo in range(a0, a1, step):
+            hi = min(lo + step, a1)
+            vb = bf[lo:hi] if b_buf is None else b_buf[:hi - lo].copy_(bf[lo:hi])
+            yield lo, hi, (o[lo:hi] if direct_out else a_buf[:hi - lo]), vb
 
+    def dots(a0: int, a1: int) -> list[tuple[float, float, float]]:
+        out_ = []
+        for lo, hi, va, vb in chunks(a0, a1):
+            va = va.copy_(af[lo:hi]) if direct_out or af.dtype != dtype else af[lo:hi]
+            out_.append(_dots(va, vb))
+        return out_
+
+    def mix(a0: int, a1: int) -> None:
+        for lo, hi, va, vb in chunks(a0, a1):
+            va.copy_(af[lo:hi]).mul_(w0).add_(vb, alpha=w1)
+            if not direct_out:
+                store_checked_(o[lo:hi], va, name)
+
+    # both passes' chunks are independent: split over the workers when an item runs alone, each
+    # range on one thread; the chunks' dot products are added in chunk order (the same sums)
     dot = aa = bb = 0.0
-    with serial():
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            va = a_chunk(lo, hi) if direct_out or af.dtype != dtype else af[lo:hi]
-            d, x, y = _dots(va, b_chunk(lo, hi))
+    for part in over_ranges(dots, n, step):
+        for d, x, y in part:
             dot, aa, bb = dot + d, aa + x, bb + y
-        w0, w1 = weights(dot, aa, bb)
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            vb = b_chunk(lo, hi)
-            if direct_out:
-                o[lo:hi].mul_(w0).add_(vb, alpha=w1)
-            else:
-                store_checked_(o[lo:hi], a_chunk(lo, hi).mul_(w0).add_(vb, alpha=w1), name)
+    w0, w1 = weights(dot, aa, bb)
+    over_ranges(mix, n, step)
     return out
