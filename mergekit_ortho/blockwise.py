@@ -27,6 +27,7 @@ MIN_ENTRIES = 1 << 21  # smaller tensors take the whole-tensor fold (its per-cal
 
 
 def applies(plan, name: str) -> bool:
+    from .dtypes import MERGEABLE
     from .planning import VOCABULARY_TENSORS
     from .row_merge import readable
 
@@ -41,7 +42,7 @@ def applies(plan, name: str) -> bool:
     for d in shape:
         numel *= d
     dtype = str(item.out_dtype)
-    if not shape or numel < MIN_ENTRIES or not dtype.startswith(("float", "bfloat")) or dtype.startswith("float8"):
+    if not shape or numel < MIN_ENTRIES or dtype not in MERGEABLE:
         return False
     base_source, sources = plan.sources_of(name)
     inputs = ([base_source] if base_source is not None and op.reads_base else []) + sources

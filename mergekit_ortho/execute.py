@@ -185,6 +185,7 @@ def merge_tensor(plan, name: str):
     """A dense operator's merged tensor ``name`` (a weight, in the compute dtype, on the device)."""
     import torch
 
+    from .dtypes import MERGEABLE
     from .inputs import base_tensor, dense_task, model_tensor
     from .planning import VOCABULARY_TENSORS
     from .row_merge import by_rows
@@ -217,8 +218,7 @@ def merge_tensor(plan, name: str):
     base = base_tensor(plan, base_source, None if raw else cdt) if use_base else None
     task = dense_task(plan, name, base)
     task.dtype, task.raw_inputs = cdt, raw
-    dt = str(item.out_dtype)
-    if op.reads == "weights" and plan.fp8_out is None and dt.startswith(("float", "bfloat")) and "float8" not in dt:
+    if op.reads == "weights" and plan.fp8_out is None and str(item.out_dtype) in MERGEABLE:
         task.out_dtype = getattr(torch, item.out_dtype)  # the result is the output as it is written
     out = apply_dense(op, task, lambda: (model_tensor(m, n, item.shape, base, op.reads, cdt, plan.device, raw,
                                                       plan.load_dtype) for m, n in sources))

@@ -12,9 +12,14 @@ per chunk of ``FOLD_CHUNK`` entries, the chunks' sums in float64), then ``a * w0
 2. once the coefficients are known, each output chunk becomes ``chunk * w0 + w1 * b`` with b's
    chunk converted again (the same elementwise operations as the plain form).
 
+With ``out_dtype`` (a full model's output, bf16 say) the result is formed per chunk in a chunk
+buffer and stored into the output in that dtype (a converted a second time): no full-size
+float32 tensor at all, the bits of the float32 result's cast.
+
 Bit-equal to the plain form (tests/test_kernels_arc.py).
 
-Threads: both passes run with torch on one thread (:func:`.threads.serial`). MKL's dot product
+Threads: each pass runs with torch on one thread per range of chunks
+(:func:`._chunks.over_ranges`; one range unless an item runs alone in the executor's lanes). MKL's dot product
 is multi-threaded from 2^13 entries on, and then its result depends on the thread count (the
 same chunk summed by 1 and 2 threads differs in the last bits), and each of the ~9 ops a chunk
 took on several threads was a parallel region that, on shared cores, waits for a descheduled
@@ -94,15 +99,17 @@ def slerp_fold(a: "torch.Tensor", b: "torch.Tensor", weights: Callable[[float, f
     def dots(a0: int, a1: int) -> list[tuple[float, float, float]]:
         out_ = []
         for lo, hi, va, vb in chunks(a0, a1):
+            # formed in the output: a's chunk converted there once, for both passes
             va = va.copy_(af[lo:hi]) if direct_out or af.dtype != dtype else af[lo:hi]
             out_.append(_dots(va, vb))
         return out_
 
     def mix(a0: int, a1: int) -> None:
         for lo, hi, va, vb in chunks(a0, a1):
-            va.copy_(af[lo:hi]).mul_(w0).add_(vb, alpha=w1)
-            if not direct_out:
-                store_checked_(o[lo:hi], va, name)
+            if direct_out:  # a's converted chunk is there from the first pass
+                va.mul_(w0).add_(vb, alpha=w1)
+            else:
+                store_checked_(o[lo:hi], va.copy_(af[lo:hi]).mul_(w0).add_(vb, alpha=w1), name)
 
     # both passes' chunks are independent: split over the workers when an item runs alone, each
     # range on one thread; the chunks' dot products are added in chunk order (the same sums)
