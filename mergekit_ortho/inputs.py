@@ -99,7 +99,8 @@ def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", sha
     its stored rows, rounded to the recipe's ``dtype`` as :func:`stored` does), and
     ``base_rows(r0, r1)``, the base's (the last block read is kept: every model reads it); on the
     CPU; every input read by rows (:func:`.row_merge.readable`). ``rows(..., out=t)`` writes
-    into ``t`` (1-D, the block's size) instead of a fresh tensor."""
+    into ``t`` (1-D, the block's size) instead of a fresh tensor. Safe to call from several
+    threads at once (the kept base block is per thread)."""
     import torch
 
     load = plan.load_dtype
@@ -107,14 +108,17 @@ def row_inputs(plan: "Plan", base_source: "Source", sources: "list[Source]", sha
     def read(m, n, r0, r1):
         return stored_rows(m, n, r0, r1, load)
 
-    last: dict = {}
+    import threading
+
+    local = threading.local()  # each thread's last base block (gta_rows splits blocks over threads)
 
     def base_rows(r0: int, r1: int):
+        last = local.__dict__
         if last.get("at") != (r0, r1):
             x = read(*base_source, r0, r1)
             buf = last.get("buf")
             if buf is None or buf.numel() < x.numel():
-                buf = last["buf"] = torch.empty(x.numel(), dtype=cdt)
+                buf = last["buf"] = buffers.empty((x.numel(),), cdt)
             last["x"] = buf[:x.numel()].view(x.shape).copy_(x)  # x.to(cdt), into one reused buffer
             last["at"] = (r0, r1)
         return last["x"]

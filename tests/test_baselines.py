@@ -240,15 +240,19 @@ def test_topk_trim_equals_brute_force_tie_rule(monkeypatch, path, name, x):
     assert bits_equal(x, before)  # the public function never writes its input
 
 
-@pytest.mark.parametrize("pivot", [True, False])
+@pytest.mark.parametrize("pivot", [True, False, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_topk_trim_radix_large_random_and_ties(monkeypatch, dtype, pivot):
+    """pivot True/False: the radix select (the path of other devices) with and without its pivot
+    test; None: the CPU's partition select."""
     tried = []
+    if pivot is not None:
+        monkeypatch.setattr(topk, "CPU_SELECT", "radix")
     if pivot:  # record the pivot tests, to check that the heavy tensor takes (and passes) one
         real = topk.pivot_threshold
         monkeypatch.setattr(topk, "pivot_threshold",
                             lambda *a: tried.append(real(*a)) or tried[-1])
-    else:
+    elif pivot is False:
         monkeypatch.setattr(topk, "PIVOT_MIN", 1 << 62)
     # well above the default radix size (the default configuration takes the fast path), with
     # realistic bucket sizes

@@ -98,13 +98,34 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("method, params, per_model", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_bit_identical_to_the_in_memory_merge(small, method, params, per_model, dtype):
+def test_bit_identical_to_the_in_memory_merge(small, monkeypatch, method, params, per_model, dtype, workers):
+    """Also with the blocks split over 2 and 3 kernel workers (a tensor the executor runs alone)."""
     base, deltas = task_vectors(dtype, n=len(per_model))
     want = in_memory(method, base, deltas, params, per_model)
+    monkeypatch.setattr(_chunks, "workers", lambda: workers)
     got = by_rows(method, base, deltas, params, per_model)
     assert torch.equal(bits(got), bits(want))
+
+
+def test_independent_blocks_are_split_over_the_workers(small, monkeypatch):
+    """A test that cannot fail is a defect: the split above happens (ties' passes run on two
+    threads), and DARE's pass of draws stays on the calling thread."""
+    import threading
+
+    monkeypatch.setattr(_chunks, "workers", lambda: 2)
+    base, deltas = task_vectors(torch.bfloat16)
+    threads = {"ties": set(), "dare_ties": set()}
+    for method in threads:  # dare without rescale: nothing read in pass 1, its draws in pass 2
+        task = make_task(method, 3, {"rescale": False} if method == "dare_ties" else {}, [{"density": 0.5}] * 3)
+
+        def rows(i, r0, r1, out, _seen=threads[method]):
+            _seen.add(threading.current_thread().name)
+            out.copy_(deltas[i][r0:r1].reshape(-1))
+        gta_rows.merge_rows(task, method, SHAPE, rows, lambda r0, r1: base[r0:r1].clone(), torch.float32)
+    assert len({t for t in threads["ties"] if t.startswith("kernels")}) >= 2 and threads["dare_ties"] == {threading.current_thread().name}
 
 
 @pytest.mark.parametrize("special", ["inf", "nan"])
@@ -134,15 +155,26 @@ def test_the_cases_cut_inside_runs_of_equal_magnitudes_across_blocks(small):
         assert int((mags[:c] == t).sum()) >= 2 and int((mags[c:] == t).sum()) >= 2  # tied on both sides of c
 
 
-def test_one_task_vector_at_a_time_in_pass_one(small):
+def test_one_task_vector_at_a_time_in_pass_one(small, monkeypatch):
     """Pass 1 reads model 0's rows, then model 1's, ...; pass 2 reads every model's block in turn.
+    TIES without rescale streams the magnitudes: each model's rows twice (fill, then the count of
+    the entries equal to the threshold), and once more the block where the cut falls among them.
     DARE without rescale has nothing to find in pass 1."""
+    import itertools
+
+    monkeypatch.setattr(_chunks, "workers", lambda: 1)  # reads in order
     base, deltas = task_vectors(torch.bfloat16)
     reads: list = []
-    by_rows("ties", base, deltas, {}, [{"density": 0.5}] * 3, reads)
     blocks = -(-SHAPE[0] // 2)
+    by_rows("ties", base, deltas, {"rescale": True}, [{"density": 0.5}] * 3, reads)
     assert [i for i, _, _ in reads[:3 * blocks]] == [0] * blocks + [1] * blocks + [2] * blocks
     assert [i for i, _, _ in reads[3 * blocks:]] == [0, 1, 2] * blocks
+    reads.clear()
+    by_rows("ties", base, deltas, {}, [{"density": 0.5}] * 3, reads)
+    pass1 = reads[:len(reads) - 3 * blocks]
+    runs = [(i, len(list(g))) for i, g in itertools.groupby(i for i, _, _ in pass1)]
+    assert [i for i, _ in runs] == [0, 1, 2] and all(n in (2 * blocks, 2 * blocks + 1) for _, n in runs), runs
+    assert [i for i, _, _ in reads[len(pass1):]] == [0, 1, 2] * blocks
     reads.clear()
     by_rows("dare_ties", base, deltas, {"rescale": False}, [{"density": 0.5}] * 3, reads)
     assert [i for i, _, _ in reads] == [0, 1, 2] * blocks

@@ -1,6 +1,7 @@
 """The radix top-k kernel (ops/kernels/topk.py) on the worker pool: every path (gather, pivot,
 masked level 2, float64 levels) with 1, 2 and 3 workers and tiny chunks gives exactly the stable
-sort's kept set, and ``radix_threshold``'s (t, m, n_eq, c) equals the one read off the sort.
+sort's kept set, and ``radix_threshold``'s (t, m, n_eq, c) equals the one read off the sort, as
+does ``partition_threshold``'s (the CPU's select: ``keep_top_k_`` goes through it).
 Property tests (hypothesis) on ties at the threshold with many equal magnitudes, half
 precision, signed and all zeros, subnormals and infinities."""
 from __future__ import annotations
@@ -83,6 +84,7 @@ def test_threshold_and_kept_set_equal_the_stable_sort_on_every_path(workers, pat
     n = x.numel()
     for k in sorted({1, 7, n // 3, n - 1, n} - {0}):
         assert topk.radix_threshold(x, k) == by_sort(x, k), (name, k)
+        assert topk.partition_threshold(x, k) == by_sort(x, k), (name, k)
         got, want = x.clone(), x.clone()
         topk.keep_top_k_(got, k)
         sparsify.keep_top_k_plain_(want, k)
@@ -133,6 +135,7 @@ def test_property_many_equal_magnitudes_any_dtype(values, dtype, frac, nworkers,
         assert bits_equal(got, want)
         if dtype in (torch.float32, torch.float64):
             assert topk.radix_threshold(x, k) == by_sort(x, k)
+            assert topk.partition_threshold(x, k) == by_sort(x, k)
     finally:
         _chunks.workers, _chunks.CHUNK, topk.PIVOT_MIN, topk.MASKED_MIN_SHARE = old
 
@@ -154,8 +157,22 @@ def test_property_random_float32_patterns_nan_free(seed, n, frac, nworkers):
         for pivot_min, masked_share in ((1, 1 / 32), (1 << 30, 0.0), (1 << 30, 2.0)):
             topk.PIVOT_MIN, topk.MASKED_MIN_SHARE = pivot_min, masked_share
             assert topk.radix_threshold(x, k) == by_sort(x, k)
+        assert topk.partition_threshold(x, k) == by_sort(x, k)
     finally:
         _chunks.workers, _chunks.CHUNK, topk.PIVOT_MIN, topk.MASKED_MIN_SHARE = old
+
+
+def test_cpu_select_is_the_partition_and_both_cut_kinds_occur(monkeypatch):
+    """keep_top_k_ on the CPU takes the partition select, and the fixtures reach both of its
+    endings: every entry equal to t kept (c None) and a cut inside the equal ones."""
+    seen = []
+    real = topk.partition_threshold
+    monkeypatch.setattr(topk, "partition_threshold", lambda *a: seen.append(real(*a)) or seen[-1])
+    for name, x in CASES:
+        if x.dtype == torch.float32:
+            for k in (1, x.numel() // 3):
+                topk.keep_top_k_(x.clone(), k)
+    assert any(r[3] is None for r in seen) and any(r[3] is not None for r in seen)
 
 
 def test_split_map_ranges_are_whole_chunks_in_order(monkeypatch):

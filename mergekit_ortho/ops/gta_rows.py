@@ -41,11 +41,14 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
+from .. import buffers
 from . import gta, prepare
 from . import sparsify as sp
-from .kernels import dare_drop, topk
+from .kernels import _chunks, dare_drop, topk
+from .kernels._chunks import INT_OF
 from .registry import TensorTask, generator
 
 STREAM_MIN_BYTES = 256 << 20  # task vectors of one tensor at least this large together: two passes
@@ -142,13 +145,72 @@ def _find_trim(task: TensorTask, v: gta.Variant, i: int, x: torch.Tensor, shape)
     return trim
 
 
+def _streams_cut(task: TensorTask, v: gta.Variant, i: int) -> bool:
+    """Whether model i's trim is a plain top-k cut found from its magnitudes alone (ties without
+    rescale): pass 1 then streams them (:func:`_streamed_cut`) instead of holding the task vector."""
+    return v.sparsifier == "magnitude" and not task.params.rescale and 0.0 < task.model_params[i].density < 1.0
+
+
+def _streamed_cut(rows, i: int, blocks, row_len: int, numel: int, k: int, dtype, split: bool):
+    """Model i's top-k cut (t, c) as :func:`.prepare.ties_cut` finds it from the whole task vector,
+    holding only its magnitudes: each block of rows is read into its part of one integer buffer and
+    its sign cleared there, the buffer is partitioned in place (:func:`.kernels.topk.select_`), and
+    the entries equal to t are then counted in index order by reading the rows again, block by
+    block (the select has scrambled the buffer). Holds one tensor's worth of integers, where
+    :func:`.prepare.ties_cut` would need the task vector and a copy of its magnitudes."""
+    itype = INT_OF[dtype.itemsize]
+    sign_clear = torch.iinfo(itype).max
+    mag = torch.empty(numel, dtype=itype)  # not pooled: freed before pass 2 allocates the output
+
+    def fill(b0: int, b1: int) -> None:
+        for r0, r1 in blocks[b0:b1]:
+            part = mag[r0 * row_len:r1 * row_len]
+            rows(i, r0, r1, part.view(dtype))
+            np.bitwise_and(part.numpy(), sign_clear, out=part.numpy())
+    _over_blocks(fill, len(blocks), split)
+    t, above = topk.select_(mag, k)
+    del mag
+    m = k - above
+    per = blocks[0][1] - blocks[0][0]
+
+    def read(r0: int, r1: int, x: torch.Tensor) -> torch.Tensor:
+        x = x[:(r1 - r0) * row_len]
+        rows(i, r0, r1, x)
+        return x.view(itype)
+
+    def count(b0: int, b1: int) -> list[int]:
+        x = buffers.empty((per * row_len,), dtype)
+        return [topk.count_equal(read(r0, r1, x), t) for r0, r1 in blocks[b0:b1]]
+    counts = [c for part in _over_blocks(count, len(blocks), split) for c in part]
+    if m == sum(counts):
+        return t, numel
+    seen = 0
+    for (r0, r1), cnt in zip(blocks, counts):
+        if seen + cnt >= m:  # the block holding the m-th entry equal to t: read once more
+            x = read(r0, r1, torch.empty((r1 - r0) * row_len, dtype=dtype))
+            hit = np.flatnonzero((x.numpy() & sign_clear) == t)
+            return t, r0 * row_len + int(hit[m - seen - 1]) + 1
+        seen += cnt
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _over_blocks(fn, n_blocks: int, split: bool) -> list:
+    """``fn(b0, b1)`` over contiguous ranges of block indices covering [0, n_blocks): split over the
+    kernel workers (torch on one thread in each) when ``split`` (the blocks are independent), else
+    one range on this thread. Results in range order."""
+    return _chunks.over_ranges(fn, n_blocks, 1) if split else [fn(0, n_blocks)]
+
+
 def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, int], torch.Tensor],
                base_rows: Callable[[int, int], torch.Tensor] | None, dtype) -> torch.Tensor:
     """The merged tensor of ``shape`` (``dtype``): the in-memory path's merged delta plus the base.
 
     ``rows(i, r0, r1, out)``: model i's task vector rows r0..r1 (along dim 0) in ``dtype``,
     written into ``out`` (1-D, their size); ``base_rows(r0, r1)``: the base's rows in ``dtype`` (None: the
-    delta alone). :func:`applies` holds."""
+    delta alone); both callable from several threads at once. :func:`applies` holds. The blocks
+    of a pass are split over the kernel workers (:func:`._chunks.workers`: all of them when the
+    executor runs this tensor alone) wherever they are independent: every pass but DARE's and
+    DELLA's draws, which follow one generator in flat order."""
     v = gta.VARIANTS[variant]
     gta._check(task, v)  # della's density +/- epsilon, before anything is read
     n_models = len(task.model_params)
@@ -169,33 +231,45 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
             trims.append(_Trim(random=v.sparsifier == "random", della=v.sparsifier != "random",
                                density=mp.density, epsilon=mp.epsilon if v.sparsifier != "random" else 0.0))
             continue
+        if _streams_cut(task, v, i):
+            k = max(int(mp.density * numel), 1)  # magnitude_'s count, as prepare.ties_cut
+            trims.append(_Trim(upper=None if k >= numel else _streamed_cut(rows, i, blocks, row_len, numel, k, dtype, True)))
+            continue
         if buf is None:
             buf = torch.empty(numel, dtype=dtype)
-        for r0, r1 in blocks:
-            rows(i, r0, r1, buf[r0 * row_len:r1 * row_len])
+
+        def fill(b0: int, b1: int, i=i) -> None:
+            for r0, r1 in blocks[b0:b1]:
+                rows(i, r0, r1, buf[r0 * row_len:r1 * row_len])
+        _over_blocks(fill, len(blocks), True)
         trims.append(_find_trim(task, v, i, buf, shape))
     del buf
 
     # pass 2: row blocks of every model at once
-    gens = [_gen(task, i) if t.random or t.della else None for i, t in enumerate(trims)]
-    draws = torch.empty(per * row_len, dtype=torch.float32) if any(t.random for t in trims) else None
+    drawn = any(t.random or t.della for t in trims)
     weights = [mp.weight for mp in task.model_params]
-    blk = [torch.empty(per * row_len, dtype=dtype) for _ in range(n_models)]
     out = torch.empty(shape, dtype=dtype)
     flat = out.view(-1)
-    for r0, r1 in blocks:
-        g0, g1 = r0 * row_len, r1 * row_len
-        parts = []
-        for i in range(n_models):
-            x = blk[i][:g1 - g0]
-            rows(i, r0, r1, x)
-            trims[i].apply_(x, g0, gens[i], draws, shape[1:])
-            gta._scale_(x, trims[i].scale, weights[i])
-            parts.append(x)
-        mixed = gta._mix(task, parts, v.consensus)
-        if base_rows is None:
-            flat[g0:g1].copy_(mixed)
-        else:
-            torch.add(mixed, base_rows(r0, r1).reshape(-1), out=flat[g0:g1])
-        del parts, mixed
+
+    def merge_blocks(b0: int, b1: int) -> None:
+        gens = [_gen(task, i) if t.random or t.della else None for i, t in enumerate(trims)]
+        # pooled: buffers freed by threads of the kernel pool would otherwise linger in their malloc arenas
+        draws = buffers.empty((per * row_len,), torch.float32) if any(t.random for t in trims) else None
+        blk = [buffers.empty((per * row_len,), dtype) for _ in range(n_models)]
+        for r0, r1 in blocks[b0:b1]:
+            g0, g1 = r0 * row_len, r1 * row_len
+            parts = []
+            for i in range(n_models):
+                x = blk[i][:g1 - g0]
+                rows(i, r0, r1, x)
+                trims[i].apply_(x, g0, gens[i], draws, shape[1:])
+                gta._scale_(x, trims[i].scale, weights[i])
+                parts.append(x)
+            mixed = gta._mix(task, parts, v.consensus)
+            if base_rows is None:
+                flat[g0:g1].copy_(mixed)
+            else:
+                torch.add(mixed, base_rows(r0, r1).reshape(-1), out=flat[g0:g1])
+            del parts, mixed
+    _over_blocks(merge_blocks, len(blocks), not drawn)  # draws: one generator per model, in flat order
     return out

@@ -88,7 +88,7 @@ def ties_cut(x: torch.Tensor, i: int, task: TensorTask) -> dict[str, torch.Tenso
     k = max(int(d * n), 1)  # magnitude_'s count
     if k >= n:
         return {}
-    t, m, n_eq, c = topk.radix_threshold(flat, k)
+    t, m, n_eq, c = topk.threshold(flat, k)
     return {"cut": torch.tensor([t, n if m == n_eq else c], dtype=torch.int64)}
 
 
