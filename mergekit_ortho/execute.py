@@ -72,16 +72,18 @@ def execute(items: Iterable[Work], compute: Callable[[str], tuple[Any, dict | No
 
 def _lanes(items: list[Work], compute, sink, peak_bytes: int, inputs_hint: str, check_finite: bool, on_item,
            lanes: int) -> None:
-    """The loop with up to ``lanes`` items in flight (computed, or waiting for the sink).
+    """The loop with up to ``lanes`` items computing at once and up to ``2 * lanes`` in flight
+    (computed or computing, in the sink's order; a finished item waiting behind a slower one does
+    not keep its lane idle).
 
     Why items, not threads inside each operator: most passes are a dozen short torch calls per
     cache-sized block, too short for torch's thread pool (its parallel regions cost more than they
     share, and stall on shared cores), so one item ran on one core while the other idled. Each lane
     runs torch on one thread, so an item's bits do not depend on ``--threads`` (reductions split
     over threads round by their count) and equal a ``--threads 1`` run. Memory: an item starts only
-    while the estimated needs of the items in flight, its own included, stay within the largest
-    single item's (so the estimated peak is the serial loop's): small items overlap, the largest
-    run alone."""
+    while the estimated needs of the items computing, its own included, stay within the largest
+    single item's (so the estimated peak is the serial loop's, plus the computed outputs waiting
+    for the sink: a few tensors in the output dtype): small items overlap, the largest run alone."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -99,11 +101,13 @@ def _lanes(items: list[Work], compute, sink, peak_bytes: int, inputs_hint: str, 
     limit = max((w.need_bytes for w in items), default=0)
     pending: deque = deque()  # (work, future), in the sink's order
     todo = iter(items)
-    state = {"next": next(todo, None), "held": 0}  # held: estimated bytes of the items not yet put
+    state = {"next": next(todo, None), "held": 0}  # held: estimated working bytes of the items not yet collected
 
     def fill() -> None:
         nxt = state["next"]
-        while nxt is not None and len(pending) < lanes and (state["held"] == 0 or state["held"] + nxt.need_bytes <= limit):
+        # up to twice the lanes pending: a finished item waiting behind a slower one at the head
+        # does not keep its lane idle (the pool runs at most ``lanes`` at once)
+        while nxt is not None and len(pending) < 2 * lanes and (state["held"] == 0 or state["held"] + nxt.need_bytes <= limit):
             after = next(todo, None)
             # alone: nothing in flight and the item after it cannot join it, so it has the cores
             alone = state["held"] == 0 and (after is None or nxt.need_bytes + after.need_bytes > limit)
@@ -118,10 +122,12 @@ def _lanes(items: list[Work], compute, sink, peak_bytes: int, inputs_hint: str, 
                 work, fut = pending.popleft()
                 with memory_guard(work.name, work.need_bytes, peak_bytes):
                     value, report = fut.result()
+                # computed: it holds its result now (the output's bytes, a fraction of its working
+                # need), so the next items may start while the sink writes it
+                state["held"] -= work.need_bytes
                 fill()  # the lanes keep computing while the sink writes this one
                 sink.put(work.name, value, report)
                 del value, report, fut
-                state["held"] -= work.need_bytes
                 if on_item:
                     on_item(work.name, work.read_bytes)
                 fill()
