@@ -137,7 +137,8 @@ def base_tensor(plan: "Plan", source: "Source", cdt=None):
     """The base input (a model and its tensor name) on the plan's device, in ``cdt`` (None: as stored)."""
     m, name = source
     t = stored(m, name, plan.load_dtype).to(plan.device)
-    return t if cdt is None else t.to(cdt)
+    # the conversion in a reused buffer (no fresh pages to fault in and clear for every tensor)
+    return t if cdt is None or t.dtype == cdt else buffers.like(t, cdt)
 
 
 def lora_task(plan: "Plan", key: str, all_models: bool, errors: dict | None = None) -> registry.LoraTask:
