@@ -160,7 +160,7 @@ def _streamed_cut(rows, i: int, blocks, row_len: int, numel: int, k: int, dtype,
     :func:`.prepare.ties_cut` would need the task vector and a copy of its magnitudes."""
     itype = INT_OF[dtype.itemsize]
     sign_clear = torch.iinfo(itype).max
-    mag = torch.empty(numel, dtype=itype)  # not pooled: freed before pass 2 allocates the output
+    mag = buffers.empty((numel,), itype)  # pooled: pass 2's output then takes the same pages
 
     def fill(b0: int, b1: int) -> None:
         for r0, r1 in blocks[b0:b1]:
@@ -236,7 +236,7 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
             trims.append(_Trim(upper=None if k >= numel else _streamed_cut(rows, i, blocks, row_len, numel, k, dtype, True)))
             continue
         if buf is None:
-            buf = torch.empty(numel, dtype=dtype)
+            buf = buffers.empty((numel,), dtype)
 
         def fill(b0: int, b1: int, i=i) -> None:
             for r0, r1 in blocks[b0:b1]:
@@ -248,7 +248,7 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
     # pass 2: row blocks of every model at once
     drawn = any(t.random or t.della for t in trims)
     weights = [mp.weight for mp in task.model_params]
-    out = torch.empty(shape, dtype=dtype)
+    out = buffers.empty(shape, dtype)  # pass 1's buffer, free again: its pages are already faulted in
     flat = out.view(-1)
 
     def merge_blocks(b0: int, b1: int) -> None:
