@@ -11,7 +11,9 @@ so a tensor handed out stays valid for as long as anything - a view, a numpy arr
 operator's result - holds it; nothing is ever overwritten in use. Only requests of at least
 ``MIN_BYTES`` on the CPU come here. Peak memory stays that of the live tensors: a request that no
 free buffer fits first releases the free buffers too small for it, so what is kept is what later
-requests can use (tensors of a model come in similar sizes).
+requests can use (tensors of a model come in similar sizes): a free buffer more than ``OVERSIZE``
+times a request is not handed out for it, and is released when a request allocates after it
+has gone unused for a while.
 """
 from __future__ import annotations
 
@@ -22,6 +24,14 @@ if TYPE_CHECKING:
     import torch
 
 MIN_BYTES = 256 * 2**10
+# a free buffer serves a request of at least 1/OVERSIZE of its size; a request that no free
+# buffer fits also releases the far larger free ones not taken in the last STALE_TAKES requests,
+# so that the pages of a model's few huge tensors (embeddings, head) are not kept through the rest
+# of the merge, while buffers that alternate with smaller ones (an MLP's beside a k_proj's) stay
+OVERSIZE = 4
+STALE_TAKES = 256
+_tick = 0  # requests so far
+_last_used: dict = {}  # id(storage) -> the request that last took it
 _ALIGN = 2 * 2**20  # huge-page multiples (64 KiB below): a kept buffer serves slightly larger requests too
 _lock = threading.Lock()
 _pool: list = []  # UntypedStorage objects, ascending by size
@@ -54,13 +64,27 @@ def empty(shape, dtype: "torch.dtype", device="cpu") -> "torch.Tensor":
 def _take(nbytes: int):
     import torch
 
-    for s in _pool:  # ascending: the smallest free buffer that fits
-        if s.nbytes() >= nbytes and _use_count(s) == 1:
+    global _tick
+    _tick += 1
+    for s in _pool:  # ascending: the smallest free buffer that fits, unless far too large
+        if nbytes <= s.nbytes() <= nbytes * OVERSIZE + _ALIGN and _use_count(s) == 1:
+            _last_used[id(s)] = _tick
             return s
-    # nothing fits: release the free buffers too small for this request, keep the rest
-    _pool[:] = [s for s in _pool if s.nbytes() >= nbytes or _use_count(s) > 1]
+    # nothing fits: release the free buffers too small for this request, and the far larger ones
+    # that no request has taken for a while (an embedding's, once the per-layer tensors come)
+    def kept(s) -> bool:
+        if _use_count(s) > 1:
+            return True
+        if s.nbytes() < nbytes:
+            return False
+        return s.nbytes() <= nbytes * OVERSIZE + _ALIGN or _tick - _last_used.get(id(s), 0) <= STALE_TAKES
+    _pool[:] = [s for s in _pool if kept(s)]
+    live = {id(s) for s in _pool}
+    for key in [k for k in _last_used if k not in live]:
+        del _last_used[key]
     align = _ALIGN if nbytes >= _ALIGN else 2**16
     s = torch.UntypedStorage(-(-nbytes // align) * align)
+    _last_used[id(s)] = _tick
     _pool.append(s)
     _pool.sort(key=lambda x: x.nbytes())
     return s

@@ -87,6 +87,7 @@ def _lanes(items: list[Work], compute, sink, peak_bytes: int, inputs_hint: str, 
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    from . import buffers
     from .ops.kernels import _chunks
 
     prepare = getattr(sink, "prepare", None)  # the sink's own conversion (a cast), done in the lane
@@ -111,6 +112,11 @@ def _lanes(items: list[Work], compute, sink, peak_bytes: int, inputs_hint: str, 
             after = next(todo, None)
             # alone: nothing in flight and the item after it cannot join it, so it has the cores
             alone = state["held"] == 0 and (after is None or nxt.need_bytes + after.need_bytes > limit)
+            if state.get("alone") and not alone:
+                # the largest tensors (run alone, first) are done: their free buffers would serve
+                # the smaller ones only in part, and hold their pages to the end
+                buffers.release()
+            state["alone"] = alone
             pending.append((nxt, pool.submit(one, nxt, alone)))
             state["held"] += nxt.need_bytes
             nxt = state["next"] = after

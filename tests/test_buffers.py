@@ -56,3 +56,21 @@ def test_small_requests_are_not_pooled():
     buffers.release()
     t = buffers.empty((16,), torch.float32)
     assert t.shape == (16,) and buffers._pool == []
+
+
+def test_a_far_larger_free_buffer_serves_no_small_request_and_goes_once_stale(monkeypatch):
+    buffers.release()
+    monkeypatch.setattr(buffers, "STALE_TAKES", 3)
+    big = buffers.empty((64 * N,), torch.float32)  # 64x the small requests (beyond the 2 MiB slack)
+    pbig = _ptr(big)
+    del big
+    small = buffers.empty((N,), torch.float32)
+    assert _ptr(small) != pbig  # not handed the far larger buffer
+    assert pbig in {s.data_ptr() for s in buffers._pool}  # recently used: kept (it may come back)
+    held = [small]
+    for _ in range(4):  # misses, until the big one has gone unused for more than STALE_TAKES requests
+        held.append(buffers.empty((N,), torch.float32))
+    assert pbig not in {s.data_ptr() for s in buffers._pool}
+    same = buffers.empty((64 * N,), torch.float32)  # a fresh one now
+    assert same.numel() == 64 * N
+    buffers.release()

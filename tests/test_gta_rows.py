@@ -157,8 +157,9 @@ def test_the_cases_cut_inside_runs_of_equal_magnitudes_across_blocks(small):
 
 def test_one_task_vector_at_a_time_in_pass_one(small, monkeypatch):
     """Pass 1 reads model 0's rows, then model 1's, ...; pass 2 reads every model's block in turn.
-    TIES without rescale streams the magnitudes: each model's rows twice (fill, then the count of
-    the entries equal to the threshold), and once more the block where the cut falls among them.
+    TIES without rescale streams the magnitudes, each model's rows once on one thread (pass 2
+    finds the cut's index in flat order); split over workers, twice (fill, then the count of the
+    entries equal to the threshold) and once more the block where the cut falls among them.
     DARE without rescale has nothing to find in pass 1."""
     import itertools
 
@@ -171,10 +172,14 @@ def test_one_task_vector_at_a_time_in_pass_one(small, monkeypatch):
     assert [i for i, _, _ in reads[3 * blocks:]] == [0, 1, 2] * blocks
     reads.clear()
     by_rows("ties", base, deltas, {}, [{"density": 0.5}] * 3, reads)
+    assert [i for i, _, _ in reads] == [0] * blocks + [1] * blocks + [2] * blocks + [0, 1, 2] * blocks
+    reads.clear()
+    monkeypatch.setattr(_chunks, "workers", lambda: 2)
+    by_rows("ties", base, deltas, {}, [{"density": 0.5}] * 3, reads)
     pass1 = reads[:len(reads) - 3 * blocks]
     runs = [(i, len(list(g))) for i, g in itertools.groupby(i for i, _, _ in pass1)]
     assert [i for i, _ in runs] == [0, 1, 2] and all(n in (2 * blocks, 2 * blocks + 1) for _, n in runs), runs
-    assert [i for i, _, _ in reads[len(pass1):]] == [0, 1, 2] * blocks
+    monkeypatch.setattr(_chunks, "workers", lambda: 1)
     reads.clear()
     by_rows("dare_ties", base, deltas, {"rescale": False}, [{"density": 0.5}] * 3, reads)
     assert [i for i, _, _ in reads] == [0, 1, 2] * blocks
@@ -184,7 +189,8 @@ def test_which_tensors_take_the_path(monkeypatch):
     task = make_task("ties", 3, {}, [{"density": 0.5}] * 3)
     big = (32000, 2048)  # TinyLlama's embeddings: 3 x 262 MB of float32
     assert gta_rows.applies("ties", task, big, torch.float32)
-    assert not gta_rows.applies("ties", task, (5632, 2048), torch.float32)  # an MLP matrix: 138 MB together
+    assert gta_rows.applies("ties", task, (5632, 2048), torch.float32)  # TinyLlama's MLP matrix: 138 MB together
+    assert not gta_rows.applies("ties", task, (2816, 1024), torch.float32)  # the 271M benchmark's: 35 MB
     assert not gta_rows.applies("ties", task, big, torch.bfloat16)  # half compute dtype: in memory
     assert not gta_rows.applies("sce", task, big, torch.float32)  # not generalized task arithmetic
     assert not gta_rows.applies("sce", task, big, torch.float32)

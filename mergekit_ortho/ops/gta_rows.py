@@ -29,7 +29,7 @@ of a 262 MB float32 tensor ~0.3 GB instead of ~1.2 GB (3 task vectors, the base,
 Used (:func:`applies`) for ties (``trim_rule: topk``), dare_ties, dare_linear, breadcrumbs,
 breadcrumbs_ties, della and della_linear (tensors of 2+ dims: DELLA ranks along dim 1 within each
 row, so blocks of whole dim-0 rows see their own ranks, and its draws run in flat order) when the task vectors would take ``n_models x numel x itemsize >=
-STREAM_MIN_BYTES`` (256 MiB) together, in float32/float64, on tensors the radix kernel handles;
+STREAM_MIN_BYTES`` (128 MiB) together, in float32/float64, on tensors the radix kernel handles;
 the executor also needs row reads of every input (:func:`mergekit_ortho.row_merge.by_rows`
 decides, :func:`mergekit_ortho.inputs.row_inputs` reads).
 Pass 2 reads each input a second time (pass 1 a third for the base): 2-3x the reads of those few
@@ -51,7 +51,10 @@ from .kernels import _chunks, dare_drop, topk
 from .kernels._chunks import INT_OF
 from .registry import TensorTask, generator
 
-STREAM_MIN_BYTES = 256 << 20  # task vectors of one tensor at least this large together: two passes
+# task vectors of one tensor at least this large together: two passes. 128 MiB takes TinyLlama's
+# MLP matrices (3 x 46 MB): 1.1B ties peaks at 0.84 GiB instead of 1.2-1.3 GiB (two lanes of
+# in-memory items) for ~10 % more time on those tensors (session 31)
+STREAM_MIN_BYTES = 128 << 20
 BLOCK = 1 << 21  # entries of one model's rows per block (8 MiB of float32)
 SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
@@ -87,6 +90,10 @@ class _Trim:
     lower: tuple[int, int] | None = None
     upper: tuple[int, int] | None = None
     scale: float = 1.0
+    # a top-k cut whose index is found in pass 2 (blocks in flat order, one thread): keep |x| > t
+    # and the first ``equal_left`` entries with |x| == t (:func:`_streamed_cut` without its count)
+    t: int | None = None
+    equal_left: int = 0
 
     def apply_(self, x: torch.Tensor, offset: int, gen, draws: torch.Tensor | None, rest=()) -> None:
         """Sparsify ``x`` (1-D contiguous, flat entries ``offset``.. of the tensor, whole rows of
@@ -98,6 +105,15 @@ class _Trim:
         elif self.random:
             u = torch.rand(x.shape, generator=gen, dtype=torch.float32, device=x.device, out=draws[:x.numel()])
             dare_drop.keep_below_(x, u, self.density)
+        elif self.t is not None:  # ties, the cut's index found here: the blocks come in flat order
+            itype = INT_OF[x.element_size()]
+            hit = np.flatnonzero((x.view(itype).numpy() & torch.iinfo(itype).max) == self.t)
+            if self.equal_left >= hit.size:
+                c, self.equal_left = offset + x.numel(), self.equal_left - hit.size
+            else:
+                c = offset + (int(hit[self.equal_left - 1]) + 1 if self.equal_left else 0)
+                self.equal_left = 0
+            topk.keep_top_at_(x, offset, self.t, c)
         elif self.lower is None and self.upper is not None:  # ties: the radix kernel's own pass
             topk.keep_top_at_(x, offset, *self.upper)
         elif self.lower is not None:
@@ -151,13 +167,16 @@ def _streams_cut(task: TensorTask, v: gta.Variant, i: int) -> bool:
     return v.sparsifier == "magnitude" and not task.params.rescale and 0.0 < task.model_params[i].density < 1.0
 
 
-def _streamed_cut(rows, i: int, blocks, row_len: int, numel: int, k: int, dtype, split: bool):
-    """Model i's top-k cut (t, c) as :func:`.prepare.ties_cut` finds it from the whole task vector,
-    holding only its magnitudes: each block of rows is read into its part of one integer buffer and
-    its sign cleared there, the buffer is partitioned in place (:func:`.kernels.topk.select_`), and
-    the entries equal to t are then counted in index order by reading the rows again, block by
-    block (the select has scrambled the buffer). Holds one tensor's worth of integers, where
-    :func:`.prepare.ties_cut` would need the task vector and a copy of its magnitudes."""
+def _streamed_cut(rows, i: int, blocks, row_len: int, numel: int, k: int, dtype, split: bool, count_now: bool = True):
+    """Model i's trim: the top-k cut (t, c) that :func:`.prepare.ties_cut` finds from the whole
+    task vector, holding only its magnitudes: each block of rows is read into its part of one
+    integer buffer and its sign cleared there, the buffer is partitioned in place
+    (:func:`.kernels.topk.select_`), and (``count_now``) the entries equal to t are counted in
+    index order by reading the rows again, block by block (the select has scrambled the buffer),
+    which gives c. Without ``count_now`` the trim keeps t and how many equal entries to keep, and
+    pass 2, walking the blocks in flat order on one thread, cuts at the same index. Holds one
+    tensor's worth of integers, where :func:`.prepare.ties_cut` would need the task vector and a
+    copy of its magnitudes."""
     itype = INT_OF[dtype.itemsize]
     sign_clear = torch.iinfo(itype).max
     mag = buffers.empty((numel,), itype)  # pooled: pass 2's output then takes the same pages
@@ -171,6 +190,8 @@ def _streamed_cut(rows, i: int, blocks, row_len: int, numel: int, k: int, dtype,
     t, above = topk.select_(mag, k)
     del mag
     m = k - above
+    if not count_now:  # pass 2 finds the index, block by block in flat order
+        return _Trim(t=t, equal_left=m)
     per = blocks[0][1] - blocks[0][0]
 
     def read(r0: int, r1: int, x: torch.Tensor) -> torch.Tensor:
@@ -183,13 +204,13 @@ def _streamed_cut(rows, i: int, blocks, row_len: int, numel: int, k: int, dtype,
         return [topk.count_equal(read(r0, r1, x), t) for r0, r1 in blocks[b0:b1]]
     counts = [c for part in _over_blocks(count, len(blocks), split) for c in part]
     if m == sum(counts):
-        return t, numel
+        return _Trim(upper=(t, numel))
     seen = 0
     for (r0, r1), cnt in zip(blocks, counts):
         if seen + cnt >= m:  # the block holding the m-th entry equal to t: read once more
             x = read(r0, r1, torch.empty((r1 - r0) * row_len, dtype=dtype))
             hit = np.flatnonzero((x.numpy() & sign_clear) == t)
-            return t, r0 * row_len + int(hit[m - seen - 1]) + 1
+            return _Trim(upper=(t, r0 * row_len + int(hit[m - seen - 1]) + 1))
         seen += cnt
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -220,6 +241,7 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
     per = max(1, BLOCK // max(row_len, 1))
     blocks = [(r0, min(R, r0 + per)) for r0 in range(0, R, per)]
 
+    split = _chunks.workers() > 1  # several kernel workers: the executor runs this tensor alone
     # pass 1: one task vector at a time
     trims: list[_Trim] = []
     buf = None
@@ -233,7 +255,10 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
             continue
         if _streams_cut(task, v, i):
             k = max(int(mp.density * numel), 1)  # magnitude_'s count, as prepare.ties_cut
-            trims.append(_Trim(upper=None if k >= numel else _streamed_cut(rows, i, blocks, row_len, numel, k, dtype, True)))
+            # one thread: pass 2 walks the blocks in order and finds the cut's index on the way,
+            # so the rows are not read a second time here to count the entries equal to t
+            trims.append(_Trim() if k >= numel else
+                         _streamed_cut(rows, i, blocks, row_len, numel, k, dtype, split, count_now=split))
             continue
         if buf is None:
             buf = buffers.empty((numel,), dtype)
@@ -241,7 +266,7 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
         def fill(b0: int, b1: int, i=i) -> None:
             for r0, r1 in blocks[b0:b1]:
                 rows(i, r0, r1, buf[r0 * row_len:r1 * row_len])
-        _over_blocks(fill, len(blocks), True)
+        _over_blocks(fill, len(blocks), split)
         trims.append(_find_trim(task, v, i, buf, shape))
     del buf
 
@@ -271,5 +296,6 @@ def merge_rows(task: TensorTask, variant: str, shape, rows: Callable[[int, int, 
             else:
                 torch.add(mixed, base_rows(r0, r1).reshape(-1), out=flat[g0:g1])
             del parts, mixed
-    _over_blocks(merge_blocks, len(blocks), not drawn)  # draws: one generator per model, in flat order
+    # draws: one generator per model, in flat order; deferred cuts: their index in flat order
+    _over_blocks(merge_blocks, len(blocks), split and not drawn and all(t.t is None for t in trims))
     return out
